@@ -1,0 +1,109 @@
+"""The one type desired and live state share, and what each vendor can express.
+
+The policy loader and every provider produce `Resource`s; the planner diffs them by `address`.
+`Capabilities` is what a provider declares it can do; the policy checks read it so that a policy asking
+a vendor for what it cannot do fails at validation, before any request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any, Mapping
+
+
+class Kind(StrEnum):
+    USER = "user"
+    DEVICE = "device"
+    GATEWAY = "gateway"
+    ASSOCIATION = "association"
+    INVITATION = "invitation"
+    PERMISSION = "permission"
+    KEY = "key"
+    SHARE = "share"
+    TEMP_KEY = "temp_key"
+
+
+GRANT_KINDS = frozenset({Kind.PERMISSION, Kind.KEY, Kind.SHARE, Kind.TEMP_KEY})
+
+
+class Status(StrEnum):
+    PRESENT = "present"   # live and in force (or, for desired, should exist)
+    PENDING = "pending"   # the vendor is still working on it (async create, approval, sent invitation)
+    ABSENT = "absent"     # desired only: must not exist (decommission)
+
+
+def address_of(system: str, kind: str, name: str) -> str:
+    return f"{system}/{kind}/{name}"
+
+
+def unknown_name(vendor_id: str) -> str:
+    """Name for a live object that neither policy nor state knows: `id:<vendor id>`."""
+    return f"id:{vendor_id}"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A thing in a vendor system, desired or live.
+
+    - `name`: the part of the address after the kind: `alice`, `lobby/front-gate`, `alice/front-gate/OPEN`.
+    - `attributes`: the comparable part; desired and live must use the same keys and value formats.
+    - `meta`: shown but never compared (serial numbers, vendor states, expiry of a pending invitation).
+    - `id`: the vendor's id where known.
+    - `managed`: live only; whether this object belongs to the policy (known through state or policy),
+      which decides between revoking/deleting it and only listing it.
+    - `depends_on`: addresses that must exist before this one is created.
+    - `source`: `file:line` of the policy entry that declared it.
+    """
+
+    system: str
+    kind: str
+    name: str
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    id: str | None = None
+    status: Status = Status.PRESENT
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    managed: bool = True
+    depends_on: tuple[str, ...] = ()
+    source: str | None = None
+    replace_on_change: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attributes", MappingProxyType(dict(self.attributes)))
+        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+
+    @property
+    def address(self) -> str:
+        return address_of(self.system, self.kind, self.name)
+
+    @property
+    def is_grant(self) -> bool:
+        return self.kind in GRANT_KINDS
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a vendor can express; checked against the policy before any request is sent."""
+
+    vendor: str
+    grant_kind: Kind                                   # what a permission becomes on this vendor
+    user_accounts: bool = False                        # users are accounts created in the system
+    requires_end: bool = False                         # every grant needs an end
+    schedules: bool = False                            # weekly schedules
+    operations: frozenset[str] = frozenset()           # permission operations; empty: none accepted
+    key_validity: bool = False                         # operating key validity P1D..P31D
+    share_roles: frozenset[str] = frozenset()          # permission `role`; empty: not accepted
+    gateways: bool = False
+    max_associations: int = 0
+    temp_keys: bool = False
+    creates_devices: bool = False                      # False: a device entry needs `id` (adopt)
+    device_fields: frozenset[str] = frozenset({"name"})  # optional device fields besides system/id
+    device_id_pattern: str | None = None               # regex an adopted id must match
+    mobile_key: bool = False
+    needs_phone: bool = False                          # grants go to the user's phone
+    needs_email: bool = False                          # grants go to the user's email
+    immutable_grants: bool = False                     # a changed grant is revoke + create
+    settings: frozenset[str] = frozenset()             # system keys besides vendor/url/credentials/unmanaged
+    credentials: frozenset[str] = frozenset()          # credential names the vendor needs
+    open_ended: bool = True                            # a grant may omit `end`
