@@ -8,6 +8,7 @@ a vendor for what it cannot do fails at validation, before any request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -107,3 +108,20 @@ class Capabilities:
     settings: frozenset[str] = frozenset()             # system keys besides vendor/url/credentials/unmanaged
     credentials: frozenset[str] = frozenset()          # credential names the vendor needs
     open_ended: bool = True                            # a grant may omit `end`
+
+
+def format_time(moment: datetime) -> str:
+    """The one timestamp format of attributes, state and plans: UTC, whole seconds, `Z`."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an ISO 8601 timestamp with a zone (`Z` or an offset) as vendors send it."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp without a timezone: {text!r}")
+    return moment.astimezone(UTC)
+
+
+def normalise_time(text: str | None) -> str | None:
+    return None if text is None else format_time(parse_time(text))

@@ -1,0 +1,201 @@
+"""Command line: parse options, call one function of `reconciler.run`, print, exit with its code.
+
+Exit codes: 0 success or no changes; 1 error (policy, vendor, refused plan); 2 changes present
+(`plan --detailed-exitcode`). Errors print one line per problem, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from reconciler import run
+from reconciler.errors import ApplyFailedError, ExitCode, ReconcilerError, RefusedError
+from reconciler.plan import Change, Plan
+from reconciler.render import render_json, render_text
+from reconciler.state import default_state_path
+
+log = logging.getLogger(__name__)
+
+
+def _parse_now(value: str | None) -> datetime:
+    if value is None:
+        return datetime.now(UTC)
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date-time (e.g. 2026-11-22T10:00:00Z)") from None
+    if moment.tzinfo is None:
+        raise click.BadParameter(f"{value!r} needs a timezone, e.g. {value}Z")
+    return moment.astimezone(UTC)
+
+
+def _session(directory: str, state: str | None, now: str | None) -> run.Session:
+    return run.Session(directory=Path(directory),
+                       state_path=Path(state) if state else default_state_path(),
+                       env=dict(os.environ), now=_parse_now(now))
+
+
+def _guard(func: Callable[[], int]) -> None:
+    """The one error handler: known errors → their lines and exit code; anything else → one line."""
+    try:
+        code = func()
+    except ReconcilerError as exc:
+        for line in exc.lines():
+            click.echo(line, err=True)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted; run apply again to finish: every completed change is recorded", err=True)
+        code = ExitCode.ERROR
+    except click.exceptions.ClickException:
+        raise
+    except Exception as exc:  # an internal error still gets one line, not a traceback
+        if os.environ.get("RECONCILER_DEBUG"):
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (set RECONCILER_DEBUG=1 for a traceback)",
+                   err=True)
+        code = ExitCode.ERROR
+    sys.exit(int(code))
+
+
+directory_argument = click.argument("directory", default="policies", type=click.Path(file_okay=True))
+state_option = click.option("--state", envvar="RECONCILER_STATE", default=None,
+                            help="State file (default .reconciler/state.json).")
+now_option = click.option("--now", default=None, help="Plan as of this ISO 8601 time (default: now).")
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="Log requests and decisions to stderr.")
+def main(verbose: int) -> None:
+    """Declare who may open which door, and when; plan and apply it on the vendors' systems."""
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), stream=sys.stderr,
+                        format="%(levelname)s %(name)s %(message)s")
+
+
+@main.command()
+@directory_argument
+def validate(directory: str) -> None:
+    """Check the policy without contacting any vendor."""
+    def body() -> int:
+        policy = run.validate(_session(directory, None, None))
+        for warning in policy.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(f"The policy in {directory} is valid: {len(policy.systems)} systems, "
+                   f"{len(policy.resources)} resources.")
+        return ExitCode.OK
+    _guard(body)
+
+
+@main.command()
+@directory_argument
+@click.option("--out", type=click.Path(dir_okay=False), help="Save the plan as JSON for `apply --plan`.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--detailed-exitcode", is_flag=True, help="Exit 2 when there are changes, 0 when none.")
+@now_option
+@state_option
+def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now: str | None,
+         state: str | None) -> None:
+    """Show what apply would change."""
+    def body() -> int:
+        result = run.plan(_session(directory, state, now))
+        if out:
+            Path(out).write_text(render_json(result), encoding="utf-8")
+        click.echo(render_json(result) if fmt == "json" else render_text(result), nl=False)
+        if out and fmt == "text":
+            click.echo(f"\nSaved the plan to {out}; run `reconciler apply --plan {out}` to apply exactly it.")
+        return ExitCode.CHANGES if detailed_exitcode and result.has_changes else ExitCode.OK
+    _guard(body)
+
+
+@main.command()
+@directory_argument
+@click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False),
+              help="Apply exactly this saved plan; refused if the live state or policy changed.")
+@click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--allow-mass-revoke", is_flag=True, help="Allow revoking more than 25 % of managed grants.")
+@now_option
+@state_option
+def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_revoke: bool,
+          now: str | None, state: str | None) -> None:
+    """Make the live systems match the policy."""
+    def body() -> int:
+        saved = _read_plan(plan_file) if plan_file else None
+        lock = threading.Lock()
+
+        def show(result: Plan) -> None:
+            click.echo(render_text(result), nl=False)
+
+        def approve(result: Plan) -> bool:
+            if auto_approve:
+                return True
+            if not sys.stdin.isatty():
+                raise RefusedError("refused: no terminal to ask for approval; pass --auto-approve")
+            return click.confirm("\nApply these changes?", default=False)
+
+        def progress(change: Change, error: str | None) -> None:
+            with lock:
+                if error:
+                    click.echo(f"{change.address}: failed: {error}", err=True)
+                else:
+                    click.echo(f"{change.address}: {change.action} done")
+
+        result, report = run.apply(_session(directory, state, now), saved=saved, approve=approve,
+                                   allow_mass_revoke=allow_mass_revoke, on_plan=show, on_change=progress)
+        if report is None:
+            if result.has_changes:
+                click.echo("Nothing applied.")
+            return ExitCode.OK
+        if not report.ok:
+            raise ApplyFailedError(f"apply incomplete: {report.summary()}",
+                                   [f"not applied: {line}" for line in report.lines()
+                                    if not line.endswith(("created", "updated", "deleted", "replaced"))])
+        click.echo(f"\nApply complete: {report.summary()}.")
+        return ExitCode.OK
+    _guard(body)
+
+
+def _read_plan(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RefusedError(f"refused: cannot read plan {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise RefusedError(f"refused: {path} is not a reconciler plan")
+    return data
+
+
+@main.group()
+def sandbox() -> None:
+    """The embedded vendor simulators."""
+
+
+@sandbox.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8700, show_default=True, type=int)
+@click.option("--dir", "directory", default=".reconciler/sandbox/served", show_default=True,
+              help="Where the simulators keep their data.")
+@click.option("--rate-limit", type=int, default=None, help="Requests per second before 429.")
+def serve(host: str, port: int, directory: str, rate_limit: int | None) -> None:
+    """Serve the vendor simulators over HTTP on this machine."""
+    from reconciler.providers.factory import sandbox_mounts, serve as serve_http
+
+    def body() -> int:
+        mounts, credentials = sandbox_mounts(Path(directory), rate_limit=rate_limit)
+        click.echo(f"Serving vendor sandboxes on http://{host}:{port} (Ctrl-C to stop):")
+        for prefix in mounts:
+            click.echo(f"  {prefix[1:]}: url http://{host}:{port}{prefix}")
+        click.echo("Sandbox credentials (test values of the simulators, not secrets):")
+        for vendor, values in credentials.items():
+            for key, value in sorted(values.items()):
+                click.echo(f"  export {vendor.upper().replace('-', '_')}_{key.upper()}={value}")
+        serve_http(host, port, mounts)
+        return ExitCode.OK
+    _guard(body)

@@ -1,0 +1,40 @@
+"""Load a policy directory into systems and desired resources, or fail with every problem at once.
+
+`cli.py` calls `load_policy(path, capabilities, env)` for validate, plan and apply; the provider registry
+supplies `capabilities` (vendor name → `Capabilities`) so that this package never imports a provider, and the
+caller passes the environment so that tests need not touch `os.environ`.
+
+Stages (each collects diagnostics instead of stopping at the first): `yamlio` reads and parses every file,
+`schema` validates and merges the entries, `checks` resolves references, credentials and vendor limits,
+`expand` produces the desired `Resource`s. A `PolicyError` carries everything found, sorted by location.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from reconciler.errors import PolicyError
+from reconciler.resources import Capabilities
+
+from .checks import check_references, check_systems
+from .expand import expand
+from .schema import Policy, SystemConfig, parse
+from .yamlio import read_documents
+
+__all__ = ["Policy", "SystemConfig", "load_policy"]
+
+
+def load_policy(path: Path, capabilities: Mapping[str, Capabilities], env: Mapping[str, str]) -> Policy:
+    documents, diagnostics = read_documents(Path(path))
+    declarations, problems = parse(documents)
+    diagnostics += problems
+    systems, problems = check_systems(declarations, capabilities, env)
+    diagnostics += problems
+    diagnostics += check_references(declarations, capabilities)
+    resources, warnings, problems = expand(declarations, capabilities)
+    diagnostics += problems
+    if diagnostics:
+        # One problem can be found by two routes (a permission listing two devices on one vendor); say it once.
+        raise PolicyError(sorted(set(diagnostics)))
+    return Policy(systems=systems, resources=resources, warnings=warnings, files=declarations.files)

@@ -1,0 +1,345 @@
+"""Checks that need more than one entry: references between entries, and what each vendor can express.
+
+`load_policy` calls `check_systems` (vendor support, settings, credentials from the environment → the
+`SystemConfig`s) and `check_references` (every other cross-entry and capability rule) after `schema.parse`.
+Each rule reports at the place a person has to edit: an unknown name at the reference, a vendor limit at the
+key that asks for too much. Capabilities come from the providers (STYLE 3); this module never imports them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from reconciler.errors import Diagnostic
+from reconciler.resources import Capabilities
+from reconciler.secret import Secret
+
+from .expand import capabilities_of, has_account, system_of_device, users_of
+from .schema import SYSTEM_KEYS, Declarations, Entry, Place, SystemConfig, SystemModel, did_you_mean
+
+ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+SCALARS = (str, int, float, bool)
+
+
+# ---------------------------------------------------------------------------------------------------- systems
+
+def check_systems(declarations: Declarations, capabilities: Mapping[str, Capabilities],
+                  env: Mapping[str, str]) -> tuple[dict[str, SystemConfig], list[Diagnostic]]:
+    systems: dict[str, SystemConfig] = {}
+    problems: list[Diagnostic] = []
+    for name, entry in declarations.systems.items():
+        if entry.model is None:
+            continue
+        caps = capabilities.get(entry.model.vendor)
+        found: list[Diagnostic] = []
+        if caps is None:
+            found.append(Diagnostic(entry.place.at("vendor"), f"vendor '{entry.model.vendor}' is not supported "
+                                    "by this version of reconciler"))
+        found += _check_settings(entry, caps)
+        credentials, credential_problems = _resolve_credentials(entry, entry.model, caps, env)
+        found += credential_problems
+        problems += found
+        if not found:
+            systems[name] = SystemConfig(name=name, vendor=entry.model.vendor, url=entry.model.url,
+                                         credentials=credentials, unmanaged=entry.model.unmanaged,
+                                         settings=dict(entry.settings), concurrency=entry.model.concurrency,
+                                         source=entry.place.at())
+    return systems, problems
+
+
+def _check_settings(entry: Entry[SystemModel], caps: Capabilities | None) -> list[Diagnostic]:
+    problems = []
+    for key, value in entry.settings.items():
+        if caps is not None and key not in caps.settings:
+            hint = did_you_mean(str(key), [*SYSTEM_KEYS, *caps.settings])
+            accepted = f"; it takes {', '.join(sorted(caps.settings))}" if caps.settings else ""
+            problems.append(Diagnostic(entry.place.at(key, at_key=True),
+                                       f"unknown key '{key}' for vendor {caps.vendor}{hint}{accepted}"))
+        elif not isinstance(value, SCALARS):
+            problems.append(Diagnostic(entry.place.at(key), f"expected a single value for '{key}'"))
+    return problems
+
+
+def _resolve_credentials(entry: Entry[SystemModel], system: SystemModel, caps: Capabilities | None,
+                         env: Mapping[str, str]) -> tuple[dict[str, Secret], list[Diagnostic]]:
+    # The sandbox supplies its own credentials, so a demo policy runs with an empty environment.
+    sandbox = system.url == "sandbox"
+    declared = system.credentials or {}
+    credentials: dict[str, Secret] = {}
+    problems = []
+    for key, value in declared.items():
+        where = entry.place.at("credentials", key)
+        if caps is not None and key not in caps.credentials:
+            hint = did_you_mean(str(key), caps.credentials)
+            problems.append(Diagnostic(entry.place.at("credentials", key, at_key=True),
+                                       f"unknown credential '{key}' for {caps.vendor}{hint}; it takes "
+                                       f"{', '.join(sorted(caps.credentials)) or 'none'}"))
+            continue
+        match = ENV_REFERENCE.match(value) if isinstance(value, str) else None
+        if match is None:
+            # Never echo the value: it is, or may be, a secret that must not reach CI logs.
+            problems.append(Diagnostic(where, "a literal secret is not accepted; use ${ENV_VAR}"))
+            continue
+        variable = match.group(1)
+        if env.get(variable):
+            credentials[key] = Secret(env[variable])
+        elif not sandbox:
+            problems.append(Diagnostic(where, f"environment variable {variable} is not set (or is empty)"))
+    if caps is not None and not sandbox:
+        missing = sorted(caps.credentials - set(declared))
+        if missing:
+            where = entry.place.at("credentials") if system.credentials is not None else entry.place.at()
+            problems.append(Diagnostic(where, f"{caps.vendor} needs credential{'s' if len(missing) > 1 else ''} "
+                                       f"{', '.join(missing)} (as ${{ENV_VAR}} references)"))
+    return credentials, problems
+
+
+# ------------------------------------------------------------------------------------------------- references
+
+def check_references(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
+    problems = [
+        *_check_users(declarations, capabilities),
+        *_check_devices(declarations, capabilities),
+        *_check_gateways(declarations, capabilities),
+        *_check_groups(declarations),
+        *_check_permissions(declarations, capabilities),
+        *_check_temp_keys(declarations, capabilities),
+    ]
+    return sorted(set(problems))
+
+
+def _unknown(kind: str, name: str, known: Any) -> str:
+    return f"unknown {kind} '{name}'{did_you_mean(name, known)}"
+
+
+def _check_system_reference(declarations: Declarations, place: Place, system: str) -> list[Diagnostic]:
+    if system not in declarations.systems:
+        return [Diagnostic(place.at("system"), _unknown("system", system, declarations.systems))]
+    return []
+
+
+def _check_users(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
+    problems = []
+    for name, entry in declarations.users.items():
+        user = entry.model
+        if user is None:
+            continue
+        for index, system in enumerate(user.systems or ()):
+            caps = capabilities_of(declarations, capabilities, system)
+            if system not in declarations.systems:
+                problems.append(Diagnostic(entry.place.at("systems", index),
+                                           _unknown("system", system, declarations.systems)))
+            elif caps is not None and not caps.user_accounts:
+                problems.append(Diagnostic(entry.place.at("systems", index),
+                                           f"system '{system}' ({caps.vendor}) has no user accounts; `systems:` "
+                                           "only lists systems where users are accounts"))
+        if user.mobile_key and not user.phone:
+            mobile = [s for s in declarations.systems if has_account(declarations, name, s)
+                      and (c := capabilities_of(declarations, capabilities, s)) and c.user_accounts and c.mobile_key]
+            if mobile:
+                problems.append(Diagnostic(entry.place.at("mobile_key"), f"user '{name}' has mobile_key but no "
+                                           "phone: the invitation is sent by SMS, so add `phone:`"))
+    return problems
+
+
+def _check_devices(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
+    problems = []
+    adopted: dict[tuple[str, str], Entry[Any]] = {}
+    for name, entry in declarations.devices.items():
+        device = entry.model
+        if device is None:
+            continue
+        problems += _check_system_reference(declarations, entry.place, device.system)
+        caps = capabilities_of(declarations, capabilities, device.system)
+        if caps is None:
+            continue
+        for key in ("name", "favourite", "colour"):
+            if getattr(device, key) is not None and key not in caps.device_fields:
+                problems.append(Diagnostic(entry.place.at(key, at_key=True),
+                                           f"{caps.vendor} devices have no '{key}'"))
+        if device.id is None:
+            if not caps.creates_devices and not device.decommission:
+                problems.append(Diagnostic(entry.place.at(), f"{caps.vendor} cannot create devices: add the `id:` "
+                                           f"of the existing one to adopt it"))
+            continue
+        if isinstance(device.id, int) and caps.vendor != "spkey":
+            problems.append(Diagnostic(entry.place.at("id"), f"a {caps.vendor} device id is a string: quote it"))
+        device_id = str(device.id)
+        if caps.device_id_pattern and not re.fullmatch(caps.device_id_pattern, device_id):
+            problems.append(Diagnostic(entry.place.at("id"), f"'{device_id}' is not a {caps.vendor} device id "
+                                       f"(expected {caps.device_id_pattern})"))
+        first = adopted.setdefault((device.system, device_id), entry)
+        if first is not entry:
+            problems.append(Diagnostic(entry.place.at("id"), f"device '{first.name}' at {first.place.at()} "
+                                       "already adopts this id"))
+    return problems
+
+
+def _check_gateways(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
+    problems = []
+    for name, entry in declarations.gateways.items():
+        gateway = entry.model
+        if gateway is None:
+            continue
+        problems += _check_system_reference(declarations, entry.place, gateway.system)
+        caps = capabilities_of(declarations, capabilities, gateway.system)
+        if caps is not None and not caps.gateways:
+            problems.append(Diagnostic(entry.place.at("system"), f"{caps.vendor} has no gateways "
+                                       f"(system '{gateway.system}')"))
+            continue
+        for index, device in enumerate(gateway.devices):
+            system = system_of_device(declarations, device)
+            if device not in declarations.devices:
+                problems.append(Diagnostic(entry.place.at("devices", index),
+                                           _unknown("device", device, declarations.devices)))
+            elif system is not None and system != gateway.system:
+                problems.append(Diagnostic(entry.place.at("devices", index), f"device '{device}' is on system "
+                                           f"'{system}', not on the gateway's system '{gateway.system}'"))
+        count = len(set(gateway.devices))
+        if caps is not None and count > caps.max_associations:
+            problems.append(Diagnostic(entry.place.at("devices"), f"gateway '{name}' has {count} associations; "
+                                       f"{caps.vendor} allows at most {caps.max_associations}"))
+    return problems
+
+
+def _check_groups(declarations: Declarations) -> list[Diagnostic]:
+    problems = []
+    for name, entry in declarations.groups.items():
+        for index, member in enumerate(entry.model or ()):
+            if member in declarations.users and member in declarations.groups:
+                problems.append(Diagnostic(entry.place.at(index), f"'{member}' is both a user and a group; "
+                                           "rename one so that the member is unambiguous"))
+            elif member not in declarations.users and member not in declarations.groups:
+                known = [*declarations.users, *declarations.groups]
+                problems.append(Diagnostic(entry.place.at(index), _unknown("user or group", member, known)))
+    return problems + _check_group_cycles(declarations)
+
+
+def _check_group_cycles(declarations: Declarations) -> list[Diagnostic]:
+    problems = []
+    reported: set[frozenset[str]] = set()
+    done: set[str] = set()
+
+    def visit(group: str, path: list[str]) -> None:
+        if group in path:
+            cycle = path[path.index(group):]
+            if frozenset(cycle) not in reported:
+                reported.add(frozenset(cycle))
+                # Start the message at the group defined first, so it does not depend on traversal order.
+                start = min(range(len(cycle)), key=lambda i: declarations.groups[cycle[i]].place.at())
+                ordered = cycle[start:] + cycle[:start]
+                entry = declarations.groups[ordered[0]]
+                problems.append(Diagnostic(entry.place.at(), "group cycle: " + " → ".join([*ordered, ordered[0]])))
+            return
+        if group in done:
+            return
+        for member in declarations.groups[group].model or ():
+            if member in declarations.groups and member not in declarations.users:
+                visit(member, [*path, group])
+        done.add(group)
+
+    for group in declarations.groups:
+        visit(group, [])
+    return problems
+
+
+def _check_permissions(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
+    problems: list[Diagnostic] = []
+    for entry in declarations.permissions:
+        permission = entry.model
+        if permission is None:
+            continue
+        place = entry.place
+        for index, user in enumerate(permission.users):
+            if user not in declarations.users:
+                problems.append(Diagnostic(place.at("users", index), _unknown("user", user, declarations.users)))
+        for index, group in enumerate(permission.groups):
+            if group not in declarations.groups:
+                problems.append(Diagnostic(place.at("groups", index),
+                                           _unknown("group", group, declarations.groups)))
+        if permission.schedule is not None and permission.schedule not in declarations.schedules:
+            problems.append(Diagnostic(place.at("schedule"),
+                                       _unknown("schedule", permission.schedule, declarations.schedules)))
+        users = users_of(declarations, permission)
+        for index, device in enumerate(permission.devices):
+            if device not in declarations.devices:
+                problems.append(Diagnostic(place.at("devices", index),
+                                           _unknown("device", device, declarations.devices)))
+                continue
+            system = system_of_device(declarations, device)
+            caps = capabilities_of(declarations, capabilities, system)
+            if system is not None and caps is not None:
+                problems += _check_grant_capabilities(declarations, place, permission, caps, system, device, users)
+    return problems
+
+
+def _check_grant_capabilities(declarations: Declarations, place: Place, permission: Any, caps: Capabilities,
+                              system: str, device: str, users: list[str]) -> list[Diagnostic]:
+    vendor = caps.vendor
+    on = f"device '{device}' is on {vendor}"
+    problems = []
+    if caps.requires_end and permission.end is None:
+        problems.append(Diagnostic(place.at(), f"{vendor} requires an end: add `end:` to this permission"))
+    if permission.schedule is not None and not caps.schedules:
+        problems.append(Diagnostic(place.at("schedule", at_key=True),
+                                   f"{vendor} has no weekly schedules ({on}); remove `schedule:` or use "
+                                   "start and end"))
+    if permission.operations is not None:
+        if not caps.operations:
+            problems.append(Diagnostic(place.at("operations", at_key=True),
+                                       f"{vendor} has no operations to choose ({on}); remove `operations:`"))
+        else:
+            for index, operation in enumerate(permission.operations):
+                if operation not in caps.operations:
+                    problems.append(Diagnostic(place.at("operations", index), f"'{operation}' is not an operation "
+                                               f"on {vendor}; use {', '.join(sorted(caps.operations))}"))
+    if permission.key_validity is not None and not caps.key_validity:
+        problems.append(Diagnostic(place.at("key_validity", at_key=True),
+                                   f"{vendor} has no key validity ({on}); remove `key_validity:`"))
+    if permission.role is not None:
+        if not caps.share_roles:
+            problems.append(Diagnostic(place.at("role", at_key=True),
+                                       f"{vendor} has no roles on grants ({on}); remove `role:`"))
+        elif permission.role not in caps.share_roles:
+            problems.append(Diagnostic(place.at("role"), f"'{permission.role}' is not a role on {vendor}; use "
+                                       f"{', '.join(sorted(caps.share_roles))}"))
+    for user in users:
+        person = declarations.users[user].model
+        if person is None:
+            continue
+        if caps.needs_phone and not person.phone:
+            problems.append(Diagnostic(place.at(), f"user '{user}' has no phone: {vendor} sends keys to a phone "
+                                       f"number ({on})"))
+        if caps.needs_email and not person.email:
+            problems.append(Diagnostic(place.at(), f"user '{user}' has no email: {vendor} identifies people by "
+                                       f"email ({on})"))
+        if caps.user_accounts and not has_account(declarations, user, system):
+            problems.append(Diagnostic(place.at(), f"user '{user}' has no account in system '{system}' (their "
+                                       f"`systems:` leaves it out), but is granted '{device}' there"))
+    return problems
+
+
+def _check_temp_keys(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
+    problems = []
+    for name, entry in declarations.temp_keys.items():
+        key = entry.model
+        if key is None:
+            continue
+        if key.device not in declarations.devices:
+            problems.append(Diagnostic(entry.place.at("device"), _unknown("device", key.device,
+                                                                          declarations.devices)))
+        else:
+            caps = capabilities_of(declarations, capabilities, system_of_device(declarations, key.device))
+            if caps is not None and not caps.temp_keys:
+                problems.append(Diagnostic(entry.place.at("device"), f"{caps.vendor} has no temporary keys "
+                                           f"(device '{key.device}')"))
+        for index, user in enumerate(key.users or ()):
+            person = declarations.users.get(user)
+            if person is None:
+                problems.append(Diagnostic(entry.place.at("users", index),
+                                           _unknown("user", user, declarations.users)))
+            elif person.model is not None and not person.model.email:
+                problems.append(Diagnostic(entry.place.at("users", index), f"user '{user}' has no email: temporary "
+                                           "keys name their users by email"))
+    return problems

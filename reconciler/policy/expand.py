@@ -1,0 +1,275 @@
+"""Turn merged declarations into the desired `Resource`s the planner diffs against live state.
+
+`load_policy` calls `expand` after the checks; `checks.py` also uses the lookups here (a system's capabilities,
+a group's members) so that both agree on what a reference means. Expansion is defensive: an entry that failed
+validation or a reference that does not resolve is skipped, because its error is already reported and the
+remaining resources are still needed to find conflicting grants.
+
+Naming (addresses are `system/kind/name`): users and invitations by user name, devices and gateways by key,
+associations `gateway/device`, grants `user/device/OPERATION` (or `user/device` on vendors without
+operations), temp keys by key. Grants are one per (user, device, operation) after groups are expanded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from reconciler.errors import Diagnostic
+from reconciler.resources import Capabilities, Kind, Resource, Status, address_of
+
+from .schema import DAYS, Declarations, Entry, PermissionModel, SpanModel, utc_text
+
+DEFAULT_OPERATIONS = ("OPEN",)
+DEFAULT_KEY_VALIDITY = "P8D"
+DEFAULT_ROLE = "USER"
+
+
+# ------------------------------------------------------------------------------------------------- lookups
+
+def capabilities_of(declarations: Declarations, capabilities: Mapping[str, Capabilities],
+                    system: str | None) -> Capabilities | None:
+    """The capabilities behind a system name, or None when the system is unknown, invalid or unsupported."""
+    entry = declarations.systems.get(system) if system is not None else None
+    if entry is None or entry.model is None:
+        return None
+    return capabilities.get(entry.model.vendor)
+
+
+def system_of_device(declarations: Declarations, device: str) -> str | None:
+    entry = declarations.devices.get(device)
+    return entry.model.system if entry is not None and entry.model is not None else None
+
+
+def members_of(declarations: Declarations, group: str, _seen: frozenset[str] = frozenset()) -> set[str]:
+    """Every user a group reaches through nested groups; unknown names and cycles (reported by the checks)
+    are ignored here so that expansion always terminates."""
+    entry = declarations.groups.get(group)
+    if entry is None or entry.model is None or group in _seen:
+        return set()
+    users: set[str] = set()
+    for member in entry.model:
+        if member in declarations.users:
+            users.add(member)
+        elif member in declarations.groups:
+            users |= members_of(declarations, member, _seen | {group})
+    return users
+
+
+def users_of(declarations: Declarations, permission: PermissionModel) -> list[str]:
+    users = {user for user in permission.users if user in declarations.users}
+    for group in permission.groups:
+        users |= members_of(declarations, group)
+    return sorted(users)
+
+
+def has_account(declarations: Declarations, user: str, system: str) -> bool:
+    """Whether a user exists in a system with user accounts: every such system unless `systems:` narrows it."""
+    entry = declarations.users.get(user)
+    if entry is None or entry.model is None:
+        return False
+    return entry.model.systems is None or system in entry.model.systems
+
+
+def normalised_schedule(spans: list[SpanModel]) -> list[dict[str, str]]:
+    """One `{day, from, to}` per weekday span, in weekday order, so that equal schedules compare equal."""
+    flat = [{"day": day, "from": span.start, "to": span.end} for span in spans for day in span.days]
+    return sorted(flat, key=lambda s: (DAYS.index(s["day"]), s["from"], s["to"]))
+
+
+# ---------------------------------------------------------------------------------------------- expansion
+
+def expand(declarations: Declarations, capabilities: Mapping[str, Capabilities]
+           ) -> tuple[list[Resource], list[Diagnostic], list[Diagnostic]]:
+    """Desired resources sorted by address, warnings, and errors (conflicting grants)."""
+    warnings: list[Diagnostic] = []
+    errors: list[Diagnostic] = []
+    resources = [*_users(declarations, capabilities), *_devices(declarations, capabilities)]
+    resources += _gateways(declarations, capabilities, warnings)
+    resources += _grants(declarations, capabilities, warnings, errors)
+    resources += _temp_keys(declarations, capabilities, warnings)
+    return sorted(resources, key=lambda r: r.address), sorted(set(warnings)), errors
+
+
+def _users(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Resource]:
+    resources = []
+    for system in declarations.systems:
+        caps = capabilities_of(declarations, capabilities, system)
+        if caps is None or not caps.user_accounts:
+            continue
+        for name, entry in declarations.users.items():
+            if entry.model is None or not has_account(declarations, name, system):
+                continue
+            user = Resource(system, Kind.USER, name, {"role": entry.model.role}, source=entry.place.source)
+            resources.append(user)
+            if entry.model.mobile_key and caps.mobile_key and entry.model.phone:
+                resources.append(Resource(system, Kind.INVITATION, name, {"phone": entry.model.phone},
+                                          depends_on=(user.address,), source=entry.place.source))
+    return resources
+
+
+def _devices(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Resource]:
+    resources = []
+    for name, entry in declarations.devices.items():
+        device = entry.model
+        if device is None or capabilities_of(declarations, capabilities, device.system) is None:
+            continue
+        adopted = None if device.id is None else str(device.id)
+        attributes: dict[str, Any] = {}
+        if device.name is not None:
+            attributes["name"] = device.name
+        elif adopted is None:
+            attributes["name"] = name  # a created device is named after its key; an adopted one keeps its name
+        if device.favourite is not None:
+            attributes["favourite"] = device.favourite
+        if device.colour is not None:
+            attributes["colour"] = device.colour.lower()
+        resources.append(Resource(device.system, Kind.DEVICE, name, attributes, id=adopted,
+                                  status=Status.ABSENT if device.decommission else Status.PRESENT,
+                                  source=entry.place.source))
+    return resources
+
+
+def _is_decommissioned(declarations: Declarations, device: str) -> bool:
+    entry = declarations.devices.get(device)
+    return entry is not None and entry.model is not None and entry.model.decommission
+
+
+def _gateways(declarations: Declarations, capabilities: Mapping[str, Capabilities],
+              warnings: list[Diagnostic]) -> list[Resource]:
+    resources = []
+    for name, entry in declarations.gateways.items():
+        gateway = entry.model
+        caps = capabilities_of(declarations, capabilities, gateway.system if gateway else None)
+        if gateway is None or caps is None or not caps.gateways:
+            continue
+        resource = Resource(gateway.system, Kind.GATEWAY, name, {}, meta={"claiming_code": gateway.claiming_code},
+                            status=Status.ABSENT if gateway.decommission else Status.PRESENT,
+                            source=entry.place.source)
+        resources.append(resource)
+        if gateway.decommission:
+            if gateway.devices:
+                warnings.append(Diagnostic(entry.place.at("devices"), f"gateway '{name}' is decommissioned: "
+                                           "its associations are left out"))
+            continue
+        for device in dict.fromkeys(gateway.devices):
+            if system_of_device(declarations, device) != gateway.system:
+                continue  # unknown or on another system: reported by the checks
+            if _is_decommissioned(declarations, device):
+                warnings.append(Diagnostic(entry.place.at("devices", gateway.devices.index(device)),
+                                           f"device '{device}' is decommissioned: its association is left out"))
+                continue
+            device_address = address_of(gateway.system, Kind.DEVICE, device)
+            resources.append(Resource(gateway.system, Kind.ASSOCIATION, f"{name}/{device}", {},
+                                      depends_on=(resource.address, device_address), source=entry.place.source))
+    return resources
+
+
+def _grants(declarations: Declarations, capabilities: Mapping[str, Capabilities],
+            warnings: list[Diagnostic], errors: list[Diagnostic]) -> list[Resource]:
+    granted: dict[str, tuple[Resource, int]] = {}   # address → (grant, index of the declaring permission)
+    conflicts: dict[tuple[int, int], list[tuple[Resource, Resource]]] = {}
+    for position, entry in enumerate(declarations.permissions):
+        permission = entry.model
+        if permission is None:
+            continue
+        users = users_of(declarations, permission)
+        for index, device in enumerate(permission.devices):
+            system = system_of_device(declarations, device)
+            caps = capabilities_of(declarations, capabilities, system)
+            if system is None or caps is None:
+                continue
+            if _is_decommissioned(declarations, device):
+                warnings.append(Diagnostic(entry.place.at("devices", index), f"device '{device}' is decommissioned:"
+                                           " the grants of this permission on it are left out"))
+                continue
+            for user in users:
+                if caps.user_accounts and not has_account(declarations, user, system):
+                    continue  # reported by the checks
+                for grant in _grants_for(declarations, entry, permission, caps, system, user, device):
+                    first = granted.get(grant.address)
+                    if first is None:
+                        granted[grant.address] = (grant, position)
+                    elif first[0].attributes != grant.attributes:
+                        conflicts.setdefault((position, first[1]), []).append((first[0], grant))
+                    # identical grants from two entries merge: the first one keeps its source and reason
+    for (second, first), pairs in conflicts.items():
+        errors.append(_conflict(declarations.permissions[second], declarations.permissions[first], pairs))
+    return [grant for grant, _ in granted.values()]
+
+
+def _grants_for(declarations: Declarations, entry: Entry[PermissionModel], permission: PermissionModel,
+                caps: Capabilities, system: str, user: str, device: str) -> list[Resource]:
+    attributes: dict[str, Any] = {}
+    if permission.start is not None:
+        attributes["start"] = utc_text(permission.start)
+    if permission.end is not None:
+        attributes["end"] = utc_text(permission.end)
+    elif caps.open_ended:
+        attributes["end"] = None
+    if caps.key_validity:
+        attributes["key_validity"] = permission.key_validity or DEFAULT_KEY_VALIDITY
+    if caps.share_roles:
+        attributes["role"] = permission.role or DEFAULT_ROLE
+    if permission.schedule is not None:
+        schedule = declarations.schedules.get(permission.schedule)
+        if schedule is None or schedule.model is None:
+            return []
+        attributes["schedule"] = normalised_schedule(schedule.model)
+    meta: dict[str, Any] = {}
+    if permission.reason is not None:
+        meta["reason"] = permission.reason
+    # Who receives the grant: providers address people by phone (Unloc) or email (Sentry, SmartphoneKey).
+    # Kept in meta, not attributes, so that live grants need not echo it to compare equal.
+    person = declarations.users[user].model
+    if caps.needs_phone and person is not None and person.phone:
+        meta["phone"] = person.phone
+    if caps.needs_email and person is not None and person.email:
+        meta["email"] = person.email
+    depends_on = (address_of(system, Kind.USER, user),) if caps.user_accounts else ()
+    depends_on += (address_of(system, Kind.DEVICE, device),)
+    if caps.operations:
+        names = [f"{user}/{device}/{op}" for op in dict.fromkeys(permission.operations or DEFAULT_OPERATIONS)
+                 if op in caps.operations]
+    else:
+        names = [f"{user}/{device}"]
+    return [Resource(system, caps.grant_kind, name, attributes, meta=meta, depends_on=depends_on,
+                     source=entry.place.source, replace_on_change=caps.immutable_grants) for name in names]
+
+
+def _conflict(second: Entry[PermissionModel], first: Entry[PermissionModel],
+              pairs: list[tuple[Resource, Resource]]) -> Diagnostic:
+    earlier, later = pairs[0]
+    user, device, *operation = later.name.split("/")
+    what = f"{operation[0]} on '{device}'" if operation else f"access to '{device}'"
+    keys = sorted(set(earlier.attributes) | set(later.attributes))
+    different = [k for k in keys if earlier.attributes.get(k) != later.attributes.get(k)]
+    more = f" ({len(pairs) - 1} more grants conflict the same way)" if len(pairs) > 1 else ""
+    return Diagnostic(second.place.at(), f"{user}'s {what} is also granted at {first.place.at()} with a different "
+                      f"{', '.join(different)}; make the two identical or merge them{more}")
+
+
+def _temp_keys(declarations: Declarations, capabilities: Mapping[str, Capabilities],
+               warnings: list[Diagnostic]) -> list[Resource]:
+    resources = []
+    for name, entry in declarations.temp_keys.items():
+        key = entry.model
+        system = system_of_device(declarations, key.device) if key else None
+        caps = capabilities_of(declarations, capabilities, system)
+        if key is None or system is None or caps is None or not caps.temp_keys:
+            continue
+        if _is_decommissioned(declarations, key.device):
+            warnings.append(Diagnostic(entry.place.at("device"), f"device '{key.device}' is decommissioned: "
+                                       f"temp key '{name}' is left out"))
+            continue
+        emails = []
+        for user in key.users or ():
+            person = declarations.users.get(user)
+            if person is not None and person.model is not None and person.model.email:
+                emails.append(person.model.email)
+        attributes = {"access": key.access, "users": sorted(set(emails)) if key.access == "users" else [],
+                      "start": utc_text(key.start), "end": utc_text(key.end), "max_uses": key.max_uses,
+                      "description": key.description}
+        resources.append(Resource(system, Kind.TEMP_KEY, name, attributes,
+                                  depends_on=(address_of(system, Kind.DEVICE, key.device),),
+                                  source=entry.place.source))
+    return resources

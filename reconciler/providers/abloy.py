@@ -1,0 +1,379 @@
+"""Abloy Keyless (CUMULUS/BEAT) Administration API v2 provider, vendor `abloy-keyless`.
+
+Endpoints, field mapping and capabilities only; the workflow is `Provider`'s. Users carry no name at the
+vendor (just `{id, role}`), so user, created-device and gateway ids live in state; permissions and
+associations are found by their natural keys (user, device, operation) and (gateway, device).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any, Callable
+
+import httpx
+import jwt
+
+from reconciler.errors import VendorError
+from reconciler.plan import Note
+from reconciler.providers.base import Provider, ReadResult
+from reconciler.providers.http import HttpClient, Redactor
+from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time,
+                                  normalise_time, unknown_name)
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPE = "application/vnd.assaabloy.keyless.administration-2+json"
+PAGE_SIZE = 100
+INVITATION_VALIDITY = timedelta(days=7)
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+# The one endpoint table (API-SURFACE §1): a path correction is a one-line change.
+PATHS = {
+    "login": "/login",
+    "users": "/user",
+    "user": "/user/{id}",
+    "invitations": "/operating-device-invitation",
+    "invitation": "/operating-device-invitation/{id}",
+    "operating_devices": "/operating-device",
+    "devices": "/locking-device",
+    "device": "/locking-device/{id}",
+    "permissions": "/permission",
+    "permission": "/permission/{id}",
+    "gateways": "/gateway-device",
+    "gateway": "/gateway-device/{id}",
+    "associations": "/gateway-device-association",
+    "association": "/gateway-device-association/{id}",
+}
+
+CAPABILITIES = Capabilities(
+    vendor="abloy-keyless",
+    grant_kind=Kind.PERMISSION,
+    user_accounts=True,
+    requires_end=True,
+    open_ended=False,
+    operations=frozenset({"OPEN", "UPDATE_FIRMWARE", "UPDATE_TIME"}),
+    key_validity=True,
+    gateways=True,
+    max_associations=5,
+    creates_devices=True,
+    device_fields=frozenset({"name"}),
+    device_id_pattern=UUID_PATTERN,
+    mobile_key=True,
+    credentials=frozenset({"user_id", "access_key", "api_key"}),
+)
+
+
+def describe_problem(response: httpx.Response) -> str:
+    """RFC 7807 problem → `403 Forbidden: detail`."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and ("title" in body or "detail" in body):
+        title = body.get("title") or response.reason_phrase
+        detail = body.get("detail")
+        return f"{response.status_code} {title}" + (f": {detail}" if detail else "")
+    return f"HTTP {response.status_code} {response.reason_phrase}".strip()
+
+
+class AbloyProvider(Provider):
+    vendor = "abloy-keyless"
+    capabilities = CAPABILITIES
+    default_url = "https://eu-api.keyless.assaabloy.com/administration"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        missing = sorted(CAPABILITIES.credentials - self.credentials.keys())
+        if missing:
+            raise VendorError(f"{self.name}: missing credentials {', '.join(missing)}")
+        self._secret = {k: v.reveal() for k, v in self.credentials.items()}
+        self.redactor = Redactor(self._secret.values())
+        self.http = HttpClient(
+            self.url, system=self.name, transport=self.transport, redactor=self.redactor,
+            headers={"Accept": MEDIA_TYPE, "X-Api-Key": self._secret["api_key"]},
+            authenticate=self._login, describe=describe_problem, sleep=self.sleep)
+        self.live_ids: dict[str, set[str]] = {}
+
+    def close(self) -> None:
+        self.http.close()
+
+    # -- auth ----------------------------------------------------------------------------------------
+    def _login(self, http: HttpClient) -> tuple[dict[str, str], float | None]:
+        body = {"userId": self._secret["user_id"], "accessKey": self._secret["access_key"]}
+        try:
+            response = http.send_raw("POST", PATHS["login"], json=body)
+        except httpx.TransportError as exc:
+            raise VendorError(f"{self.name}: login failed: {type(exc).__name__}", temporary=True) from None
+        if response.status_code != 200:
+            raise VendorError(self.redactor(f"{self.name}: login failed: {describe_problem(response)}"),
+                              status=response.status_code, temporary=response.status_code >= 500)
+        token = response.json().get("token", "")
+        self.redactor.add(token)
+        try:
+            expires = jwt.decode(token, options={"verify_signature": False}).get("exp")
+        except jwt.PyJWTError:
+            expires = None  # not a JWT we can read: rely on the 401 → login-again path
+        return {"Authorization": f"Bearer {token}"}, float(expires) if expires else None
+
+    # -- reading -------------------------------------------------------------------------------------
+    def list_all(self, key: str, **params: str) -> list[dict[str, Any]]:
+        """Every item of a list endpoint: `limit=100`, following `nextPageToken` to the end."""
+        items: list[dict[str, Any]] = []
+        query: dict[str, Any] = {**params, "limit": PAGE_SIZE}
+        while True:
+            body = self.http.request("GET", PATHS[key], params=query).json()
+            items.extend(body.get("items") or [])
+            token = body.get("nextPageToken")
+            if not token:
+                return items
+            query = {**params, "limit": PAGE_SIZE, "next-page-token": token}
+
+    def read_live(self, desired: list[Resource]) -> ReadResult:
+        keys = ("users", "devices", "permissions", "gateways", "associations", "operating_devices")
+        with ThreadPoolExecutor(len(keys)) as pool:
+            lists = dict(zip(keys, pool.map(self.list_all, keys)))
+        me = self._secret["user_id"]
+        users = {u["id"]: u for u in lists["users"] if u["id"] != me}
+        devices = {d["id"]: d for d in lists["devices"]}
+        gateways = {g["id"]: g for g in lists["gateways"]}
+        self.live_ids = {"user": set(users), "device": set(devices), "gateway": set(gateways)}
+
+        result = ReadResult()
+        result.warnings += self.settle_intents(
+            Kind.USER, users, lambda want, item: want is None or item.get("role") == want.attributes.get("role"))
+        result.warnings += self.settle_intents(
+            Kind.DEVICE, devices, lambda want, item: item.get("claimingStatus") == "UNCLAIMED" and (
+                want is None or item.get("name") == want.attributes.get("name")))
+        result.warnings += self.settle_intents(Kind.GATEWAY, gateways, lambda want, item: True)
+
+        user_names = self._names(Kind.USER)
+        device_names = self._names(Kind.DEVICE)
+        gateway_names = self._names(Kind.GATEWAY)
+        add = result.resources.append
+
+        for uid, item in users.items():
+            name = user_names.get(uid)
+            add(Resource(self.name, Kind.USER, name or unknown_name(uid), {"role": item.get("role")}, id=uid,
+                         managed=name is not None, meta={"create_only": ("role",)}))
+        for did, item in devices.items():
+            name = device_names.get(did)
+            meta = {k: v for k, v in (("claiming_status", item.get("claimingStatus")),
+                                      ("serial_number", item.get("serialNumber"))) if v}
+            add(Resource(self.name, Kind.DEVICE, name or unknown_name(did), {"name": item.get("name")}, id=did,
+                         managed=name is not None, meta=meta))
+        for gid, item in gateways.items():
+            name = gateway_names.get(gid)
+            meta = {k: v for k, v in (("serial_number", item.get("serialNumber")),
+                                      ("activation_status", item.get("activationStatus"))) if v}
+            add(Resource(self.name, Kind.GATEWAY, name or unknown_name(gid), {}, id=gid,
+                         managed=name is not None, meta=meta))
+        for item in lists["associations"]:
+            gateway = gateway_names.get(item.get("gatewayDeviceId"))
+            if gateway is None:
+                continue
+            device = device_names.get(item.get("lockingDeviceId")) or unknown_name(item.get("lockingDeviceId"))
+            add(Resource(self.name, Kind.ASSOCIATION, f"{gateway}/{device}", {}, id=item["id"]))
+        for item in lists["permissions"]:
+            device = device_names.get(item.get("lockingDeviceId"))
+            if device is None:
+                continue    # not a device this policy manages: not ours to judge
+            user = user_names.get(item.get("userId")) or unknown_name(item.get("userId"))
+            add(Resource(self.name, Kind.PERMISSION, f"{user}/{device}/{item.get('operationType')}",
+                         _permission_attributes(item), id=item["id"]))
+        devices_by_user = {d.get("userId"): d["id"] for d in lists["operating_devices"]}
+        for want in desired:
+            if want.kind == Kind.INVITATION:
+                found = self._invitation(want, devices_by_user)
+                if found is not None:
+                    add(found)
+        return result
+
+    def _names(self, kind: str) -> dict[str, str]:
+        prefix = f"{self.name}/{kind}/"
+        return {vid: address[len(prefix):] for address, vid in self.ids.items() if address.startswith(prefix)}
+
+    def _invitation(self, want: Resource, devices_by_user: dict[str, str]) -> Resource | None:
+        uid = self.ids.get(address_of(self.name, Kind.USER, want.name))
+        if uid and uid in devices_by_user:
+            return Resource(self.name, Kind.INVITATION, want.name, want.attributes,
+                            id=devices_by_user[uid], meta={"operating_device": devices_by_user[uid]})
+        record = self.state.get(want.address)
+        if uid and record and record.get("expires") and record.get("user") == uid:
+            phone = record.get("phone")
+            return Resource(self.name, Kind.INVITATION, want.name, {"phone": phone}, id=record.get("id"),
+                            status=Status.PENDING,
+                            meta={"expires": record["expires"],
+                                  "pending": f"invitation sent by SMS to {phone}; waiting for the user to "
+                                             f"accept it (expires {record['expires']})"})
+        return None
+
+    # -- users ---------------------------------------------------------------------------------------
+    def create_user(self, want: Resource) -> dict[str, Any]:
+        def find() -> str | None:
+            return self._find_new("users", "user", lambda item: item.get("role") == want.attributes["role"])
+        body = self._create(want.address, "user", find,
+                            lambda: self.http.request("POST", PATHS["users"], json={"role": want.attributes["role"]},
+                                                      idempotent=False).json())
+        # The answer holds the user's accessKey: a secret we neither keep nor show.
+        return {"id": body["id"]}
+
+    def delete_user(self, live: Resource) -> None:
+        self.http.request("DELETE", PATHS["user"].format(id=live.id), expect=(404,))
+        self.forget(address_of(self.name, Kind.INVITATION, live.name))
+
+    # -- locking devices -----------------------------------------------------------------------------
+    def create_device(self, want: Resource) -> dict[str, Any]:
+        name = want.attributes["name"]
+
+        def find() -> str | None:
+            return self._find_new("devices", "device",
+                                  lambda item: item.get("name") == name and item.get("claimingStatus") == "UNCLAIMED")
+        body = self._create(want.address, "device", find,
+                            lambda: self.http.request("POST", PATHS["devices"], json={"name": name},
+                                                      idempotent=False).json())
+        return {"id": body["id"]}
+
+    def update_device(self, want: Resource, live: Resource, changed: tuple[str, ...]) -> None:
+        patch = [{"op": "replace", "path": "/name", "value": want.attributes["name"]}]
+        self.http.request("PATCH", PATHS["device"].format(id=live.id), content=json.dumps(patch).encode(),
+                          headers={"Content-Type": "application/json-patch+json"}, idempotent=True)
+
+    def delete_device(self, live: Resource) -> None:
+        self.http.request("DELETE", PATHS["device"].format(id=live.id), expect=(404,))
+
+    # -- gateways and associations -------------------------------------------------------------------
+    def create_gateway(self, want: Resource) -> dict[str, Any]:
+        code = want.meta.get("claiming_code")
+        if not code:
+            raise VendorError(f"{want.address}: a gateway needs `claiming_code` to be claimed")
+
+        def find() -> str | None:
+            return self._find_new("gateways", "gateway", lambda item: True)
+
+        def claim() -> dict[str, Any]:
+            response = self.http.request("POST", PATHS["gateways"], json={"claimingCode": code},
+                                         idempotent=False, expect=(409,))
+            if response.status_code == 409:
+                # Already claimed: by us, if an earlier answer was lost; otherwise by somebody else.
+                found = find()
+                if found:
+                    return {"id": found}
+                raise VendorError(self.redactor(f"{self.name}: claim gateway {want.name}: "
+                                                f"{describe_problem(response)}"), status=409)
+            return response.json()
+        body = self._create(want.address, "gateway", find, claim)
+        return {"id": body["id"]}
+
+    def delete_gateway(self, live: Resource) -> None:
+        self.http.request("DELETE", PATHS["gateway"].format(id=live.id), expect=(404,))
+
+    def create_association(self, want: Resource) -> None:
+        gateway, device = want.name.split("/", 1)
+        gateway_id = self._id(Kind.GATEWAY, gateway)
+        device_id = self._id(Kind.DEVICE, device)
+        body = {"gatewayDeviceId": gateway_id, "lockingDeviceId": device_id}
+        try:
+            self.http.request("POST", PATHS["associations"], json=body, idempotent=False)
+        except VendorError as exc:
+            if not (exc.ambiguous or exc.status == 409):
+                raise
+            existing = self.list_all("associations", **{"gateway-device-id": gateway_id})
+            if not any(a.get("lockingDeviceId") == device_id for a in existing):
+                raise
+        return None
+
+    def delete_association(self, live: Resource) -> None:
+        self.http.request("DELETE", PATHS["association"].format(id=live.id), expect=(404,))
+
+    # -- permissions ---------------------------------------------------------------------------------
+    def _permission_body(self, want: Resource, live: Resource | None = None) -> dict[str, Any]:
+        user, device, operation = want.name.split("/")
+        attrs = want.attributes
+        start = attrs.get("start") or (live.attributes.get("start") if live else None) or format_time(self.clock())
+        return {"permissionType": "SINGLE_INTERVAL", "userId": self._id(Kind.USER, user),
+                "lockingDeviceId": self._id(Kind.DEVICE, device), "operationType": operation,
+                "operatingKeyValidityDuration": attrs.get("key_validity", "P8D"),
+                "start": start, "end": attrs["end"]}
+
+    def create_permission(self, want: Resource) -> None:
+        body = self._permission_body(want)
+        try:
+            self.http.request("POST", PATHS["permissions"], json=body, idempotent=False)
+        except VendorError as exc:
+            if not exc.ambiguous:
+                raise
+            landed = any(p.get("userId") == body["userId"] and p.get("lockingDeviceId") == body["lockingDeviceId"]
+                         and p.get("operationType") == body["operationType"] for p in self.list_all("permissions"))
+            if not landed:
+                raise
+            log.info("permission create with lost answer had landed address=%s", want.address)
+        return None
+
+    def update_permission(self, want: Resource, live: Resource, changed: tuple[str, ...]) -> None:
+        self.http.request("PUT", PATHS["permission"].format(id=live.id), json=self._permission_body(want, live))
+
+    def delete_permission(self, live: Resource) -> None:
+        self.http.request("DELETE", PATHS["permission"].format(id=live.id), expect=(404,))
+
+    # -- operating-device invitations ----------------------------------------------------------------
+    def create_invitation(self, want: Resource) -> dict[str, Any]:
+        user_id = self._id(Kind.USER, want.name)
+        phone = want.attributes["phone"]
+        body = {"userId": user_id, "deliveryMechanism": "SMS", "phoneNumber": phone,
+                "validityDuration": f"P{INVITATION_VALIDITY.days}D"}
+        try:
+            answer = self.http.request("POST", PATHS["invitations"], json=body, idempotent=False).json()
+        except VendorError as exc:
+            if exc.ambiguous:
+                # No list endpoint to check: assume it was sent rather than text the person twice.
+                expires = format_time(self.clock() + INVITATION_VALIDITY)
+                self.state.put(want.address, {"id": None, "user": user_id, "phone": phone, "expires": expires,
+                                              "uncertain": True})
+            raise
+        return {"id": answer["id"], "user": user_id, "phone": phone,
+                "expires": normalise_time(answer["expirationDatetime"])}
+
+    def update_invitation(self, want: Resource, live: Resource, changed: tuple[str, ...]) -> None:
+        self.delete_invitation(live)
+        self.remember(want.address, self.create_invitation(want))
+
+    def delete_invitation(self, live: Resource) -> None:
+        if live.status is Status.PENDING and live.id:
+            self.http.request("DELETE", PATHS["invitation"].format(id=live.id), expect=(404, 409))
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _id(self, kind: str, name: str) -> str:
+        vid = self.ids.get(address_of(self.name, kind, name))
+        if not vid:
+            raise VendorError(f"{self.name}: {kind} {name} has no id yet (was its create applied?)")
+        return vid
+
+    def _create(self, address: str, kind: str, find: Callable[[], str | None],
+                send: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A create without a natural key: intent first, then send; on a lost answer look it up."""
+        self.intend(address, sorted(self.live_ids.get(kind, set())))
+        try:
+            return send()
+        except VendorError as exc:
+            if not exc.ambiguous:
+                self.state.delete(address)
+                raise
+            found = find()
+            if found is None:
+                raise
+            log.info("create with lost answer found address=%s id=%s", address, found)
+            return {"id": found}
+
+    def _find_new(self, key: str, kind: str, matches: Callable[[dict[str, Any]], bool]) -> str | None:
+        known = self.live_ids.get(kind, set()) | set(self.ids.values())
+        candidates = [item["id"] for item in self.list_all(key) if item["id"] not in known and matches(item)]
+        return candidates[0] if len(candidates) == 1 else None
+
+
+def _permission_attributes(item: dict[str, Any]) -> dict[str, Any]:
+    return {"start": normalise_time(item.get("start")), "end": normalise_time(item.get("end")),
+            "key_validity": item.get("operatingKeyValidityDuration") or "P8D"}

@@ -1,0 +1,164 @@
+"""The provider workflow every vendor shares; vendor modules fill small hooks.
+
+The CLI builds one provider per policy system through `providers.factory`; the planner never sees
+providers, only the `Resource`s that `read()` returns; the applier calls `apply()` for each change.
+
+A vendor subclass MUST:
+- set `vendor` and `capabilities`, keep its endpoint table in one place, and map fields both ways so that
+  live attributes use exactly the keys and formats the policy expansion produces;
+- implement `read_live(desired)` with bulk list calls only (no GET per resource where a list exists),
+  marking each live resource `managed` when policy or state knows it;
+- implement `create_<kind>` (returning the state record to remember, at least `{"id": ...}`), and
+  `update_<kind>` / `delete_<kind>` for the kinds it manages;
+- make every non-idempotent create safe against a lost answer: record an intent with
+  `self.intend()` before sending, and on an ambiguous error look the object up before giving up.
+A vendor subclass MUST NOT open its own HTTP client, print, or write state outside these helpers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Callable, ClassVar, Mapping, Protocol
+
+import httpx
+
+from reconciler.errors import VendorError
+from reconciler.plan import Action, Change, Note
+from reconciler.resources import Capabilities, Resource
+from reconciler.secret import Secret
+
+log = logging.getLogger(__name__)
+
+
+class StateStore(Protocol):
+    def get(self, address: str) -> dict[str, Any] | None: ...
+    def put(self, address: str, record: Mapping[str, Any]) -> None: ...
+    def delete(self, address: str) -> None: ...
+    def items(self, prefix: str = "") -> Any: ...
+
+
+@dataclass
+class ReadResult:
+    resources: list[Resource] = field(default_factory=list)
+    warnings: list[Note] = field(default_factory=list)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Provider:
+    vendor: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    default_url: ClassVar[str]
+
+    def __init__(self, name: str, *, url: str | None, credentials: Mapping[str, Secret],
+                 settings: Mapping[str, Any], state: StateStore,
+                 transport: httpx.BaseTransport | None = None, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], datetime] = utc_now):
+        self.name = name
+        self.url = url or self.default_url
+        self.credentials = dict(credentials)
+        self.settings = dict(settings)
+        self.state = state
+        self.transport = transport
+        self.sleep = sleep
+        self.clock = clock
+        self.desired: dict[str, Resource] = {}
+        self.ids: dict[str, str] = {}              # address → vendor id, from policy, state and reads
+        self._resolved: dict[str, dict[str, Any] | None] = {}   # intents settled by the last read
+
+    # -- workflow ------------------------------------------------------------------------------------
+    def read(self, desired: list[Resource]) -> ReadResult:
+        self.desired = {r.address: r for r in desired if r.system == self.name}
+        for address, record in self.state.items(f"{self.name}/"):
+            if record.get("id"):
+                self.ids[address] = record["id"]
+        for resource in self.desired.values():
+            if resource.id:
+                self.ids[resource.address] = resource.id
+        return self.read_live(list(self.desired.values()))
+
+    def commit_reads(self) -> None:
+        """Persist what the last read settled (creates whose answer was lost); apply calls this under
+        the state lock before changing anything."""
+        for address, record in sorted(self._resolved.items()):
+            if record is None:
+                self.state.delete(address)
+            else:
+                self.state.put(address, record)
+        self._resolved.clear()
+
+    def apply(self, change: Change) -> None:
+        kind = change.kind
+        if change.action in (Action.DELETE, Action.REPLACE):
+            assert change.live is not None
+            self._hook("delete", kind)(change.live)
+            self.forget(change.address)
+        if change.action in (Action.CREATE, Action.REPLACE):
+            assert change.desired is not None
+            record = self._hook("create", kind)(change.desired)
+            self.remember(change.address, record)
+        elif change.action is Action.UPDATE:
+            assert change.desired is not None and change.live is not None
+            self._hook("update", kind)(change.desired, change.live, change.changed)
+
+    def close(self) -> None:
+        pass
+
+    # -- hooks for subclasses ------------------------------------------------------------------------
+    def read_live(self, desired: list[Resource]) -> ReadResult:
+        raise NotImplementedError
+
+    def _hook(self, verb: str, kind: str) -> Callable[..., Any]:
+        hook = getattr(self, f"{verb}_{kind}", None)
+        if hook is None:
+            raise VendorError(f"{self.name}: {self.vendor} cannot {verb} a {kind}")
+        return hook
+
+    # -- state helpers -------------------------------------------------------------------------------
+    def remember(self, address: str, record: Mapping[str, Any] | None) -> None:
+        if record is None:
+            return
+        self.state.put(address, record)
+        if record.get("id"):
+            self.ids[address] = record["id"]
+
+    def forget(self, address: str) -> None:
+        self.state.delete(address)
+        self.ids.pop(address, None)
+
+    def intend(self, address: str, known_ids: list[str], **extra: Any) -> None:
+        """Record, before a create that has no natural key, which ids existed, so that a later read
+        can tell the object a lost answer created from anybody else's."""
+        self.state.put(address, {"intent": "create", "known": sorted(known_ids),
+                                 "at": self.clock().strftime("%Y-%m-%dT%H:%M:%SZ"), **extra})
+
+    def settle_intents(self, kind: str, live_ids: Mapping[str, Mapping[str, Any]],
+                       matches: Callable[[Resource | None, Mapping[str, Any]], bool]) -> list[Note]:
+        """Match intents of `kind` against live objects nobody claims; returns warnings for the
+        ambiguous ones. Called from `read_live` after the bulk lists."""
+        notes: list[Note] = []
+        prefix = f"{self.name}/{kind}/"
+        claimed = set(self.ids.values())
+        for address, record in self.state.items(prefix):
+            if record.get("intent") != "create":
+                continue
+            known = set(record.get("known", []))
+            want = self.desired.get(address)
+            candidates = [i for i, item in live_ids.items()
+                          if i not in known and i not in claimed and matches(want, item)]
+            if len(candidates) == 1:
+                self._resolved[address] = {"id": candidates[0]}
+                self.ids[address] = candidates[0]
+                claimed.add(candidates[0])
+                log.info("create with lost answer found address=%s id=%s", address, candidates[0])
+            elif not candidates:
+                self._resolved[address] = None    # it never landed: plan creates it again
+            else:
+                notes.append(Note(address, f"a create whose answer was lost matches {len(candidates)} "
+                                  "new objects; none adopted, check the vendor system", self.name, kind))
+        return notes

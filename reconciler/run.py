@@ -1,0 +1,123 @@
+"""What each CLI command does, as plain functions: load, read, plan, apply.
+
+Called only by `cli.py`, which parses options and maps errors to exit codes. Kept apart so tests and
+other front ends (CI jobs) run the same workflow without click.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from reconciler import planner
+from reconciler.applier import ApplyReport, apply_plan, check_mass_revoke
+from reconciler.errors import RefusedError
+from reconciler.plan import FORMAT_VERSION, Change, Note, Plan
+from reconciler.policy import Policy, load_policy
+from reconciler.providers.base import Provider
+from reconciler.providers.factory import build_provider, capabilities
+from reconciler.state import LocalState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """Inputs shared by every command."""
+
+    directory: Path
+    state_path: Path
+    env: Mapping[str, str]
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    transports: Mapping[str, Any] = field(default_factory=dict)   # system → httpx transport (tests)
+    provider_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def sandbox_dir(self) -> Path:
+        return self.state_path.parent / "sandbox"
+
+
+def validate(session: Session) -> Policy:
+    return load_policy(session.directory, capabilities(), session.env)
+
+
+def build_providers(session: Session, policy: Policy, state: LocalState) -> dict[str, Provider]:
+    return {name: build_provider(system, state, sandbox_dir=session.sandbox_dir,
+                                 transport=session.transports.get(name), **session.provider_options)
+            for name, system in sorted(policy.systems.items())}
+
+
+def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider]) -> Plan:
+    """Read every system in bulk, all systems at once, then diff."""
+    desired = policy.resources
+    with ThreadPoolExecutor(max(1, len(providers))) as pool:
+        reads = dict(zip(providers, pool.map(lambda p: p.read(desired), providers.values())))
+    live = [r for result in reads.values() for r in result.resources]
+    notes = [Note(str(d.location), d.message) for d in policy.warnings]
+    notes += [n for result in reads.values() for n in result.warnings]
+    modes = {name: system.unmanaged for name, system in policy.systems.items()}
+    return planner.plan(desired, live, now=session.now, unmanaged_modes=modes, warnings=notes)
+
+
+def plan(session: Session) -> Plan:
+    policy = validate(session)
+    state = LocalState(session.state_path)
+    providers = build_providers(session, policy, state)
+    try:
+        return make_plan(session, policy, providers)
+    finally:
+        _close(providers)
+
+
+def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callable[[Plan], bool],
+          allow_mass_revoke: bool = False, on_plan: Callable[[Plan], None] | None = None,
+          on_change: Callable[[Change, str | None], None] | None = None) -> tuple[Plan, ApplyReport | None]:
+    """Plan under the state lock, check it against a saved plan, ask, execute. Returns the report, or
+    None when there was nothing to do or approval was declined."""
+    policy = validate(session)
+    state = LocalState(session.state_path)
+    with state:
+        providers = build_providers(session, policy, state)
+        try:
+            fresh = make_plan(session, policy, providers)
+            if saved is not None:
+                check_saved(saved, fresh)
+            if on_plan:
+                on_plan(fresh)
+            if not fresh.has_changes:
+                for provider in providers.values():
+                    provider.commit_reads()
+                return fresh, None
+            check_mass_revoke(fresh, allow_mass_revoke)
+            if not approve(fresh):
+                return fresh, None
+            report = apply_plan(fresh, providers, allow_mass_revoke=allow_mass_revoke,
+                                concurrency={n: s.concurrency for n, s in policy.systems.items()},
+                                on_change=on_change)
+            return fresh, report
+        finally:
+            _close(providers)
+
+
+def check_saved(saved: Mapping[str, Any], fresh: Plan) -> None:
+    """A saved plan is executed only if planning again now gives exactly the same changes."""
+    if saved.get("format_version") != FORMAT_VERSION:
+        raise RefusedError(f"refused: the saved plan has format_version {saved.get('format_version')!r}; "
+                           f"this version reads {FORMAT_VERSION}")
+    if saved.get("checksum") != fresh.checksum():
+        saved_addresses = {c.get("address") for c in saved.get("changes", [])}
+        fresh_addresses = {c.address for c in fresh.changes}
+        differ = sorted(saved_addresses ^ fresh_addresses)
+        hint = f"; differing: {', '.join(differ[:5])}" + (" …" if len(differ) > 5 else "") if differ else ""
+        raise RefusedError("refused: the saved plan is stale: the live systems or the policy changed since it "
+                           f"was made (saved {saved.get('checksum')}, now {fresh.checksum()}){hint}. "
+                           "Nothing was sent; make a new plan")
+
+
+def _close(providers: Mapping[str, Provider]) -> None:
+    for provider in providers.values():
+        provider.close()

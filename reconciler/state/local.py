@@ -1,0 +1,147 @@
+"""Local JSON state file with a write-ahead journal and an exclusive lock.
+
+Called by the CLI (open, lock) and the applier (record every successful change). Each change is appended
+to `<state>.journal` and flushed to disk before the next request, so an apply killed at any point loses
+nothing; `save()` folds the journal into the snapshot with an atomic replace. A second apply on the same
+state fails at once on the lock instead of waiting.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from reconciler.errors import LockedError, StateError
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def default_state_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("RECONCILER_STATE") or ".reconciler/state.json")
+
+
+class LocalState:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.journal_path = self.path.with_name(self.path.name + ".journal")
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._records: dict[str, dict[str, Any]] = {}
+        self._mutex = threading.Lock()
+        self._lock_fd: int | None = None
+        self._load()
+
+    # -- reading -------------------------------------------------------------------------------------
+    def get(self, address: str) -> dict[str, Any] | None:
+        with self._mutex:
+            record = self._records.get(address)
+            return dict(record) if record is not None else None
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+        with self._mutex:
+            snapshot = [(a, dict(r)) for a, r in self._records.items() if a.startswith(prefix)]
+        return iter(sorted(snapshot))
+
+    def id_of(self, address: str) -> str | None:
+        record = self.get(address)
+        return record.get("id") if record else None
+
+    # -- writing (journaled) -------------------------------------------------------------------------
+    def put(self, address: str, record: Mapping[str, Any]) -> None:
+        with self._mutex:
+            self._records[address] = dict(record)
+            self._append({"op": "put", "address": address, "record": dict(record)})
+
+    def delete(self, address: str) -> None:
+        with self._mutex:
+            if self._records.pop(address, None) is not None:
+                self._append({"op": "delete", "address": address})
+
+    def save(self) -> None:
+        """Fold the journal into the snapshot (atomic replace), then empty the journal."""
+        with self._mutex:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            data = {"version": STATE_VERSION, "resources": dict(sorted(self._records.items()))}
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(data, handle, indent=1, sort_keys=True)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            self.journal_path.unlink(missing_ok=True)
+
+    # -- locking -------------------------------------------------------------------------------------
+    def lock(self) -> None:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockedError(f"state {self.path} is locked by another apply; wait for it to finish "
+                              f"(lock file {self.lock_path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+        self._load()  # what the previous holder wrote is now final
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "LocalState":
+        self.lock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.save()
+        finally:
+            self.unlock()
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _append(self, entry: dict[str, Any]) -> None:
+        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.journal_path, "a", encoding="utf-8") as journal:
+            journal.write(json.dumps(entry, sort_keys=True) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+
+    def _load(self) -> None:
+        records: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise StateError(f"cannot read state {self.path}: {exc}") from None
+            if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+                raise StateError(f"state {self.path} has an unknown format (expected version {STATE_VERSION})")
+            records = {a: dict(r) for a, r in data.get("resources", {}).items()}
+        if self.journal_path.exists():
+            for number, line in enumerate(self.journal_path.read_text(encoding="utf-8").splitlines(), 1):
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    # A torn last line is what a crash mid-write leaves; everything before it holds.
+                    log.warning("state journal line ignored path=%s line=%d", self.journal_path, number)
+                    continue
+                if entry.get("op") == "put":
+                    records[entry["address"]] = entry["record"]
+                elif entry.get("op") == "delete":
+                    records.pop(entry["address"], None)
+        with self._mutex:
+            self._records = records
