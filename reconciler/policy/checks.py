@@ -159,16 +159,17 @@ def _check_devices(declarations: Declarations, capabilities: Mapping[str, Capabi
                 problems.append(Diagnostic(entry.place.at(key, at_key=True),
                                            f"{caps.vendor} devices have no '{key}'"))
         if device.id is None:
-            if not caps.creates_devices and not device.decommission:
+            if not caps.creates_devices:
                 problems.append(Diagnostic(entry.place.at(), f"{caps.vendor} cannot create devices: add the `id:` "
                                            f"of the existing one to adopt it"))
             continue
-        if isinstance(device.id, int) and caps.vendor != "spkey":
-            problems.append(Diagnostic(entry.place.at("id"), f"a {caps.vendor} device id is a string: quote it"))
         device_id = str(device.id)
-        if caps.device_id_pattern and not re.fullmatch(caps.device_id_pattern, device_id):
-            problems.append(Diagnostic(entry.place.at("id"), f"'{device_id}' is not a {caps.vendor} device id "
-                                       f"(expected {caps.device_id_pattern})"))
+        if isinstance(device.id, int) and caps.vendor != "spkey":
+            # Only SmartphoneKey numbers its locks; elsewhere a bare number is a typo for a quoted id.
+            problems.append(Diagnostic(entry.place.at("id"), f"device ids on {caps.vendor} are strings: quote it"))
+        elif caps.device_id_pattern and not re.fullmatch(caps.device_id_pattern, device_id):
+            problems.append(Diagnostic(entry.place.at("id"), f"'{device_id}' is not a valid device id on "
+                                       f"{caps.vendor} (expected {caps.device_id_pattern})"))
         first = adopted.setdefault((device.system, device_id), entry)
         if first is not entry:
             problems.append(Diagnostic(entry.place.at("id"), f"device '{first.name}' at {first.place.at()} "
@@ -277,7 +278,7 @@ def _check_permissions(declarations: Declarations, capabilities: Mapping[str, Ca
 def _check_grant_capabilities(declarations: Declarations, place: Place, permission: Any, caps: Capabilities,
                               system: str, device: str, users: list[str]) -> list[Diagnostic]:
     vendor = caps.vendor
-    on = f"device '{device}' is on {vendor}"
+    on = f"device '{device}' is on system '{system}'"
     problems = []
     if caps.requires_end and permission.end is None:
         problems.append(Diagnostic(place.at(), f"{vendor} requires an end: add `end:` to this permission"))
@@ -292,8 +293,9 @@ def _check_grant_capabilities(declarations: Declarations, place: Place, permissi
         else:
             for index, operation in enumerate(permission.operations):
                 if operation not in caps.operations:
+                    hint = f" (did you mean '{operation.upper()}'?)" if operation.upper() in caps.operations else ""
                     problems.append(Diagnostic(place.at("operations", index), f"'{operation}' is not an operation "
-                                               f"on {vendor}; use {', '.join(sorted(caps.operations))}"))
+                                               f"on {vendor}{hint}; use {', '.join(sorted(caps.operations))}"))
     if permission.key_validity is not None and not caps.key_validity:
         problems.append(Diagnostic(place.at("key_validity", at_key=True),
                                    f"{vendor} has no key validity ({on}); remove `key_validity:`"))

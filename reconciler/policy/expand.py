@@ -12,6 +12,7 @@ operations), temp keys by key. Grants are one per (user, device, operation) afte
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping
 
 from reconciler.errors import Diagnostic
@@ -191,10 +192,19 @@ def _grants(declarations: Declarations, capabilities: Mapping[str, Capabilities]
                         granted[grant.address] = (grant, position)
                     elif first[0].attributes != grant.attributes:
                         conflicts.setdefault((position, first[1]), []).append((first[0], grant))
-                    # identical grants from two entries merge: the first one keeps its source and reason
+                    else:
+                        granted[grant.address] = (_merged(first[0], grant), first[1])
     for (second, first), pairs in conflicts.items():
         errors.append(_conflict(declarations.permissions[second], declarations.permissions[first], pairs))
     return [grant for grant, _ in granted.values()]
+
+
+def _merged(first: Resource, again: Resource) -> Resource:
+    """Identical grants from two entries are one grant: the first keeps its source; both reasons are shown."""
+    reasons = [r for r in (first.meta.get("reason"), again.meta.get("reason")) if r]
+    if not reasons:
+        return first
+    return replace(first, meta={**first.meta, "reason": "; ".join(dict.fromkeys(reasons))})
 
 
 def _grants_for(declarations: Declarations, entry: Entry[PermissionModel], permission: PermissionModel,
@@ -243,9 +253,14 @@ def _conflict(second: Entry[PermissionModel], first: Entry[PermissionModel],
     what = f"{operation[0]} on '{device}'" if operation else f"access to '{device}'"
     keys = sorted(set(earlier.attributes) | set(later.attributes))
     different = [k for k in keys if earlier.attributes.get(k) != later.attributes.get(k)]
-    more = f" ({len(pairs) - 1} more grants conflict the same way)" if len(pairs) > 1 else ""
+    extra = len(pairs) - 1
+    more = f" ({extra} more grant{'s' if extra > 1 else ''} conflict{'' if extra > 1 else 's'} the same way)"
     return Diagnostic(second.place.at(), f"{user}'s {what} is also granted at {first.place.at()} with a different "
-                      f"{', '.join(different)}; make the two identical or merge them{more}")
+                      f"{_and(different)}; make the two identical or merge them{more if extra else ''}")
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def _temp_keys(declarations: Declarations, capabilities: Mapping[str, Capabilities],

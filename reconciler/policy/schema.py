@@ -100,7 +100,8 @@ def _instant(value: Any, name: str) -> datetime:
 def _check_e164(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         # Unquoted, `+4790000001` is read by YAML as the number 4790000001: the + is gone.
-        raise ValueError(f'a phone number must be a quoted string, e.g. "+{value}" (unquoted YAML reads it as a number)')
+        raise ValueError(f'a phone number must be a quoted string, e.g. "+{value}" '
+                         "(unquoted YAML reads it as a number)")
     if isinstance(value, str) and not E164_RE.match(value):
         raise ValueError(f"'{value}' is not an E.164 phone number (+ and 8..15 digits)")
     return value
@@ -272,10 +273,6 @@ class Place:
     def source(self) -> str:
         location = self.at()
         return f"{location.path}:{location.line}"
-
-    @property
-    def node(self) -> Any:
-        return self.container[self.key]
 
 
 M = TypeVar("M")
@@ -470,6 +467,8 @@ def _validate(model: Any, data: Any, place: Place, noun: str) -> tuple[Any, list
     try:
         if noun in _ADAPTERS:
             return _ADAPTERS[noun].validate_python(data, strict=True), []
+        if data is None:
+            data = {}  # `alice:` with nothing after it: an entry with every default
         if not isinstance(data, dict):
             return None, [Diagnostic(place.at(), f"expected a mapping of {noun} keys")]
         return model.model_validate(data), []
@@ -517,18 +516,18 @@ def _reason(error: ErrorDetails, loc: tuple[Any, ...], model: Any) -> tuple[str,
         expected = str(ctx.get("expected", "")).replace("'", "")
         return f"{shown} is not one of: {expected.replace(' or ', ', ')}", False
     if kind == "too_short":
-        return ("must not be empty" if ctx.get("min_length") == 1
-                else f"needs at least {ctx.get('min_length')} items"), False
+        return (f"{key} must not be empty" if ctx.get("min_length") == 1
+                else f"{key} needs at least {ctx.get('min_length')} items"), False
     if kind == "string_too_short":
-        return ("must not be empty" if ctx.get("min_length") == 1
-                else f"must be at least {ctx.get('min_length')} characters"), False
+        return (f"{key} must not be empty" if ctx.get("min_length") == 1
+                else f"{key} must be at least {ctx.get('min_length')} characters"), False
     if kind == "string_too_long":
-        return f"is longer than {ctx.get('max_length')} characters", False
+        return f"{key} is longer than {ctx.get('max_length')} characters", False
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         words = {"greater_than": "greater than", "greater_than_equal": "at least",
                  "less_than": "less than", "less_than_equal": "at most"}[kind]
         bound = next(iter(ctx.values()), "")
-        return f"must be {words} {bound}", False
+        return f"{key} must be {words} {bound}", False
     if kind in ("value_error", "assertion_error"):
         return str(ctx.get("error", error["msg"])), False
     message = error["msg"]

@@ -129,10 +129,11 @@ def _syntax_diagnostic(path: str, exc: MarkedYAMLError) -> Diagnostic:
     location = Location(path, mark.line + 1, mark.column + 1) if mark else Location(path, 1, 1)
     problem = (exc.problem or "").strip()
     context = (exc.context or "").strip()
-    if "duplicate key" in problem or "duplicate key" in context:
-        # ruamel's own text spans several lines and suggests a Python API; say it the way the rest of the policy
-        # errors are said.
-        return Diagnostic(location, "this key appears twice in the same mapping")
+    if "duplicate key" in problem:
+        # ruamel's text quotes both values, which may be secrets, and suggests a Python API: name the key only.
+        key = re.match(r'found duplicate key "(.*?)" with value', problem)
+        shown = f"key '{key.group(1)}'" if key else "a key"
+        return Diagnostic(location, f"{shown} appears twice in the same mapping")
     reason = problem or context or "cannot parse"
     if context and problem and context not in problem:
         reason = f"{problem} ({context})"
@@ -183,7 +184,8 @@ def locate(path: str, root: Any, keys: Sequence[Any], *, at_key: bool = False) -
         last = i == len(keys) - 1
         if isinstance(node, CommentedMap) and _has_key(node, key):
             child = node[key]
-            wants_key = (at_key and last) or isinstance(child, (CommentedMap, CommentedSeq))
+            # An empty value has no position of its own (ruamel gives the next token's): use its key.
+            wants_key = (at_key and last) or child is None or isinstance(child, (CommentedMap, CommentedSeq))
             found = _key_position(node, key) if wants_key else _value_position(node, key)
             if found is None:
                 found = _key_position(node, key)

@@ -12,15 +12,18 @@ Where the vendor document is silent, this module decides (and the clients must c
 - Creates answer 201, login 200, PATCH/PUT/DELETE 204 without a body (the document shows no body).
 - A permission, invitation or association that refers to an unknown user, locking device or gateway
   is 404 (the referenced thing is missing, the request itself is well formed). A malformed id is 400.
-- Durations follow `java.time.Duration` (the vendor is a JVM service): `PnDTnHnMnS`, a day is 24 h, no
-  years, months, weeks or signs. `PT24H` equals `P1D` and is valid; durations are echoed canonically
+- Durations follow `java.time.Duration` (the vendor's problem bodies suggest a JVM service; assumed):
+  `PnDTnHnMnS`, a day is 24 h, no years, months, weeks or signs. `PT24H` equals `P1D` and is valid; durations are echoed canonically
   (`P8D`, `P1DT12H`). Date-times must be RFC 3339 with an offset and are echoed in UTC with `Z`.
 - Invitations: `phoneNumber` is required for SMS and optional for NONE; a NONE invitation also returns
   an `invitationCode`. Revoking an accepted invitation is 409, an unknown or revoked one 404.
 - Deleting the authenticated administrator itself is 409; logging in as a USER-role user is 403.
 - A seeded legacy operating device (not invited through v2) cannot be deleted on its own: 409.
 - Deleting a gateway frees its claiming code (the vendor allows re-claiming after a factory reset).
-- Duplicate permissions are allowed (the vendor does not deduplicate); duplicate associations are not.
+- Duplicate permissions are allowed (nothing says the vendor deduplicates, so clients must check before
+  they create); duplicate associations are 409.
+- Background work (the 14-day purge, gateway activation 30 s after a claim) happens lazily before each
+  request, by the simulator clock.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import hmac
 import logging
 import re
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -51,7 +55,6 @@ from reconciler.sandbox.common import (
     paginate,
     parse_datetime,
     parse_limit,
-    problem_response,
     read_json_body,
     utc_now,
 )
@@ -126,7 +129,8 @@ API_KEY = "sbx-" + hashlib.sha256(b"reconciler sandbox abloy api key").hexdigest
 SEED_DEVICES: dict[str, str] = {name: _seed_id(f"locking-device/{name}") for name in (
     "Main Entrance", "Bike Storage", "Server Room", "Loading Dock", "Roof Access", "Mail Room", "Archive", "Gym")}
 # USER-role users that no policy declares, so that the first plan shows unmanaged objects.
-SEED_USERS: dict[str, str] = {"contractor": _seed_id("user/contractor"), "former-tenant": _seed_id("user/former-tenant")}
+SEED_USERS: dict[str, str] = {"contractor": _seed_id("user/contractor"),
+                              "former-tenant": _seed_id("user/former-tenant")}
 GATEWAY_CLAIMING_CODES: tuple[str, ...] = ("2K7H-ASR3", "7QXM-4P2D", "9VNC-6TLE", "4B8J-WK3R")
 GATEWAY_ACTIVATION_DELAY = timedelta(seconds=30)
 
@@ -207,8 +211,11 @@ def parse_duration(value: Any) -> timedelta | None:
     if not m or value in ("P", "PT") or value.endswith("T"):
         return None
     days, hours, minutes, whole, fraction = m.groups()
-    return timedelta(days=int(days or 0), hours=int(hours or 0), minutes=int(minutes or 0),
-                     seconds=int(whole or 0), microseconds=int((fraction or "0").ljust(6, "0")[:6]))
+    try:
+        return timedelta(days=int(days or 0), hours=int(hours or 0), minutes=int(minutes or 0),
+                         seconds=int(whole or 0), microseconds=int((fraction or "0").ljust(6, "0")[:6]))
+    except OverflowError:
+        return None
 
 
 def format_duration(value: timedelta) -> str:
@@ -251,7 +258,8 @@ def _validate_permission(body: Any) -> dict[str, Any]:
         raise SimulatorError(400, "end must be after start")
     return {"permissionType": permission_type, "userId": user_id, "lockingDeviceId": device_id,
             "operationType": operation, "operatingKeyValidityDuration": validity,
-            "start": format_datetime(start), "end": format_datetime(end)}
+            "start": format_datetime(start), "end": format_datetime(end),
+            "_endTs": end.timestamp()}  # the purge runs on every request: no parsing there
 
 
 def _validate_patch(body: Any) -> str:
@@ -274,6 +282,13 @@ def _validate_patch(body: Any) -> str:
 class AbloySimulator(Simulator):
     """The Abloy Keyless Administration API v2, in memory, optionally persisted to `store_path`.
 
+    - `store_path`: JSON store, loaded when it exists (seeded only when new), written after each change.
+    - `clock`: the vendor's time (token expiry, invitation expiry, purge, gateway activation).
+    - `rate_limit`: requests per rolling second before 429 with Retry-After; None = unlimited.
+    - `token_ttl`: seconds a login token lives. `seed=False`: only the administrator, no devices or users.
+    - `base_path`: the prefix before the API's paths; "" finds it by itself. `monotonic`: the rate
+      limiter's clock (tests).
+
     Hooks for tests and demos (Python, not HTTP): `credentials`, `accept_invitation`,
     `claim_locking_device`, `expire_tokens`, `set_clock`/`advance`, `requests`/`reset_log`/`count`,
     `faults` (see `common.FaultInjector`).
@@ -284,10 +299,11 @@ class AbloySimulator(Simulator):
 
     def __init__(self, store_path: Path | None = None, *, clock: Callable[[], datetime] = utc_now,
                  rate_limit: int | None = None, token_ttl: int = 3600, seed: bool = True,
-                 base_path: str = ""):
+                 base_path: str = "", monotonic: Callable[[], float] = time.monotonic):
         self.token_ttl = token_ttl
         self._seed = seed
-        super().__init__(store_path, clock=clock, rate_limit=rate_limit, base_path=base_path)
+        super().__init__(store_path, clock=clock, rate_limit=rate_limit, base_path=base_path,
+                         monotonic=monotonic)
         self._tokens = PageTokens(bytes.fromhex(self.state["secret"]))
 
     # ------------------------------------------------------------------------------------ store
@@ -337,7 +353,8 @@ class AbloySimulator(Simulator):
         add("permissions", {
             "id": _seed_id("permission/contractor/gym"), "permissionType": "SINGLE_INTERVAL",
             "userId": contractor, "lockingDeviceId": SEED_DEVICES["Gym"], "operationType": "OPEN",
-            "operatingKeyValidityDuration": "P8D", "start": "2025-01-01T00:00:00Z", "end": "2030-12-31T23:59:59Z"})
+            "operatingKeyValidityDuration": "P8D", "start": "2025-01-01T00:00:00Z", "end": "2030-12-31T23:59:59Z",
+            "_endTs": parse_datetime("2030-12-31T23:59:59Z").timestamp()})  # type: ignore[union-attr]
         for n, (device, event, when) in enumerate((
                 ("Main Entrance", "unlock", "2025-03-03T07:58:12Z"), ("Main Entrance", "lock", "2025-03-03T07:58:40Z"),
                 ("Gym", "unlock", "2025-03-04T18:30:05Z"))):
@@ -374,7 +391,7 @@ class AbloySimulator(Simulator):
         """The vendor's background work, done lazily before each request, by the simulator clock."""
         now = self.now()
         horizon = now - PERMISSION_RETENTION
-        purged = self._delete_where("permissions", lambda p: parse_datetime(p["end"]) < horizon)
+        purged = self._delete_where("permissions", lambda p: p["_endTs"] < horizon.timestamp())
         if purged:
             logger.debug("sandbox abloy purged past permissions count=%d", purged)
         if self.gateway_activation_delay is None:
@@ -387,9 +404,6 @@ class AbloySimulator(Simulator):
                 self.mark_changed()
 
     # ------------------------------------------------------------------------------------ HTTP
-    def render_error(self, error: SimulatorError) -> httpx.Response:
-        return problem_response(error.status, error.detail, title=error.title, headers=error.headers)
-
     def dispatch(self, request: httpx.Request, match: RouteMatch) -> httpx.Response:
         if not hmac.compare_digest(request.headers.get("x-api-key", "").encode(), self.state["apiKey"].encode()):
             raise SimulatorError(403, "Missing or invalid API key")
@@ -407,19 +421,23 @@ class AbloySimulator(Simulator):
         handler: Callable[[_Call], httpx.Response] = getattr(self, f"_op_{route.handler}")
         return handler(_Call(request, match.params, body, caller))
 
+    def _stamp(self) -> datetime:
+        """Now, in whole seconds, as the vendor's timestamps are."""
+        return self.now().replace(microsecond=0)
+
     def _ok(self, body: Any, status: int = 200) -> httpx.Response:
         return json_response(status, body, content_type=MEDIA_TYPE)
 
     def _no_content(self) -> httpx.Response:
         return httpx.Response(204)
 
-    def _page(self, call: _Call, table: str, scope: str, predicate: Callable[[dict[str, Any]], bool],
-              view: Callable[[dict[str, Any]], dict[str, Any]] = _public) -> httpx.Response:
+    def _page(self, call: _Call, table: str, scope: str,
+              predicate: Callable[[dict[str, Any]], bool]) -> httpx.Response:
         limit = parse_limit(call.query("limit"), default=PAGE_DEFAULT, maximum=PAGE_MAX)
         items, next_token = paginate(
             (r for r in self.state[table].values() if predicate(r)), key=lambda r: (r["_seq"],),
             limit=limit, token=call.query("next-page-token"), scope=scope, tokens=self._tokens)
-        body: dict[str, Any] = {"items": [view(r) for r in items]}
+        body: dict[str, Any] = {"items": [_public(r) for r in items]}
         if next_token:
             body["nextPageToken"] = next_token
         return self._ok(body)
@@ -501,7 +519,7 @@ class AbloySimulator(Simulator):
         invitation_format = _enum(body, "format", INVITATION_FORMATS) if "format" in body else "INVITATION_LINK"
         if user_id not in self.state["users"]:
             raise SimulatorError(404, f"User {user_id} not found")
-        expires = self.now() + parse_duration(validity)  # type: ignore[operator]
+        expires = self._stamp() + parse_duration(validity)  # type: ignore[operator]
         record = self._insert("invitations", {
             "userId": user_id, "deliveryMechanism": mechanism, "phoneNumber": phone, "format": invitation_format,
             "validityDuration": validity, "expirationDatetime": format_datetime(expires), "_status": "PENDING",
@@ -604,7 +622,8 @@ class AbloySimulator(Simulator):
             raise SimulatorError(409, "Unknown or already claimed claiming code")
         gateway = self._insert("gateways", {"serialNumber": stock["serialNumber"],
                                             "activationStatus": "PENDING_ACTIVATION",
-                                            "creationDatetime": format_datetime(self.now()), "_claimingCode": code})
+                                            "creationDatetime": format_datetime(self._stamp()),
+                                            "_claimingCode": code})
         stock["gatewayId"] = gateway["id"]
         return self._ok(_public(gateway), 201)
 
@@ -636,7 +655,7 @@ class AbloySimulator(Simulator):
         if len(existing) >= MAX_ASSOCIATIONS_PER_GATEWAY:
             raise SimulatorError(409, f"A gateway device can have at most {MAX_ASSOCIATIONS_PER_GATEWAY} associations")
         association = self._insert("associations", {"gatewayDeviceId": gateway_id, "lockingDeviceId": device_id,
-                                                    "creationDatetime": format_datetime(self.now())})
+                                                    "creationDatetime": format_datetime(self._stamp())})
         return self._ok(_public(association), 201)
 
     def _op_list_associations(self, call: _Call) -> httpx.Response:

@@ -166,24 +166,33 @@ class JsonFile:
 # ---------------------------------------------------------------------------------------- pagination
 
 class PageTokens:
-    """Opaque, HMAC-signed page tokens carrying a keyset cursor bound to one list and its filters.
+    """Opaque page tokens carrying a keyset cursor bound to one list and its filters.
 
     A keyset cursor (the sort key of the last item served) rather than an offset keeps paging stable
-    while items are deleted between pages. The token is standard base64 with padding, like the vendor's
-    examples, so a client that forgets to URL-encode it (`+`, `/`, `=`) is caught.
+    while items are deleted between pages. The cursor is encrypted (an HMAC-SHA256 keystream under a
+    random nonce) and authenticated, so clients can neither read nor forge it. The token is standard
+    base64 with padding, like the vendor's examples, so a client that forgets to URL-encode `+ / =` is
+    caught.
     """
 
-    _SIG_BYTES = 16
+    _NONCE, _MAC = 8, 16
 
     def __init__(self, secret: bytes):
         self._secret = secret
 
-    def _sign(self, payload: bytes) -> bytes:
-        return hmac.new(self._secret, payload, hashlib.sha256).digest()[:self._SIG_BYTES]
+    def _keystream(self, nonce: bytes, length: int) -> bytes:
+        blocks = (hmac.new(self._secret, b"stream" + nonce + i.to_bytes(4, "big"), hashlib.sha256).digest()
+                  for i in range((length + 31) // 32))
+        return b"".join(blocks)[:length]
+
+    def _mac(self, data: bytes) -> bytes:
+        return hmac.new(self._secret, b"mac" + data, hashlib.sha256).digest()[:self._MAC]
 
     def encode(self, scope: str, key: Sequence[Any]) -> str:
         payload = json.dumps({"s": scope, "k": list(key)}, separators=(",", ":")).encode()
-        return base64.b64encode(self._sign(payload) + payload).decode()
+        nonce = os.urandom(self._NONCE)
+        sealed = nonce + bytes(a ^ b for a, b in zip(payload, self._keystream(nonce, len(payload))))
+        return base64.b64encode(self._mac(sealed) + sealed).decode()
 
     def decode(self, scope: str, token: str) -> tuple[Any, ...]:
         """The cursor in `token`; `SimulatorError(400)` when it is tampered, foreign or from another list."""
@@ -192,10 +201,11 @@ class PageTokens:
             raw = base64.b64decode(token.encode(), validate=True)
         except (binascii.Error, ValueError, UnicodeEncodeError):
             raise invalid from None
-        signature, payload = raw[:self._SIG_BYTES], raw[self._SIG_BYTES:]
-        if len(signature) != self._SIG_BYTES or not hmac.compare_digest(signature, self._sign(payload)):
+        mac, sealed = raw[:self._MAC], raw[self._MAC:]
+        if len(sealed) <= self._NONCE or not hmac.compare_digest(mac, self._mac(sealed)):
             raise invalid
-        data = json.loads(payload)
+        nonce, cipher = sealed[:self._NONCE], sealed[self._NONCE:]
+        data = json.loads(bytes(a ^ b for a, b in zip(cipher, self._keystream(nonce, len(cipher)))))
         if data.get("s") != scope or not isinstance(data.get("k"), list):
             raise invalid
         return tuple(data["k"])
@@ -245,8 +255,9 @@ def redact(value: Any) -> Any:
 class RequestRecord:
     """One request as the simulator saw it, with secrets redacted.
 
-    `path` is relative to the simulator's base (`/permission/…` whatever prefix it is served under);
-    `status` is None when the response was lost; `fault` names an injected fault (`"503"`, `"lost"`).
+    `path` is relative to the simulator's base (`/permission/…` whatever prefix it is served under),
+    `full_path` is the path as received (`/administration/permission/…`); `status` is None when the
+    response was lost; `fault` names an injected fault (`"503"`, `"lost"`).
     """
 
     method: str
@@ -256,6 +267,7 @@ class RequestRecord:
     body: Any = None
     status: int | None = None
     fault: str | None = None
+    full_path: str = ""
 
 
 class RequestLog:
@@ -272,7 +284,7 @@ class RequestLog:
             except (ValueError, UnicodeDecodeError):
                 body = f"<{len(request.content)} bytes>"
         record = RequestRecord(method=request.method, path=path, query=dict(request.url.params),
-                               headers=headers, body=body)
+                               headers=headers, body=body, full_path=request.url.path)
         with self._lock:
             self._records.append(record)
         return record
@@ -567,9 +579,12 @@ class Simulator:
         self._log.clear()
 
     def count(self, method: str = "*", path_prefix: str = "", *, status: int | None = None) -> int:
-        """How many logged requests have this method ("*" = any), relative path prefix and status."""
+        """How many logged requests have this method ("*" = any), path prefix (relative to the base,
+        or as received) and status."""
+        method = method.upper()
         return sum(1 for r in self._log.records()
-                   if method in ("*", r.method) and r.path.startswith(path_prefix)
+                   if method in ("*", r.method)
+                   and (r.path.startswith(path_prefix) or r.full_path.startswith(path_prefix))
                    and (status is None or r.status == status))
 
     # --- persistence
@@ -629,7 +644,9 @@ class Simulator:
         if lost == "timeout":
             raise httpx.ReadTimeout("sandbox: injected fault, response lost", request=request)
         status = 502 if lost == "502" else fault.status
-        response = self.render_error(SimulatorError(status, "Injected fault"))
+        # An injected 429 looks like the real limit, which always says when to come back.
+        headers = {"Retry-After": "1"} if status == 429 else None
+        response = self.render_error(SimulatorError(status, "Injected fault", headers=headers))
         record.status = status
         return response
 

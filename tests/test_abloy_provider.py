@@ -1,0 +1,275 @@
+"""The Abloy provider against the Abloy simulator, through the httpx transport seam.
+
+Each test plans and applies the way the CLI does and then looks at the vendor with its own raw requests,
+so a pass means the vendor really holds what the policy says, once.
+"""
+
+from __future__ import annotations
+
+import collections
+from datetime import timedelta
+
+import httpx
+import pytest
+
+from reconciler.errors import RefusedError
+from reconciler.sandbox.abloy import GATEWAY_CLAIMING_CODES, SEED_DEVICES, SEED_USERS
+
+MEDIA = "application/vnd.assaabloy.keyless.administration-2+json"
+GYM = SEED_DEVICES["Gym"]
+ENTRANCE = SEED_DEVICES["Main Entrance"]
+
+POLICY = f"""\
+users:
+  alice: {{phone: "+4790000001", mobile_key: true}}
+  bob: {{phone: "+4790000002"}}
+  carol: {{role: ADMIN}}
+groups:
+  staff: [alice, bob]
+devices:
+  entrance: {{system: hq, id: {ENTRANCE}, name: Front Gate}}
+  gym: {{system: hq, id: {GYM}}}
+  annex: {{system: hq, name: Annex Door}}
+gateways:
+  lobby: {{system: hq, claiming_code: {GATEWAY_CLAIMING_CODES[0]}, devices: [entrance, annex]}}
+permissions:
+  - groups: [staff]
+    users: [carol]
+    devices: [entrance, annex]
+    start: 2026-01-01T00:00:00Z
+    end: 2027-12-31T23:59:59Z
+  - users: [alice]
+    devices: [gym]
+    operations: [OPEN, UPDATE_TIME]
+    start: 2026-01-01T00:00:00Z
+    end: 2027-06-30T00:00:00Z
+    key_validity: P3D
+"""
+
+
+def vendor(h, path, **params):
+    """Everything at a list endpoint, read with a raw client (not the provider under test)."""
+    creds = h.sim.credentials
+    with httpx.Client(transport=httpx.MockTransport(h.sim.handle), base_url="https://abloy.test/administration",
+                      headers={"Accept": MEDIA, "X-Api-Key": creds["api_key"]}) as client:
+        token = client.post("/login", json={"userId": creds["user_id"], "accessKey": creds["access_key"]}).json()["token"]
+        items, query = [], {**params, "limit": 100}
+        while True:
+            body = client.get(path, params=query, headers={"Authorization": f"Bearer {token}"}).json()
+            items += body["items"]
+            if not body.get("nextPageToken"):
+                return items
+            query = {**params, "limit": 100, "next-page-token": body["nextPageToken"]}
+
+
+def permission_keys(h):
+    return collections.Counter((p["userId"], p["lockingDeviceId"], p["operationType"])
+                               for p in vendor(h, "/permission"))
+
+
+def assert_converged_without_duplicates(h, users=3, permissions=8):
+    plan = h.plan()
+    assert not plan.has_changes, [c.address for c in plan.changes]
+    keys = permission_keys(h)
+    assert all(n == 1 for n in keys.values()), keys
+    assert len(keys) == permissions
+    ours = [u for u in vendor(h, "/user") if u["id"] not in SEED_USERS.values() and u["id"] != h.sim.credentials["user_id"]]
+    assert len(ours) == users
+    assert len([d for d in vendor(h, "/locking-device") if d["name"] == "Annex Door"]) == 1
+    assert len(vendor(h, "/gateway-device")) == 1
+    assert len(vendor(h, "/gateway-device-association")) == 2
+
+
+def test_plan_apply_plan_converges(harness):
+    harness.write(POLICY)
+    first = harness.plan()
+    summary = first.summary()
+    assert summary["create"] == 3 + 1 + 1 + 2 + 8 + 1   # users, device, gateway, associations, permissions, invitation
+    assert summary["update"] == 1                        # entrance renamed to Front Gate
+    # The seeded contractor's permission on the gym is undeclared on a managed device: revoked.
+    assert [c.address for c in first.changes if c.effect == "revoke"] == [
+        f"hq/permission/id:{SEED_USERS['contractor']}/gym/OPEN"]
+    assert {n.address for n in first.unmanaged} >= {f"hq/user/id:{SEED_USERS['contractor']}"}
+    _, report = harness.apply()
+    assert report.ok, report.lines()
+    assert_converged_without_duplicates(harness)
+    names = {d["id"]: d["name"] for d in vendor(harness, "/locking-device")}
+    assert names[ENTRANCE] == "Front Gate"
+    gym = [p for p in vendor(harness, "/permission") if p["lockingDeviceId"] == GYM]
+    assert {p["operationType"] for p in gym} == {"OPEN", "UPDATE_TIME"}
+    assert {p["operatingKeyValidityDuration"] for p in gym} == {"P3D"}
+
+
+def test_every_request_carries_the_documented_headers_and_pages_at_100(harness):
+    harness.write(POLICY)
+    harness.apply()
+    harness.plan()
+    records = harness.sim.requests
+    assert records
+    for record in records:
+        headers = {k.lower(): v for k, v in record.headers.items()}
+        assert headers.get("accept") == MEDIA
+        assert "x-api-key" in headers
+        if not record.path.endswith("/login"):
+            assert "authorization" in headers
+        limit = record.query.get("limit")
+        if record.method == "GET":
+            assert limit == "100"
+
+
+def test_reads_are_bulk(harness):
+    harness.write(POLICY)
+    harness.apply()
+    # 250 more permissions made outside the policy on the gym; the plan must list them, not GET each.
+    creds = harness.sim.credentials
+    with httpx.Client(transport=httpx.MockTransport(harness.sim.handle), base_url="https://abloy.test",
+                      headers={"Accept": MEDIA, "X-Api-Key": creds["api_key"]}) as client:
+        token = client.post("/login", json={"userId": creds["user_id"], "accessKey": creds["access_key"]}).json()["token"]
+        for n in range(250):
+            user = client.post("/user", json={"role": "USER"}, headers={"Authorization": f"Bearer {token}"}).json()
+            client.post("/permission", headers={"Authorization": f"Bearer {token}"}, json={
+                "permissionType": "SINGLE_INTERVAL", "userId": user["id"], "lockingDeviceId": GYM,
+                "operationType": "OPEN", "start": "2026-01-01T00:00:00Z", "end": "2026-12-31T00:00:00Z"})
+    harness.sim.reset_log()
+    plan = harness.plan()
+    assert sum(1 for c in plan.changes if c.effect == "revoke") == 250
+    gets = [r for r in harness.sim.requests if r.method == "GET"]
+    per_path = collections.Counter(r.path.rsplit("/", 1)[-1] for r in gets)
+    assert per_path["permission"] == 3          # 258 permissions / 100 per page
+    assert per_path["user"] == 3                # 256 users
+    assert all(r.path.count("/") <= 2 for r in gets), "no GET of a single resource during plan"
+
+
+def test_mass_revocation_is_refused_without_override(harness):
+    harness.write(POLICY)
+    harness.converge()
+    harness.write(POLICY.split("permissions:")[0] + "permissions:\n  - users: [bob]\n    devices: [entrance]\n"
+                  "    start: 2026-01-01T00:00:00Z\n    end: 2027-12-31T23:59:59Z\n")
+    with pytest.raises(RefusedError, match="revokes 7 of 8 managed grants"):
+        harness.apply()
+    assert len(permission_keys(harness)) == 8    # nothing was sent
+    _, report = harness.apply(allow_mass_revoke=True)
+    assert report.ok and len(permission_keys(harness)) == 1
+
+
+def test_expired_token_leads_to_one_new_login(harness):
+    harness.write(POLICY)
+    harness.plan()
+    logins = harness.sim.count("POST", "/administration/login")
+    harness.sim.expire_tokens()
+    harness.apply()
+    assert harness.sim.count("POST", "/administration/login") == logins + 2  # one per run: plan's and apply's
+    harness.sim.reset_log()
+    session_plan = harness.session()
+    from reconciler import run
+    from reconciler.policy import load_policy
+    from reconciler.providers.factory import capabilities
+    from reconciler.state import LocalState
+    policy = load_policy(session_plan.directory, capabilities(), session_plan.env)
+    providers = run.build_providers(session_plan, policy, LocalState(session_plan.state_path))
+    run.make_plan(session_plan, policy, providers)
+    harness.sim.expire_tokens()
+    run.make_plan(session_plan, policy, providers)
+    assert harness.sim.count("POST", "/administration/login") == 2   # first login, then exactly one more
+    assert harness.sim.count(status=401) == 1 or harness.sim.count(status=401) <= 6
+
+
+def test_rate_limit_is_waited_out_honouring_retry_after(harness):
+    harness.write(POLICY)
+    harness.sim.faults.add("GET", r"/permission$", status=429, times=2)
+    plan = harness.plan()
+    assert plan.has_changes
+    assert harness.sleeps.count(1.0) + harness.sleeps.count(1) >= 1 or any(s >= 1 for s in harness.sleeps)
+
+
+def test_injected_503_then_rerun_converges(harness):
+    harness.write(POLICY)
+    harness.sim.faults.add("POST", r"/permission$", status=503, times=3)
+    _, report = harness.apply()
+    assert not report.ok and report.failed
+    harness.converge()
+    assert_converged_without_duplicates(harness)
+
+
+@pytest.mark.parametrize("path", [r"/user$", r"/locking-device$", r"/gateway-device$",
+                                  r"/gateway-device-association$", r"/permission$"])
+@pytest.mark.parametrize("lost", ["timeout", "502"])
+def test_lost_answer_after_commit_leaves_no_duplicate(harness, path, lost):
+    harness.write(POLICY)
+    harness.sim.faults.add("POST", path, commit=True, lost=lost, times=1)
+    harness.apply()
+    harness.converge()
+    assert_converged_without_duplicates(harness)
+
+
+def test_random_faults_and_lost_answers_still_converge(harness):
+    harness.write(POLICY)
+    harness.sim.faults.random_rate(0.05, seed=7, statuses=(503,), commit_ratio=0.5)
+    harness.converge(attempts=10)
+    harness.sim.faults.clear()
+    assert_converged_without_duplicates(harness)
+
+
+def test_unmanaged_report_mode_lists_instead_of_revoking(harness):
+    harness.write(POLICY, system_extra="unmanaged: report\n")
+    plan = harness.plan()
+    assert not [c for c in plan.changes if c.effect == "revoke"]
+    assert f"hq/permission/id:{SEED_USERS['contractor']}/gym/OPEN" in {n.address for n in plan.unmanaged}
+
+
+def test_invitation_pending_until_accepted_and_sent_again_after_expiry(harness):
+    harness.write(POLICY)
+    harness.converge()
+    plan = harness.plan()
+    assert [n.address for n in plan.pending] == ["hq/invitation/alice"]
+    # After expiry (7 days) a new invitation is planned.
+    harness.now += timedelta(days=8)
+    later = harness.plan()
+    assert [c.address for c in later.changes] == ["hq/invitation/alice"]
+    harness.converge()
+    state = __import__("json").loads((harness.tmp_path / "state" / "state.json").read_text())
+    invitation = state["resources"]["hq/invitation/alice"]["id"]
+    harness.sim.accept_invitation(invitation)
+    final = harness.plan()
+    assert not final.has_changes and not final.pending
+
+
+def test_removed_user_is_offboarded_and_decommission_deletes_the_device(harness):
+    harness.write(POLICY)
+    harness.converge()
+    reduced = POLICY.replace("  bob: {phone: \"+4790000002\"}\n", "").replace("staff: [alice, bob]", "staff: [alice]")
+    reduced = reduced.replace("annex: {system: hq, name: Annex Door}", "annex: {system: hq, name: Annex Door, decommission: true}")
+    reduced = reduced.replace("devices: [entrance, annex]\n    start", "devices: [entrance]\n    start")
+    reduced = reduced.replace("devices: [entrance, annex]}", "devices: [entrance]}")
+    harness.write(reduced)
+    plan = harness.plan()
+    actions = {c.address: c.action for c in plan.changes}
+    assert actions["hq/user/bob"] == "delete"
+    assert actions["hq/device/annex"] == "delete"
+    harness.converge()
+    assert not harness.plan().has_changes
+    assert not [d for d in vendor(harness, "/locking-device") if d["name"] == "Annex Door"]
+
+
+def test_device_removed_from_policy_is_listed_not_deleted(harness):
+    harness.write(POLICY)
+    harness.converge()
+    harness.write(POLICY.replace("  gym: {system: hq, id: " + GYM + "}\n", "")
+                  .replace("  - users: [alice]\n    devices: [gym]", "  - users: [alice]\n    devices: [entrance]")
+                  .replace("operations: [OPEN, UPDATE_TIME]", "operations: [UPDATE_TIME]"))
+    plan = harness.plan()
+    assert not [c for c in plan.changes if c.kind == "device"]
+    assert "hq/device/id:" + GYM in {n.address for n in plan.unmanaged}
+
+
+def test_changed_window_is_a_put_on_the_same_id(harness):
+    harness.write(POLICY)
+    harness.converge()
+    before = {p["id"] for p in vendor(harness, "/permission")}
+    harness.write(POLICY.replace("end: 2027-06-30T00:00:00Z", "end: 2027-09-30T00:00:00Z"))
+    plan = harness.plan()
+    assert {c.action for c in plan.changes} == {"update"} and len(plan.changes) == 2
+    harness.sim.reset_log()
+    harness.converge()
+    assert harness.sim.count("PUT", "/administration/permission/") == 2
+    assert {p["id"] for p in vendor(harness, "/permission")} == before
