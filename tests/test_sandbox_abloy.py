@@ -579,6 +579,13 @@ def test_fault_without_commit_does_nothing(client: httpx.Client, sim: AbloySimul
     assert client.get(f"/user/{SEED_USERS['contractor']}").status_code == 200
 
 
+def test_injected_429_says_when_to_retry(client: httpx.Client, sim: AbloySimulator) -> None:
+    sim.faults.add("GET", r"^/permission$", status=429)
+    limited = client.get("/permission")
+    assert_problem(limited, 429)
+    assert limited.headers["Retry-After"] == "1"
+
+
 def test_random_faults_are_seeded(sim: AbloySimulator, client: httpx.Client) -> None:
     def run() -> list[str]:
         outcomes = []
@@ -649,7 +656,8 @@ def test_works_under_any_path_prefix(sim: AbloySimulator, prefix: str) -> None:
     with make_client(sim, base_url=BASE_URL + prefix) as client:
         assert client.get(f"/user/{SEED_USERS['contractor']}").status_code == 200
         assert client.get("/user").status_code == 200
-    assert sim.requests[-1].path == "/user"
+    assert (sim.requests[-1].path, sim.requests[-1].full_path) == ("/user", f"{prefix}/user")
+    assert sim.count("GET", "/user") == sim.count("GET", f"{prefix}/user") == 2
 
 
 def test_explicit_base_path() -> None:
