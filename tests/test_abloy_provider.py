@@ -185,11 +185,25 @@ def test_rate_limit_is_waited_out_honouring_retry_after(harness):
     assert harness.sleeps.count(1.0) + harness.sleeps.count(1) >= 1 or any(s >= 1 for s in harness.sleeps)
 
 
-def test_injected_503_then_rerun_converges(harness):
+def test_injected_503s_on_creates_are_checked_and_sent_again_in_one_apply(harness):
     harness.write(POLICY)
     harness.sim.faults.add("POST", r"/permission$", status=503, times=3)
     _, report = harness.apply()
-    assert not report.ok and report.failed
+    assert report.ok, report.lines()
+    assert_converged_without_duplicates(harness)
+
+
+def test_vendor_down_mid_apply_reports_what_remains_and_rerun_finishes(harness):
+    harness.write(POLICY)
+    harness.sim.faults.add("POST", r"/permission$", status=503, times=None)
+    _, report = harness.apply()
+    assert not report.ok
+    failed = {c.address for c, _ in report.failed}
+    assert failed and all("/permission/" in a for a in failed)
+    assert {c.address for c in report.done} >= {"hq/user/alice", "hq/device/annex", "hq/gateway/lobby"}
+    harness.sim.faults.clear()
+    plan = harness.plan()
+    assert {c.address for c in plan.changes} == failed     # exactly what remained, nothing else
     harness.converge()
     assert_converged_without_duplicates(harness)
 
@@ -205,12 +219,28 @@ def test_lost_answer_after_commit_leaves_no_duplicate(harness, path, lost):
     assert_converged_without_duplicates(harness)
 
 
-def test_random_faults_and_lost_answers_still_converge(harness):
+@pytest.mark.parametrize("seed", [1, 7, 22, 39])
+def test_random_faults_and_lost_answers_converge_in_one_apply(harness, seed):
     harness.write(POLICY)
-    harness.sim.faults.random_rate(0.05, seed=7, statuses=(503,), commit_ratio=0.5)
-    harness.converge(attempts=10)
+    harness.sim.faults.random_rate(0.05, seed=seed, statuses=(503,), commit_ratio=0.5)
+    _, report = harness.apply()
+    assert report.ok, report.lines()
+    assert harness.sim.faults.fired, "the faults must actually have fired"
     harness.sim.faults.clear()
     assert_converged_without_duplicates(harness)
+
+
+@pytest.mark.parametrize("commit", [True, False])
+def test_lost_answer_on_an_admin_user_never_adopts_the_login_account(harness, commit):
+    harness.write("users:\n  root: {role: ADMIN}\n")
+    harness.sim.faults.add("POST", r"/user$", status=503, commit=commit, lost="502" if commit else None)
+    _, report = harness.apply()
+    assert report.ok, report.lines()
+    state = __import__("json").loads((harness.tmp_path / "state" / "state.json").read_text())
+    assert state["resources"]["hq/user/root"]["id"] != harness.sim.credentials["user_id"]
+    admins = [u for u in vendor(harness, "/user") if u["role"] == "ADMIN"]
+    assert len(admins) == 2      # the login account and root, once
+    assert not harness.plan().has_changes
 
 
 def test_unmanaged_report_mode_lists_instead_of_revoking(harness):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Callable
@@ -97,6 +97,7 @@ class AbloyProvider(Provider):
             headers={"Accept": MEDIA_TYPE, "X-Api-Key": self._secret["api_key"]},
             authenticate=self._login, describe=describe_problem, sleep=self.sleep)
         self.live_ids: dict[str, set[str]] = {}
+        self._create_locks = {kind: threading.Lock() for kind in ("user", "device", "gateway")}
 
     def close(self) -> None:
         self.http.close()
@@ -105,12 +106,10 @@ class AbloyProvider(Provider):
     def _login(self, http: HttpClient) -> tuple[dict[str, str], float | None]:
         body = {"userId": self._secret["user_id"], "accessKey": self._secret["access_key"]}
         try:
-            response = http.send_raw("POST", PATHS["login"], json=body)
-        except httpx.TransportError as exc:
-            raise VendorError(f"{self.name}: login failed: {type(exc).__name__}", temporary=True) from None
-        if response.status_code != 200:
-            raise VendorError(self.redactor(f"{self.name}: login failed: {describe_problem(response)}"),
-                              status=response.status_code, temporary=response.status_code >= 500)
+            response = http.request("POST", PATHS["login"], json=body, idempotent=True, authenticated=False)
+        except VendorError as exc:
+            raise VendorError(f"{self.name}: login failed: {exc}".replace(f"{self.name}: {self.name}: ", ""),
+                              status=exc.status, temporary=exc.temporary) from None
         token = response.json().get("token", "")
         self.redactor.add(token)
         try:
@@ -275,16 +274,19 @@ class AbloyProvider(Provider):
         gateway, device = want.name.split("/", 1)
         gateway_id = self._id(Kind.GATEWAY, gateway)
         device_id = self._id(Kind.DEVICE, device)
-        body = {"gatewayDeviceId": gateway_id, "lockingDeviceId": device_id}
-        try:
-            self.http.request("POST", PATHS["associations"], json=body, idempotent=False)
-        except VendorError as exc:
-            if not (exc.ambiguous or exc.status == 409):
-                raise
+
+        def send() -> bool:
+            response = self.http.request("POST", PATHS["associations"], idempotent=False, expect=(409,),
+                                         json={"gatewayDeviceId": gateway_id, "lockingDeviceId": device_id})
+            if response.status_code == 409 and not find():
+                raise VendorError(self.redactor(f"{self.name}: associate {want.name}: "
+                                                f"{describe_problem(response)}"), status=409)
+            return True
+
+        def find() -> bool | None:
             existing = self.list_all("associations", **{"gateway-device-id": gateway_id})
-            if not any(a.get("lockingDeviceId") == device_id for a in existing):
-                raise
-        return None
+            return True if any(a.get("lockingDeviceId") == device_id for a in existing) else None
+        self.create_checked(send, find)
 
     def delete_association(self, live: Resource) -> None:
         self.http.request("DELETE", PATHS["association"].format(id=live.id), expect=(404,))
@@ -301,17 +303,13 @@ class AbloyProvider(Provider):
 
     def create_permission(self, want: Resource) -> None:
         body = self._permission_body(want)
-        try:
-            self.http.request("POST", PATHS["permissions"], json=body, idempotent=False)
-        except VendorError as exc:
-            if not exc.ambiguous:
-                raise
-            landed = any(p.get("userId") == body["userId"] and p.get("lockingDeviceId") == body["lockingDeviceId"]
-                         and p.get("operationType") == body["operationType"] for p in self.list_all("permissions"))
-            if not landed:
-                raise
-            log.info("permission create with lost answer had landed address=%s", want.address)
-        return None
+        key = (body["userId"], body["lockingDeviceId"], body["operationType"])
+
+        def find() -> bool | None:
+            return True if any((p.get("userId"), p.get("lockingDeviceId"), p.get("operationType")) == key
+                               for p in self.list_all("permissions")) else None
+        self.create_checked(lambda: self.http.request("POST", PATHS["permissions"], json=body, idempotent=False),
+                            find)
 
     def update_permission(self, want: Resource, live: Resource, changed: tuple[str, ...]) -> None:
         self.http.request("PUT", PATHS["permission"].format(id=live.id), json=self._permission_body(want, live))
@@ -328,12 +326,13 @@ class AbloyProvider(Provider):
         try:
             answer = self.http.request("POST", PATHS["invitations"], json=body, idempotent=False).json()
         except VendorError as exc:
-            if exc.ambiguous:
-                # No list endpoint to check: assume it was sent rather than text the person twice.
-                expires = format_time(self.clock() + INVITATION_VALIDITY)
-                self.state.put(want.address, {"id": None, "user": user_id, "phone": phone, "expires": expires,
-                                              "uncertain": True})
-            raise
+            if not exc.ambiguous:
+                raise
+            # No list endpoint to check: assume it was sent rather than text the person twice; if it was
+            # not, a new one goes out when this one would have expired.
+            log.warning("invitation answer lost; assuming it was sent address=%s", want.address)
+            return {"id": None, "user": user_id, "phone": phone, "uncertain": True,
+                    "expires": format_time(self.clock() + INVITATION_VALIDITY)}
         return {"id": answer["id"], "user": user_id, "phone": phone,
                 "expires": normalise_time(answer["expirationDatetime"])}
 
@@ -354,24 +353,28 @@ class AbloyProvider(Provider):
 
     def _create(self, address: str, kind: str, find: Callable[[], str | None],
                 send: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """A create without a natural key: intent first, then send; on a lost answer look it up."""
-        self.intend(address, sorted(self.live_ids.get(kind, set())))
-        try:
-            return send()
-        except VendorError as exc:
-            if not exc.ambiguous:
-                self.state.delete(address)
+        """A create without a natural key: record the intent, then send; a lost answer is looked up.
+
+        Creates of one kind run one at a time: the lookup tells our object from others only by being
+        the one new id, which holds only while no other create of that kind is in flight."""
+        with self._create_locks[kind]:
+            self.intend(address, sorted(self.live_ids.get(kind, set())))
+            try:
+                return self.create_checked(send, lambda: (lambda found: {"id": found} if found else None)(find()))
+            except VendorError as exc:
+                if not exc.ambiguous:
+                    self.state.delete(address)    # refused outright: nothing to look for later
                 raise
-            found = find()
-            if found is None:
-                raise
-            log.info("create with lost answer found address=%s id=%s", address, found)
-            return {"id": found}
 
     def _find_new(self, key: str, kind: str, matches: Callable[[dict[str, Any]], bool]) -> str | None:
-        known = self.live_ids.get(kind, set()) | set(self.ids.values())
+        # The administrator we log in as is nobody's new object.
+        known = self.live_ids.get(kind, set()) | set(self.ids.values()) | {self._secret["user_id"]}
         candidates = [item["id"] for item in self.list_all(key) if item["id"] not in known and matches(item)]
-        return candidates[0] if len(candidates) == 1 else None
+        if len(candidates) > 1:
+            # Somebody else created objects meanwhile: neither adopt a stranger's nor send again.
+            raise VendorError(f"{self.name}: a {kind} create lost its answer and {len(candidates)} new "
+                              f"{kind}s match; not sent again, the next plan settles it")
+        return candidates[0] if candidates else None
 
 
 def _permission_attributes(item: dict[str, Any]) -> dict[str, Any]:

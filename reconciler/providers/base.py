@@ -137,6 +137,26 @@ class Provider:
         self.state.put(address, {"intent": "create", "known": sorted(known_ids),
                                  "at": self.clock().strftime("%Y-%m-%dT%H:%M:%SZ"), **extra})
 
+    def create_checked(self, send: Callable[[], Any], find: Callable[[], Any], *, attempts: int = 4) -> Any:
+        """Send a non-idempotent create; when its answer is lost, look it up, and send again only once
+        the lookup shows it did not land. Returns what `send` or `find` returned."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return send()
+            except VendorError as exc:
+                if not exc.ambiguous:
+                    raise
+                found = find()
+                if found is not None:
+                    log.info("create with lost answer had landed system=%s", self.name)
+                    return found
+                if attempt == attempts:
+                    raise
+                log.info("create with lost answer did not land; sending again system=%s attempt=%d",
+                         self.name, attempt)
+                self.sleep(min(8.0, 0.5 * 2 ** attempt))
+        raise AssertionError("unreachable")
+
     def settle_intents(self, kind: str, live_ids: Mapping[str, Mapping[str, Any]],
                        matches: Callable[[Resource | None, Mapping[str, Any]], bool]) -> list[Note]:
         """Match intents of `kind` against live objects nobody claims; returns warnings for the

@@ -96,14 +96,15 @@ class HttpClient:
     # -- requests ------------------------------------------------------------------------------------
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
                 content: bytes | None = None, headers: dict[str, str] | None = None,
-                idempotent: bool | None = None, expect: Iterable[int] = ()) -> httpx.Response:
+                idempotent: bool | None = None, expect: Iterable[int] = (),
+                authenticated: bool = True) -> httpx.Response:
         """Send with auth and retries; returns a 2xx response (or one whose status is in `expect`)."""
         safe_to_repeat = method in IDEMPOTENT_METHODS if idempotent is None else idempotent
         relogged = False
         attempt = 0
         while True:
             attempt += 1
-            auth = self._auth()
+            auth = self._auth() if authenticated else {}
             try:
                 response = self.send_raw(method, path, json=json, params=params, content=content,
                                          headers={**(headers or {}), **auth})
@@ -121,7 +122,7 @@ class HttpClient:
             status = response.status_code
             if status < 400 or status in expect:
                 return response
-            if status == 401 and self._authenticate is not None and not relogged:
+            if status == 401 and authenticated and self._authenticate is not None and not relogged:
                 relogged = True
                 self.invalidate_auth(auth)
                 log.info("token rejected; logging in again system=%s", self.system)
