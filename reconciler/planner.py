@@ -120,9 +120,9 @@ def _undeclared(have: Resource, mode: str) -> tuple[Change | None, Note | None]:
         return None, Note(have.address, "user not in policy; listed, never deleted", have.system, have.kind,
                           details)
     if have.kind in (Kind.DEVICE, Kind.GATEWAY):
-        label = " ".join(f"{k.replace('_', ' ')} {v}" for k, v in
-                         [("name", have.attributes.get("name")), *sorted(have.meta.items())]
-                         if v and k not in ("pending", "create_only"))
+        label = ", ".join(f"{k}={v}" for k, v in
+                          [("name", have.attributes.get("name")), *sorted(have.meta.items())]
+                          if v and k not in ("pending", "create_only"))
         reason = ("removed from policy; no longer managed and never deleted (keep the entry with "
                   "`decommission: true` to delete it)" if have.managed else
                   f"{have.kind} not in policy; listed, never deleted")

@@ -36,7 +36,11 @@ def _attribute_lines(change: dict[str, Any]) -> list[str]:
 
 
 _env.filters["value"] = _value
-_env.globals.update(symbols=SYMBOLS, verbs=VERBS, attribute_lines=_attribute_lines)
+# Why a delete has no policy source: what its absence from the policy means for that kind.
+UNDECLARED = {"user": "removed from policy (offboarding: the user and all their access go)",
+              "permission": "not declared in policy (unmanaged: revoke)",
+              "association": "not declared on its gateway"}
+_env.globals.update(symbols=SYMBOLS, verbs=VERBS, attribute_lines=_attribute_lines, undeclared=UNDECLARED)
 
 
 def render_text(plan: Plan) -> str:

@@ -224,3 +224,58 @@ def test_wrong_api_key_is_one_clear_line(tmp_path, served):
     assert result.returncode == 1
     assert "403" in result.stderr and "Traceback" not in result.stderr
     assert "wrong-key-value" not in result.stderr
+
+
+def test_apply_killed_mid_run_is_finished_by_the_next_apply(tmp_path):
+    """kill -9 in the middle of an apply against a served, rate-limited sandbox; the next apply finishes
+    the job and nothing is duplicated (a duplicate user would show up as an unmanaged one)."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([*_reconciler(), "sandbox", "serve", "--port", str(port), "--dir", str(tmp_path / "v"),
+                               "--rate-limit", "30"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, cwd=tmp_path)
+    try:
+        credentials = {}
+        while len(credentials) < 3:
+            match = re.match(r"\s*export ABLOY_KEYLESS_(\w+)=(\S+)", server.stdout.readline())
+            if match:
+                credentials[f"ABLOY_{match[1]}"] = match[2]
+        shutil.copytree(ROOT / "policies", tmp_path / "policies")
+        (tmp_path / "policies" / "systems.yaml").write_text(
+            f"systems:\n  hq:\n    vendor: abloy-keyless\n    url: http://127.0.0.1:{port}/abloy-keyless\n"
+            "    credentials:\n      user_id: ${ABLOY_USER_ID}\n      access_key: ${ABLOY_ACCESS_KEY}\n"
+            "      api_key: ${ABLOY_API_KEY}\n")
+        run_env = {**env, **credentials, "RECONCILER_STATE": str(tmp_path / "state.json")}
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        victim = subprocess.Popen([*_reconciler(), "apply", "--auto-approve", "--now", NOW], env=run_env, cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        done_lines = []
+        for line in victim.stdout:          # kill once some changes are through, others not yet
+            if line.endswith("done\n"):
+                done_lines.append(line)
+                if len(done_lines) == 12:
+                    victim.kill()
+                    break
+        victim.wait(30)
+        victim.stdout.close()
+        assert len(done_lines) == 12, "the apply finished before it could be interrupted"
+        middle = subprocess.run([*_reconciler(), "plan", "--detailed-exitcode", "--now", NOW], env=run_env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert middle.returncode == 2
+        finish = subprocess.run([*_reconciler(), "apply", "--auto-approve", "--now", NOW], env=run_env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert finish.returncode == 0, finish.stderr
+        final = subprocess.run([*_reconciler(), "plan", "--format", "json", "--detailed-exitcode", "--now", NOW],
+                               env=run_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert final.returncode == 0, final.stdout + final.stderr
+        unmanaged_users = [n for n in json.loads(final.stdout)["unmanaged"] if n["kind"] == "user"]
+        assert len(unmanaged_users) == 2    # the two the sandbox was seeded with; no duplicate of ours
+    finally:
+        server.terminate()
+        server.wait(10)
+        server.stdout.close()

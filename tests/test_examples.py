@@ -1,0 +1,28 @@
+"""The shipped policies run as tests: the demo in policies/ and every example converge on the sandbox."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from reconciler import run
+
+from conftest import NOW
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICY_SETS = [ROOT / "policies", *sorted(p for p in (ROOT / "examples").iterdir() if p.is_dir())]
+
+
+@pytest.mark.parametrize("source", POLICY_SETS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_policy_set_converges_on_the_sandbox(tmp_path, source):
+    shutil.copytree(source, tmp_path / "policies")
+    session = run.Session(directory=tmp_path / "policies", state_path=tmp_path / ".reconciler" / "state.json",
+                          env={}, now=NOW)
+    first = run.plan(session)
+    assert first.has_changes
+    _, report = run.apply(session, saved=first.to_dict(), approve=lambda plan: True)
+    assert report is not None and report.ok, report.lines()
+    again = run.plan(session)
+    assert not again.has_changes, [c.address for c in again.changes]
