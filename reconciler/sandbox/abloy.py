@@ -301,6 +301,7 @@ class AbloySimulator(Simulator):
                  rate_limit: int | None = None, token_ttl: int = 3600, seed: bool = True,
                  base_path: str = "", monotonic: Callable[[], float] = time.monotonic):
         self.token_ttl = token_ttl
+        self._purge_floor = float("-inf")   # unknown until the first scan
         self._seed = seed
         super().__init__(store_path, clock=clock, rate_limit=rate_limit, base_path=base_path,
                          monotonic=monotonic)
@@ -325,6 +326,7 @@ class AbloySimulator(Simulator):
             raise ValueError(f"not an abloy-keyless sandbox store (format {data.get('format')!r}, "
                              f"version {data.get('version')!r})")
         self._tokens = PageTokens(bytes.fromhex(data["secret"]))
+        self._purge_floor = float("-inf")   # another process may have written permissions
         return data
 
     def _seed_into(self, state: dict[str, Any]) -> None:
@@ -390,10 +392,14 @@ class AbloySimulator(Simulator):
     def _maintain(self) -> None:
         """The vendor's background work, done lazily before each request, by the simulator clock."""
         now = self.now()
-        horizon = now - PERMISSION_RETENTION
-        purged = self._delete_where("permissions", lambda p: p["_endTs"] < horizon.timestamp())
-        if purged:
-            logger.debug("sandbox abloy purged past permissions count=%d", purged)
+        horizon = (now - PERMISSION_RETENTION).timestamp()
+        # `_purge_floor` is at most the earliest end of any stored permission (every write lowers it), so
+        # the scan runs only when something may be due: a full scan per request made large fleets quadratic.
+        if self._purge_floor < horizon:
+            purged = self._delete_where("permissions", lambda p: p["_endTs"] < horizon)
+            if purged:
+                logger.debug("sandbox abloy purged past permissions count=%d", purged)
+            self._purge_floor = min((p["_endTs"] for p in self.state["permissions"].values()), default=float("inf"))
         if self.gateway_activation_delay is None:
             return
         for gateway in self.state["gateways"].values():
@@ -595,6 +601,7 @@ class AbloySimulator(Simulator):
 
     def _op_create_permission(self, call: _Call) -> httpx.Response:
         permission = _validate_permission(call.body)
+        self._purge_floor = min(self._purge_floor, permission["_endTs"])
         self._check_permission_refs(permission)
         return self._ok({"id": self._insert("permissions", permission)["id"]}, 201)
 
@@ -604,6 +611,7 @@ class AbloySimulator(Simulator):
     def _op_update_permission(self, call: _Call) -> httpx.Response:
         existing = self._get("permissions", call.params["permission_id"], "permission-id")
         permission = _validate_permission(call.body)
+        self._purge_floor = min(self._purge_floor, permission["_endTs"])
         self._check_permission_refs(permission)
         existing.update(permission)
         self.mark_changed()
