@@ -306,3 +306,10 @@ def test_changed_window_is_a_put_on_the_same_id(harness):
     harness.converge()
     assert harness.sim.count("PUT", "/administration/permission/") == 2
     assert {p["id"] for p in vendor(harness, "/permission")} == before
+
+
+@pytest.mark.parametrize("text, days", [("P8D", "P8D"), ("PT192H", "P8D"), ("P1DT24H", "P2D"), ("PT36H", "PT36H"),
+                                        (None, "P8D")])
+def test_key_validity_is_compared_by_value(text, days):
+    from reconciler.providers.abloy import normalise_days
+    assert normalise_days(text) == days

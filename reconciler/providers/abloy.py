@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -377,6 +378,19 @@ class AbloyProvider(Provider):
         return candidates[0] if candidates else None
 
 
+_DURATION = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$")
+
+
+def normalise_days(text: str | None) -> str:
+    """`PT192H`, `P8DT0H` and `P8D` are one validity; compare them as `P<n>D` (the policy's form)."""
+    match = _DURATION.match(text or "")
+    if not text or not match:
+        return text or "P8D"
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    return f"P{total // 86400}D" if total % 86400 == 0 else text
+
+
 def _permission_attributes(item: dict[str, Any]) -> dict[str, Any]:
     return {"start": normalise_time(item.get("start")), "end": normalise_time(item.get("end")),
-            "key_validity": item.get("operatingKeyValidityDuration") or "P8D"}
+            "key_validity": normalise_days(item.get("operatingKeyValidityDuration"))}
