@@ -28,7 +28,8 @@ _PAST = {Action.CREATE: "created", Action.UPDATE: "updated", Action.DELETE: "del
 
 class Applies(Protocol):
     def commit_reads(self) -> None: ...
-    def apply(self, change: Change) -> None: ...
+    def batches(self, changes: list[Change]) -> list[list[Change]]: ...
+    def apply_batch(self, batch: list[Change]) -> None: ...
 
 
 @dataclass
@@ -78,28 +79,34 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
                                         thread_name_prefix=f"apply-{system}") for system in providers}
     try:
         for phase in sorted(phases):
-            futures: list[tuple[Change, Future[None]]] = []
+            futures: list[tuple[list[Change], Future[None]]] = []
+            by_system: dict[str, list[Change]] = defaultdict(list)
             for change in phases[phase]:
                 blocked = [d for d in (change.desired.depends_on if change.desired else ()) if d in broken]
                 if blocked:
                     report.skipped.append((change, f"depends on {', '.join(blocked)}"))
                     broken.add(change.address)
                     continue
-                provider = providers[change.system]
-                futures.append((change, pools[change.system].submit(provider.apply, change)))
-            for change, future in futures:
+                by_system[change.system].append(change)
+            for system, changes in by_system.items():
+                provider = providers[system]
+                for batch in provider.batches(changes):
+                    futures.append((batch, pools[system].submit(provider.apply_batch, batch)))
+            for batch, future in futures:
                 try:
                     future.result()
                 except Exception as exc:  # a failed change is reported, never lost
-                    report.failed.append((change, str(exc)))
-                    broken.add(change.address)
-                    log.warning("change failed address=%s error=%s", change.address, exc)
-                    if on_change:
-                        on_change(change, str(exc))
+                    for change in batch:
+                        report.failed.append((change, str(exc)))
+                        broken.add(change.address)
+                        log.warning("change failed address=%s error=%s", change.address, exc)
+                        if on_change:
+                            on_change(change, str(exc))
                     continue
-                report.done.append(change)
-                if on_change:
-                    on_change(change, None)
+                for change in batch:
+                    report.done.append(change)
+                    if on_change:
+                        on_change(change, None)
     finally:
         for pool in pools.values():
             pool.shutdown(wait=True)

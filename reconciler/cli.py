@@ -172,6 +172,28 @@ def _read_plan(path: str) -> dict[str, Any]:
     return data
 
 
+@main.command()
+@click.argument("system")
+@click.argument("device")
+@click.option("--directory", "directory", default="policies", show_default=True, help="The policy directory.")
+@state_option
+def events(system: str, device: str, directory: str, state: str | None) -> None:
+    """Show the audit trail of a device: when, what, who."""
+    def body() -> int:
+        rows = run.events(_session(directory, state, None), system, device)
+        if not rows:
+            click.echo(f"No events for {system}/{device}.")
+            return ExitCode.OK
+        widths = [max(len(getattr(r, f)) for r in rows) for f in ("time", "action", "person")]
+        header = ("time", "action", "person")
+        widths = [max(w, len(h)) for w, h in zip(widths, header)]
+        click.echo("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  detail")
+        for r in rows:
+            click.echo("  ".join(v.ljust(w) for v, w in zip((r.time, r.action, r.person), widths)) + f"  {r.detail}")
+        return ExitCode.OK
+    _guard(body)
+
+
 @main.group()
 def sandbox() -> None:
     """The embedded vendor simulators."""

@@ -85,6 +85,18 @@ class VendorError(ReconcilerError):
         super().__init__(message)
 
 
+class PlanError(ReconcilerError):
+    """The live systems and the policy cannot be reconciled as written (an unknown email at a vendor,
+    say); every problem is listed and nothing is sent."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = sorted(problems)
+        super().__init__("\n".join(self.problems))
+
+    def lines(self) -> list[str]:
+        return list(self.problems)
+
+
 class RefusedError(ReconcilerError):
     """A plan or apply was refused by a safety rail (stale plan, mass revocation, no approval)."""
 

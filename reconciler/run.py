@@ -15,10 +15,10 @@ from typing import Any, Callable, Mapping
 
 from reconciler import planner
 from reconciler.applier import ApplyReport, apply_plan, check_mass_revoke
-from reconciler.errors import RefusedError
+from reconciler.errors import PlanError, RefusedError, ReconcilerError
 from reconciler.plan import FORMAT_VERSION, Change, Note, Plan
 from reconciler.policy import Policy, load_policy
-from reconciler.providers.base import Provider
+from reconciler.providers.base import Event, Provider
 from reconciler.providers.factory import build_provider, capabilities
 from reconciler.state import LocalState
 
@@ -56,6 +56,9 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
     desired = policy.resources
     with ThreadPoolExecutor(max(1, len(providers))) as pool:
         reads = dict(zip(providers, pool.map(lambda p: p.read(desired), providers.values())))
+    problems = [e for result in reads.values() for e in result.errors]
+    if problems:
+        raise PlanError(problems)
     live = [r for result in reads.values() for r in result.resources]
     notes = [Note(str(d.location), d.message) for d in policy.warnings]
     notes += [n for result in reads.values() for n in result.warnings]
@@ -101,6 +104,25 @@ def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callabl
             return fresh, report
         finally:
             _close(providers)
+
+
+def events(session: Session, system: str, device: str) -> list[Event]:
+    """The audit trail of one managed device, read through its system's provider."""
+    policy = validate(session)
+    if system not in policy.systems:
+        raise ReconcilerError(f"no system {system!r} in the policy (systems: {', '.join(sorted(policy.systems))})")
+    wanted = next((r for r in policy.resources if r.system == system and r.kind == "device" and r.name == device),
+                  None)
+    if wanted is None:
+        raise ReconcilerError(f"no device {device!r} on system {system!r} in the policy")
+    state = LocalState(session.state_path)
+    providers = build_providers(session, policy, state)
+    try:
+        provider = providers[system]
+        provider.read(policy.resources)
+        return provider.events(wanted)
+    finally:
+        _close(providers)
 
 
 def check_saved(saved: Mapping[str, Any], fresh: Plan) -> None:

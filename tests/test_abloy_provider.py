@@ -313,3 +313,13 @@ def test_changed_window_is_a_put_on_the_same_id(harness):
 def test_key_validity_is_compared_by_value(text, days):
     from reconciler.providers.abloy import normalise_days
     assert normalise_days(text) == days
+
+
+def test_events_show_the_audit_trail_with_names(harness):
+    from reconciler import run
+
+    harness.write(POLICY)
+    events = run.events(harness.session(), "hq", "entrance")
+    assert [(e.time, e.action, e.detail) for e in events] == [
+        ("2025-03-03T07:58:12Z", "unlock", "granted"), ("2025-03-03T07:58:40Z", "lock", "granted")]
+    assert events[0].person == f"id:{SEED_USERS['contractor']}"

@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Callable
 
 import httpx
@@ -20,7 +20,7 @@ import jwt
 
 from reconciler.errors import VendorError
 from reconciler.plan import Note
-from reconciler.providers.base import Provider, ReadResult
+from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor
 from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time,
                                   normalise_time, unknown_name)
@@ -46,6 +46,7 @@ PATHS = {
     "permission": "/permission/{id}",
     "gateways": "/gateway-device",
     "gateway": "/gateway-device/{id}",
+    "audit_log": "/locking-device-audit-log",
     "associations": "/gateway-device-association",
     "association": "/gateway-device-association/{id}",
 }
@@ -344,6 +345,23 @@ class AbloyProvider(Provider):
     def delete_invitation(self, live: Resource) -> None:
         if live.status is Status.PENDING and live.id:
             self.http.request("DELETE", PATHS["invitation"].format(id=live.id), expect=(404, 409))
+
+    # -- audit ---------------------------------------------------------------------------------------
+    def events(self, device: Resource, *, since: datetime | None = None) -> list[Event]:
+        device_id = self._id(Kind.DEVICE, device.name)
+        params = {"locking-device-id": device_id, "sort-direction": "ASC"}
+        if since is not None:
+            params["after-datetime"] = format_time(since)
+        names = self._names(Kind.USER)
+        rows = []
+        for item in self.list_all("audit_log", **params):
+            client = item.get("client") or {}
+            user = client.get("userId")
+            person = names.get(user) or (unknown_name(user) if user else client.get("type", ""))
+            granted = item.get("granted")
+            rows.append(Event(time=normalise_time(item.get("occurrenceDatetime")) or "", action=item.get("eventName", ""),
+                              person=person, detail="" if granted is None else ("granted" if granted else "denied")))
+        return rows
 
     # -- helpers -------------------------------------------------------------------------------------
     def _id(self, kind: str, name: str) -> str:

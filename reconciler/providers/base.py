@@ -44,6 +44,17 @@ class StateStore(Protocol):
 class ReadResult:
     resources: list[Resource] = field(default_factory=list)
     warnings: list[Note] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)   # problems that make the plan impossible, one line each
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a lock's audit trail, as `reconciler events` shows it."""
+
+    time: str
+    action: str
+    person: str = ""
+    detail: str = ""
 
 
 def utc_now() -> datetime:
@@ -105,6 +116,21 @@ class Provider:
         elif change.action is Action.UPDATE:
             assert change.desired is not None and change.live is not None
             self._hook("update", kind)(change.desired, change.live, change.changed)
+
+    def batches(self, changes: list[Change]) -> list[list[Change]]:
+        """Group one phase's changes of this system into units of work; each unit runs on one worker.
+        Default: one change each. Vendors with batch operations (several grants in one request) override
+        this and `apply_batch`."""
+        return [[change] for change in changes]
+
+    def apply_batch(self, batch: list[Change]) -> None:
+        """Apply a unit from `batches()`. It succeeds or fails as a whole."""
+        for change in batch:
+            self.apply(change)
+
+    def events(self, device: Resource, *, since: datetime | None = None) -> list[Event]:
+        """The audit trail of a managed device, oldest first."""
+        raise VendorError(f"{self.name}: {self.vendor} has no event log that reconciler can read")
 
     def close(self) -> None:
         pass
