@@ -7,20 +7,41 @@ the same vendor, and the simulator's own credentials.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import httpx
 
-from reconciler.providers.abloy import AbloyProvider
 from reconciler.providers.base import Provider, StateStore
 from reconciler.resources import Capabilities
 from reconciler.secret import Secret
-from reconciler.sandbox.abloy import AbloySimulator
 
-PROVIDERS: dict[str, type[Provider]] = {AbloyProvider.vendor: AbloyProvider}
-SIMULATORS: dict[str, Callable[..., Any]] = {AbloyProvider.vendor: AbloySimulator}
+# vendor → (provider class, simulator class), as "module:Class". One line per vendor.
+VENDORS: dict[str, tuple[str, str]] = {
+    "abloy-keyless": ("reconciler.providers.abloy:AbloyProvider", "reconciler.sandbox.abloy:AbloySimulator"),
+    "unloc": ("reconciler.providers.unloc:UnlocProvider", "reconciler.sandbox.unloc:UnlocSimulator"),
+    "unloc-partner": ("reconciler.providers.unloc_partner:UnlocPartnerProvider",
+                      "reconciler.sandbox.unloc_partner:UnlocPartnerSimulator"),
+    "spkey": ("reconciler.providers.spkey:SpkeyProvider", "reconciler.sandbox.spkey:SpkeySimulator"),
+    "sentry": ("reconciler.providers.sentry:SentryProvider", "reconciler.sandbox.sentry:SentrySimulator"),
+}
 SANDBOX_BASE = "https://sandbox.invalid"
+
+
+def _load(target: str) -> Any:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    return {vendor: pair for vendor, pair in VENDORS.items()
+            if importlib.util.find_spec(pair[0].partition(":")[0]) is not None}
+
+
+PROVIDERS: dict[str, type[Provider]] = {vendor: _load(pair[0]) for vendor, pair in _available().items()}
+SIMULATORS: dict[str, Callable[..., Any]] = {vendor: _load(pair[1]) for vendor, pair in _available().items()}
 
 
 def capabilities() -> dict[str, Capabilities]:
