@@ -30,6 +30,7 @@ class Applies(Protocol):
     def commit_reads(self) -> None: ...
     def batches(self, changes: list[Change]) -> list[list[Change]]: ...
     def apply_batch(self, batch: list[Change]) -> None: ...
+    def record_applied(self, change: Change) -> None: ...
 
 
 @dataclass
@@ -104,6 +105,7 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
                             on_change(change, str(exc))
                     continue
                 for change in batch:
+                    providers[change.system].record_applied(change)
                     report.done.append(change)
                     if on_change:
                         on_change(change, None)

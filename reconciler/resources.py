@@ -7,6 +7,8 @@ a vendor for what it cannot do fails at validation, before any request.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -108,6 +110,12 @@ class Capabilities:
     settings: frozenset[str] = frozenset()             # system keys besides vendor/url/credentials/unmanaged
     credentials: frozenset[str] = frozenset()          # credential names the vendor needs
     open_ended: bool = True                            # a grant may omit `end`
+
+
+def digest(value: Any) -> str:
+    """A short stable digest of JSON-able data (attributes, a resource's live form): `sha256:<hex>`."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def format_time(moment: datetime) -> str:

@@ -199,8 +199,18 @@ def _grants(declarations: Declarations, capabilities: Mapping[str, Capabilities]
     return [grant for grant, _ in granted.values()]
 
 
+def _via(declarations: Declarations, permission: PermissionModel, user: str) -> tuple[str, ...]:
+    """How a user came to a grant: `user` when named directly, else the groups that reach them; plans and
+    pull-request comments say "through group staff"."""
+    via = ["user"] if user in permission.users else []
+    via += [f"group:{g}" for g in permission.groups if user in members_of(declarations, g)]
+    return tuple(via)
+
+
 def _merged(first: Resource, again: Resource) -> Resource:
     """Identical grants from two entries are one grant: the first keeps its source; both reasons are shown."""
+    via = tuple(dict.fromkeys((*first.meta.get("via", ()), *again.meta.get("via", ()))))
+    first = replace(first, meta={**first.meta, "via": via})
     reasons = [r for r in (first.meta.get("reason"), again.meta.get("reason")) if r]
     if not reasons:
         return first
@@ -225,7 +235,7 @@ def _grants_for(declarations: Declarations, entry: Entry[PermissionModel], permi
         if schedule is None or schedule.model is None:
             return []
         attributes["schedule"] = normalised_schedule(schedule.model)
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = {"via": _via(declarations, permission, user)}
     if permission.reason is not None:
         meta["reason"] = permission.reason
     # Who receives the grant: providers address people by phone (Unloc) or email (Sentry, SmartphoneKey).

@@ -379,11 +379,14 @@ class AbloyProvider(Provider):
         with self._create_locks[kind]:
             self.intend(address, sorted(self.live_ids.get(kind, set())))
             try:
-                return self.create_checked(send, lambda: (lambda found: {"id": found} if found else None)(find()))
+                created = self.create_checked(send, lambda: (lambda found: {"id": found} if found else None)(find()))
             except VendorError as exc:
                 if not exc.ambiguous:
                     self.state.delete(address)    # refused outright: nothing to look for later
                 raise
+            # Claimed before the lock is released, so the next create's lookup cannot mistake it for its own.
+            self.ids[address] = created["id"]
+            return created
 
     def _find_new(self, key: str, kind: str, matches: Callable[[dict[str, Any]], bool]) -> str | None:
         # The administrator we log in as is nobody's new object.

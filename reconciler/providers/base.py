@@ -27,7 +27,7 @@ import httpx
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Change, Note
-from reconciler.resources import Capabilities, Resource
+from reconciler.resources import Capabilities, Resource, digest
 from reconciler.secret import Secret
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,15 @@ class Provider:
             else:
                 self.state.put(address, record)
         self._resolved.clear()
+
+    def record_applied(self, change: Change) -> None:
+        """Remember what apply made this address look like, so later plans can tell drift (a change made
+        outside git) from a policy change. The applier calls it after each successful unit."""
+        mark = getattr(self.state, "mark_applied", None)
+        if mark is not None:
+            done = None if change.action is Action.DELETE or change.desired is None else \
+                digest(dict(change.desired.attributes))
+            mark(change.address, done)
 
     def apply(self, change: Change) -> None:
         kind = change.kind

@@ -35,6 +35,7 @@ class LocalState:
         self.journal_path = self.path.with_name(self.path.name + ".journal")
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._records: dict[str, dict[str, Any]] = {}
+        self._applied: dict[str, str] = {}   # address → digest of the desired attributes last applied
         self._mutex = threading.Lock()
         self._lock_fd: int | None = None
         self._load()
@@ -65,11 +66,27 @@ class LocalState:
             if self._records.pop(address, None) is not None:
                 self._append({"op": "delete", "address": address})
 
+    def applied(self) -> dict[str, str]:
+        """What apply last made each address look like (digests): lets a plan tell drift, changes made
+        outside git, from changes in the policy."""
+        with self._mutex:
+            return dict(self._applied)
+
+    def mark_applied(self, address: str, attributes_digest: str | None) -> None:
+        with self._mutex:
+            if attributes_digest is None:
+                if self._applied.pop(address, None) is not None:
+                    self._append({"op": "unapplied", "address": address})
+            elif self._applied.get(address) != attributes_digest:
+                self._applied[address] = attributes_digest
+                self._append({"op": "applied", "address": address, "digest": attributes_digest})
+
     def save(self) -> None:
         """Fold the journal into the snapshot (atomic replace), then empty the journal."""
         with self._mutex:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = {"version": STATE_VERSION, "resources": dict(sorted(self._records.items()))}
+            data = {"version": STATE_VERSION, "resources": dict(sorted(self._records.items())),
+                    "applied": dict(sorted(self._applied.items()))}
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
             try:
                 with os.fdopen(fd, "w") as handle:
@@ -123,6 +140,7 @@ class LocalState:
 
     def _load(self) -> None:
         records: dict[str, dict[str, Any]] = {}
+        applied: dict[str, str] = {}
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -131,6 +149,7 @@ class LocalState:
             if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
                 raise StateError(f"state {self.path} has an unknown format (expected version {STATE_VERSION})")
             records = {a: dict(r) for a, r in data.get("resources", {}).items()}
+            applied = dict(data.get("applied", {}))
         if self.journal_path.exists():
             for number, line in enumerate(self.journal_path.read_text(encoding="utf-8").splitlines(), 1):
                 try:
@@ -143,5 +162,10 @@ class LocalState:
                     records[entry["address"]] = entry["record"]
                 elif entry.get("op") == "delete":
                     records.pop(entry["address"], None)
+                elif entry.get("op") == "applied":
+                    applied[entry["address"]] = entry["digest"]
+                elif entry.get("op") == "unapplied":
+                    applied.pop(entry["address"], None)
         with self._mutex:
             self._records = records
+            self._applied = applied
