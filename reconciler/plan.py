@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Mapping
 
 from reconciler.resources import GRANT_KINDS, Kind, Resource
 
@@ -62,6 +62,7 @@ class Change:
     desired: Resource | None
     live: Resource | None
     changed: tuple[str, ...] = ()
+    origin: str | None = None     # "policy": the YAML changed; "drift": the live system changed outside git
 
     @property
     def resource(self) -> Resource:
@@ -103,9 +104,13 @@ class Change:
         }
         if self.changed:
             data["changed"] = list(self.changed)
-        reason = self.desired.meta.get("reason") if self.desired else None
-        if reason:
-            data["reason"] = reason
+        if self.origin:
+            data["origin"] = self.origin
+        meta = self.desired.meta if self.desired else {}
+        if meta.get("reason"):
+            data["reason"] = meta["reason"]
+        if meta.get("via"):
+            data["via"] = list(meta["via"])
         return data
 
 
@@ -146,7 +151,8 @@ class Plan:
     unmanaged: tuple[Note, ...] = ()
     warnings: tuple[Note, ...] = ()
     managed_grants: int = 0          # live grants on managed devices: the base of the mass-revoke rail
-    errors: tuple[str, ...] = field(default=())
+    policy_digest: str = ""          # of the desired resources: a saved plan is refused when it changes
+    live_digests: Mapping[str, str] = field(default_factory=dict)   # of the live side of each change
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "changes", tuple(sorted(self.changes, key=lambda c: (c.address, c.action))))
@@ -177,6 +183,7 @@ class Plan:
             "format_version": FORMAT_VERSION,
             "now": self.now,
             "checksum": self.checksum(),
+            "digests": {"policy": self.policy_digest, "live": dict(sorted(self.live_digests.items()))},
             "summary": self.summary(),
             "changes": [c.to_dict() for c in self.changes],
             "pending": [n.to_dict() for n in self.pending],

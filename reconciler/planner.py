@@ -9,18 +9,23 @@ a grant whose end has passed is not created.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from datetime import datetime
 from typing import Iterable, Mapping
 
 from reconciler.plan import Action, Change, Note, Plan
-from reconciler.resources import GRANT_KINDS, Kind, Resource, Status, format_time
+from reconciler.resources import GRANT_KINDS, Kind, Resource, Status, digest, format_time
 
 REVOKE, REPORT = "revoke", "report"
 
 
 def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime,
-         unmanaged_modes: Mapping[str, str] | None = None, warnings: Iterable[Note] = ()) -> Plan:
+         unmanaged_modes: Mapping[str, str] | None = None, warnings: Iterable[Note] = (),
+         applied: Mapping[str, str] | None = None) -> Plan:
+    """`applied` (address → digest of the attributes apply last set, from state) lets the plan tell
+    drift, a live change made outside git, from a change of the policy."""
     modes = unmanaged_modes or {}
+    desired = list(desired)
     now_text = format_time(now)
     wanted = {r.address: r for r in desired}
     found = _index_live(live)
@@ -73,8 +78,27 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
             unmanaged.append(note)
 
     managed_grants = sum(1 for r in found.values() if r.is_grant and r.managed and r.status is Status.PRESENT)
+    changes = [replace(c, origin=_origin(c, applied or {})) for c in changes]
+    live_digests = {c.address: _live_digest(c.live) for c in changes if c.live is not None}
+    policy_digest = digest(sorted((r.address, dict(r.attributes), str(r.status), r.id) for r in desired))
     return Plan(now=now_text, changes=tuple(changes), pending=tuple(pending), unmanaged=tuple(unmanaged),
-                warnings=tuple(notes), managed_grants=managed_grants)
+                warnings=tuple(notes), managed_grants=managed_grants, policy_digest=policy_digest,
+                live_digests=live_digests)
+
+
+def _live_digest(resource: Resource) -> str:
+    return digest([resource.id, dict(resource.attributes), str(resource.status)])
+
+
+def _origin(change: Change, applied: Mapping[str, str]) -> str:
+    """`drift` when the live system moved away from what apply last made it (or holds access nobody
+    applied); `policy` when the YAML asks for something new."""
+    last = applied.get(change.address)
+    if change.desired is None or change.desired.status is Status.ABSENT:
+        # Undeclared live objects: ours once (removed from the policy) or never (made outside git).
+        return "policy" if last is not None or change.desired is not None or not change.resource.is_grant \
+            else "drift"
+    return "drift" if last is not None and last == digest(dict(change.desired.attributes)) else "policy"
 
 
 def _index_live(live: Iterable[Resource]) -> dict[str, Resource]:

@@ -51,7 +51,8 @@ def build_providers(session: Session, policy: Policy, state: LocalState) -> dict
             for name, system in sorted(policy.systems.items())}
 
 
-def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider]) -> Plan:
+def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider],
+              applied: Mapping[str, str] | None = None) -> Plan:
     """Read every system in bulk, all systems at once, then diff."""
     desired = policy.resources
     with ThreadPoolExecutor(max(1, len(providers))) as pool:
@@ -63,7 +64,7 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
     notes = [Note(str(d.location), d.message) for d in policy.warnings]
     notes += [n for result in reads.values() for n in result.warnings]
     modes = {name: system.unmanaged for name, system in policy.systems.items()}
-    return planner.plan(desired, live, now=session.now, unmanaged_modes=modes, warnings=notes)
+    return planner.plan(desired, live, now=session.now, unmanaged_modes=modes, warnings=notes, applied=applied)
 
 
 def plan(session: Session) -> Plan:
@@ -71,7 +72,7 @@ def plan(session: Session) -> Plan:
     state = LocalState(session.state_path)
     providers = build_providers(session, policy, state)
     try:
-        return make_plan(session, policy, providers)
+        return make_plan(session, policy, providers, state.applied())
     finally:
         _close(providers)
 
@@ -86,7 +87,7 @@ def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callabl
     with state:
         providers = build_providers(session, policy, state)
         try:
-            fresh = make_plan(session, policy, providers)
+            fresh = make_plan(session, policy, providers, state.applied())
             if saved is not None:
                 check_saved(saved, fresh)
             if on_plan:
@@ -126,18 +127,37 @@ def events(session: Session, system: str, device: str) -> list[Event]:
 
 
 def check_saved(saved: Mapping[str, Any], fresh: Plan) -> None:
-    """A saved plan is executed only if planning again now gives exactly the same changes."""
+    """A saved plan is executed only if planning again now gives exactly the same changes; otherwise
+    it is refused with what moved: the policy, or the live state of resources it touches."""
     if saved.get("format_version") != FORMAT_VERSION:
         raise RefusedError(f"refused: the saved plan has format_version {saved.get('format_version')!r}; "
                            f"this version reads {FORMAT_VERSION}")
-    if saved.get("checksum") != fresh.checksum():
-        saved_addresses = {c.get("address") for c in saved.get("changes", [])}
-        fresh_addresses = {c.address for c in fresh.changes}
-        differ = sorted(saved_addresses ^ fresh_addresses)
-        hint = f"; differing: {', '.join(differ[:5])}" + (" …" if len(differ) > 5 else "") if differ else ""
-        raise RefusedError("refused: the saved plan is stale: the live systems or the policy changed since it "
-                           f"was made (saved {saved.get('checksum')}, now {fresh.checksum()}){hint}. "
-                           "Nothing was sent; make a new plan")
+    if saved.get("checksum") == fresh.checksum():
+        return
+    reasons = []
+    digests = saved.get("digests") or {}
+    if digests.get("policy") and digests["policy"] != fresh.policy_digest:
+        reasons.append("the policy changed since the plan was made")
+    saved_live = digests.get("live") or {}
+    moved = sorted(a for a, d in saved_live.items() if fresh.live_digests.get(a, d) != d)
+    saved_addresses = {c.get("address") for c in saved.get("changes", [])}
+    fresh_addresses = {c.address for c in fresh.changes}
+    gone = sorted(saved_addresses - fresh_addresses)
+    new = sorted(fresh_addresses - saved_addresses)
+    if moved:
+        reasons.append(f"the live state changed for {_some(moved)}")
+    if gone:
+        reasons.append(f"no longer needed: {_some(gone)}")
+    if new:
+        reasons.append(f"now also needed: {_some(new)}")
+    if not reasons:
+        reasons.append("the changes differ")
+    raise RefusedError(f"refused: the saved plan is stale ({fresh.checksum()} now, {saved.get('checksum')} "
+                       f"saved): {'; '.join(reasons)}. Nothing was sent; make a new plan and review it")
+
+
+def _some(addresses: list[str], limit: int = 5) -> str:
+    return ", ".join(addresses[:limit]) + (f" and {len(addresses) - limit} more" if len(addresses) > limit else "")
 
 
 def _close(providers: Mapping[str, Provider]) -> None:

@@ -323,3 +323,32 @@ def test_events_show_the_audit_trail_with_names(harness):
     assert [(e.time, e.action, e.detail) for e in events] == [
         ("2025-03-03T07:58:12Z", "unlock", "granted"), ("2025-03-03T07:58:40Z", "lock", "granted")]
     assert events[0].person == f"id:{SEED_USERS['contractor']}"
+
+
+def test_saved_plan_is_refused_when_live_state_moved_behind_it(harness):
+    harness.write(POLICY)
+    harness.converge()
+    harness.write(POLICY.replace("end: 2027-06-30T00:00:00Z", "end: 2027-09-30T00:00:00Z"))
+    saved = harness.plan().to_dict()
+    assert {c["action"] for c in saved["changes"]} == {"update"}
+    # Somebody edits one of the touched permissions in the vendor's app meanwhile.
+    target = next(p for p in vendor(harness, "/permission") if p["lockingDeviceId"] == GYM)
+    creds = harness.sim.credentials
+    with httpx.Client(transport=httpx.MockTransport(harness.sim.handle), base_url="https://abloy.test",
+                      headers={"Accept": MEDIA, "X-Api-Key": creds["api_key"]}) as client:
+        token = client.post("/login", json={"userId": creds["user_id"], "accessKey": creds["access_key"]}).json()["token"]
+        body = {k: v for k, v in target.items() if k != "id"} | {"end": "2029-01-01T00:00:00Z"}
+        assert client.put(f"/permission/{target['id']}", json=body,
+                          headers={"Authorization": f"Bearer {token}"}).status_code in (200, 204)
+    harness.sim.reset_log()
+    with pytest.raises(RefusedError, match="the live state changed for hq/permission/alice/gym"):
+        harness.apply(saved=saved)
+    assert [r for r in harness.sim.requests if r.method not in ("GET",) and not r.path.endswith("/login")] == []
+
+
+def test_saved_plan_is_refused_when_policy_changed(harness):
+    harness.write(POLICY)
+    saved = harness.plan().to_dict()
+    harness.write(POLICY.replace("carol: {role: ADMIN}", "carol: {role: ADMIN}\n  dave: {}"))
+    with pytest.raises(RefusedError, match="the policy changed since the plan was made.*now also needed: hq/user/dave"):
+        harness.apply(saved=saved)

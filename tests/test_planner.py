@@ -106,8 +106,8 @@ def test_duplicate_live_grants_keep_one_and_revoke_the_other():
 def test_plan_dict_contract_and_checksum_is_stable():
     result = plan([grant(), grant("bob")], [grant("id:x", id="p9")], now=NOW)
     data = result.to_dict()
-    assert list(data) == ["format_version", "now", "checksum", "summary", "changes", "pending", "unmanaged",
-                          "warnings"]
+    assert list(data) == ["format_version", "now", "checksum", "digests", "summary", "changes", "pending",
+                          "unmanaged", "warnings"]
     assert data["now"] == "2026-11-22T10:00:00Z"
     assert data["summary"] == {"create": 2, "update": 0, "delete": 1, "replace": 0}
     assert [c["address"] for c in data["changes"]] == sorted(c["address"] for c in data["changes"])
@@ -120,3 +120,17 @@ def test_plan_dict_contract_and_checksum_is_stable():
 def test_managed_grants_counts_live_grants_on_managed_devices():
     result = plan([], [grant(id="p1"), grant("bob", id="p2"), grant("x", managed=False, id="p3")], now=NOW)
     assert result.managed_grants == 2 and result.revocations == 2
+
+
+def test_origin_tells_drift_from_policy_changes():
+    from reconciler.resources import digest
+    applied = {"hq/permission/alice/front-gate/OPEN": digest(dict(WINDOW)),
+               "hq/permission/bob/front-gate/OPEN": digest(dict(WINDOW))}
+    desired = [grant(), grant("bob", end="2028-01-01T00:00:00Z"), grant("carol")]
+    live = [grant(id="p1", end="2026-12-01T00:00:00Z"),    # alice: edited outside git
+            grant("bob", id="p2"),                          # bob: the policy moved his end
+            grant("mallory", id="p9")]                      # granted outside git
+    origins = {c.address.split("/")[2]: c.origin for c in plan(desired, live, now=NOW, applied=applied).changes}
+    assert origins == {"alice": "drift", "bob": "policy", "carol": "policy", "mallory": "drift"}
+    removed = plan([], [grant("bob", id="p2")], now=NOW, applied=applied).changes[0]
+    assert removed.origin == "policy"     # bob was applied from git, and git no longer has him
