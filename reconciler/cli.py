@@ -20,7 +20,7 @@ import click
 from reconciler import run
 from reconciler.errors import ApplyFailedError, ExitCode, ReconcilerError, RefusedError
 from reconciler.plan import Change, Plan
-from reconciler.render import render_json, render_text
+from reconciler.render import render_json, render_markdown, render_text
 from reconciler.state import default_state_path
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def validate(directory: str) -> None:
 @main.command()
 @directory_argument
 @click.option("--out", type=click.Path(dir_okay=False), help="Save the plan as JSON for `apply --plan`.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 2 when there are changes, 0 when none.")
 @now_option
 @state_option
@@ -108,7 +108,8 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
         result = run.plan(_session(directory, state, now))
         if out:
             Path(out).write_text(render_json(result), encoding="utf-8")
-        click.echo(render_json(result) if fmt == "json" else render_text(result), nl=False)
+        renderers = {"json": render_json, "markdown": render_markdown, "text": render_text}
+        click.echo(renderers[fmt](result), nl=False)
         if out and fmt == "text":
             click.echo(f"\nSaved the plan to {out}; run `reconciler apply --plan {out}` to apply exactly it.")
         return ExitCode.CHANGES if detailed_exitcode and result.has_changes else ExitCode.OK
