@@ -134,6 +134,17 @@ def _check_users(declarations: Declarations, capabilities: Mapping[str, Capabili
                 problems.append(Diagnostic(entry.place.at("systems", index),
                                            f"system '{system}' ({caps.vendor}) has no user accounts; `systems:` "
                                            "only lists systems where users are accounts"))
+        for system in (user.ids or {}):
+            caps = capabilities_of(declarations, capabilities, system)
+            if system not in declarations.systems:
+                problems.append(Diagnostic(entry.place.at("ids", system),
+                                           _unknown("system", system, declarations.systems)))
+            elif caps is not None and not caps.user_accounts:
+                problems.append(Diagnostic(entry.place.at("ids", system), f"system '{system}' ({caps.vendor}) has "
+                                           "no user accounts to adopt"))
+            elif not has_account(declarations, name, system):
+                problems.append(Diagnostic(entry.place.at("ids", system), f"user '{name}' adopts an account on "
+                                           f"'{system}' but `systems:` leaves that system out"))
         if user.mobile_key and not user.phone:
             mobile = [s for s in declarations.systems if has_account(declarations, name, s)
                       and (c := capabilities_of(declarations, capabilities, s)) and c.user_accounts and c.mobile_key]

@@ -100,7 +100,8 @@ def _users(declarations: Declarations, capabilities: Mapping[str, Capabilities])
         for name, entry in declarations.users.items():
             if entry.model is None or not has_account(declarations, name, system):
                 continue
-            user = Resource(system, Kind.USER, name, {"role": entry.model.role}, source=entry.place.source)
+            adopted = (entry.model.ids or {}).get(system)
+            user = Resource(system, Kind.USER, name, {"role": entry.model.role}, id=adopted, source=entry.place.source)
             resources.append(user)
             if entry.model.mobile_key and caps.mobile_key and entry.model.phone:
                 resources.append(Resource(system, Kind.INVITATION, name, {"phone": entry.model.phone},
@@ -143,7 +144,8 @@ def _gateways(declarations: Declarations, capabilities: Mapping[str, Capabilitie
         caps = capabilities_of(declarations, capabilities, gateway.system if gateway else None)
         if gateway is None or caps is None or not caps.gateways:
             continue
-        resource = Resource(gateway.system, Kind.GATEWAY, name, {}, meta={"claiming_code": gateway.claiming_code},
+        meta = {"claiming_code": gateway.claiming_code} if gateway.claiming_code else {}
+        resource = Resource(gateway.system, Kind.GATEWAY, name, {}, meta=meta, id=gateway.id,
                             status=Status.ABSENT if gateway.decommission else Status.PRESENT,
                             source=entry.place.source)
         resources.append(resource)

@@ -142,6 +142,7 @@ class UserModel(_Model):
     role: Role = "USER"
     mobile_key: bool = False
     systems: list[str] | None = None
+    ids: dict[str, Annotated[str, Field(min_length=1)]] | None = None   # adopt existing accounts: system → vendor id
 
     @field_validator("email")
     @classmethod
@@ -185,7 +186,8 @@ class DeviceModel(_Model):
 
 class GatewayModel(_Model):
     system: str
-    claiming_code: Annotated[str, Field(min_length=1)]
+    claiming_code: Annotated[str, Field(min_length=1)] | None = None   # needed to claim; not to adopt
+    id: Annotated[str, Field(min_length=1)] | None = None              # adopt an already claimed gateway
     devices: list[str] = []
     decommission: bool = False
 

@@ -185,6 +185,11 @@ class AbloyProvider(Provider):
             user = user_names.get(item.get("userId")) or unknown_name(item.get("userId"))
             add(Resource(self.name, Kind.PERMISSION, f"{user}/{device}/{item.get('operationType')}",
                          _permission_attributes(item), id=item["id"]))
+        for want in desired:
+            if want.kind == Kind.GATEWAY and want.status is Status.PRESENT and want.address not in self.ids \
+                    and not want.meta.get("claiming_code"):
+                result.errors.append(f"{want.source or want.address}: gateway '{want.name}' is not in "
+                                     f"{self.name} yet and has no claiming_code to claim it with")
         devices_by_user = {d.get("userId"): d["id"] for d in lists["operating_devices"]}
         for want in desired:
             if want.kind == Kind.INVITATION:

@@ -37,7 +37,7 @@ def _load(target: str) -> Any:
 
 def _available() -> dict[str, tuple[str, str]]:
     return {vendor: pair for vendor, pair in VENDORS.items()
-            if importlib.util.find_spec(pair[0].partition(":")[0]) is not None}
+            if all(importlib.util.find_spec(target.partition(":")[0]) is not None for target in pair)}
 
 
 PROVIDERS: dict[str, type[Provider]] = {vendor: _load(pair[0]) for vendor, pair in _available().items()}
