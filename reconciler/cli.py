@@ -195,6 +195,29 @@ def events(system: str, device: str, directory: str, state: str | None) -> None:
     _guard(body)
 
 
+@main.command()
+@click.argument("system")
+@click.option("--directory", "directory", default="policies", show_default=True, help="The policy directory.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="File to write (default: DIRECTORY/SYSTEM.exported.yaml); - for standard output.")
+@click.option("--force", is_flag=True, help="Overwrite the file if it exists.")
+@state_option
+def export(system: str, directory: str, out: str | None, force: bool, state: str | None) -> None:
+    """Write policy YAML that adopts what a live system holds."""
+    from reconciler.export import export_system, write_export
+
+    def body() -> int:
+        text = export_system(_session(directory, state, None), system)
+        if out == "-":
+            click.echo(text, nl=False)
+            return ExitCode.OK
+        path = Path(out) if out else Path(directory) / f"{system}.exported.yaml"
+        write_export(text, path, force=force)
+        click.echo(f"Wrote {path}. Review the names; `reconciler plan` should now show no changes for {system}.")
+        return ExitCode.OK
+    _guard(body)
+
+
 @main.group()
 def sandbox() -> None:
     """The embedded vendor simulators."""

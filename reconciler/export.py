@@ -1,0 +1,251 @@
+"""Write policy YAML from a live system, so a team can adopt what exists: export, then plan, shows no changes.
+
+Called by `reconciler export SYSTEM`. Reads the system twice through its provider: first to discover
+devices, user accounts and gateways (adopted by id, named after what the vendor calls them), then the
+grants on those devices. Identical grants are folded into permission entries, user sets shared by several
+entries become groups, and everything is written with ruamel.yaml with comments naming vendor ids.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+from reconciler import run
+from reconciler.errors import ReconcilerError
+from reconciler.resources import GRANT_KINDS, Kind, Resource
+from reconciler.state import LocalState
+
+DEFAULTS = {"key_validity": "P8D", "role": "USER"}
+
+
+def export_system(session: run.Session, system: str) -> str:
+    policy = run.validate(session)
+    if system not in policy.systems:
+        raise ReconcilerError(f"no system {system!r} in the policy (systems: {', '.join(sorted(policy.systems))})")
+    config = policy.systems[system]
+    state = LocalState(session.state_path)
+    providers = run.build_providers(session, policy, state)
+    try:
+        provider = providers[system]
+        found = provider.read([]).resources
+        adopted, keys = _adopt(system, found)
+        second = provider.read(adopted)
+        if second.errors:
+            raise ReconcilerError("; ".join(second.errors))
+        live = second.resources
+    finally:
+        for each in providers.values():
+            each.close()
+    return _to_yaml(system, config.vendor, adopted, keys, live)
+
+
+def _flow(items: Any) -> CommentedSeq:
+    seq = CommentedSeq(items)
+    seq.fa.set_flow_style()
+    return seq
+
+
+def _slug(text: str, fallback: str) -> str:
+    slug = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:60]
+    return slug if slug and slug[0].isalnum() else fallback
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _adopt(system: str, found: list[Resource]) -> tuple[list[Resource], dict[str, str]]:
+    """Desired resources that adopt every device, account and gateway by id; and vendor id → policy key."""
+    taken: set[str] = set()
+    keys: dict[str, str] = {}
+    adopted = []
+    for resource in sorted(found, key=lambda r: (r.kind, r.attributes.get("name") or "", r.id or "")):
+        if resource.kind not in (Kind.DEVICE, Kind.USER, Kind.GATEWAY) or not resource.id:
+            continue
+        if not resource.name.startswith("id:"):
+            key = _unique(resource.name, taken)
+        elif resource.kind == Kind.DEVICE:
+            key = _unique(_slug(str(resource.attributes.get("name") or ""), f"device-{resource.id[:8]}"), taken)
+        elif resource.kind == Kind.USER:
+            key = _unique(f"user-{resource.id[:8].lower()}", taken)
+        else:
+            serial = str(resource.meta.get("serial_number") or resource.id[:8])
+            key = _unique(_slug(f"gateway-{serial}", f"gateway-{resource.id[:8]}"), taken)
+        keys[resource.id] = key
+        attributes = {"name": resource.attributes["name"]} if resource.kind == Kind.DEVICE else \
+            {"role": resource.attributes.get("role")} if resource.kind == Kind.USER else {}
+        adopted.append(Resource(system, resource.kind, key, attributes, id=resource.id, meta=resource.meta))
+    return adopted, keys
+
+
+def _person(token: str, users: CommentedMap, taken: set[str]) -> str:
+    """A grant's user part: a policy key already, or `id:<phone or email>` for vendors that address people."""
+    if not token.startswith("id:"):
+        return token
+    value = token[3:]
+    field = "phone" if value.startswith("+") else "email" if "@" in value else None
+    if field is None:
+        raise ReconcilerError(f"cannot name the holder {value!r} of a grant: it is not an account, phone or email")
+    key = _unique(_slug(value.split("@")[0] if field == "email" else f"phone-{value[-4:]}", "person"), taken)
+    users[key] = CommentedMap({field: value})
+    return key
+
+
+def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, str], live: list[Resource]) -> str:
+    users, devices, gateways = CommentedMap(), CommentedMap(), CommentedMap()
+    taken = {r.name for r in adopted}
+    for resource in sorted(adopted, key=lambda r: r.name):
+        if resource.kind == Kind.USER:
+            entry = CommentedMap()
+            if resource.attributes.get("role") not in (None, "USER"):
+                entry["role"] = resource.attributes["role"]
+            entry["ids"] = CommentedMap({system: resource.id})
+            users[resource.name] = entry
+        elif resource.kind == Kind.DEVICE:
+            devices[resource.name] = CommentedMap({"system": system, "id": resource.id,
+                                                   "name": resource.attributes["name"]})
+            serial = resource.meta.get("serial_number")
+            status = resource.meta.get("claiming_status")
+            note = ", ".join(x for x in (f"serial {serial}" if serial else "", status.lower() if status else "") if x)
+            if note:
+                devices.yaml_add_eol_comment(note, resource.name)
+        elif resource.kind == Kind.GATEWAY:
+            gateways[resource.name] = CommentedMap({"system": system, "id": resource.id,
+                                                    "devices": _flow([])})
+            serial = resource.meta.get("serial_number")
+            if serial:
+                gateways.yaml_add_eol_comment(f"serial {serial}", resource.name)
+    for resource in live:
+        if resource.kind == Kind.ASSOCIATION:
+            gateway, device = resource.name.split("/", 1)
+            if gateway in gateways and device in devices:
+                gateways[gateway]["devices"].append(device)
+    grants = [r for r in live if r.kind in GRANT_KINDS and r.kind != Kind.TEMP_KEY]
+    permissions, groups, schedules = _permissions(grants, users, taken)
+    temp_keys = _temp_keys([r for r in live if r.kind == Kind.TEMP_KEY], users, taken)
+    document = CommentedMap()
+    for name, section in (("users", users), ("groups", groups), ("devices", devices), ("gateways", gateways),
+                          ("schedules", schedules), ("permissions", permissions), ("temp_keys", temp_keys)):
+        if section:
+            document[name] = section
+    document.yaml_set_start_comment(
+        f"Exported from system '{system}' ({vendor}) by `reconciler export`.\n"
+        "Existing objects are adopted by vendor id; review the names, then commit.")
+    yaml = YAML()
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.width = 120
+    out = io.StringIO()
+    yaml.dump(document, out)
+    return out.getvalue()
+
+
+def _permissions(grants: list[Resource], users: CommentedMap, taken: set[str]
+                 ) -> tuple[CommentedSeq, CommentedMap, CommentedMap]:
+    # (attributes, operation) → device → holders; then devices with the same holders share an entry.
+    by_terms: dict[tuple[str, str | None], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for grant in grants:
+        user, device, *operation = grant.name.split("/")
+        holder = _person(user, users, taken) if user.startswith("id:") else user
+        terms = json.dumps(dict(grant.attributes), sort_keys=True)
+        by_terms[(terms, operation[0] if operation else None)][device].add(holder)
+    entries: list[tuple[dict[str, Any], str | None, tuple[str, ...], list[str]]] = []
+    for (terms, operation), devices in sorted(by_terms.items(), key=lambda item: (item[0][0], item[0][1] or "")):
+        by_holders: dict[tuple[str, ...], list[str]] = defaultdict(list)
+        for device, holders in sorted(devices.items()):
+            by_holders[tuple(sorted(holders))].append(device)
+        for holders, device_list in sorted(by_holders.items()):
+            entries.append((json.loads(terms), operation, holders, device_list))
+    # Holder sets used by several entries, or large, become groups.
+    counts: dict[tuple[str, ...], int] = defaultdict(int)
+    for _, _, holders, _ in entries:
+        counts[holders] += 1
+    groups, group_of = CommentedMap(), {}
+    for holders, count in sorted(counts.items()):
+        if len(holders) > 1 and (count > 1 or len(holders) >= 5):
+            name = _unique(f"group-{len(groups) + 1}", taken)
+            groups[name] = _flow(holders)
+            group_of[holders] = name
+    schedules, schedule_of = CommentedMap(), {}
+    merged: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list[str]] = defaultdict(list)
+    for attrs, operation, holders, device_list in entries:
+        key = (json.dumps(attrs, sort_keys=True), holders, tuple(device_list))
+        merged[key].append(operation or "")
+    result = CommentedSeq()
+    for (terms, holders, device_list), operations in merged.items():
+        attrs = json.loads(terms)
+        entry = CommentedMap()
+        if holders in group_of:
+            entry["groups"] = _flow([group_of[holders]])
+        else:
+            entry["users"] = _flow(holders)
+        entry["devices"] = _flow(device_list)
+        ops = sorted(o for o in operations if o)
+        if ops and ops != ["OPEN"]:
+            entry["operations"] = _flow(ops)
+        for field in ("start", "end"):
+            if attrs.get(field):
+                entry[field] = attrs[field]
+        for field in ("key_validity", "role"):
+            if attrs.get(field) and attrs[field] != DEFAULTS[field]:
+                entry[field] = attrs[field]
+        if attrs.get("schedule"):
+            spans = json.dumps(attrs["schedule"], sort_keys=True)
+            if spans not in schedule_of:
+                name = _unique(f"schedule-{len(schedules) + 1}", taken)
+                schedules[name] = _schedule_spans(attrs["schedule"])
+                schedule_of[spans] = name
+            entry["schedule"] = schedule_of[spans]
+        result.append(entry)
+    return result, groups, schedules
+
+
+def _schedule_spans(schedule: list[dict[str, str]]) -> CommentedSeq:
+    by_times: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for span in schedule:
+        by_times[(span["from"], span["to"])].append(span["day"])
+    spans = CommentedSeq()
+    for (start, end), days in by_times.items():
+        spans.append(CommentedMap({"days": _flow(days), "from": start, "to": end}))
+    return spans
+
+
+def _temp_keys(keys: list[Resource], users: CommentedMap, taken: set[str]) -> CommentedMap:
+    section = CommentedMap()
+    emails = {v.get("email"): k for k, v in users.items() if isinstance(v, dict) and v.get("email")}
+    for key in keys:
+        attrs = dict(key.attributes)
+        device = key.meta.get("device")
+        if not device:
+            continue
+        entry = CommentedMap({"device": device, "access": attrs.get("access", "public")})
+        holders = []
+        for email in attrs.get("users") or []:
+            if email not in emails:
+                emails[email] = _person(f"id:{email}", users, taken)
+            holders.append(emails[email])
+        if holders:
+            entry["users"] = _flow(holders)
+        for field in ("start", "end", "max_uses", "description"):
+            if attrs.get(field) is not None:
+                entry[field] = attrs[field]
+        section[key.name if not key.name.startswith("id:") else _unique(f"key-{key.name[3:11]}", taken)] = entry
+    return section
+
+
+def write_export(text: str, path: Path, *, force: bool = False) -> None:
+    if path.exists() and not force:
+        raise ReconcilerError(f"{path} exists; choose another --out or pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
