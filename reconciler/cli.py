@@ -18,7 +18,7 @@ from typing import Any, Callable
 import click
 
 from reconciler import run
-from reconciler.errors import ApplyFailedError, ExitCode, ReconcilerError, RefusedError
+from reconciler.errors import ApplyFailedError, Diagnostic, ExitCode, PolicyError, ReconcilerError, RefusedError
 from reconciler.plan import Change, Plan
 from reconciler.render import render_json, render_markdown, render_text
 from reconciler.state import default_state_path
@@ -82,16 +82,34 @@ def main(verbose: int) -> None:
 
 @main.command()
 @directory_argument
-def validate(directory: str) -> None:
+@click.option("--format", "fmt", type=click.Choice(["text", "github"]), default="text",
+              help="github: workflow-command annotations on the policy lines, for pull requests.")
+def validate(directory: str, fmt: str) -> None:
     """Check the policy without contacting any vendor."""
     def body() -> int:
-        policy = run.validate(_session(directory, None, None))
+        try:
+            policy = run.validate(_session(directory, None, None))
+        except PolicyError as exc:
+            if fmt != "github":
+                raise
+            for diagnostic in exc.diagnostics:
+                click.echo(_annotation("error", diagnostic))
+            click.echo(f"{len(exc.diagnostics)} problem(s) in the policy", err=True)
+            return ExitCode.ERROR
         for warning in policy.warnings:
-            click.echo(f"warning: {warning}", err=True)
+            click.echo(_annotation("warning", warning) if fmt == "github" else f"warning: {warning}",
+                       err=fmt != "github")
         click.echo(f"The policy in {directory} is valid: {len(policy.systems)} systems, "
                    f"{len(policy.resources)} resources.")
         return ExitCode.OK
     _guard(body)
+
+
+def _annotation(level: str, diagnostic: Diagnostic) -> str:
+    """A GitHub Actions workflow command that puts the message on the policy line in the pull request."""
+    where = diagnostic.location
+    escaped = diagnostic.message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return f"::{level} file={where.path},line={where.line or 1},col={where.col or 1}::{escaped}"
 
 
 @main.command()
