@@ -39,6 +39,9 @@ _env.filters["value"] = _value
 # Why a delete has no policy source: what its absence from the policy means for that kind.
 UNDECLARED = {"user": "removed from policy (offboarding: the user and all their access go)",
               "permission": "not declared in policy (unmanaged: revoke)",
+              "key": "not declared in policy (unmanaged: revoke)",
+              "share": "not declared in policy (unmanaged: revoke)",
+              "temp_key": "not declared in policy (unmanaged: revoke)",
               "association": "not declared on its gateway"}
 _env.globals.update(symbols=SYMBOLS, verbs=VERBS, attribute_lines=_attribute_lines, undeclared=UNDECLARED)
 _env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("<", "&lt;")

@@ -12,7 +12,7 @@ import re
 from typing import Any, Mapping
 
 from reconciler.errors import Diagnostic
-from reconciler.resources import Capabilities
+from reconciler.resources import Capabilities, Kind
 from reconciler.secret import Secret
 
 from .expand import capabilities_of, has_account, system_of_device, users_of
@@ -291,6 +291,12 @@ def _check_grant_capabilities(declarations: Declarations, place: Place, permissi
     vendor = caps.vendor
     on = f"device '{device}' is on system '{system}'"
     problems = []
+    if caps.grant_kind == Kind.TEMP_KEY:
+        # Early return: the vendor has no standing grants at all, so the other checks would only add noise.
+        index = permission.devices.index(device) if device in permission.devices else None
+        where = place.at("devices", index) if index is not None else place.at()
+        return [Diagnostic(where, f"{vendor} has only temporary keys ({on}); declare this access under "
+                                  "`temp_keys:` instead of `permissions:`")]
     if caps.requires_end and permission.end is None:
         problems.append(Diagnostic(place.at(), f"{vendor} requires an end: add `end:` to this permission"))
     if permission.schedule is not None and not caps.schedules:

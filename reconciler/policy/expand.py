@@ -237,6 +237,8 @@ def _grants_for(declarations: Declarations, entry: Entry[PermissionModel], permi
         if schedule is None or schedule.model is None:
             return []
         attributes["schedule"] = normalised_schedule(schedule.model)
+    elif caps.schedules:
+        attributes["schedule"] = None   # compared: a schedule dropped from the policy must leave the vendor too
     meta: dict[str, Any] = {"via": _via(declarations, permission, user)}
     if permission.reason is not None:
         meta["reason"] = permission.reason
