@@ -108,6 +108,7 @@ class Capabilities:
     needs_email: bool = False                          # grants go to the user's email
     immutable_grants: bool = False                     # a changed grant is revoke + create
     settings: frozenset[str] = frozenset()             # system keys besides vendor/url/credentials/unmanaged
+    required_settings: frozenset[str] = frozenset()    # of those, the ones a system must give
     credentials: frozenset[str] = frozenset()          # credential names the vendor needs
     open_ended: bool = True                            # a grant may omit `end`
 

@@ -445,7 +445,7 @@ def test_missing_lock_holder_id_is_one_clear_error(h):
     h.write(POLICY)
     (h.policy_dir / "systems.yaml").write_text(
         (h.policy_dir / "systems.yaml").read_text().replace(f"    lock_holder_id: {LOCK_HOLDER_ID}\n", ""))
-    with pytest.raises(VendorError, match="needs `lock_holder_id:`"):
+    with pytest.raises(PolicyError, match=r"systems.yaml:\d+:\d+: system 'cabins' \(unloc\) needs `lock_holder_id:`"):
         h.plan()
     assert h.sim.requests == []
 

@@ -58,6 +58,9 @@ def _check_settings(entry: Entry[SystemModel], caps: Capabilities | None) -> lis
                                        f"unknown key '{key}' for vendor {caps.vendor}{hint}{accepted}"))
         elif not isinstance(value, SCALARS):
             problems.append(Diagnostic(entry.place.at(key), f"expected a single value for '{key}'"))
+    for key in sorted(caps.required_settings if caps is not None else ()):
+        if entry.settings.get(key) in (None, ""):
+            problems.append(Diagnostic(entry.place.at(), f"system '{entry.name}' ({caps.vendor}) needs `{key}:`"))
     return problems
 
 

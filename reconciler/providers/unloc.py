@@ -70,6 +70,7 @@ CAPABILITIES = Capabilities(
     device_fields=frozenset(),
     device_id_pattern=UUID_PATTERN,
     settings=frozenset({"lock_holder_id", "notify"}),
+    required_settings=frozenset({"lock_holder_id"}),
     credentials=frozenset({"client_id", "client_secret"}),
 )
 
