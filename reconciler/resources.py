@@ -110,6 +110,9 @@ class Capabilities:
     settings: frozenset[str] = frozenset()             # system keys besides vendor/url/credentials/unmanaged
     required_settings: frozenset[str] = frozenset()    # of those, the ones a system must give
     credentials: frozenset[str] = frozenset()          # credential names the vendor needs
+    # Alternative complete sets of credentials (e.g. email+password, or an operator token); when given,
+    # any name from them is accepted and one set must be complete. Empty: `credentials` is the one set.
+    credential_sets: tuple[frozenset[str], ...] = ()
     open_ended: bool = True                            # a grant may omit `end`
 
 

@@ -729,3 +729,18 @@ def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
     store = json.loads((tmp_path / "vendor" / "sentry.json").read_text())
     shared = collections.Counter(e["deviceId"] for e in store["log"] if e["type"] == "LOCK_SHARED" and e["issuer"])
     assert shared[MEETING] == 27 + 1 and shared[FRONT] == 2     # +1: the seeded share of mallory
+
+
+def test_sentry_takes_email_and_password_or_an_operator_token_at_validation(tmp_path):
+    from reconciler.errors import PolicyError
+    from reconciler.policy import load_policy
+    from reconciler.providers.factory import capabilities
+
+    def policy(credentials: str):
+        (tmp_path / "p.yaml").write_text(f"systems:\n  office:\n    vendor: sentry\n    credentials: {credentials}\n")
+        return load_policy(tmp_path / "p.yaml", capabilities(), {"T": "tok", "E": "ops@example.com", "P": "pw"})
+
+    assert set(policy('{token: "${T}"}').systems["office"].credentials) == {"token"}
+    assert set(policy('{email: "${E}", password: "${P}"}').systems["office"].credentials) == {"email", "password"}
+    with pytest.raises(PolicyError, match="needs credentials email and password or token"):
+        policy('{email: "${E}"}')

@@ -384,14 +384,6 @@ def test_a_wrong_api_key_is_one_line_without_the_key(h):
     assert "not-the-partner-key" not in message
 
 
-def test_a_system_without_partner_id_is_refused(h):
-    h.write(POLICY)
-    (h.policy_dir / "systems.yaml").write_text((h.policy_dir / "systems.yaml").read_text()
-                                               .replace(f"    partner_id: {PARTNER_ID}\n", ""))
-    with pytest.raises(VendorError, match="partner_id"):
-        h.plan()
-
-
 def test_rate_limits_are_waited_out(tmp_path):
     ticks = [0.0]
     h = PartnerHarness(tmp_path, rate_limit=2, monotonic=lambda: ticks[0])
@@ -596,3 +588,13 @@ def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
     for output in (first, applied, final, events):
         assert key not in output.stdout + output.stderr
     assert key not in (tmp_path / "state.json").read_text()
+
+
+def test_missing_partner_id_is_refused_at_validation_with_the_place(tmp_path):
+    from reconciler.errors import PolicyError
+    from reconciler.policy import load_policy
+    from reconciler.providers.factory import capabilities
+
+    (tmp_path / "p.yaml").write_text("systems:\n  rentals: {vendor: unloc-partner, url: sandbox}\n")
+    with pytest.raises(PolicyError, match=r"p.yaml:2:3: system 'rentals' \(unloc-partner\) needs `partner_id:`"):
+        load_policy(tmp_path / "p.yaml", capabilities(), {})

@@ -71,13 +71,15 @@ def _resolve_credentials(entry: Entry[SystemModel], system: SystemModel, caps: C
     declared = system.credentials or {}
     credentials: dict[str, Secret] = {}
     problems = []
+    sets = (caps.credential_sets or (caps.credentials,)) if caps is not None else ()
+    accepted = frozenset().union(*sets) if sets else frozenset()
     for key, value in declared.items():
         where = entry.place.at("credentials", key)
-        if caps is not None and key not in caps.credentials:
-            hint = did_you_mean(str(key), caps.credentials)
+        if caps is not None and key not in accepted:
+            hint = did_you_mean(str(key), accepted)
             problems.append(Diagnostic(entry.place.at("credentials", key, at_key=True),
                                        f"unknown credential '{key}' for {caps.vendor}{hint}; it takes "
-                                       f"{', '.join(sorted(caps.credentials)) or 'none'}"))
+                                       f"{', '.join(sorted(accepted)) or 'none'}"))
             continue
         match = ENV_REFERENCE.match(value) if isinstance(value, str) else None
         if match is None:
@@ -89,12 +91,16 @@ def _resolve_credentials(entry: Entry[SystemModel], system: SystemModel, caps: C
             credentials[key] = Secret(env[variable])
         elif not sandbox:
             problems.append(Diagnostic(where, f"environment variable {variable} is not set (or is empty)"))
-    if caps is not None and not sandbox:
-        missing = sorted(caps.credentials - set(declared))
-        if missing:
-            where = entry.place.at("credentials") if system.credentials is not None else entry.place.at()
+    if caps is not None and not sandbox and not any(s <= set(declared) for s in sets):
+        where = entry.place.at("credentials") if system.credentials is not None else entry.place.at()
+        if len(sets) == 1:
+            missing = sorted(sets[0] - set(declared))
             problems.append(Diagnostic(where, f"{caps.vendor} needs credential{'s' if len(missing) > 1 else ''} "
                                        f"{', '.join(missing)} (as ${{ENV_VAR}} references)"))
+        else:
+            options = " or ".join(" and ".join(sorted(s)) for s in sets)
+            problems.append(Diagnostic(where, f"{caps.vendor} needs credentials {options} "
+                                       "(as ${ENV_VAR} references)"))
     return credentials, problems
 
 

@@ -68,6 +68,7 @@ CAPABILITIES = Capabilities(
     # Or an operator token as `token` instead; the policy checks require every name listed here, so
     # only the login pair is declared (see the provider's `_login`).
     credentials=frozenset({"email", "password"}),
+    credential_sets=(frozenset({"email", "password"}), frozenset({"token"})),
 )
 
 

@@ -81,6 +81,7 @@ CAPABILITIES = Capabilities(
     device_fields=frozenset(),
     device_id_pattern=r"[A-Za-z0-9][A-Za-z0-9:._-]*",   # `danalock-00:00:00:00:00:01`, UUIDs
     settings=frozenset({"partner_id"}),
+    required_settings=frozenset({"partner_id"}),
     credentials=frozenset({"api_key"}),
 )
 
