@@ -31,20 +31,25 @@ def export_system(session: run.Session, system: str) -> str:
     if system not in policy.systems:
         raise ReconcilerError(f"no system {system!r} in the policy (systems: {', '.join(sorted(policy.systems))})")
     config = policy.systems[system]
+    # Devices the policy already declares are read (a vendor without a lock list, like SmartphoneKey, can
+    # only be read through them) but not written again.
+    declared = [r for r in policy.resources if r.system == system and r.kind == Kind.DEVICE]
     state = LocalState(session.state_path)
     providers = run.build_providers(session, policy, state)
     try:
         provider = providers[system]
-        found = provider.read([]).resources
+        found = provider.read(declared).resources
         adopted, keys = _adopt(system, found)
-        second = provider.read(adopted)
+        known = {r.address for r in policy.resources}
+        second = provider.read([*declared, *(r for r in adopted if r.address not in known)])
         if second.errors:
             raise ReconcilerError("; ".join(second.errors))
         live = second.resources
+        fields = provider.capabilities.device_fields
     finally:
         for each in providers.values():
             each.close()
-    return _to_yaml(system, config.vendor, adopted, keys, live)
+    return _to_yaml(system, config.vendor, [r for r in adopted if r.address not in known], keys, live, fields)
 
 
 def _flow(items: Any) -> CommentedSeq:
@@ -90,20 +95,28 @@ def _adopt(system: str, found: list[Resource]) -> tuple[list[Resource], dict[str
     return adopted, keys
 
 
-def _person(token: str, users: CommentedMap, taken: set[str]) -> str:
-    """A grant's user part: a policy key already, or `id:<phone or email>` for vendors that address people."""
+def _person(token: str, users: CommentedMap, taken: set[str], meta: Any = None) -> str:
+    """A grant's user part: a policy key already, or `id:<phone or email>` (or a vendor user id whose email
+    the provider read) for vendors that address people. One policy user per phone or email."""
     if not token.startswith("id:"):
         return token
     value = token[3:]
+    if not (value.startswith("+") or "@" in value) and meta is not None:
+        value = meta.get("email") or meta.get("phone") or value
     field = "phone" if value.startswith("+") else "email" if "@" in value else None
     if field is None:
         raise ReconcilerError(f"cannot name the holder {value!r} of a grant: it is not an account, phone or email")
+    for key, entry in users.items():
+        if isinstance(entry, dict) and entry.get(field) == value:
+            return key
     key = _unique(_slug(value.split("@")[0] if field == "email" else f"phone-{value[-4:]}", "person"), taken)
-    users[key] = CommentedMap({field: value})
+    # Known to the vendor by phone or email only: no account in account-based systems (Abloy).
+    users[key] = CommentedMap({field: value, "systems": _flow([])})
     return key
 
 
-def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, str], live: list[Resource]) -> str:
+def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, str], live: list[Resource],
+             device_fields: frozenset[str]) -> str:
     users, devices, gateways = CommentedMap(), CommentedMap(), CommentedMap()
     taken = {r.name for r in adopted}
     for resource in sorted(adopted, key=lambda r: r.name):
@@ -114,11 +127,16 @@ def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, 
             entry["ids"] = CommentedMap({system: resource.id})
             users[resource.name] = entry
         elif resource.kind == Kind.DEVICE:
-            devices[resource.name] = CommentedMap({"system": system, "id": resource.id,
-                                                   "name": resource.attributes["name"]})
+            entry = CommentedMap({"system": system, "id": resource.id})
+            name = resource.attributes.get("name")
+            if name and "name" in device_fields:
+                entry["name"] = name
+            devices[resource.name] = entry
             serial = resource.meta.get("serial_number")
             status = resource.meta.get("claiming_status")
-            note = ", ".join(x for x in (f"serial {serial}" if serial else "", status.lower() if status else "") if x)
+            note = ", ".join(x for x in (
+                f"'{name}'" if name and "name" not in device_fields else "",
+                f"serial {serial}" if serial else "", status.lower() if status else "") if x)
             if note:
                 devices.yaml_add_eol_comment(note, resource.name)
         elif resource.kind == Kind.GATEWAY:
@@ -134,7 +152,8 @@ def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, 
                 gateways[gateway]["devices"].append(device)
     grants = [r for r in live if r.kind in GRANT_KINDS and r.kind != Kind.TEMP_KEY]
     permissions, groups, schedules = _permissions(grants, users, taken)
-    temp_keys = _temp_keys([r for r in live if r.kind == Kind.TEMP_KEY], users, taken)
+    device_of = {r.id: r.name for r in live if r.kind == Kind.DEVICE and r.id}
+    temp_keys = _temp_keys([r for r in live if r.kind == Kind.TEMP_KEY], users, taken, device_of)
     document = CommentedMap()
     for name, section in (("users", users), ("groups", groups), ("devices", devices), ("gateways", gateways),
                           ("schedules", schedules), ("permissions", permissions), ("temp_keys", temp_keys)):
@@ -157,7 +176,7 @@ def _permissions(grants: list[Resource], users: CommentedMap, taken: set[str]
     by_terms: dict[tuple[str, str | None], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for grant in grants:
         user, device, *operation = grant.name.split("/")
-        holder = _person(user, users, taken) if user.startswith("id:") else user
+        holder = _person(user, users, taken, grant.meta) if user.startswith("id:") else user
         terms = json.dumps(dict(grant.attributes), sort_keys=True)
         by_terms[(terms, operation[0] if operation else None)][device].add(holder)
     entries: list[tuple[dict[str, Any], str | None, tuple[str, ...], list[str]]] = []
@@ -221,12 +240,13 @@ def _schedule_spans(schedule: list[dict[str, str]]) -> CommentedSeq:
     return spans
 
 
-def _temp_keys(keys: list[Resource], users: CommentedMap, taken: set[str]) -> CommentedMap:
+def _temp_keys(keys: list[Resource], users: CommentedMap, taken: set[str], device_of: dict[str, str]
+               ) -> CommentedMap:
     section = CommentedMap()
     emails = {v.get("email"): k for k, v in users.items() if isinstance(v, dict) and v.get("email")}
     for key in keys:
         attrs = dict(key.attributes)
-        device = key.meta.get("device")
+        device = key.meta.get("device") or device_of.get(str(key.meta.get("lock")))
         if not device:
             continue
         entry = CommentedMap({"device": device, "access": attrs.get("access", "public")})

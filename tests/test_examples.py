@@ -26,3 +26,29 @@ def test_policy_set_converges_on_the_sandbox(tmp_path, source):
     assert report is not None and report.ok, report.lines()
     again = run.plan(session)
     assert not again.has_changes, [c.address for c in again.changes]
+
+
+@pytest.mark.parametrize("source", POLICY_SETS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_export_after_apply_adopts_every_system_without_changes(tmp_path, source):
+    """A second team adopts the applied system from scratch: only the connection, a fresh state, then
+    `export` for each system; the plan must show no changes."""
+    from ruamel.yaml import YAML
+
+    from reconciler.export import export_system
+
+    shutil.copytree(source, tmp_path / "policies")
+    applied = run.Session(directory=tmp_path / "policies", state_path=tmp_path / ".reconciler" / "state.json",
+                          env={}, now=NOW)
+    run.apply(applied, saved=None, approve=lambda plan: True)
+    systems = {}
+    for path in sorted((tmp_path / "policies").glob("*.yaml")):
+        systems.update((YAML(typ="safe").load(path.read_text()) or {}).get("systems") or {})
+    adopter = tmp_path / "adopter"
+    adopter.mkdir()
+    with open(adopter / "systems.yaml", "w") as handle:
+        YAML().dump({"systems": systems}, handle)
+    session = run.Session(directory=adopter, state_path=tmp_path / ".reconciler" / "adopter.json", env={}, now=NOW)
+    for system in systems:
+        (adopter / f"{system}.exported.yaml").write_text(export_system(session, system))
+    plan = run.plan(session)
+    assert not plan.has_changes, [c.address for c in plan.changes]
