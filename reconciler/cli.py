@@ -260,6 +260,7 @@ def serve(host: str, port: int, directory: str, rate_limit: int | None) -> None:
         for vendor, values in credentials.items():
             for key, value in sorted(values.items()):
                 click.echo(f"  export {vendor.upper().replace('-', '_')}_{key.upper()}={value}")
+        click.echo("Ready.")
         serve_http(host, port, mounts)
         return ExitCode.OK
     _guard(body)

@@ -3,10 +3,18 @@ that plans and applies through `reconciler.run` exactly as the CLI does."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
 import textwrap
+import time
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -46,15 +54,15 @@ class Harness:
                     "ABLOY_API_KEY": creds["api_key"]}
 
     def write(self, text: str, name: str = "policy.yaml", system_extra: str = "") -> None:
-        systems = textwrap.dedent(f"""\
+        systems = textwrap.dedent("""\
             systems:
               hq:
                 vendor: abloy-keyless
                 url: https://abloy.test/administration
                 credentials:
-                  user_id: ${{ABLOY_USER_ID}}
-                  access_key: ${{ABLOY_ACCESS_KEY}}
-                  api_key: ${{ABLOY_API_KEY}}
+                  user_id: ${ABLOY_USER_ID}
+                  access_key: ${ABLOY_ACCESS_KEY}
+                  api_key: ${ABLOY_API_KEY}
             """) + textwrap.indent(textwrap.dedent(system_extra), "    ")
         (self.policy_dir / "systems.yaml").write_text(systems)
         (self.policy_dir / name).write_text(textwrap.dedent(text))
@@ -83,3 +91,49 @@ class Harness:
 @pytest.fixture
 def harness(tmp_path) -> Harness:
     return Harness(tmp_path)
+
+
+# -- `reconciler sandbox serve` in its own process, for end-to-end tests over real sockets ---------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def reconciler_command() -> list[str]:
+    exe = shutil.which("reconciler", path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-m", "reconciler.cli"]
+
+
+@contextmanager
+def serve_sandboxes(tmp_path: Path, *options: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """Start `reconciler sandbox serve` on a free 127.0.0.1 port; yield its root URL (each vendor is at
+    `/<vendor>`) and the credentials it printed (`ABLOY_KEYLESS_API_KEY`, `SPKEY_API_KEY`, ...)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([*reconciler_command(), "sandbox", "serve", "--port", str(port),
+                               "--dir", str(tmp_path / "vendor"), *options],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        credentials: dict[str, str] = {}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = server.stdout.readline()
+            if not line or line.strip() == "Ready.":
+                break
+            match = re.match(r"\s*export (\w+)=(\S+)", line)
+            if match:
+                credentials[match[1]] = match[2]
+        assert credentials, "sandbox serve did not print its credentials"
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}", credentials
+    finally:
+        server.terminate()
+        server.wait(10)
+        server.stdout.close()

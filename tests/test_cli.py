@@ -10,10 +10,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +19,8 @@ from click.testing import CliRunner
 
 from reconciler.cli import main
 from reconciler.sandbox.abloy import SEED_DEVICES
+
+from conftest import free_port, reconciler_command, serve_sandboxes
 
 ROOT = Path(__file__).resolve().parent.parent
 INVALID = Path(__file__).parent / "data" / "invalid"
@@ -148,43 +147,14 @@ def test_literal_secret_is_never_echoed(cli, tmp_path):
 
 # -- served sandbox, separate processes --------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _reconciler() -> list[str]:
-    exe = shutil.which("reconciler", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "reconciler.cli"]
+_free_port, _reconciler = free_port, reconciler_command
 
 
 @pytest.fixture
 def served(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen([*_reconciler(), "sandbox", "serve", "--port", str(port), "--dir", str(tmp_path / "vendor")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    credentials: dict[str, str] = {}
-    deadline = time.monotonic() + 20
-    try:
-        while time.monotonic() < deadline and len(credentials) < 3:
-            line = server.stdout.readline()
-            match = re.match(r"\s*export ABLOY_KEYLESS_(\w+)=(\S+)", line)
-            if match:
-                credentials[f"ABLOY_{match[1]}"] = match[2]
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        assert len(credentials) == 3, "sandbox serve did not print its credentials"
-        yield f"http://127.0.0.1:{port}/abloy-keyless", credentials
-    finally:
-        server.terminate()
-        server.wait(10)
-        server.stdout.close()
+    with serve_sandboxes(tmp_path) as (root, printed):
+        yield f"{root}/abloy-keyless", {k.replace("ABLOY_KEYLESS_", "ABLOY_"): v for k, v in printed.items()
+                                        if k.startswith("ABLOY_KEYLESS_")}
 
 
 def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
@@ -229,29 +199,17 @@ def test_wrong_api_key_is_one_clear_line(tmp_path, served):
 def test_apply_killed_mid_run_is_finished_by_the_next_apply(tmp_path):
     """kill -9 in the middle of an apply against a served, rate-limited sandbox; the next apply finishes
     the job and nothing is duplicated (a duplicate user would show up as an unmanaged one)."""
-    port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen([*_reconciler(), "sandbox", "serve", "--port", str(port), "--dir", str(tmp_path / "v"),
-                               "--rate-limit", "30"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env, cwd=tmp_path)
-    try:
-        credentials = {}
-        while len(credentials) < 3:
-            match = re.match(r"\s*export ABLOY_KEYLESS_(\w+)=(\S+)", server.stdout.readline())
-            if match:
-                credentials[f"ABLOY_{match[1]}"] = match[2]
+    with serve_sandboxes(tmp_path, "--rate-limit", "30") as (root, printed):
+        credentials = {k.replace("ABLOY_KEYLESS_", "ABLOY_"): v for k, v in printed.items()
+                       if k.startswith("ABLOY_KEYLESS_")}
         shutil.copytree(ROOT / "policies", tmp_path / "policies")
+        (tmp_path / "policies" / "cabins.yaml").unlink()   # this test is about one Abloy system
         (tmp_path / "policies" / "systems.yaml").write_text(
-            f"systems:\n  hq:\n    vendor: abloy-keyless\n    url: http://127.0.0.1:{port}/abloy-keyless\n"
+            f"systems:\n  hq:\n    vendor: abloy-keyless\n    url: {root}/abloy-keyless\n"
             "    credentials:\n      user_id: ${ABLOY_USER_ID}\n      access_key: ${ABLOY_ACCESS_KEY}\n"
             "      api_key: ${ABLOY_API_KEY}\n")
         run_env = {**env, **credentials, "RECONCILER_STATE": str(tmp_path / "state.json")}
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         victim = subprocess.Popen([*_reconciler(), "apply", "--auto-approve", "--now", NOW], env=run_env, cwd=tmp_path,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         done_lines = []
@@ -275,7 +233,3 @@ def test_apply_killed_mid_run_is_finished_by_the_next_apply(tmp_path):
         assert final.returncode == 0, final.stdout + final.stderr
         unmanaged_users = [n for n in json.loads(final.stdout)["unmanaged"] if n["kind"] == "user"]
         assert len(unmanaged_users) == 2    # the two the sandbox was seeded with; no duplicate of ours
-    finally:
-        server.terminate()
-        server.wait(10)
-        server.stdout.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from reconciler import run
 from reconciler.export import export_system
 
 from test_abloy_provider import POLICY

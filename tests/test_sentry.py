@@ -15,10 +15,7 @@ import json
 import logging
 import os
 import re
-import shutil
-import socket
 import subprocess
-import sys
 import textwrap
 import time
 import uuid
@@ -49,7 +46,7 @@ from reconciler.sandbox.sentry import (
     SentrySimulator,
 )
 
-from conftest import NOW
+from conftest import NOW, reconciler_command, serve_sandboxes
 
 BASE = "https://api.sentry.test"
 MEETING = SEED_LOCKS["Meeting Room"]      # BATCH_SHARING_25 supported
@@ -654,46 +651,10 @@ def test_shareable_and_lock_list_show_roles_and_capabilities(client):
 
 # ------------------------------------------------------------------------------------ CLI, served
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _reconciler() -> list[str]:
-    exe = shutil.which("reconciler", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "reconciler.cli"]
-
-
 @pytest.fixture
 def served(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen([*_reconciler(), "sandbox", "serve", "--port", str(port),
-                               "--dir", str(tmp_path / "vendor")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    try:
-        credentials: dict[str, str] = {}
-        deadline = time.monotonic() + 20
-        while len(credentials) < 2 and time.monotonic() < deadline:
-            line = server.stdout.readline()
-            if not line:
-                break
-            match = re.match(r"\s*export (SENTRY_\w+)=(\S+)", line)
-            if match:
-                credentials[match[1]] = match[2]
-        assert set(credentials) == {"SENTRY_EMAIL", "SENTRY_PASSWORD"}, "sandbox serve did not print the credentials"
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/sentry", credentials
-    finally:
-        server.terminate()
-        server.wait(10)
-        server.stdout.close()
+    with serve_sandboxes(tmp_path) as (root, printed):
+        yield f"{root}/sentry", {k: v for k, v in printed.items() if k in ("SENTRY_EMAIL", "SENTRY_PASSWORD")}
 
 
 def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
@@ -709,7 +670,7 @@ def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
     env = {**os.environ, **credentials, "RECONCILER_STATE": str(tmp_path / "state.json")}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*_reconciler(), *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+        return subprocess.run([*reconciler_command(), *args], capture_output=True, text=True, env=env, cwd=tmp_path,
                               timeout=120)
 
     first = cli("plan", "--detailed-exitcode", "--now", "2026-11-22T10:00:00Z")

@@ -12,12 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
-import sys
 import textwrap
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +29,8 @@ from reconciler.render import render_json, render_text
 from reconciler.state import LocalState
 from reconciler.sandbox.spkey import (API_KEY, OTHER_API_KEY, OTHER_ORG_LOCK, REQUEST_SCHEMAS, SEED_APP_KEY,
                                       SEED_LOCKS, SEED_USERS, SpkeySimulator)
+
+from conftest import reconciler_command, serve_sandboxes
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 DOCUMENT = json.loads((Path(__file__).parent / "data" / "spkey" / "openapi-temp-keys.json").read_text())
@@ -845,46 +843,10 @@ def test_every_exchange_of_a_full_scenario_conforms(spk):
 
 # ------------------------------------------------------------------------- CLI against a served sandbox
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _reconciler() -> list[str]:
-    exe = shutil.which("reconciler", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "reconciler.cli"]
-
-
 @pytest.fixture
 def served_spkey(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [*_reconciler(), "sandbox", "serve", "--port", str(port), "--dir", str(tmp_path / "vendor")]
-    server = subprocess.Popen(command,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    try:
-        key = None
-        deadline = time.monotonic() + 20
-        while key is None and time.monotonic() < deadline:
-            line = server.stdout.readline()
-            if not line and server.poll() is not None:
-                break
-            match = re.match(r"\s*export SPKEY_API_KEY=(\S+)", line)
-            if match:
-                key = match[1]
-        assert key, "sandbox serve did not print SPKEY_API_KEY"
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/spkey", key
-    finally:
-        server.terminate()
-        server.wait(10)
-        server.stdout.close()
+    with serve_sandboxes(tmp_path) as (root, printed):
+        yield f"{root}/spkey", printed["SPKEY_API_KEY"]
 
 
 def test_cli_end_to_end_against_served_sandbox(tmp_path, served_spkey):
@@ -898,7 +860,7 @@ def test_cli_end_to_end_against_served_sandbox(tmp_path, served_spkey):
     env = {**os.environ, "SPKEY_API_KEY": key, "RECONCILER_STATE": str(tmp_path / "state.json")}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*_reconciler(), *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+        return subprocess.run([*reconciler_command(), *args], capture_output=True, text=True, env=env, cwd=tmp_path,
                               timeout=120)
 
     first = cli("plan", "--detailed-exitcode", "--now", "2026-11-22T10:00:00Z")

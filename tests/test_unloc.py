@@ -11,12 +11,8 @@ import collections
 import json
 import os
 import re
-import socket
-import shutil
 import subprocess
-import sys
 import textwrap
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,6 +34,8 @@ from reconciler.sandbox.unloc import (
     UnlocSimulator,
 )
 from reconciler.state import LocalState
+
+from conftest import reconciler_command, serve_sandboxes
 
 from conftest import NOW
 
@@ -705,47 +703,21 @@ def test_the_store_persists_and_is_seeded_once(tmp_path):
 
 # ---------------------------------------------------------------------------------------- CLI, served
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _reconciler() -> list[str]:
-    exe = shutil.which("reconciler", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "reconciler.cli"]
-
-
 def test_cli_end_to_end_against_the_served_sandbox(tmp_path):
-    port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen([*_reconciler(), "sandbox", "serve", "--port", str(port), "--dir", str(tmp_path / "v")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    try:
-        credentials: dict[str, str] = {}
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(credentials) < 2:
-            match = re.match(r"\s*export UNLOC_(CLIENT_ID|CLIENT_SECRET)=(\S+)", server.stdout.readline())
-            if match:
-                credentials[f"UNLOC_{match[1]}"] = match[2]
-        assert len(credentials) == 2, "sandbox serve did not print the Unloc credentials"
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with serve_sandboxes(tmp_path) as (root, printed):
+        credentials = {k: v for k, v in printed.items() if k in ("UNLOC_CLIENT_ID", "UNLOC_CLIENT_SECRET")}
         policy = tmp_path / "policies"
         policy.mkdir()
         (policy / "systems.yaml").write_text(
-            f"systems:\n  cabins:\n    vendor: unloc\n    url: http://127.0.0.1:{port}/unloc\n"
+            f"systems:\n  cabins:\n    vendor: unloc\n    url: {root}/unloc\n"
             f"    lock_holder_id: {LOCK_HOLDER_ID}\n    credentials:\n"
             "      client_id: ${UNLOC_CLIENT_ID}\n      client_secret: ${UNLOC_CLIENT_SECRET}\n")
         (policy / "access.yaml").write_text(POLICY)
         run_env = {**env, **credentials, "RECONCILER_STATE": str(tmp_path / "state.json")}
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([*_reconciler(), *args], capture_output=True, text=True, env=run_env, cwd=tmp_path,
+            return subprocess.run([*reconciler_command(), *args], capture_output=True, text=True, env=run_env, cwd=tmp_path,
                                   timeout=120)
 
         first = cli("plan", "--detailed-exitcode")
@@ -759,11 +731,7 @@ def test_cli_end_to_end_against_the_served_sandbox(tmp_path):
         for output in (first, applied, final):
             assert CLIENT_SECRET not in output.stdout + output.stderr
         assert CLIENT_SECRET not in (tmp_path / "state.json").read_text()
-        wrong = subprocess.run([*_reconciler(), "plan"], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        wrong = subprocess.run([*reconciler_command(), "plan"], capture_output=True, text=True, cwd=tmp_path, timeout=60,
                                env={**run_env, "UNLOC_CLIENT_SECRET": "wrong-secret-value"})
         assert wrong.returncode == 1 and "invalid_client" in wrong.stderr and "Traceback" not in wrong.stderr
         assert "wrong-secret-value" not in wrong.stderr
-    finally:
-        server.terminate()
-        server.wait(10)
-        server.stdout.close()

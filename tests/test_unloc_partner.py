@@ -11,12 +11,8 @@ import collections
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
-import sys
 import textwrap
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +23,8 @@ from reconciler import run
 from reconciler.errors import PlanError, VendorError
 from reconciler.sandbox.unloc_partner import DENIED_LOCK, PARTNER_ID, SEED_LOCKS, UnlocPartnerSimulator
 from reconciler.state import LocalState
+
+from conftest import reconciler_command, serve_sandboxes
 
 from conftest import NOW
 
@@ -514,45 +512,10 @@ def test_sandbox_store_survives_a_restart(tmp_path):
 
 # -- the CLI against a served sandbox ------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _reconciler() -> list[str]:
-    exe = shutil.which("reconciler", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "reconciler.cli"]
-
-
 @pytest.fixture
 def served(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [*_reconciler(), "sandbox", "serve", "--port", str(port), "--dir", str(tmp_path / "vendor")]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                              cwd=tmp_path)
-    try:
-        key = None
-        deadline = time.monotonic() + 20
-        while key is None and time.monotonic() < deadline:
-            line = server.stdout.readline()
-            if not line:
-                break
-            match = re.match(r"\s*export UNLOC_PARTNER_API_KEY=(\S+)", line)
-            key = match[1] if match else None
-        assert key, "sandbox serve did not print the partner key"
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/unloc-partner", key
-    finally:
-        server.terminate()
-        server.wait(10)
-        server.stdout.close()
+    with serve_sandboxes(tmp_path) as (root, printed):
+        yield f"{root}/unloc-partner", printed["UNLOC_PARTNER_API_KEY"]
 
 
 def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
@@ -570,7 +533,7 @@ def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
     env = {**os.environ, "UNLOC_PARTNER_KEY": key, "RECONCILER_STATE": str(tmp_path / "state.json")}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*_reconciler(), *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+        return subprocess.run([*reconciler_command(), *args], capture_output=True, text=True, env=env, cwd=tmp_path,
                               timeout=120)
 
     first = cli("plan", "--detailed-exitcode", "--now", "2026-11-22T10:00:00Z")

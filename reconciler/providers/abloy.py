@@ -19,7 +19,6 @@ import httpx
 import jwt
 
 from reconciler.errors import VendorError
-from reconciler.plan import Note
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor
 from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time,
@@ -89,9 +88,6 @@ class AbloyProvider(Provider):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        missing = sorted(CAPABILITIES.credentials - self.credentials.keys())
-        if missing:
-            raise VendorError(f"{self.name}: missing credentials {', '.join(missing)}")
         self._secret = {k: v.reveal() for k, v in self.credentials.items()}
         self.redactor = Redactor(self._secret.values())
         self.http = HttpClient(

@@ -73,6 +73,10 @@ class Provider:
         self.name = name
         self.url = url or self.default_url
         self.credentials = dict(credentials)
+        sets = self.capabilities.credential_sets or (self.capabilities.credentials,)
+        if not any(required <= self.credentials.keys() for required in sets):
+            wanted = " or ".join(" and ".join(sorted(required)) for required in sets)
+            raise VendorError(f"{name}: {self.vendor} needs credentials {wanted}")
         self.settings = dict(settings)
         self.state = state
         self.transport = transport

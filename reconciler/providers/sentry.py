@@ -101,8 +101,6 @@ class SentryProvider(Provider):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         secret = {k: v.reveal() for k, v in self.credentials.items()}
-        if not secret.get("token") and not (secret.get("email") and secret.get("password")):
-            raise VendorError(f"{self.name}: missing credentials: email and password (or an operator token)")
         self._token = secret.get("token")
         self._email = secret.get("email")
         self._password = secret.get("password")

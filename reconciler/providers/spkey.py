@@ -98,8 +98,6 @@ class SpkeyProvider(Provider):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if "api_key" not in self.credentials:
-            raise VendorError(f"{self.name}: missing credentials api_key")
         api_key = self.credentials["api_key"].reveal()
         self.redactor = Redactor([api_key])
         self.http = HttpClient(self.url, system=self.name, transport=self.transport, redactor=self.redactor,

@@ -95,9 +95,6 @@ class UnlocProvider(Provider):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        missing = sorted(CAPABILITIES.credentials - self.credentials.keys())
-        if missing:
-            raise VendorError(f"{self.name}: missing credentials {', '.join(missing)}")
         self.lock_holder = str(self.settings.get("lock_holder_id") or "")
         if not re.fullmatch(UUID_PATTERN, self.lock_holder):
             raise VendorError(f"{self.name}: unloc needs `lock_holder_id:` (the lock holder's UUID) on the system"

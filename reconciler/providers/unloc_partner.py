@@ -110,9 +110,6 @@ class UnlocPartnerProvider(Provider):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        missing = sorted(CAPABILITIES.credentials - self.credentials.keys())
-        if missing:
-            raise VendorError(f"{self.name}: missing credentials {', '.join(missing)}")
         partner = self.settings.get("partner_id")
         if not isinstance(partner, str) or not PARTNER_ID_PATTERN.match(partner):
             raise VendorError(f"{self.name}: unloc-partner needs `partner_id:` (the partner id Unloc gave you)")
