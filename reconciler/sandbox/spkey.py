@@ -35,10 +35,8 @@ import hmac
 import json
 import logging
 import re
-import time
 import uuid
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import httpx
@@ -50,7 +48,6 @@ from reconciler.sandbox.common import (
     SimulatorError,
     json_response,
     parse_datetime,
-    utc_now,
 )
 
 logger = logging.getLogger(__name__)
@@ -204,12 +201,6 @@ class SpkeySimulator(Simulator):
     """
 
     routes: ClassVar[tuple[Route, ...]] = ROUTES
-
-    def __init__(self, store_path: Path | None = None, *, clock: Callable[[], datetime] = utc_now,
-                 rate_limit: int | None = None, base_path: str = "",
-                 monotonic: Callable[[], float] = time.monotonic):
-        super().__init__(store_path, clock=clock, rate_limit=rate_limit, base_path=base_path,
-                         monotonic=monotonic)
 
     # ------------------------------------------------------------------------------------ store
     def new_state(self) -> dict[str, Any]:

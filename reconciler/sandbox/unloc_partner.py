@@ -32,11 +32,9 @@ import hashlib
 import hmac
 import logging
 import re
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import httpx
@@ -49,7 +47,6 @@ from reconciler.sandbox.common import (
     json_response,
     parse_datetime,
     read_json_body,
-    utc_now,
 )
 
 logger = logging.getLogger(__name__)
@@ -138,12 +135,6 @@ class UnlocPartnerSimulator(Simulator):
     """
 
     routes: ClassVar[tuple[Route, ...]] = ROUTES
-
-    def __init__(self, store_path: Path | None = None, *, clock: Callable[[], datetime] = utc_now,
-                 rate_limit: int | None = None, base_path: str = "",
-                 monotonic: Callable[[], float] = time.monotonic):
-        super().__init__(store_path, clock=clock, rate_limit=rate_limit, base_path=base_path,
-                         monotonic=monotonic)
 
     # ------------------------------------------------------------------------------------ store
     def new_state(self) -> dict[str, Any]:
