@@ -517,6 +517,8 @@ class Simulator:
     """
 
     routes: ClassVar[tuple[Route, ...]] = ()
+    store_format: ClassVar[str] = ""   # e.g. "reconciler-sandbox/unloc": a store of another vendor is refused
+    store_version: ClassVar[int] = 1
 
     def __init__(self, store_path: Path | None = None, *, clock: Clock = utc_now,
                  rate_limit: int | None = None, base_path: str = "",
@@ -536,7 +538,13 @@ class Simulator:
             if self._file:
                 self._file.save(self.state)
         else:
-            self.state = self.load_state(loaded)
+            self.state = self.load_state(self._checked(loaded))
+
+    def _checked(self, data: dict[str, Any]) -> dict[str, Any]:
+        if data.get("format") != self.store_format or data.get("version") != self.store_version:
+            raise ValueError(f"not a {self.store_format} store (format {data.get('format')!r}, "
+                             f"version {data.get('version')!r})")
+        return data
 
     # --- subclass hooks
     def new_state(self) -> dict[str, Any]:
@@ -544,7 +552,7 @@ class Simulator:
         raise NotImplementedError
 
     def load_state(self, data: dict[str, Any]) -> dict[str, Any]:
-        """Check and return a store read from disk."""
+        """Return a store read from disk (its format and version already checked)."""
         return data
 
     def dispatch(self, request: httpx.Request, match: RouteMatch) -> httpx.Response:
@@ -602,7 +610,7 @@ class Simulator:
             loaded = self._file.load()
             if loaded is not None:
                 logger.debug("sandbox store reloaded path=%s", self._file.path)
-                self.state = self.load_state(loaded)
+                self.state = self.load_state(self._checked(loaded))
 
     def mutate(self) -> "_Mutation":
         """`with sim.mutate():` for admin hooks: the store lock, a fresh read, and a write afterwards."""

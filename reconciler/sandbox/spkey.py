@@ -201,6 +201,7 @@ class SpkeySimulator(Simulator):
     """
 
     routes: ClassVar[tuple[Route, ...]] = ROUTES
+    store_format, store_version = STORE_FORMAT, STORE_VERSION
 
     # ------------------------------------------------------------------------------------ store
     def new_state(self) -> dict[str, Any]:
@@ -224,12 +225,6 @@ class SpkeySimulator(Simulator):
             "maxUses": None, "usedCount": 3, "createdAt": "2026-01-09T16:12:44.000Z", "createdBy": owner,
             "_description": "Plumber (made in the app)"}
         return state
-
-    def load_state(self, data: dict[str, Any]) -> dict[str, Any]:
-        if data.get("format") != STORE_FORMAT or data.get("version") != STORE_VERSION:
-            raise ValueError(f"not an spkey sandbox store (format {data.get('format')!r}, "
-                             f"version {data.get('version')!r})")
-        return data
 
     @staticmethod
     def _lock_record(lock_id: int, org: str, owner: str, serial: str) -> dict[str, Any]:
