@@ -15,12 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
-import httpx
 import jwt
 
 from reconciler.errors import VendorError
 from reconciler.providers.base import Event, Provider, ReadResult
-from reconciler.providers.http import HttpClient, Redactor
+from reconciler.providers.http import HttpClient, Redactor, json_error
 from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time,
                                   normalise_time, unknown_name)
 
@@ -68,17 +67,7 @@ CAPABILITIES = Capabilities(
 )
 
 
-def describe_problem(response: httpx.Response) -> str:
-    """RFC 7807 problem → `403 Forbidden: detail`."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and ("title" in body or "detail" in body):
-        title = body.get("title") or response.reason_phrase
-        detail = body.get("detail")
-        return f"{response.status_code} {title}" + (f": {detail}" if detail else "")
-    return f"HTTP {response.status_code} {response.reason_phrase}".strip()
+describe_problem = json_error("title", "detail")   # RFC 7807 problem+json
 
 
 class AbloyProvider(Provider):

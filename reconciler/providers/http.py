@@ -160,6 +160,23 @@ class HttpClient:
         return self.redact(f"{self.system}: {method} {path}: {detail}")
 
 
-def _describe_plain(response: httpx.Response) -> str:
+def json_error(title: str, detail: str) -> Callable[[httpx.Response], str]:
+    """A describer for a vendor whose error bodies are JSON `{<title>, <detail>}`:
+    `403 Forbidden: detail` (the title falls back to the HTTP reason)."""
+    def describe(response: httpx.Response) -> str:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and (body.get(title) or body.get(detail)):
+            text = body.get(detail)
+            return f"{response.status_code} {body.get(title) or response.reason_phrase}" + (f": {text}" if text else "")
+        return _describe_plain(response, body=False)
+    return describe
+
+
+def _describe_plain(response: httpx.Response, *, body: bool = True) -> str:
+    if not body:
+        return f"HTTP {response.status_code} {response.reason_phrase}".strip()
     text = response.text.strip().replace("\n", " ")
     return f"HTTP {response.status_code}" + (f": {text[:200]}" if text else "")

@@ -28,12 +28,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
-import httpx
 
 from reconciler.errors import VendorError
 from reconciler.plan import Note
 from reconciler.providers.base import Provider, ReadResult
-from reconciler.providers.http import HttpClient, Redactor
+from reconciler.providers.http import HttpClient, Redactor, json_error
 from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, normalise_time,
                                   unknown_name)
 
@@ -75,17 +74,7 @@ CAPABILITIES = Capabilities(
 )
 
 
-def describe_error(response: httpx.Response) -> str:
-    """`{error, errorDescription}` → `401 JsonWebTokenError: JWT expired`."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and ("error" in body or "errorDescription" in body):
-        error, description = body.get("error"), body.get("errorDescription")
-        text = f"{response.status_code} {error or response.reason_phrase}"
-        return text + (f": {description}" if description else "")
-    return f"HTTP {response.status_code} {response.reason_phrase}".strip()
+describe_error = json_error("error", "errorDescription")
 
 
 class UnlocProvider(Provider):

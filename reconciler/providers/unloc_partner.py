@@ -41,12 +41,11 @@ from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
-import httpx
 
 from reconciler.errors import VendorError
 from reconciler.plan import Note
 from reconciler.providers.base import Event, Provider, ReadResult
-from reconciler.providers.http import HttpClient, Redactor
+from reconciler.providers.http import HttpClient, Redactor, json_error
 from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time,
                                   normalise_time, parse_time, unknown_name)
 
@@ -86,17 +85,7 @@ CAPABILITIES = Capabilities(
 )
 
 
-def describe_error(response: httpx.Response) -> str:
-    """`{error, errorDescription}` → `403 Forbidden: description`."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and ("error" in body or "errorDescription" in body):
-        error = body.get("error") or response.reason_phrase
-        detail = body.get("errorDescription")
-        return f"{response.status_code} {error}" + (f": {detail}" if detail else "")
-    return f"HTTP {response.status_code} {response.reason_phrase}".strip()
+describe_error = json_error("error", "errorDescription")
 
 
 def _segment(value: str) -> str:
