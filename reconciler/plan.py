@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import StrEnum
 from typing import Any, Mapping
 
@@ -174,6 +175,11 @@ class Plan:
         return sum(1 for c in self.changes if c.effect is Effect.REVOKE and c.kind in GRANT_KINDS)
 
     def checksum(self) -> str:
+        return self._checksum
+
+    @cached_property
+    def _checksum(self) -> str:
+        # A plan is immutable, and serialising thousands of changes is not free: compute it once.
         payload = json.dumps([c.to_dict() for c in self.changes], sort_keys=True, separators=(",", ":"),
                              default=str)
         return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
