@@ -44,8 +44,11 @@ class ApplyReport:
         return not self.failed and not self.skipped
 
     def lines(self) -> list[str]:
-        lines = [f"{c.address}: {_PAST[c.action]}" for c in self.done]
-        lines += [f"{c.address}: FAILED to {c.action}: {why}" for c, why in self.failed]
+        return [f"{c.address}: {_PAST[c.action]}" for c in self.done] + self.remaining()
+
+    def remaining(self) -> list[str]:
+        """What was not applied, and why: the work a re-run will do."""
+        lines = [f"{c.address}: FAILED to {c.action}: {why}" for c, why in self.failed]
         lines += [f"{c.address}: not applied ({why})" for c, why in self.skipped]
         return lines
 

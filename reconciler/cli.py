@@ -174,8 +174,7 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
             return ExitCode.OK
         if not report.ok:
             raise ApplyFailedError(f"apply incomplete: {report.summary()}",
-                                   [f"not applied: {line}" for line in report.lines()
-                                    if not line.endswith(("created", "updated", "deleted", "replaced"))])
+                                   [f"not applied: {line}" for line in report.remaining()])
         click.echo(f"\nApply complete: {report.summary()}.")
         return ExitCode.OK
     _guard(body)
