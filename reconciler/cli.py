@@ -26,9 +26,10 @@ from reconciler.state import default_state_path
 log = logging.getLogger(__name__)
 
 
-def _parse_now(value: str | None) -> datetime:
+def _parse_now(value: str | None) -> datetime | None:
+    """`--now`, or None: the session then reads the wall clock itself (`run.wall_clock`)."""
     if value is None:
-        return datetime.now(UTC)
+        return None
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -246,12 +247,17 @@ def sandbox() -> None:
 @click.option("--dir", "directory", default=".reconciler/sandbox/served", show_default=True,
               help="Where the simulators keep their data.")
 @click.option("--rate-limit", type=int, default=None, help="Requests per second before 429.")
-def serve(host: str, port: int, directory: str, rate_limit: int | None) -> None:
+@click.option("--now", default=None,
+              help="Start the simulators' clock at this ISO 8601 time (default: the machine's clock).")
+def serve(host: str, port: int, directory: str, rate_limit: int | None, now: str | None) -> None:
     """Serve the vendor simulators over HTTP on this machine."""
     from reconciler.providers.factory import sandbox_mounts, serve as serve_http
 
+    start = _parse_now(now)
+
     def body() -> int:
-        mounts, credentials = sandbox_mounts(Path(directory), rate_limit=rate_limit)
+        clock = run.running_clock(start) if start is not None else None
+        mounts, credentials = sandbox_mounts(Path(directory), rate_limit=rate_limit, clock=clock)
         click.echo(f"Serving vendor sandboxes on http://{host}:{port} (Ctrl-C to stop):")
         for prefix in mounts:
             click.echo(f"  {prefix[1:]}: url http://{host}:{port}{prefix}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,16 +26,50 @@ from reconciler.state import LocalState
 log = logging.getLogger(__name__)
 
 
+def wall_clock() -> datetime:
+    """The one reading of the wall clock in the product. Everything else takes the session's clock."""
+    return datetime.now(UTC)
+
+
 @dataclass
 class Session:
-    """Inputs shared by every command."""
+    """Inputs shared by every command.
+
+    `now` is the moment the session plans as of: the wall clock when the session starts, or a pinned
+    time (`--now`, tests). `clock()` is what providers and embedded sandboxes read during the run: a
+    pinned session stays at `now`; a real one advances from `now` on the monotonic clock, so a long
+    apply never sees time jump back or forth with the machine's clock.
+    """
 
     directory: Path
     state_path: Path
     env: Mapping[str, str]
-    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    now: datetime | None = None
     transports: Mapping[str, Any] = field(default_factory=dict)   # system → httpx transport (tests)
     provider_options: Mapping[str, Any] = field(default_factory=dict)
+    _started: float | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.now is None:
+            self.now = wall_clock()
+            self._started = time.monotonic()
+
+    @property
+    def sandbox_dir(self) -> Path:
+        return self.state_path.parent / "sandbox"
+
+    def clock(self) -> datetime:
+        assert self.now is not None
+        if self._started is None:
+            return self.now
+        return self.now + timedelta(seconds=time.monotonic() - self._started)
+
+
+def running_clock(start: datetime) -> Callable[[], datetime]:
+    """A clock that reads `start` now and advances on the monotonic clock: a served sandbox's vendor
+    time under `sandbox serve --now`."""
+    started = time.monotonic()
+    return lambda: start + timedelta(seconds=time.monotonic() - started)
 
     @property
     def sandbox_dir(self) -> Path:
@@ -46,8 +81,9 @@ def validate(session: Session) -> Policy:
 
 
 def build_providers(session: Session, policy: Policy, state: LocalState) -> dict[str, Provider]:
+    options = {"clock": session.clock, **session.provider_options}
     return {name: build_provider(system, state, sandbox_dir=session.sandbox_dir,
-                                 transport=session.transports.get(name), **session.provider_options)
+                                 transport=session.transports.get(name), **options)
             for name, system in sorted(policy.systems.items())}
 
 

@@ -108,12 +108,13 @@ def reconciler_command() -> list[str]:
 
 @contextmanager
 def serve_sandboxes(tmp_path: Path, *options: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """Start `reconciler sandbox serve` on a free 127.0.0.1 port; yield its root URL (each vendor is at
+    """Start `reconciler sandbox serve` on a free 127.0.0.1 port, its vendor clock starting at NOW; yield its root URL (each vendor is at
     `/<vendor>`) and the credentials it printed (`ABLOY_KEYLESS_API_KEY`, `SPKEY_API_KEY`, ...)."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen([*reconciler_command(), "sandbox", "serve", "--port", str(port),
-                               "--dir", str(tmp_path / "vendor"), *options],
+                               "--dir", str(tmp_path / "vendor"), "--now", NOW.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                               *options],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     try:
         credentials: dict[str, str] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,18 @@ def test_export_after_apply_adopts_every_system_without_changes(tmp_path, source
         (adopter / f"{system}.exported.yaml").write_text(export_system(session, system))
     plan = run.plan(session)
     assert not plan.has_changes, [c.address for c in plan.changes]
+
+
+DELIBERATELY_EXPIRED = {"hq/permission/lars/server-room/OPEN"}   # policies/access.yaml says so in a comment
+
+
+@pytest.mark.parametrize("source", POLICY_SETS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_shipped_grant_stops_working_before_2030(tmp_path, source):
+    """The demo and the examples keep planning their grants until 2030, whatever today's date."""
+    shutil.copytree(source, tmp_path / "policies")
+    late = datetime(2029, 12, 31, 23, 0, tzinfo=UTC)
+    session = run.Session(directory=tmp_path / "policies", state_path=tmp_path / ".reconciler" / "state.json",
+                          env={}, now=late)
+    plan = run.plan(session)
+    expired = {w.address for w in plan.warnings if "has passed" in w.message}
+    assert expired <= DELIBERATELY_EXPIRED, expired

@@ -342,7 +342,8 @@ def test_an_operator_token_works_without_a_login_and_never_revokes_the_operator(
             self._operator_ids.clear()      # as with a token that is not a readable JWT
             return answer
     provider = OpaqueToken("office", url=BASE, credentials={"token": Secret(token)}, settings={},
-                           state=LocalState(tmp_path / "state.json"), transport=httpx.MockTransport(sim.handle))
+                           state=LocalState(tmp_path / "state.json"), clock=sim.now,
+                           transport=httpx.MockTransport(sim.handle))
     desired = [Resource("office", "device", "meeting-room", {}, id=MEETING)]
     try:
         result = provider.read(desired)

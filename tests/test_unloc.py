@@ -717,8 +717,9 @@ def test_cli_end_to_end_against_the_served_sandbox(tmp_path):
         run_env = {**env, **credentials, "RECONCILER_STATE": str(tmp_path / "state.json")}
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([*reconciler_command(), *args], capture_output=True, text=True, env=run_env, cwd=tmp_path,
-                                  timeout=120)
+            # The served sandbox's clock starts at NOW; the CLI plans as of the same moment.
+            return subprocess.run([*reconciler_command(), *args, "--now", NOW.strftime("%Y-%m-%dT%H:%M:%SZ")],
+                                  capture_output=True, text=True, env=run_env, cwd=tmp_path, timeout=120)
 
         first = cli("plan", "--detailed-exitcode")
         assert first.returncode == 2, first.stdout + first.stderr

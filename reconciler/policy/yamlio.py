@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from reconciler.errors import Diagnostic, Location
@@ -71,7 +72,7 @@ def read_documents(path: Path) -> tuple[list[Document], list[Diagnostic]]:
             continue
         protected, references = _protect_env_references(text)
         try:
-            root = YAML(typ="rt").load(protected)
+            root = _yaml().load(protected)
         except MarkedYAMLError as exc:
             diagnostics.append(_syntax_diagnostic(shown, exc))
             continue
@@ -81,6 +82,27 @@ def read_documents(path: Path) -> tuple[list[Document], list[Diagnostic]]:
         _restore_env_references(root, references)
         documents.append(Document(shown, root))
     return documents, diagnostics
+
+
+class _Constructor(RoundTripConstructor):
+    """ruamel's round-trip constructor, except that a timestamp-shaped scalar naming no real moment
+    (month 13, 30 February, hour 25) stays its text: the schema then refuses it at its `file:line:col`,
+    where ruamel would raise a bare ValueError."""
+
+    def construct_yaml_timestamp(self, node: Any, values: Any = None) -> Any:
+        try:
+            return super().construct_yaml_timestamp(node, values)
+        except ValueError:
+            return str(node.value)
+
+
+_Constructor.add_constructor("tag:yaml.org,2002:timestamp", _Constructor.construct_yaml_timestamp)
+
+
+def _yaml() -> YAML:
+    yaml = YAML(typ="rt")
+    yaml.Constructor = _Constructor
+    return yaml
 
 
 # `credentials: {api_key: ${KEY}}` is how DESIGN §3 writes credentials, but in a YAML flow mapping `{` and `}`

@@ -19,7 +19,7 @@ import jwt
 
 from reconciler.errors import VendorError
 from reconciler.providers.base import Event, Provider, ReadResult
-from reconciler.providers.http import HttpClient, Redactor, json_error
+from reconciler.providers.http import HttpClient, Redactor, json_error, token_lifetime
 from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time,
                                   normalise_time, unknown_name)
 
@@ -82,7 +82,7 @@ class AbloyProvider(Provider):
         self.http = HttpClient(
             self.url, system=self.name, transport=self.transport, redactor=self.redactor,
             headers={"Accept": MEDIA_TYPE, "X-Api-Key": self._secret["api_key"]},
-            authenticate=self._login, describe=describe_problem, sleep=self.sleep)
+            authenticate=self._login, describe=describe_problem, sleep=self.sleep, monotonic=self.monotonic)
         self.live_ids: dict[str, set[str]] = {}
         self._create_locks = {kind: threading.Lock() for kind in ("user", "device", "gateway")}
 
@@ -100,10 +100,10 @@ class AbloyProvider(Provider):
         token = response.json().get("token", "")
         self.redactor.add(token)
         try:
-            expires = jwt.decode(token, options={"verify_signature": False}).get("exp")
+            claims = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
         except jwt.PyJWTError:
-            expires = None  # not a JWT we can read: rely on the 401 → login-again path
-        return {"Authorization": f"Bearer {token}"}, float(expires) if expires else None
+            claims = {}   # not a JWT we can read: rely on the 401 → login-again path
+        return {"Authorization": f"Bearer {token}"}, token_lifetime(claims)
 
     # -- reading -------------------------------------------------------------------------------------
     def list_all(self, key: str, **params: str) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import httpx
@@ -57,10 +57,6 @@ class Event:
     detail: str = ""
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 class Provider:
     vendor: ClassVar[str]
     capabilities: ClassVar[Capabilities]
@@ -68,8 +64,11 @@ class Provider:
 
     def __init__(self, name: str, *, url: str | None, credentials: Mapping[str, Secret],
                  settings: Mapping[str, Any], state: StateStore,
-                 transport: httpx.BaseTransport | None = None, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], datetime] = utc_now):
+                 clock: Callable[[], datetime], transport: httpx.BaseTransport | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic):
+        """`clock` is the session's (what time it is, for decisions); `sleep` and `monotonic` measure
+        waits and token lifetimes."""
         self.name = name
         self.url = url or self.default_url
         self.credentials = dict(credentials)
@@ -81,6 +80,7 @@ class Provider:
         self.state = state
         self.transport = transport
         self.sleep = sleep
+        self.monotonic = monotonic
         self.clock = clock
         self.desired: dict[str, Resource] = {}
         self.ids: dict[str, str] = {}              # address → vendor id, from policy, state and reads

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -48,26 +49,30 @@ def capabilities() -> dict[str, Capabilities]:
     return {vendor: cls.capabilities for vendor, cls in PROVIDERS.items()}
 
 
-def build_provider(system: Any, state: StateStore, *, sandbox_dir: Path,
+def build_provider(system: Any, state: StateStore, *, sandbox_dir: Path, clock: Callable[[], datetime],
                    transport: httpx.BaseTransport | None = None, **options: Any) -> Provider:
-    """`system` is a policy `SystemConfig` (name, vendor, url, credentials, settings)."""
+    """`system` is a policy `SystemConfig` (name, vendor, url, credentials, settings). `clock` is the
+    session's: the provider and an embedded simulator both run on it, so `--now` moves the vendor too."""
     cls = PROVIDERS[system.vendor]
     url, credentials = system.url, dict(system.credentials)
     if url == "sandbox":
-        simulator = SIMULATORS[system.vendor](store_path=sandbox_dir / f"{system.name}.json")
+        simulator = SIMULATORS[system.vendor](store_path=sandbox_dir / f"{system.name}.json", clock=clock)
         transport = transport or httpx.MockTransport(simulator.handle)
         credentials = {k: Secret(v) for k, v in simulator.credentials.items()}
         url = SANDBOX_BASE
     return cls(system.name, url=url, credentials=credentials, settings=system.settings, state=state,
-               transport=transport, **options)
+               clock=clock, transport=transport, **options)
 
 
-def sandbox_mounts(directory: Path, *, rate_limit: int | None = None) -> tuple[dict[str, Any], dict[str, Mapping[str, str]]]:
-    """Simulators to serve over sockets, one per vendor under `/<vendor>`, and their credentials."""
+def sandbox_mounts(directory: Path, *, rate_limit: int | None = None, clock: Callable[[], datetime] | None = None,
+                   ) -> tuple[dict[str, Any], dict[str, Mapping[str, str]]]:
+    """Simulators to serve over sockets, one per vendor under `/<vendor>`, and their credentials. Without
+    `clock`, each runs on its own vendor clock (the machine's), as a real vendor does."""
     mounts: dict[str, Any] = {}
     credentials: dict[str, Mapping[str, str]] = {}
+    options: dict[str, Any] = {"clock": clock} if clock is not None else {}
     for vendor, factory in SIMULATORS.items():
-        simulator = factory(store_path=directory / f"{vendor}.json", rate_limit=rate_limit)
+        simulator = factory(store_path=directory / f"{vendor}.json", rate_limit=rate_limit, **options)
         mounts[f"/{vendor}"] = simulator.handle
         credentials[vendor] = simulator.credentials
     return mounts, credentials

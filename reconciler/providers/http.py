@@ -10,11 +10,12 @@ it landed.
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import random
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import httpx
 
@@ -49,10 +50,13 @@ class Redactor:
 class HttpClient:
     """Sync client shared by a provider's worker threads.
 
-    `authenticate(client) -> (headers, expires_at)` returns the auth headers and when they stop being
-    valid (epoch seconds, or None); it may call `client.send_raw` to log in. Headers are renewed a minute
-    before they expire and once on a 401. `describe(response) -> str` turns a vendor error body into one
-    line.
+    `authenticate(client) -> (headers, lifetime)` returns the auth headers and how many seconds they stay
+    valid from when they were asked for (None: until the vendor answers 401); it may call
+    `client.send_raw` to log in. The lifetime is measured on this machine's monotonic clock, never by
+    comparing the vendor's wall time with ours: the two clocks may differ by minutes, or by years in a
+    sandbox. Headers are renewed ahead of expiry by a margin that scales with the lifetime
+    (`renewal_margin`), and once on a 401. One login serves every worker thread. `describe(response) ->
+    str` turns a vendor error body into one line.
     """
 
     def __init__(self, base_url: str, *, system: str, headers: dict[str, str] | None = None,
@@ -60,17 +64,21 @@ class HttpClient:
                  authenticate: Callable[["HttpClient"], tuple[dict[str, str], float | None]] | None = None,
                  describe: Callable[[httpx.Response], str] | None = None,
                  max_attempts: int = 6, max_backoff: float = 30.0, timeout: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.system = system
         self.redact = redactor or Redactor()
         self._authenticate = authenticate
         self._describe = describe or _describe_plain
         self._auth_headers: dict[str, str] | None = None
-        self._auth_expires: float | None = None
+        self._auth_renew_at: float | None = None     # on the monotonic clock
         self._auth_lock = threading.Lock()
         self.max_attempts = max_attempts
         self.max_backoff = max_backoff
         self.sleep = sleep
+        self.monotonic = monotonic
+        self.logins = 0
+        self._vendor_anchor: tuple[float, float] | None = None   # (vendor epoch seconds, our monotonic)
         self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers or {},
                                    transport=transport, timeout=timeout)
         self.calls = 0
@@ -88,9 +96,12 @@ class HttpClient:
         if self._authenticate is None:
             return {}
         with self._auth_lock:
-            expiring = self._auth_expires is not None and time.time() >= self._auth_expires - 60
+            expiring = self._auth_renew_at is not None and self.monotonic() >= self._auth_renew_at
             if self._auth_headers is None or expiring:
-                self._auth_headers, self._auth_expires = self._authenticate(self)
+                asked = self.monotonic()     # the lifetime runs from the request, at the latest
+                self._auth_headers, lifetime = self._authenticate(self)
+                self.logins += 1
+                self._auth_renew_at = None if lifetime is None else asked + lifetime - renewal_margin(lifetime)
             return self._auth_headers
 
     # -- requests ------------------------------------------------------------------------------------
@@ -143,7 +154,29 @@ class HttpClient:
         """One request, no retry, no auth added: for login calls and the retry loop."""
         self.calls += 1
         log.debug("request system=%s method=%s path=%s", self.system, method, path)
-        return self.client.request(method, path, **kwargs)
+        response = self.client.request(method, path, **kwargs)
+        self._note_vendor_time(response)
+        return response
+
+    # -- the vendor's clock ----------------------------------------------------------------------------
+    def _note_vendor_time(self, response: httpx.Response) -> None:
+        date = response.headers.get("Date")
+        if not date:
+            return
+        try:
+            seen = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError, IndexError):
+            return
+        self._vendor_anchor = (seen, self.monotonic())
+
+    def vendor_time(self) -> float | None:
+        """The vendor's own time now (epoch seconds), from the `Date` of its latest answer advanced on our
+        monotonic clock; None before any dated answer. For what the vendor checks against its clock
+        (a signed operation's validity window), never for our own decisions."""
+        anchor = self._vendor_anchor
+        if anchor is None:
+            return None
+        return anchor[0] + (self.monotonic() - anchor[1])
 
     def _backoff(self, attempt: int, retry_after: str | None, method: str, path: str, why: str) -> None:
         delay = min(self.max_backoff, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
@@ -158,6 +191,23 @@ class HttpClient:
 
     def _line(self, method: str, path: str, detail: str) -> str:
         return self.redact(f"{self.system}: {method} {path}: {detail}")
+
+
+def renewal_margin(lifetime: float) -> float:
+    """How long before a token's end it is renewed: a quarter of its life plus a second (claims count
+    whole seconds, so a token may be up to a second older than it looks), at most a minute. A token of an
+    hour is renewed a minute early; one of 3 s after 1.25 s, never before every request."""
+    return min(60.0, max(lifetime, 0.0) / 4 + 1.0)
+
+
+def token_lifetime(claims: Mapping[str, Any]) -> float | None:
+    """A JWT's lifetime from its own claims (`exp - iat`): both are the vendor's clock, so their difference
+    holds whatever our clock says. None when either is missing: renew on the vendor's 401 only."""
+    try:
+        lifetime = float(claims["exp"]) - float(claims["iat"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return lifetime if lifetime > 0 else None
 
 
 def json_error(title: str, detail: str) -> Callable[[httpx.Response], str]:

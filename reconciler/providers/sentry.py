@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Change
 from reconciler.providers.base import Event, Provider, ReadResult
-from reconciler.providers.http import HttpClient, Redactor
+from reconciler.providers.http import HttpClient, Redactor, token_lifetime
 from reconciler.resources import Capabilities, Kind, Resource, address_of, format_time, parse_time, unknown_name
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class SentryProvider(Provider):
         self.redactor = Redactor([s for s in (self._token, self._password) if s])
         self.http = HttpClient(self.url, system=self.name, transport=self.transport, redactor=self.redactor,
                                headers={"Accept": "application/json"}, authenticate=self._login,
-                               describe=describe_error, sleep=self.sleep)
+                               describe=describe_error, sleep=self.sleep, monotonic=self.monotonic)
         # Generated per run and held only here: never serialised, logged or written anywhere.
         self._signing_key = Ed25519PrivateKey.generate()
         self._certificate: tuple[list[str], str] | None = None     # (x5c chain, acting user id)
@@ -142,8 +142,7 @@ class SentryProvider(Provider):
             claims = {}   # not a JWT we can read: rely on the 401 → login-again path
         if claims.get("sub"):
             self._operator_ids.add(str(claims["sub"]).lower())
-        expires = claims.get("exp")
-        return {"Authorization": f"Bearer {token}"}, float(expires) if expires else None
+        return {"Authorization": f"Bearer {token}"}, token_lifetime(claims)
 
     def _ensure_certificate(self) -> tuple[list[str], str]:
         """Register this run's public key once; the answer is the chain for `x5c` and who we act as."""
@@ -163,7 +162,10 @@ class SentryProvider(Provider):
 
     def _sign(self, lock_id: str, operation: dict[str, Any]) -> str:
         chain, user_id = self._ensure_certificate()
-        now = int(self.clock().timestamp())
+        # The platform checks the window against its own clock, so it is taken from the platform's answers
+        # (their `Date`); the session's clock only where the platform sends none.
+        vendor_now = self.http.vendor_time()
+        now = int(vendor_now if vendor_now is not None else self.clock().timestamp())
         claims = {"iss": user_id, "sub": lock_id, "iat": now, "nbf": now, "exp": now + SIGNATURE_LIFETIME,
                   "jti": str(uuid.uuid4()), "operation": operation}
         return jwt.encode(claims, self._signing_key, algorithm="EdDSA", headers={"typ": "JWT", "x5c": chain})

@@ -102,7 +102,7 @@ class SpkeyProvider(Provider):
         self.redactor = Redactor([api_key])
         self.http = HttpClient(self.url, system=self.name, transport=self.transport, redactor=self.redactor,
                                headers={"X-API-Key": api_key, "Accept": "application/json"},
-                               describe=describe_error, sleep=self.sleep)
+                               describe=describe_error, sleep=self.sleep, monotonic=self.monotonic)
         self.user_ids: dict[str, str] = {}    # email (as the policy writes it) → SmartphoneKey user uuid
         self.emails: dict[str, str] = {}      # user uuid → email
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
@@ -97,7 +96,7 @@ class UnlocProvider(Provider):
         self.redactor = Redactor(self._secret.values())
         self.http = HttpClient(self.url, system=self.name, transport=self.transport, redactor=self.redactor,
                                headers={"Accept": "application/json"}, authenticate=self._token,
-                               describe=describe_error, sleep=self.sleep)
+                               describe=describe_error, sleep=self.sleep, monotonic=self.monotonic)
         self._seen: set[str] = set()     # key ids the last read saw: never "found" as a lost create's result
 
     def close(self) -> None:
@@ -121,13 +120,13 @@ class UnlocProvider(Provider):
         if not token:
             raise VendorError(f"{self.name}: token request failed: the answer has no access_token")
         expires_in = answer.get("expires_in")
-        # The HTTP client renews a minute before this moment; without `expires_in`, only on a 401.
+        # The HTTP client renews ahead of this lifetime; without `expires_in`, only on a 401.
         try:
-            expires: float | None = time.time() + float(expires_in)
+            lifetime: float | None = float(expires_in) if float(expires_in) > 0 else None
         except (TypeError, ValueError):
-            expires = None
+            lifetime = None
         log.info("token obtained system=%s expires_in=%s", self.name, expires_in)
-        return {"Authorization": f"Bearer {token}"}, expires
+        return {"Authorization": f"Bearer {token}"}, lifetime
 
     # -- reading -------------------------------------------------------------------------------------
     def _path(self, endpoint: str, **ids: str) -> str:

@@ -108,7 +108,7 @@ class UnlocPartnerProvider(Provider):
         self.http = HttpClient(
             self.url, system=self.name, transport=self.transport, redactor=self.redactor,
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
-            describe=describe_error, sleep=self.sleep)
+            describe=describe_error, sleep=self.sleep, monotonic=self.monotonic)
         self.locks: dict[str, dict[str, Any]] = {}          # lock id → lock, from the last read
         self._settled: dict[str, dict[str, Any] | None] = {}  # state records the last read settled
         self._guard = threading.Lock()

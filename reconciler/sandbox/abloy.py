@@ -740,13 +740,13 @@ class AbloySimulator(Simulator):
             if device["claimingStatus"] != "UNCLAIMED":
                 raise ValueError(f"locking device {device_id} is already claimed")
             serial = serial or f"BPLAD2{device['_seq']:05d}"
-            now = self.now()
+            claimed = self.now()
             device.update(
                 claimingStatus="CLAIMED", serialNumber=serial,
                 operationalCertificate={"eligibleForReKeying": False, "revoked": False,
-                                        "expirationDatetime": format_datetime(now + timedelta(days=730))},
+                                        "expirationDatetime": format_datetime(claimed + timedelta(days=730))},
                 manufacturingCertificate={"eligibleForReKeying": False, "revoked": False,
-                                          "expirationDatetime": format_datetime(now + timedelta(days=3650))},
+                                          "expirationDatetime": format_datetime(claimed + timedelta(days=3650))},
                 hardwareModel="PADLOCK", hardwareVersion="3", firmwareVersion="1.4.2")
             self.mark_changed()
             return serial

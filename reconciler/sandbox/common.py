@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import email.utils
 import hmac
 import json
 import logging
@@ -618,6 +619,12 @@ class Simulator:
 
     # --- the workflow
     def handle(self, request: httpx.Request) -> httpx.Response:
+        response = self._respond(request)
+        # Like any HTTP server with a clock (RFC 9110 §6.6.1): clients learn the vendor's time from it.
+        response.headers["Date"] = email.utils.format_datetime(self.now(), usegmt=True)
+        return response
+
+    def _respond(self, request: httpx.Request) -> httpx.Response:
         request.read()
         match = self._router.match(request.method, request.url.path)
         record = self._log.start(request, match.path)

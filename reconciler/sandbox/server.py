@@ -128,11 +128,17 @@ class _RequestHandler(BaseHTTPRequestHandler):
             response = problem_response(500, "Sandbox internal error")
         self._write(response)
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        # The simulator's `Date` is its vendor clock (which `--now` may set); the socket server's own
+        # would be this machine's.
+        return getattr(self, "_vendor_date", None) or super().date_time_string(timestamp)
+
     def _write(self, response: httpx.Response) -> None:
         content = response.read()
+        self._vendor_date = response.headers.get("Date")
         self.send_response(response.status_code)
         for name, value in response.headers.multi_items():
-            if name.lower() not in _HOP_BY_HOP:
+            if name.lower() not in _HOP_BY_HOP and name.lower() != "date":
                 self.send_header(name, value)
         self.send_header("Content-Length", str(len(content)))
         self.end_headers()
