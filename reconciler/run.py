@@ -22,6 +22,7 @@ from reconciler.policy import Policy, load_policy
 from reconciler.providers.base import Event, Provider
 from reconciler.providers.factory import build_provider, capabilities
 from reconciler.state import LocalState
+from reconciler.state.guard import check_state
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,9 @@ def build_providers(session: Session, policy: Policy, state: LocalState) -> dict
 
 
 def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider],
-              applied: Mapping[str, str] | None = None) -> Plan:
-    """Read every system in bulk, all systems at once, then diff."""
+              applied: Mapping[str, str] | None = None, *, state: Any = None) -> Plan:
+    """Read every system in bulk, all systems at once, then diff. With `state`, first refuse a state
+    that belongs to another system or was lost (`state.guard`)."""
     desired = policy.resources
     with ThreadPoolExecutor(max(1, len(providers))) as pool:
         reads = dict(zip(providers, pool.map(lambda p: p.read(desired), providers.values())))
@@ -97,6 +99,8 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
     if problems:
         raise PlanError(problems)
     live = [r for result in reads.values() for r in result.resources]
+    if state is not None:
+        check_state(state, {name: p.identity() for name, p in providers.items()}, desired, live)
     notes = [Note(str(d.location), d.message) for d in policy.warnings]
     notes += [n for result in reads.values() for n in result.warnings]
     modes = {name: system.unmanaged for name, system in policy.systems.items()}
@@ -108,7 +112,7 @@ def plan(session: Session) -> Plan:
     state = LocalState(session.state_path)
     providers = build_providers(session, policy, state)
     try:
-        return make_plan(session, policy, providers, state.applied())
+        return make_plan(session, policy, providers, state.applied(), state=state)
     finally:
         _close(providers)
 
@@ -123,7 +127,9 @@ def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callabl
     with state:
         providers = build_providers(session, policy, state)
         try:
-            fresh = make_plan(session, policy, providers, state.applied())
+            fresh = make_plan(session, policy, providers, state.applied(), state=state)
+            for name, provider in providers.items():
+                state.set_system(name, provider.identity())
             if saved is not None:
                 check_saved(saved, fresh)
             if on_plan:

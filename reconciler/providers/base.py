@@ -32,6 +32,9 @@ from reconciler.secret import Secret
 
 log = logging.getLogger(__name__)
 
+# Credential and setting names that say which account or tenant a system is (never a rotating key).
+ACCOUNT_NAMES = ("user_id", "email", "client_id", "lock_holder_id", "partner_id")
+
 
 class StateStore(Protocol):
     def get(self, address: str) -> dict[str, Any] | None: ...
@@ -96,6 +99,16 @@ class Provider:
             if resource.id:
                 self.ids[resource.address] = resource.id
         return self.read_live(list(self.desired.values()))
+
+    def identity(self) -> dict[str, str]:
+        """Which vendor system this is: vendor, endpoint and a digest of the account (the account's
+        identifier, or the API key where a vendor has nothing else). The state records it; a state of
+        another system is refused (`reconciler.state.guard`)."""
+        values = [(n, self.credentials[n].reveal()) for n in ACCOUNT_NAMES if n in self.credentials]
+        values += [(n, str(self.settings[n])) for n in ACCOUNT_NAMES if self.settings.get(n)]
+        if not values:
+            values = sorted((n, s.reveal()) for n, s in self.credentials.items())
+        return {"vendor": self.vendor, "url": self.url.rstrip("/"), "account": digest(values)[:23]}
 
     def commit_reads(self) -> None:
         """Persist what the last read settled (creates whose answer was lost); apply calls this under

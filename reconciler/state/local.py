@@ -2,8 +2,10 @@
 
 Called by the CLI (open, lock) and the applier (record every successful change). Each change is appended
 to `<state>.journal` and flushed to disk before the next request, so an apply killed at any point loses
-nothing; `save()` folds the journal into the snapshot with an atomic replace. A second apply on the same
-state fails at once on the lock instead of waiting.
+nothing; `save()` folds the journal into the snapshot with an atomic replace, keeping the snapshot it
+replaces as `<state>.prev` so that a damaged file can be rolled back. A second apply on the same state
+fails at once on the lock instead of waiting. The state also records which vendor system each policy
+system name was applied to (`systems()`); `reconciler.state.guard` refuses a state of another system.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ class LocalState:
         self.path = Path(path)
         self.journal_path = self.path.with_name(self.path.name + ".journal")
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.previous_path = self.path.with_name(self.path.name + ".prev")
         self._records: dict[str, dict[str, Any]] = {}
+        self._systems: dict[str, dict[str, str]] = {}   # system name → identity it was applied to
         self._applied: dict[str, str] = {}   # address → digest of the desired attributes last applied
         self._mutex = threading.Lock()
         self._lock_fd: int | None = None
@@ -50,6 +54,21 @@ class LocalState:
         with self._mutex:
             snapshot = [(a, dict(r)) for a, r in self._records.items() if a.startswith(prefix)]
         return iter(sorted(snapshot))
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def systems(self) -> dict[str, dict[str, str]]:
+        """The identity (vendor, endpoint, account) each system name was last applied to."""
+        with self._mutex:
+            return {name: dict(identity) for name, identity in self._systems.items()}
+
+    def set_system(self, name: str, identity: Mapping[str, str]) -> None:
+        with self._mutex:
+            if self._systems.get(name) != dict(identity):
+                self._systems[name] = dict(identity)
+                self._append({"op": "system", "name": name, "identity": dict(identity)})
 
     def id_of(self, address: str) -> str | None:
         record = self.get(address)
@@ -82,17 +101,28 @@ class LocalState:
                 self._append({"op": "applied", "address": address, "digest": attributes_digest})
 
     def save(self) -> None:
-        """Fold the journal into the snapshot (atomic replace), then empty the journal."""
+        """Fold the journal into the snapshot (atomic replace), then empty the journal. The snapshot it
+        replaces stays as `<state>.prev` (only when the content changes, so a no-op run keeps it)."""
         with self._mutex:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = {"version": STATE_VERSION, "resources": dict(sorted(self._records.items())),
+            data = {"version": STATE_VERSION, "systems": dict(sorted(self._systems.items())),
+                    "resources": dict(sorted(self._records.items())),
                     "applied": dict(sorted(self._applied.items()))}
+            text = json.dumps(data, indent=1, sort_keys=True)
+            try:
+                unchanged = self.path.read_text(encoding="utf-8") == text
+            except (OSError, ValueError):
+                unchanged = False
+            if unchanged:
+                self.journal_path.unlink(missing_ok=True)
+                return
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
             try:
                 with os.fdopen(fd, "w") as handle:
-                    json.dump(data, handle, indent=1, sort_keys=True)
+                    handle.write(text)
                     handle.flush()
                     os.fsync(handle.fileno())
+                self._keep_previous()
                 os.replace(tmp, self.path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -131,6 +161,37 @@ class LocalState:
             self.unlock()
 
     # -- internals -----------------------------------------------------------------------------------
+    def _keep_previous(self) -> None:
+        """Keep the snapshot about to be replaced as `<state>.prev`, and the journal being folded as
+        `<state>.prev.journal`: together they replay to exactly the new snapshot, so a rollback loses
+        nothing. Copies and renames only; the live pair (snapshot, journal) stays consistent throughout."""
+        if not self.path.exists():
+            return
+        for source, target in ((self.path, self.previous_path), (self.journal_path, self._previous_journal)):
+            tmp = target.with_name(target.name + ".tmp")
+            if source.exists():
+                tmp.write_bytes(source.read_bytes())
+                os.replace(tmp, target)
+            else:
+                target.unlink(missing_ok=True)
+
+    @property
+    def _previous_journal(self) -> Path:
+        return self.previous_path.with_name(self.previous_path.name + ".journal")
+
+    def _unreadable(self, why: str) -> StateError:
+        if self.previous_path.exists():
+            journal = (f" && mv {self._previous_journal} {self.journal_path}"
+                       if self._previous_journal.exists() else "")
+            way_out = (f"the previous snapshot is {self.previous_path}, with the changes since in its journal; "
+                       f"to roll back to it (losing nothing the last apply recorded), run "
+                       f"`mv {self.previous_path} {self.path}{journal}`, then `reconciler plan`")
+        else:
+            way_out = (f"there is no previous snapshot ({self.previous_path}); restore the file from a backup "
+                       "(for instance its git history), or move it aside and adopt the live systems with "
+                       "`reconciler export SYSTEM`")
+        return StateError(f"state {self.path} is unreadable ({why}); nothing was read or sent. {way_out}")
+
     def _append(self, entry: dict[str, Any]) -> None:
         self.journal_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.journal_path, "a", encoding="utf-8") as journal:
@@ -141,15 +202,21 @@ class LocalState:
     def _load(self) -> None:
         records: dict[str, dict[str, Any]] = {}
         applied: dict[str, str] = {}
+        systems: dict[str, dict[str, str]] = {}
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
-                raise StateError(f"cannot read state {self.path}: {exc}") from None
+                raise self._unreadable(str(exc)) from None
             if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-                raise StateError(f"state {self.path} has an unknown format (expected version {STATE_VERSION})")
-            records = {a: dict(r) for a, r in data.get("resources", {}).items()}
-            applied = dict(data.get("applied", {}))
+                raise self._unreadable(f"not a reconciler state of version {STATE_VERSION}")
+            try:
+                records = {str(a): dict(r) for a, r in data.get("resources", {}).items()}
+                applied = {str(a): str(d) for a, d in data.get("applied", {}).items()}
+                systems = {str(n): {str(k): str(v) for k, v in i.items()}
+                           for n, i in data.get("systems", {}).items()}
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise self._unreadable(f"malformed content: {exc}") from None
         if self.journal_path.exists():
             for number, line in enumerate(self.journal_path.read_text(encoding="utf-8").splitlines(), 1):
                 try:
@@ -166,6 +233,9 @@ class LocalState:
                     applied[entry["address"]] = entry["digest"]
                 elif entry.get("op") == "unapplied":
                     applied.pop(entry["address"], None)
+                elif entry.get("op") == "system":
+                    systems[entry["name"]] = entry["identity"]
         with self._mutex:
             self._records = records
             self._applied = applied
+            self._systems = systems
