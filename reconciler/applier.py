@@ -3,18 +3,25 @@
 Called by the CLI with the plan and one provider per system. Providers record every successful change in
 the state store as it happens (journaled), so an apply stopped at any point is finished by running it
 again. A failure does not stop independent changes; what depends on a failed change is skipped, and the
-report says what succeeded and what remains.
+report says what succeeded and what remains. A change whose outcome is unknown (the vendor may or may not
+have done it, and a lookup could not tell) is *uncertain*: it is never reported as done, and its
+dependants wait like those of a failed change.
+
+Interrupting: when `stop` is set (the CLI sets it on Ctrl-C), no new change starts; the ones in flight
+finish (their requests are bounded by the request timeout) and are journaled as usual, and the report
+lists what was applied, what is uncertain and what was not attempted.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol
 
-from reconciler.errors import RefusedError
+from reconciler.errors import RefusedError, VendorError
 from reconciler.plan import Action, Change, Plan
 
 log = logging.getLogger(__name__)
@@ -33,28 +40,38 @@ class Applies(Protocol):
     def record_applied(self, change: Change) -> None: ...
 
 
+INTERRUPTED = "interrupted before it started"
+
+
 @dataclass
 class ApplyReport:
     done: list[Change] = field(default_factory=list)
     failed: list[tuple[Change, str]] = field(default_factory=list)
     skipped: list[tuple[Change, str]] = field(default_factory=list)
+    uncertain: list[tuple[Change, str]] = field(default_factory=list)   # may or may not have happened
+    interrupted: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.skipped
+        return not self.failed and not self.skipped and not self.uncertain and not self.interrupted
 
     def lines(self) -> list[str]:
         return [f"{c.address}: {_PAST[c.action]}" for c in self.done] + self.remaining()
 
     def remaining(self) -> list[str]:
         """What was not applied, and why: the work a re-run will do."""
-        lines = [f"{c.address}: FAILED to {c.action}: {why}" for c, why in self.failed]
+        lines = [f"{c.address}: UNCERTAIN whether it was {_PAST[c.action]}: {why}" for c, why in self.uncertain]
+        lines += [f"{c.address}: FAILED to {c.action}: {why}" for c, why in self.failed]
         lines += [f"{c.address}: not applied ({why})" for c, why in self.skipped]
         return lines
 
     def summary(self) -> str:
-        return (f"{len(self.done)} applied, {len(self.failed)} failed, {len(self.skipped)} not attempted; "
-                "run apply again to finish what remains" if not self.ok else f"{len(self.done)} applied")
+        if self.ok:
+            return f"{len(self.done)} applied"
+        return ((f"interrupted: " if self.interrupted else "")
+                + f"{len(self.done)} applied, {len(self.uncertain)} uncertain, {len(self.failed)} failed, "
+                f"{len(self.skipped)} not attempted; run apply again to finish what remains"
+                + ("; it looks up what is uncertain before sending anything" if self.uncertain else ""))
 
 
 def check_mass_revoke(plan: Plan, allow: bool) -> None:
@@ -67,10 +84,17 @@ def check_mass_revoke(plan: Plan, allow: bool) -> None:
                        "review it and pass --allow-mass-revoke to apply it")
 
 
+def is_uncertain(exc: BaseException) -> bool:
+    """The vendor may have done it: an answer lost after sending, that no lookup could settle."""
+    return isinstance(exc, VendorError) and exc.ambiguous
+
+
 def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Mapping[str, int] | None = None,
                allow_mass_revoke: bool = False,
-               on_change: Callable[[Change, str | None], None] | None = None) -> ApplyReport:
+               on_change: Callable[[Change, str | None], None] | None = None,
+               stop: threading.Event | None = None) -> ApplyReport:
     check_mass_revoke(plan, allow_mass_revoke)
+    stop = stop or threading.Event()
     for provider in providers.values():
         provider.commit_reads()
     report = ApplyReport()
@@ -81,11 +105,20 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
 
     pools = {system: ThreadPoolExecutor((concurrency or {}).get(system, DEFAULT_CONCURRENCY),
                                         thread_name_prefix=f"apply-{system}") for system in providers}
+    def guarded(provider: Applies, batch: list[Change]) -> bool:
+        if stop.is_set():
+            return False    # interrupted: nothing new is sent
+        provider.apply_batch(batch)
+        return True
+
     try:
         for phase in sorted(phases):
-            futures: list[tuple[list[Change], Future[None]]] = []
+            futures: list[tuple[list[Change], Future[bool]]] = []
             by_system: dict[str, list[Change]] = defaultdict(list)
             for change in phases[phase]:
+                if stop.is_set():
+                    report.skipped.append((change, INTERRUPTED))
+                    continue
                 blocked = [d for d in (change.desired.depends_on if change.desired else ()) if d in broken]
                 if blocked:
                     report.skipped.append((change, f"depends on {', '.join(blocked)}"))
@@ -95,17 +128,23 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
             for system, changes in by_system.items():
                 provider = providers[system]
                 for batch in provider.batches(changes):
-                    futures.append((batch, pools[system].submit(provider.apply_batch, batch)))
+                    futures.append((batch, pools[system].submit(guarded, provider, batch)))
             for batch, future in futures:
                 try:
-                    future.result()
+                    started = future.result()
                 except Exception as exc:  # a failed change is reported, never lost
+                    uncertain = is_uncertain(exc)
                     for change in batch:
-                        report.failed.append((change, str(exc)))
+                        (report.uncertain if uncertain else report.failed).append((change, str(exc)))
                         broken.add(change.address)
-                        log.warning("change failed address=%s error=%s", change.address, exc)
+                        log.warning("change %s address=%s error=%s", "uncertain" if uncertain else "failed",
+                                    change.address, exc)
                         if on_change:
                             on_change(change, str(exc))
+                    continue
+                if not started:
+                    report.skipped.extend((change, INTERRUPTED) for change in batch)
+                    broken.update(change.address for change in batch)
                     continue
                 for change in batch:
                     providers[change.system].record_applied(change)
@@ -114,5 +153,6 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
                         on_change(change, None)
     finally:
         for pool in pools.values():
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)
+    report.interrupted = stop.is_set()
     return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 from datetime import UTC, datetime
@@ -54,7 +55,8 @@ def _guard(func: Callable[[], int]) -> None:
             click.echo(line, err=True)
         code = exc.exit_code
     except KeyboardInterrupt:
-        click.echo("interrupted; run apply again to finish: every completed change is recorded", err=True)
+        # Apply catches Ctrl-C itself once it starts sending (see `apply`): reaching here, nothing was sent.
+        click.echo("interrupted; nothing was sent", err=True)
         code = ExitCode.ERROR
     except click.exceptions.ClickException:
         raise
@@ -149,33 +151,64 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
     def body() -> int:
         saved = _read_plan(plan_file) if plan_file else None
         lock = threading.Lock()
+        stop = threading.Event()
+        applied: list[str] = []
 
         def show(result: Plan) -> None:
             click.echo(render_text(result), nl=False)
 
         def approve(result: Plan) -> bool:
-            if auto_approve:
-                return True
-            if not sys.stdin.isatty():
-                raise RefusedError("refused: no terminal to ask for approval; pass --auto-approve")
-            return click.confirm("\nApply these changes?", default=False)
+            if not auto_approve:
+                if not sys.stdin.isatty():
+                    raise RefusedError("refused: no terminal to ask for approval; pass --auto-approve")
+                if not click.confirm("\nApply these changes?", default=False):
+                    return False
+            signal.signal(signal.SIGINT, interrupt)     # from here on, Ctrl-C stops sending, honestly
+            return True
+
+        def interrupt(signum: int, frame: Any) -> None:
+            if not stop.is_set():
+                stop.set()
+                click.echo("\nInterrupted: sending nothing new; waiting for the requests in flight (at most "
+                           "the request timeout) to journal them. Ctrl-C again exits at once.", err=True)
+                return
+            with lock:
+                click.echo(f"\nInterrupted again: exiting now. {len(applied)} changes were applied and "
+                           "journaled (listed above); what was in flight is uncertain and the next apply looks "
+                           "it up before sending anything; nothing else was sent. Run apply again to finish.",
+                           err=True)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(int(ExitCode.ERROR))   # worker threads still waiting on the network are abandoned
 
         def progress(change: Change, error: str | None) -> None:
             with lock:
                 if error:
                     click.echo(f"{change.address}: failed: {error}", err=True)
                 else:
+                    applied.append(change.address)
                     click.echo(f"{change.address}: {change.action} done")
 
-        result, report = run.apply(_session(directory, state, now), saved=saved, approve=approve,
-                                   allow_mass_revoke=allow_mass_revoke, on_plan=show, on_change=progress)
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            result, report = run.apply(_session(directory, state, now), saved=saved, approve=approve,
+                                       allow_mass_revoke=allow_mass_revoke, on_plan=show, on_change=progress,
+                                       stop=stop)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        uncertain = [w for w in result.warnings if dict(w.details).get("uncertain")]
         if report is None:
             if result.has_changes:
                 click.echo("Nothing applied.")
+            if uncertain:
+                raise ApplyFailedError(f"apply incomplete: {len(uncertain)} uncertain (see the warnings above); "
+                                       "resolve them as each says, then run apply again",
+                                       [f"remains: {n.address}: {n.message}" for n in uncertain])
             return ExitCode.OK
-        if not report.ok:
+        if not report.ok or uncertain:
             raise ApplyFailedError(f"apply incomplete: {report.summary()}",
-                                   [f"not applied: {line}" for line in report.remaining()])
+                                   [f"not applied: {line}" for line in report.remaining()]
+                                   + [f"remains: {n.address}: {n.message}" for n in uncertain])
         click.echo(f"\nApply complete: {report.summary()}.")
         return ExitCode.OK
     _guard(body)

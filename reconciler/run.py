@@ -7,6 +7,7 @@ other front ends (CI jobs) run the same workflow without click.
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import time
@@ -119,13 +120,18 @@ def plan(session: Session) -> Plan:
 
 def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callable[[Plan], bool],
           allow_mass_revoke: bool = False, on_plan: Callable[[Plan], None] | None = None,
-          on_change: Callable[[Change, str | None], None] | None = None) -> tuple[Plan, ApplyReport | None]:
+          on_change: Callable[[Change, str | None], None] | None = None,
+          stop: threading.Event | None = None) -> tuple[Plan, ApplyReport | None]:
     """Plan under the state lock, check it against a saved plan, ask, execute. Returns the report, or
-    None when there was nothing to do or approval was declined."""
+    None when there was nothing to do or approval was declined. Setting `stop` (Ctrl-C) sends nothing
+    new; the report then says what was applied, what is uncertain and what remains."""
     policy = validate(session)
     state = LocalState(session.state_path)
     with state:
         providers = build_providers(session, policy, state)
+        if stop is not None:
+            for provider in providers.values():
+                provider.stop = stop
         try:
             fresh = make_plan(session, policy, providers, state.applied(), state=state)
             for name, provider in providers.items():
@@ -143,7 +149,7 @@ def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callabl
                 return fresh, None
             report = apply_plan(fresh, providers, allow_mass_revoke=allow_mass_revoke,
                                 concurrency={n: s.concurrency for n, s in policy.systems.items()},
-                                on_change=on_change)
+                                on_change=on_change, stop=stop)
             return fresh, report
         finally:
             _close(providers)

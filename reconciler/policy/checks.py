@@ -44,6 +44,7 @@ def check_systems(declarations: Declarations, capabilities: Mapping[str, Capabil
             systems[name] = SystemConfig(name=name, vendor=entry.model.vendor, url=entry.model.url,
                                          credentials=credentials, unmanaged=entry.model.unmanaged,
                                          settings=dict(entry.settings), concurrency=entry.model.concurrency,
+                                         deadline=entry.model.deadline,
                                          source=entry.place.at())
     return systems, problems
 

@@ -36,7 +36,7 @@ COLOUR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
 DURATION_RE = re.compile(r"^P(\d+)D$")
 TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 # Keys of a system entry that every vendor has; any other key is a vendor setting checked against capabilities.
-SYSTEM_KEYS = ("vendor", "url", "credentials", "unmanaged", "concurrency")
+SYSTEM_KEYS = ("vendor", "url", "credentials", "unmanaged", "concurrency", "deadline")
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 Role = Literal["USER", "ADMIN"]
@@ -55,6 +55,7 @@ class SystemConfig:
     unmanaged: Literal["revoke", "report"] = "revoke"
     settings: dict[str, Any] = field(default_factory=dict)
     concurrency: int = 8
+    deadline: int = 120                  # seconds: reads, and apply without any answer, give up after it
     source: Location = Location("")
 
     @property
@@ -113,6 +114,7 @@ class SystemModel(_Model):
     credentials: dict[str, Any] | None = None
     unmanaged: Literal["revoke", "report"] = "revoke"
     concurrency: Annotated[int, Field(ge=1)] = 8
+    deadline: Annotated[int, Field(ge=1, le=3600)] = 120
 
     @field_validator("vendor")
     @classmethod

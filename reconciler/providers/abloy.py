@@ -19,7 +19,7 @@ import jwt
 
 from reconciler.errors import VendorError
 from reconciler.providers.base import Event, Provider, ReadResult
-from reconciler.providers.http import HttpClient, Redactor, json_error, token_lifetime
+from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, Redactor, json_error, token_lifetime
 from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time,
                                   normalise_time, unknown_name)
 
@@ -94,6 +94,8 @@ class AbloyProvider(Provider):
         body = {"userId": self._secret["user_id"], "accessKey": self._secret["access_key"]}
         try:
             response = http.request("POST", PATHS["login"], json=body, idempotent=True, authenticated=False)
+        except (DeadlineExceeded, Interrupted):
+            raise
         except VendorError as exc:
             raise VendorError(f"{self.name}: login failed: {exc}".replace(f"{self.name}: {self.name}: ", ""),
                               status=exc.status, temporary=exc.temporary) from None

@@ -18,6 +18,7 @@ A vendor subclass MUST NOT open its own HTTP client, print, or write state outsi
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,11 +27,14 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol
 import httpx
 
 from reconciler.errors import VendorError
+from reconciler.providers.http import Deadline, HttpClient
 from reconciler.plan import Action, Change, Note
 from reconciler.resources import Capabilities, Resource, digest
 from reconciler.secret import Secret
 
 log = logging.getLogger(__name__)
+
+DEFAULT_DEADLINE = 120.0   # seconds: reads of one system, and apply without any answer from it
 
 # Credential and setting names that say which account or tenant a system is (never a rotating key).
 ACCOUNT_NAMES = ("user_id", "email", "client_id", "lock_holder_id", "partner_id")
@@ -69,7 +73,7 @@ class Provider:
                  settings: Mapping[str, Any], state: StateStore,
                  clock: Callable[[], datetime], transport: httpx.BaseTransport | None = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic, deadline: float | None = None):
         """`clock` is the session's (what time it is, for decisions); `sleep` and `monotonic` measure
         waits and token lifetimes."""
         self.name = name
@@ -85,12 +89,23 @@ class Provider:
         self.sleep = sleep
         self.monotonic = monotonic
         self.clock = clock
+        self.deadline_seconds = float(deadline or DEFAULT_DEADLINE)
+        self.stop = threading.Event()          # set on Ctrl-C: nothing new is sent
         self.desired: dict[str, Resource] = {}
         self.ids: dict[str, str] = {}              # address → vendor id, from policy, state and reads
         self._resolved: dict[str, dict[str, Any] | None] = {}   # intents settled by the last read
 
     # -- workflow ------------------------------------------------------------------------------------
+    def start_phase(self, phase: str) -> None:
+        """Reads get one overall deadline; apply a deadline renewed by every answer (a long apply that
+        keeps being answered is not hung). A failed login is shared within a phase, not repeated."""
+        http = getattr(self, "http", None)
+        if isinstance(http, HttpClient):
+            # Real waiting, on the real monotonic clock (a test's stepped clock for token lifetimes is not it).
+            http.start_phase(Deadline(self.deadline_seconds, renewing=phase == "apply"), self.stop)
+
     def read(self, desired: list[Resource]) -> ReadResult:
+        self.start_phase("read")
         self.desired = {r.address: r for r in desired if r.system == self.name}
         for address, record in self.state.items(f"{self.name}/"):
             if record.get("id"):
@@ -112,7 +127,8 @@ class Provider:
 
     def commit_reads(self) -> None:
         """Persist what the last read settled (creates whose answer was lost); apply calls this under
-        the state lock before changing anything."""
+        the state lock before changing anything: the apply phase starts here."""
+        self.start_phase("apply")
         for address, record in sorted(self._resolved.items()):
             if record is None:
                 self.state.delete(address)

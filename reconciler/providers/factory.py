@@ -60,6 +60,7 @@ def build_provider(system: Any, state: StateStore, *, sandbox_dir: Path, clock: 
         transport = transport or httpx.MockTransport(simulator.handle)
         credentials = {k: Secret(v) for k, v in simulator.credentials.items()}
         url = SANDBOX_BASE
+    options.setdefault("deadline", getattr(system, "deadline", None))
     return cls(system.name, url=url, credentials=credentials, settings=system.settings, state=state,
                clock=clock, transport=transport, **options)
 

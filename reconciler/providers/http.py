@@ -1,11 +1,17 @@
-"""The one HTTP client every provider uses: auth hand-off, retries, rate limit, redaction.
+"""The one HTTP client every provider uses: auth hand-off, retries, rate limit, deadlines, redaction.
 
-Providers call `HttpClient.request()`; it adds the vendor's headers and token, retries what is safe to
-retry (429, 502, 503, 504 and connection errors, with capped exponential backoff and jitter, honouring
-`Retry-After`), logs in again once on a 401, and turns every failure into a one-line `VendorError` with
-all secrets redacted. A request that may have taken effect without an answer (a create whose response was
-lost) is never repeated here: it raises `VendorError(ambiguous=True)` so the provider can check whether
-it landed.
+Providers call `HttpClient.request()`; it adds the vendor's headers and token, and reads every failure by
+what it says about the request:
+- 429 and 503 mean *not processed*: retried for any method, with capped exponential backoff and jitter,
+  honouring `Retry-After`; so are connection errors before anything was sent.
+- 502, 504, timeouts and connections lost after sending mean *uncertain*: a repeatable request (GET, PUT,
+  DELETE) is retried; a create is never repeated here: it raises `VendorError(ambiguous=True)` so that
+  the provider looks up whether it landed.
+- 401 with a token: log in again once. A failed login is remembered and shared by every worker of the
+  client (until the next phase), instead of each worker repeating the whole login sequence.
+Every request also respects the phase's `Deadline` (one per system for reads and for apply; each request's
+timeout is capped by what remains of it) and a `stop` event (Ctrl-C: nothing new is sent). Every failure is
+a one-line `VendorError` with all secrets redacted.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from reconciler.errors import VendorError
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+NOT_PROCESSED = frozenset({429, 503})        # the vendor says it did nothing: safe to send again
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 
@@ -45,6 +52,34 @@ class Redactor:
         for secret in secrets:
             text = text.replace(secret, "***")
         return text
+
+
+class DeadlineExceeded(VendorError):
+    """The phase's deadline passed before the vendor gave a usable answer."""
+
+
+class Interrupted(VendorError):
+    """Stopped on request (Ctrl-C) before this request was sent."""
+
+
+class Deadline:
+    """A time budget on the monotonic clock, shared by every worker of a provider for one phase.
+
+    `renewing=True` restarts the budget at every usable answer (apply: a long apply that keeps getting
+    answers is not hung); otherwise it is one overall budget (reads)."""
+
+    def __init__(self, seconds: float, *, renewing: bool = False, monotonic: Callable[[], float] = time.monotonic):
+        self.seconds = seconds
+        self.renewing = renewing
+        self._monotonic = monotonic
+        self._end = monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self._end - self._monotonic()
+
+    def answered(self) -> None:
+        if self.renewing:
+            self._end = self._monotonic() + self.seconds
 
 
 class HttpClient:
@@ -79,9 +114,20 @@ class HttpClient:
         self.monotonic = monotonic
         self.logins = 0
         self._vendor_anchor: tuple[float, float] | None = None   # (vendor epoch seconds, our monotonic)
+        self.timeout = timeout
         self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers or {},
                                    transport=transport, timeout=timeout)
         self.calls = 0
+        self.deadline: Deadline | None = None
+        self.stop: threading.Event | None = None
+        self._auth_failure: VendorError | None = None
+
+    def start_phase(self, deadline: Deadline | None, stop: threading.Event | None = None) -> None:
+        """A new phase (reads, apply): a fresh deadline, and a failed login may be tried once more."""
+        self.deadline = deadline
+        self.stop = stop
+        with self._auth_lock:
+            self._auth_failure = None
 
     def close(self) -> None:
         self.client.close()
@@ -96,10 +142,16 @@ class HttpClient:
         if self._authenticate is None:
             return {}
         with self._auth_lock:
+            if self._auth_failure is not None:
+                raise self._auth_failure     # another worker's login failed: do not repeat it
             expiring = self._auth_renew_at is not None and self.monotonic() >= self._auth_renew_at
             if self._auth_headers is None or expiring:
                 asked = self.monotonic()     # the lifetime runs from the request, at the latest
-                self._auth_headers, lifetime = self._authenticate(self)
+                try:
+                    self._auth_headers, lifetime = self._authenticate(self)
+                except VendorError as exc:
+                    self._auth_failure = exc
+                    raise
                 self.logins += 1
                 self._auth_renew_at = None if lifetime is None else asked + lifetime - renewal_margin(lifetime)
             return self._auth_headers
@@ -115,7 +167,9 @@ class HttpClient:
         attempt = 0
         while True:
             attempt += 1
+            self._check_go(method, path)
             auth = self._auth() if authenticated else {}
+            self._check_go(method, path)
             try:
                 response = self.send_raw(method, path, json=json, params=params, content=content,
                                          headers={**(headers or {}), **auth})
@@ -132,6 +186,8 @@ class HttpClient:
                 continue
             status = response.status_code
             if status < 400 or status in expect:
+                if self.deadline is not None:
+                    self.deadline.answered()
                 return response
             if status == 401 and authenticated and self._authenticate is not None and not relogged:
                 relogged = True
@@ -139,7 +195,7 @@ class HttpClient:
                 log.info("token rejected; logging in again system=%s", self.system)
                 continue
             if status in RETRY_STATUSES:
-                if status != 429 and not safe_to_repeat:
+                if status not in NOT_PROCESSED and not safe_to_repeat:
                     raise VendorError(self._line(method, path, self._describe(response)
                                                  + "; the request may have taken effect"),
                                       status=status, temporary=True, ambiguous=True)
@@ -151,9 +207,12 @@ class HttpClient:
             raise VendorError(self._line(method, path, self._describe(response)), status=status)
 
     def send_raw(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One request, no retry, no auth added: for login calls and the retry loop."""
+        """One request, no retry, no auth added: for login calls and the retry loop. Its timeout is
+        capped by what remains of the deadline."""
         self.calls += 1
         log.debug("request system=%s method=%s path=%s", self.system, method, path)
+        if self.deadline is not None and "timeout" not in kwargs:
+            kwargs["timeout"] = max(0.05, min(self.timeout, self.deadline.remaining()))
         response = self.client.request(method, path, **kwargs)
         self._note_vendor_time(response)
         return response
@@ -178,6 +237,19 @@ class HttpClient:
             return None
         return anchor[0] + (self.monotonic() - anchor[1])
 
+    def _check_go(self, method: str, path: str, why: str = "") -> None:
+        """Refuse to send (or wait) any more once stopped or past the deadline."""
+        if self.stop is not None and self.stop.is_set():
+            raise Interrupted(self._line(method, path, "not sent: interrupted"), temporary=True)
+        if self.deadline is not None and self.deadline.remaining() <= 0:
+            raise self._too_late(why)
+
+    def _too_late(self, why: str = "") -> DeadlineExceeded:
+        assert self.deadline is not None
+        last = f" (last answer: {why})" if why and why[:1].isdigit() else ""
+        return DeadlineExceeded(self.redact(f"{self.system}: the vendor did not answer within "
+                                            f"{self.deadline.seconds:g} s{last}"), temporary=True)
+
     def _backoff(self, attempt: int, retry_after: str | None, method: str, path: str, why: str) -> None:
         delay = min(self.max_backoff, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
         if retry_after:
@@ -185,6 +257,9 @@ class HttpClient:
                 delay = min(max(float(retry_after), 0.0), max(self.max_backoff, 60.0))
             except ValueError:
                 pass
+        if self.deadline is not None and delay >= self.deadline.remaining():
+            raise self._too_late(why)     # waiting would end past the deadline: say so now
+        self._check_go(method, path, why)
         log.info("retrying system=%s method=%s path=%s reason=%s delay=%.2f", self.system, method, path,
                  why, delay)
         self.sleep(delay)
