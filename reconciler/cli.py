@@ -195,7 +195,8 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
                                        allow_mass_revoke=allow_mass_revoke, on_plan=show, on_change=progress,
                                        stop=stop)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            # Once stopped, a late second Ctrl-C must not cut the report short: it is printed next.
+            signal.signal(signal.SIGINT, signal.SIG_IGN if stop.is_set() else previous)
         uncertain = [w for w in result.warnings if dict(w.details).get("uncertain")]
         if report is None:
             if result.has_changes:
@@ -265,6 +266,24 @@ def export(system: str, directory: str, out: str | None, force: bool, state: str
         path = Path(out) if out else Path(directory) / f"{system}.exported.yaml"
         write_export(text, path, force=force)
         click.echo(f"Wrote {path}. Review the names; `reconciler plan` should now show no changes for {system}.")
+        return ExitCode.OK
+    _guard(body)
+
+
+@main.group(name="state")
+def state_group() -> None:
+    """Look after the state file."""
+
+
+@state_group.command()
+@click.argument("address")
+@state_option
+def forget(address: str, state: str | None) -> None:
+    """Drop the state's record of ADDRESS (e.g. hq/user/alice) after checking the vendor by hand."""
+    def body() -> int:
+        record = run.forget(_session("policies", state, None), address)
+        what = "an unsettled create" if record.get("intent") else "its record"
+        click.echo(f"Forgot {what} for {address}; the next plan treats it as never created.")
         return ExitCode.OK
     _guard(body)
 

@@ -3,7 +3,9 @@
 Called by the CLI after the policy is loaded and every provider has read its system in bulk. The rules
 that make plans safe live here: what is undeclared is revoked or only reported per system, what is not
 ours is listed and never touched, what a vendor is still working on is pending rather than repeated, and
-a grant whose end has passed is not created.
+a grant whose end has passed is not created. A live object a provider marks `uncertain` (a create whose
+answer was lost and that cannot be proven ours) is neither created again nor given anything: it becomes a
+warning saying how to resolve it, and so does everything that depends on it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
     now_text = format_time(now)
     wanted = {r.address: r for r in desired}
     found = _index_live(live)
+    uncertain = {a for a, r in found.items() if r.meta.get("uncertain")}
 
     changes: list[Change] = []
     pending: list[Note] = []
@@ -39,6 +42,15 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
         have = found.get(address)
         if have is not None and _has_expired(have, now_text):
             have = None
+        if have is not None and have.meta.get("uncertain"):
+            notes.append(Note(address, f"uncertain: {have.meta['uncertain']}", want.system, want.kind,
+                              (("uncertain", True),)))
+            continue
+        blocked = [d for d in want.depends_on if d in uncertain]
+        if blocked:
+            notes.append(Note(address, f"uncertain: not planned until {', '.join(blocked)} is resolved (see its "
+                              "warning); nothing is granted meanwhile", want.system, want.kind, (("uncertain", True),)))
+            continue
         if want.status is Status.ABSENT:
             if have is not None:
                 changes.append(Change(Action.DELETE, want, have))

@@ -155,6 +155,20 @@ def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callabl
             _close(providers)
 
 
+def forget(session: Session, address: str) -> dict[str, Any]:
+    """Drop what the state remembers about one address (an unsettled create an operator has checked by
+    hand: none of the candidates is ours). Returns the record dropped."""
+    state = LocalState(session.state_path)
+    with state:
+        record = state.get(address)
+        if record is None:
+            known = [a for a, _ in state.items(address.split("/", 1)[0] + "/")]
+            raise ReconcilerError(f"the state {session.state_path} holds nothing for {address!r}"
+                                  + (f" (it holds {_some(known)})" if known else ""))
+        state.delete(address)
+        return record
+
+
 def events(session: Session, system: str, device: str) -> list[Event]:
     """The audit trail of one managed device, read through its system's provider."""
     policy = validate(session)

@@ -208,7 +208,8 @@ def test_vendor_down_mid_apply_reports_what_remains_and_rerun_finishes(harness):
     assert_converged_without_duplicates(harness)
 
 
-@pytest.mark.parametrize("path", [r"/user$", r"/locking-device$", r"/gateway-device$",
+# A user create with a lost answer cannot be proven ours: test_trust.py covers how that ends.
+@pytest.mark.parametrize("path", [r"/locking-device$", r"/gateway-device$",
                                   r"/gateway-device-association$", r"/permission$"])
 @pytest.mark.parametrize("lost", ["timeout", "502"])
 def test_lost_answer_after_commit_leaves_no_duplicate(harness, path, lost):
@@ -222,7 +223,8 @@ def test_lost_answer_after_commit_leaves_no_duplicate(harness, path, lost):
 @pytest.mark.parametrize("seed", [1, 7, 22, 39])
 def test_random_faults_and_lost_answers_converge_in_one_apply(harness, seed):
     harness.write(POLICY)
-    harness.sim.faults.random_rate(0.05, seed=seed, statuses=(503,), commit_ratio=0.5)
+    # Every path but user creates, whose lost answers end uncertain by design (test_trust.py).
+    harness.sim.faults.random_rate(0.05, seed=seed, statuses=(503,), commit_ratio=0.5, path_regex=r"^(?!/user$)")
     _, report = harness.apply()
     assert report.ok, report.lines()
     assert harness.sim.faults.fired, "the faults must actually have fired"
@@ -235,11 +237,19 @@ def test_lost_answer_on_an_admin_user_never_adopts_the_login_account(harness, co
     harness.write("users:\n  root: {role: ADMIN}\n")
     harness.sim.faults.add("POST", r"/user$", status=503, commit=commit, lost="502" if commit else None)
     _, report = harness.apply()
-    assert report.ok, report.lines()
-    state = __import__("json").loads((harness.tmp_path / "state" / "state.json").read_text())
-    assert state["resources"]["hq/user/root"]["id"] != harness.sim.credentials["user_id"]
+    login = harness.sim.credentials["user_id"]
     admins = [u for u in vendor(harness, "/user") if u["role"] == "ADMIN"]
     assert len(admins) == 2      # the login account and root, once
+    if commit:
+        # The new account cannot be proven root's: uncertain, and the login account is no candidate.
+        assert [c.address for c, _ in report.uncertain] == ["hq/user/root"]
+        plan = harness.plan()
+        [note] = [n for n in plan.warnings if n.address == "hq/user/root"]
+        assert login not in note.message and not plan.has_changes
+        return
+    assert report.ok, report.lines()
+    state = __import__("json").loads((harness.tmp_path / "state" / "state.json").read_text())
+    assert state["resources"]["hq/user/root"]["id"] != login
     assert not harness.plan().has_changes
 
 

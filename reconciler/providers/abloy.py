@@ -3,6 +3,14 @@
 Endpoints, field mapping and capabilities only; the workflow is `Provider`'s. Users carry no name at the
 vendor (just `{id, role}`), so user, created-device and gateway ids live in state; permissions and
 associations are found by their natural keys (user, device, operation) and (gateway, device).
+
+What proves a created object is ours when the answer to its create was lost: a device, the name we gave
+it (one new unclaimed device with it); a gateway, our claiming code (a new claim of it is refused with
+409); a permission or association, its natural key. A user has nothing but a role, so nothing can prove a
+new account ours: such a create is *uncertain* until an operator adopts an account (`ids:`) or deletes
+the candidates; it is never adopted and never granted anything. Invitations (no list endpoint) get an
+intent before they are sent: one whose answer was lost is shown as possibly sent until it would expire,
+and no second code is sent meanwhile.
 """
 
 from __future__ import annotations
@@ -132,7 +140,8 @@ class AbloyProvider(Provider):
 
         result = ReadResult()
         result.warnings += self.settle_intents(
-            Kind.USER, users, lambda want, item: want is None or item.get("role") == want.attributes.get("role"))
+            Kind.USER, users, lambda want, item: want is None or item.get("role") == want.attributes.get("role"),
+            provable=False)
         result.warnings += self.settle_intents(
             Kind.DEVICE, devices, lambda want, item: item.get("claimingStatus") == "UNCLAIMED" and (
                 want is None or item.get("name") == want.attributes.get("name")))
@@ -142,6 +151,11 @@ class AbloyProvider(Provider):
         device_names = self._names(Kind.DEVICE)
         gateway_names = self._names(Kind.GATEWAY)
         add = result.resources.append
+        for address, why in sorted(self.uncertain.items()):
+            want = self.desired.get(address)
+            if want is not None:
+                add(Resource(self.name, want.kind, want.name, want.attributes, status=Status.PENDING,
+                             meta={"uncertain": why}))
 
         for uid, item in users.items():
             name = user_names.get(uid)
@@ -197,6 +211,14 @@ class AbloyProvider(Provider):
         record = self.state.get(want.address)
         if uid and record and record.get("expires") and record.get("user") == uid:
             phone = record.get("phone")
+            if record.get("intent") or not record.get("id"):
+                why = (f"an invitation to {phone} may have been sent at {record.get('at', '?')} (its answer was "
+                       f"lost, or the run stopped while sending it); the vendor cannot list invitations, so it "
+                       f"can be neither confirmed nor revoked. No second code is sent while it may be valid; "
+                       f"a new one is sent after {record['expires']} unless the person accepts it first (or, once "
+                       f"you know it did not arrive, run `reconciler state forget {want.address}`)")
+                return Resource(self.name, Kind.INVITATION, want.name, {"phone": phone}, status=Status.PENDING,
+                                meta={"expires": record["expires"], "uncertain": why})
             return Resource(self.name, Kind.INVITATION, want.name, {"phone": phone}, id=record.get("id"),
                             status=Status.PENDING,
                             meta={"expires": record["expires"],
@@ -207,7 +229,9 @@ class AbloyProvider(Provider):
     # -- users ---------------------------------------------------------------------------------------
     def create_user(self, want: Resource) -> dict[str, Any]:
         def find() -> str | None:
-            return self._find_new("users", "user", lambda item: item.get("role") == want.attributes["role"])
+            # An account is only {id, role}: a new one proves nothing, so any candidate is uncertain.
+            return self._find_new("users", "user", lambda item: item.get("role") == want.attributes["role"],
+                                  provable=False, name=want.name)
         body = self._create(want.address, "user", find,
                             lambda: self.http.request("POST", PATHS["users"], json={"role": want.attributes["role"]},
                                                       idempotent=False).json())
@@ -223,8 +247,9 @@ class AbloyProvider(Provider):
         name = want.attributes["name"]
 
         def find() -> str | None:
-            return self._find_new("devices", "device",
-                                  lambda item: item.get("name") == name and item.get("claimingStatus") == "UNCLAIMED")
+            return self._find_new("devices", "device", name=want.name,
+                                  matches=lambda item: item.get("name") == name
+                                  and item.get("claimingStatus") == "UNCLAIMED")
         body = self._create(want.address, "device", find,
                             lambda: self.http.request("POST", PATHS["devices"], json={"name": name},
                                                       idempotent=False).json())
@@ -245,7 +270,7 @@ class AbloyProvider(Provider):
             raise VendorError(f"{want.address}: a gateway needs `claiming_code` to be claimed")
 
         def find() -> str | None:
-            return self._find_new("gateways", "gateway", lambda item: True)
+            return self._find_new("gateways", "gateway", lambda item: True, name=want.name)
 
         def claim() -> dict[str, Any]:
             response = self.http.request("POST", PATHS["gateways"], json={"claimingCode": code},
@@ -313,20 +338,22 @@ class AbloyProvider(Provider):
 
     # -- operating-device invitations ----------------------------------------------------------------
     def create_invitation(self, want: Resource) -> dict[str, Any]:
+        """Intent first, then the SMS: a restart after a kill or a lost answer finds the intent and sends
+        no second code while the first may be live (the vendor has no list of invitations to look in)."""
         user_id = self._id(Kind.USER, want.name)
         phone = want.attributes["phone"]
         body = {"userId": user_id, "deliveryMechanism": "SMS", "phoneNumber": phone,
                 "validityDuration": f"P{INVITATION_VALIDITY.days}D"}
+        sent_at = self.clock()
+        self.state.put(want.address, {"intent": "create", "user": user_id, "phone": phone,
+                                      "at": format_time(sent_at),
+                                      "expires": format_time(sent_at + INVITATION_VALIDITY)})
         try:
             answer = self.http.request("POST", PATHS["invitations"], json=body, idempotent=False).json()
         except VendorError as exc:
             if not exc.ambiguous:
-                raise
-            # No list endpoint to check: assume it was sent rather than text the person twice; if it was
-            # not, a new one goes out when this one would have expired.
-            log.warning("invitation answer lost; assuming it was sent address=%s", want.address)
-            return {"id": None, "user": user_id, "phone": phone, "uncertain": True,
-                    "expires": format_time(self.clock() + INVITATION_VALIDITY)}
+                self.state.delete(want.address)    # refused (429/503 after retries, 4xx): nothing was sent
+            raise
         return {"id": answer["id"], "user": user_id, "phone": phone,
                 "expires": normalise_time(answer["expirationDatetime"])}
 
@@ -380,15 +407,19 @@ class AbloyProvider(Provider):
             self.ids[address] = created["id"]
             return created
 
-    def _find_new(self, key: str, kind: str, matches: Callable[[dict[str, Any]], bool]) -> str | None:
+    def _find_new(self, key: str, kind: str, matches: Callable[[dict[str, Any]], bool], *,
+                  provable: bool = True, name: str = "") -> str | None:
+        """The one new object a lost create made, when `matches` is a natural key we set (`provable`);
+        None when nothing new matches (it did not land: send again). Anything else is uncertain: neither
+        a stranger's object is adopted nor is the create sent again."""
         # The administrator we log in as is nobody's new object.
         known = self.live_ids.get(kind, set()) | set(self.ids.values()) | {self._secret["user_id"]}
         candidates = [item["id"] for item in self.list_all(key) if item["id"] not in known and matches(item)]
-        if len(candidates) > 1:
-            # Somebody else created objects meanwhile: neither adopt a stranger's nor send again.
-            raise VendorError(f"{self.name}: a {kind} create lost its answer and {len(candidates)} new "
-                              f"{kind}s match; not sent again, the next plan settles it")
-        return candidates[0] if candidates else None
+        if not candidates or (provable and len(candidates) == 1):
+            return candidates[0] if candidates else None
+        raise VendorError(f"{self.name}: the answer to creating {kind} {name} was lost and {len(candidates)} "
+                          f"new {kind}(s) appeared since; none can be proven ours, so none is adopted and it is "
+                          "not sent again; the next plan says how to resolve it", temporary=True, ambiguous=True)
 
 
 _DURATION = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$")

@@ -94,6 +94,7 @@ class Provider:
         self.desired: dict[str, Resource] = {}
         self.ids: dict[str, str] = {}              # address → vendor id, from policy, state and reads
         self._resolved: dict[str, dict[str, Any] | None] = {}   # intents settled by the last read
+        self.uncertain: dict[str, str] = {}        # address → why its lost create cannot be settled
 
     # -- workflow ------------------------------------------------------------------------------------
     def start_phase(self, phase: str) -> None:
@@ -106,6 +107,7 @@ class Provider:
 
     def read(self, desired: list[Resource]) -> ReadResult:
         self.start_phase("read")
+        self.uncertain = {}
         self.desired = {r.address: r for r in desired if r.system == self.name}
         for address, record in self.state.items(f"{self.name}/"):
             if record.get("id"):
@@ -214,7 +216,14 @@ class Provider:
             except VendorError as exc:
                 if not exc.ambiguous:
                     raise
-                found = find()
+                try:
+                    found = find()
+                except VendorError as lookup:
+                    if lookup.ambiguous:
+                        raise
+                    # Sent, and the lookup failed too (or was interrupted): still uncertain.
+                    raise VendorError(f"{exc}; the lookup failed: {lookup}", status=exc.status, temporary=True,
+                                      ambiguous=True) from None
                 if found is not None:
                     log.info("create with lost answer had landed system=%s", self.name)
                     return found
@@ -226,27 +235,46 @@ class Provider:
         raise AssertionError("unreachable")
 
     def settle_intents(self, kind: str, live_ids: Mapping[str, Mapping[str, Any]],
-                       matches: Callable[[Resource | None, Mapping[str, Any]], bool]) -> list[Note]:
-        """Match intents of `kind` against live objects nobody claims; returns warnings for the
-        ambiguous ones. Called from `read_live` after the bulk lists."""
+                       matches: Callable[[Resource | None, Mapping[str, Any]], bool], *,
+                       provable: bool = True) -> list[Note]:
+        """Match intents of `kind` against live objects nobody claims. Called from `read_live` after the
+        bulk lists.
+
+        `provable=True`: `matches` tests a natural key reconciler set (a device's name): the one new object
+        with it is ours. `provable=False`: nothing on the object ties it to our request (an account with
+        only a role): any new object may be a stranger's, so none is adopted; the intent stays, and
+        `self.uncertain[address]` says which candidates there are and how to resolve it. No candidate at
+        all proves the create never landed: the plan creates it again."""
         notes: list[Note] = []
         prefix = f"{self.name}/{kind}/"
         claimed = set(self.ids.values())
         for address, record in self.state.items(prefix):
             if record.get("intent") != "create":
                 continue
-            known = set(record.get("known", []))
             want = self.desired.get(address)
-            candidates = [i for i, item in live_ids.items()
-                          if i not in known and i not in claimed and matches(want, item)]
-            if len(candidates) == 1:
+            if want is not None and want.id:
+                self._resolved[address] = None     # adopted in the policy (`ids:`): the intent is settled
+                continue
+            known = set(record.get("known", []))
+            candidates = sorted(i for i, item in live_ids.items()
+                                if i not in known and i not in claimed and matches(want, item))
+            if not candidates:
+                self._resolved[address] = None    # it never landed: plan creates it again
+            elif provable and len(candidates) == 1:
                 self._resolved[address] = {"id": candidates[0]}
                 self.ids[address] = candidates[0]
                 claimed.add(candidates[0])
                 log.info("create with lost answer found address=%s id=%s", address, candidates[0])
-            elif not candidates:
-                self._resolved[address] = None    # it never landed: plan creates it again
             else:
-                notes.append(Note(address, f"a create whose answer was lost matches {len(candidates)} "
-                                  "new objects; none adopted, check the vendor system", self.name, kind))
+                name = address[len(prefix):]
+                shown = ", ".join(f"id:{c}" for c in candidates[:5]) + (" …" if len(candidates) > 5 else "")
+                self.uncertain[address] = (
+                    f"the answer to creating {kind} {name} (at {record.get('at', '?')}) was lost, and "
+                    f"{len(candidates)} new {kind}(s) appeared since: {shown}. None can be proven to be the one "
+                    f"reconciler created, so none is adopted or given access, and {name} is not created again. "
+                    f"Resolve it: if one is {name}'s, adopt it with `ids: {{{self.name}: <id>}}` on {name} in "
+                    f"the policy; if none is, run `reconciler state forget {address}` and {name} is created again")
+                if want is None:     # otherwise the plan shows it as uncertain, with what depends on it
+                    notes.append(Note(address, f"uncertain: {self.uncertain[address]}", self.name, kind,
+                                      (("uncertain", True), ("candidates", candidates))))
         return notes

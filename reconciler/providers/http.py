@@ -262,7 +262,11 @@ class HttpClient:
         self._check_go(method, path, why)
         log.info("retrying system=%s method=%s path=%s reason=%s delay=%.2f", self.system, method, path,
                  why, delay)
-        self.sleep(delay)
+        if self.stop is not None and self.sleep is time.sleep:
+            self.stop.wait(delay)        # Ctrl-C cuts the wait short
+        else:
+            self.sleep(delay)
+        self._check_go(method, path, why)
 
     def _line(self, method: str, path: str, detail: str) -> str:
         return self.redact(f"{self.system}: {method} {path}: {detail}")

@@ -289,8 +289,8 @@ class AbloySimulator(Simulator):
     - `base_path`: the prefix before the API's paths; "" finds it by itself. `monotonic`: the rate
       limiter's clock (tests).
 
-    Hooks for tests and demos (Python, not HTTP): `credentials`, `accept_invitation`,
-    `claim_locking_device`, `expire_tokens`, `set_clock`/`advance`, `requests`/`reset_log`/`count`,
+    Hooks for tests and demos (Python, not HTTP): `credentials`, `add_user` (somebody else's create),
+    `invitations`, `accept_invitation`, `claim_locking_device`, `expire_tokens`, `set_clock`/`advance`, `requests`/`reset_log`/`count`,
     `faults` (see `common.FaultInjector`).
     """
 
@@ -714,6 +714,16 @@ class AbloySimulator(Simulator):
     def credentials(self) -> dict[str, str]:
         """The seeded administrator's API credentials and the system's API key."""
         return {"user_id": ADMIN_USER_ID, "access_key": ADMIN_ACCESS_KEY, "api_key": self.state["apiKey"]}
+
+    def add_user(self, role: str = "USER") -> str:
+        """Somebody else (the helpdesk, another tool) creates a user in this system; returns its id."""
+        with self.mutate():
+            return self._insert("users", {"role": role, "_accessKeyHash": _hash_key(secrets.token_urlsafe(32))})["id"]
+
+    def invitations(self) -> list[dict[str, Any]]:
+        """Every invitation the system holds (the SMS codes sent), as the vendor's back office sees them."""
+        with self.mutate():
+            return [dict(i) for i in self.state["invitations"].values()]
 
     def accept_invitation(self, invitation_id: str) -> str:
         """The phone accepts an invitation (Mobile API): creates the operating device, returns its id."""

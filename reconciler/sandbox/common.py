@@ -310,6 +310,8 @@ class Fault:
     - `commit=True`: the vendor performs it and the answer is lost on the way back: `lost="timeout"`
       (the default) raises `httpx.ReadTimeout`, `lost="502"` answers 502 Bad Gateway.
     - `times`: how many matching requests it hits; None = every one.
+    - `then`: called when the fault fires, after the operation (if committed) and before the client sees
+      the failure: what somebody else does meanwhile (the helpdesk creating a user, say).
     """
 
     method: str
@@ -318,6 +320,7 @@ class Fault:
     times: int | None = 1
     commit: bool = False
     lost: Lost | None = None
+    then: Callable[[], Any] | None = None
 
     def matches(self, method: str, path: str) -> bool:
         return self.method in ("*", method.upper()) and self.pattern.search(path) is not None
@@ -348,13 +351,13 @@ class FaultInjector:
         self.fired: list[tuple[str, str, str]] = []  # (method, path, "503" | "lost" | "commit+lost")
 
     def add(self, method: str, path_regex: str, *, status: int = 503, times: int | None = 1,
-            commit: bool = False, lost: Lost | None = None) -> Fault:
+            commit: bool = False, lost: Lost | None = None, then: Callable[[], Any] | None = None) -> Fault:
         """Fail the next `times` requests whose method is `method` (or "*") and whose relative path
         matches `path_regex` (searched, so anchor it with ^…$ for an exact path)."""
         if lost not in (None, "timeout", "502"):
             raise ValueError(f"lost must be 'timeout' or '502', not {lost!r}")
         fault = Fault(method=method.upper(), pattern=re.compile(path_regex), status=status, times=times,
-                      commit=commit, lost=lost)
+                      commit=commit, lost=lost, then=then)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -654,6 +657,8 @@ class Simulator:
         return response
 
     def _fail(self, request: httpx.Request, record: RequestRecord, fault: Fault) -> httpx.Response:
+        if fault.then is not None:
+            fault.then()
         lost = fault.effective_lost
         record.fault = "lost" if lost else str(fault.status)
         if lost == "timeout":
