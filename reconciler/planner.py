@@ -43,8 +43,9 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
         if have is not None and _has_expired(have, now_text):
             have = None
         if have is not None and have.meta.get("uncertain"):
+            extra = (("candidates", tuple(have.meta["candidates"])),) if have.meta.get("candidates") else ()
             notes.append(Note(address, f"uncertain: {have.meta['uncertain']}", want.system, want.kind,
-                              (("uncertain", True),)))
+                              (("uncertain", True), *extra)))
             continue
         blocked = [d for d in want.depends_on if d in uncertain]
         if blocked:

@@ -227,9 +227,28 @@ def test_apply_killed_mid_run_is_finished_by_the_next_apply(tmp_path):
         assert middle.returncode == 2
         finish = subprocess.run([*_reconciler(), "apply", "--auto-approve", "--now", NOW], env=run_env, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=300)
+        if finish.returncode == 1 and "uncertain" in finish.stderr:
+            # Killed while a user create was on the wire: no account can be proven to be it, so the run says
+            # so and grants nothing. The operator checks (here: nobody else creates users) and adopts it.
+            _adopt_uncertain_users(tmp_path, run_env)
+            finish = subprocess.run([*_reconciler(), "apply", "--auto-approve", "--now", NOW], env=run_env,
+                                    cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert finish.returncode == 0, finish.stderr
         final = subprocess.run([*_reconciler(), "plan", "--format", "json", "--detailed-exitcode", "--now", NOW],
                                env=run_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert final.returncode == 0, final.stdout + final.stderr
         unmanaged_users = [n for n in json.loads(final.stdout)["unmanaged"] if n["kind"] == "user"]
         assert len(unmanaged_users) == 2    # the two the sandbox was seeded with; no duplicate of ours
+
+
+def _adopt_uncertain_users(tmp_path, env):
+    plan = subprocess.run([*_reconciler(), "plan", "--format", "json", "--now", NOW], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    people = tmp_path / "policies" / "people.yaml"
+    text = people.read_text()
+    for note in json.loads(plan.stdout)["warnings"]:
+        if note.get("uncertain") and note.get("kind") == "user" and note.get("candidates"):
+            [candidate] = note["candidates"]
+            user = note["address"].split("/")[-1]
+            text = re.sub(rf"^(  {user}:\s*{{)", rf"\g<1>ids: {{hq: {candidate}}}, ", text, flags=re.M)
+    people.write_text(text)

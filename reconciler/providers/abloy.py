@@ -155,7 +155,7 @@ class AbloyProvider(Provider):
             want = self.desired.get(address)
             if want is not None:
                 add(Resource(self.name, want.kind, want.name, want.attributes, status=Status.PENDING,
-                             meta={"uncertain": why}))
+                             meta={"uncertain": why, "candidates": self.candidates.get(address, [])}))
 
         for uid, item in users.items():
             name = user_names.get(uid)

@@ -95,6 +95,7 @@ class Provider:
         self.ids: dict[str, str] = {}              # address → vendor id, from policy, state and reads
         self._resolved: dict[str, dict[str, Any] | None] = {}   # intents settled by the last read
         self.uncertain: dict[str, str] = {}        # address → why its lost create cannot be settled
+        self.candidates: dict[str, list[str]] = {}  # address → the ids it might be
 
     # -- workflow ------------------------------------------------------------------------------------
     def start_phase(self, phase: str) -> None:
@@ -107,7 +108,7 @@ class Provider:
 
     def read(self, desired: list[Resource]) -> ReadResult:
         self.start_phase("read")
-        self.uncertain = {}
+        self.uncertain, self.candidates = {}, {}
         self.desired = {r.address: r for r in desired if r.system == self.name}
         for address, record in self.state.items(f"{self.name}/"):
             if record.get("id"):
@@ -268,6 +269,7 @@ class Provider:
             else:
                 name = address[len(prefix):]
                 shown = ", ".join(f"id:{c}" for c in candidates[:5]) + (" …" if len(candidates) > 5 else "")
+                self.candidates[address] = candidates
                 self.uncertain[address] = (
                     f"the answer to creating {kind} {name} (at {record.get('at', '?')}) was lost, and "
                     f"{len(candidates)} new {kind}(s) appeared since: {shown}. None can be proven to be the one "
