@@ -118,3 +118,15 @@ def test_first_run_on_a_system_with_unrelated_objects_is_allowed(harness):
     """The seeded sandbox has users and a grant no policy made: a true first run still plans."""
     harness.write(POLICY)
     assert harness.plan().has_changes
+
+
+def test_state_of_another_policy_on_the_same_account_is_refused(harness):
+    """Another team's state, same system name and account, but none of its users are this policy's:
+    using it would offboard them."""
+    harness.write(POLICY)
+    harness.converge()
+    users_before = len(vendor(harness, "/user"))
+    harness.write("users:\n  zed: {}\n")
+    with pytest.raises(RefusedError, match="written by another policy"):
+        harness.apply(allow_mass_revoke=True)
+    assert len(vendor(harness, "/user")) == users_before

@@ -323,7 +323,7 @@ def test_an_intent_that_never_landed_is_created_again(h):
     h.sim.faults.add("POST", r"/keys$", status=502)
     h.sim.faults.add("GET", r"/events$", times=6)
     _, report = h.apply()
-    assert len(report.failed) == 1
+    assert len(report.uncertain) == 1       # 502, and the lookup failed too: it may have happened
     plan = h.plan()
     assert [c.action for c in plan.changes] == ["create"]
     h.converge()

@@ -40,6 +40,9 @@ def check_state(state: Any, identities: Mapping[str, Mapping[str, str]], desired
                     f"{_describe(identity)}; refusing to use another system's state. Point --state at the "
                     f"state of this system, or use a new state file and adopt what it holds with "
                     f"`reconciler export {name}`")
+            stranger = _another_policy(name, state, desired)
+            if stranger:
+                problems.append(stranger)
             continue
         if any(True for _ in state.items(f"{name}/")):
             continue   # written before identities were recorded: the next apply records it
@@ -57,6 +60,22 @@ def check_state(state: Any, identities: Mapping[str, Mapping[str, str]], desired
                 f"or adopt what exists with `reconciler export {name}` and plan again")
     if problems:
         raise RefusedError("\n".join(problems))
+
+
+def _another_policy(name: str, state: Any, desired: list[Resource]) -> str | None:
+    """A state whose accounts, devices and gateways on this system are none of this policy's was written
+    by another policy (another team's, on the same account): planning with it would offboard them all."""
+    kinds = {Kind.USER, Kind.DEVICE, Kind.GATEWAY}
+    known = {a for a, _ in state.items(f"{name}/") if a.split("/")[1] in kinds}
+    declared = {r.address for r in desired if r.system == name}
+    if not known or known & declared:
+        return None
+    where = getattr(state, "location", "the state")
+    return (f"{name}: the state {where} was written by another policy: none of the {len(known)} users, devices "
+            f"and gateways it made on this system ({', '.join(sorted(known)[:SHOWN])}"
+            f"{' …' if len(known) > SHOWN else ''}) is in this policy, so planning would offboard them all. "
+            "Refusing; use this policy's own state file (--state). If this policy really replaces every one "
+            "of them, remove them from the old policy and apply that first")
 
 
 def look_managed(system: str, desired: list[Resource], live: list[Resource]) -> list[str]:
