@@ -263,7 +263,11 @@ class HttpClient:
         log.info("retrying system=%s method=%s path=%s reason=%s delay=%.2f", self.system, method, path,
                  why, delay)
         if self.stop is not None and self.sleep is time.sleep:
-            self.stop.wait(delay)        # Ctrl-C cuts the wait short
+            # Ctrl-C cuts the wait short. Short sleeps rather than a timed Event.wait: a timed wait on a
+            # lock takes an absolute time, which a shifted clock (faketime) turns into days.
+            end = time.monotonic() + delay
+            while not self.stop.is_set() and (left := end - time.monotonic()) > 0:
+                time.sleep(min(0.1, left))
         else:
             self.sleep(delay)
         self._check_go(method, path, why)
