@@ -21,6 +21,7 @@ import pytest
 from conftest import reconciler_command, serve_sandboxes
 from reconciler.errors import VendorError
 from reconciler.providers.http import Deadline, HttpClient
+from reconciler.sandbox.abloy import GATEWAY_CLAIMING_CODES
 from reconciler.state import LocalState
 from test_abloy_provider import vendor
 
@@ -115,6 +116,22 @@ def test_kill_between_intent_and_post_without_anyone_else_creates_it_once(harnes
     before = _ours(harness)
     harness.converge()
     assert len(_ours(harness) - before) == 1
+    assert not harness.plan().has_changes
+
+
+def test_lost_gateway_claim_answer_is_uncertain_until_adopted_by_id(harness):
+    policy = POLICY + f"gateways:\n  lobby: {{system: hq, claiming_code: {GATEWAY_CLAIMING_CODES[0]}, devices: [annex]}}\n"
+    harness.write(policy)
+    harness.sim.faults.add("POST", r"/gateway-device$", commit=True, lost="502")
+    _, report = harness.apply()
+    assert [c.address for c, _ in report.uncertain] == ["hq/gateway/lobby"]
+    assert vendor(harness, "/gateway-device-association") == []     # nothing tied to an unproven gateway
+    [note] = [n for n in harness.plan().warnings if n.address == "hq/gateway/lobby"]
+    [candidate] = dict(note.details)["candidates"]
+    assert "`id: <id>` on gateways.lobby" in note.message
+    harness.write(policy.replace("lobby: {system: hq, claiming_code", f"lobby: {{system: hq, id: {candidate}, claiming_code"))
+    harness.converge()
+    assert len(vendor(harness, "/gateway-device-association")) == 1
     assert not harness.plan().has_changes
 
 

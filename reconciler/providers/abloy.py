@@ -5,10 +5,10 @@ vendor (just `{id, role}`), so user, created-device and gateway ids live in stat
 associations are found by their natural keys (user, device, operation) and (gateway, device).
 
 What proves a created object is ours when the answer to its create was lost: a device, the name we gave
-it (one new unclaimed device with it); a gateway, our claiming code (a new claim of it is refused with
-409); a permission or association, its natural key. A user has nothing but a role, so nothing can prove a
-new account ours: such a create is *uncertain* until an operator adopts an account (`ids:`) or deletes
-the candidates; it is never adopted and never granted anything. Invitations (no list endpoint) get an
+it (one new unclaimed device with it); a permission or association, its natural key. A user has nothing
+but a role, and a gateway does not show the claiming code it was claimed with, so nothing can prove a new
+one ours: such a create is *uncertain* until an operator adopts one (`ids:`, `id:`) or tells reconciler
+none is (`reconciler state forget`); it is never adopted and never given anything. Invitations (no list endpoint) get an
 intent before they are sent: one whose answer was lost is shown as possibly sent until it would expire,
 and no second code is sent meanwhile.
 """
@@ -145,7 +145,8 @@ class AbloyProvider(Provider):
         result.warnings += self.settle_intents(
             Kind.DEVICE, devices, lambda want, item: item.get("claimingStatus") == "UNCLAIMED" and (
                 want is None or item.get("name") == want.attributes.get("name")))
-        result.warnings += self.settle_intents(Kind.GATEWAY, gateways, lambda want, item: True)
+        # A claim's code is not on the gateway it made: a new gateway proves nothing either.
+        result.warnings += self.settle_intents(Kind.GATEWAY, gateways, lambda want, item: True, provable=False)
 
         user_names = self._names(Kind.USER)
         device_names = self._names(Kind.DEVICE)
@@ -270,7 +271,7 @@ class AbloyProvider(Provider):
             raise VendorError(f"{want.address}: a gateway needs `claiming_code` to be claimed")
 
         def find() -> str | None:
-            return self._find_new("gateways", "gateway", lambda item: True, name=want.name)
+            return self._find_new("gateways", "gateway", lambda item: True, provable=False, name=want.name)
 
         def claim() -> dict[str, Any]:
             response = self.http.request("POST", PATHS["gateways"], json={"claimingCode": code},

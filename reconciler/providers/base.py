@@ -269,13 +269,15 @@ class Provider:
             else:
                 name = address[len(prefix):]
                 shown = ", ".join(f"id:{c}" for c in candidates[:5]) + (" …" if len(candidates) > 5 else "")
+                adopt = (f"`ids: {{{self.name}: <id>}}` on users.{name}" if kind == "user"
+                         else f"`id: <id>` on {kind}s.{name}")
                 self.candidates[address] = candidates
                 self.uncertain[address] = (
                     f"the answer to creating {kind} {name} (at {record.get('at', '?')}) was lost, and "
                     f"{len(candidates)} new {kind}(s) appeared since: {shown}. None can be proven to be the one "
                     f"reconciler created, so none is adopted or given access, and {name} is not created again. "
-                    f"Resolve it: if one is {name}'s, adopt it with `ids: {{{self.name}: <id>}}` on {name} in "
-                    f"the policy; if none is, run `reconciler state forget {address}` and {name} is created again")
+                    f"Resolve it: if one is {name}'s, adopt it with {adopt} in the policy; if none is, run "
+                    f"`reconciler state forget {address}` and {name} is created again")
                 if want is None:     # otherwise the plan shows it as uncertain, with what depends on it
                     notes.append(Note(address, f"uncertain: {self.uncertain[address]}", self.name, kind,
                                       (("uncertain", True), ("candidates", candidates))))
