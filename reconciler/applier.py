@@ -27,8 +27,6 @@ from reconciler.plan import Action, Change, Plan
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 8
-MASS_REVOKE_SHARE = 0.25
-MASS_REVOKE_MINIMUM = 10
 
 _PAST = {Action.CREATE: "created", Action.UPDATE: "updated", Action.DELETE: "deleted", Action.REPLACE: "replaced"}
 
@@ -75,13 +73,11 @@ class ApplyReport:
 
 
 def check_mass_revoke(plan: Plan, allow: bool) -> None:
-    """Refuse a plan that revokes more than 25 % of the managed grants (when there are at least 10)."""
-    total, revoked = plan.managed_grants, plan.revocations
-    if allow or total < MASS_REVOKE_MINIMUM or revoked <= total * MASS_REVOKE_SHARE:
+    """Refuse a plan that a system's mass-revoke guard stops (more than its share of the managed grants,
+    25 % of at least 10 by default), unless the policy acknowledges exactly these revocations or `allow`."""
+    if allow or not plan.refused_by:
         return
-    raise RefusedError(f"refused: the plan revokes {revoked} of {total} managed grants "
-                       f"({revoked / total:.0%}, more than {MASS_REVOKE_SHARE:.0%}); "
-                       "review it and pass --allow-mass-revoke to apply it")
+    raise RefusedError("refused: " + "; ".join(g.message() for g in plan.refused_by))
 
 
 def is_uncertain(exc: BaseException) -> bool:

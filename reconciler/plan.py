@@ -49,12 +49,96 @@ def phase_of(action: Action, kind: str) -> int:
 
 
 def effect_of(action: Action, kind: str) -> Effect:
+    """The effect judged by the verb alone: for changes made without a plan-time judgement (tests, tools)."""
     if kind in GRANT_KINDS or kind == Kind.USER:
         if action is Action.CREATE or action is Action.REPLACE:
             return Effect.GRANT if kind in GRANT_KINDS else Effect.NONE
         if action is Action.DELETE:
             return Effect.REVOKE
     return Effect.NONE
+
+
+# -- effect by access ------------------------------------------------------------------------------------
+# What a change does to someone's ability to open a door or administer a system, judged at plan time `now`:
+# it grants when the after side allows something the before side does not, and revokes when the before side
+# allows something the after side does not; both at once (a window moved later with a later end) is possible.
+
+ROLES = {"USER": 0, "ADMIN": 1}
+
+
+def _future(attrs: Mapping[str, Any], now: str, *, desired: bool) -> tuple[str, str] | None:
+    """The part of a window from now on, as (start, end) with "~" for no end; None when nothing is left."""
+    start = attrs.get("start") or ""
+    if desired and not start:
+        start = now     # no start in the policy: from now
+    end = attrs.get("end") or "~"
+    start = max(start, now)
+    return (start, end) if start < end else None
+
+
+def _within(inner: tuple[str, str], outer: tuple[str, str] | None) -> bool:
+    return outer is not None and outer[0] <= inner[0] and inner[1] <= outer[1]
+
+
+def _schedule_within(inner: Any, outer: Any) -> bool:
+    """Weekly spans: `None` is every hour of every day."""
+    if not outer:
+        return True
+    if not inner:
+        return False
+    return all(any(o["day"] == i["day"] and o["from"] <= i["from"] and i["to"] <= o["to"] for o in outer)
+               for i in inner)
+
+
+def _widens(after: Mapping[str, Any], before: Mapping[str, Any], kind: str) -> bool:
+    """Whether `after` allows something that `before` does not, besides the window."""
+    if not _schedule_within(after.get("schedule"), before.get("schedule")):
+        return True
+    if ROLES.get(after.get("role") or "USER", 0) > ROLES.get(before.get("role") or "USER", 0):
+        return True
+    if kind == Kind.TEMP_KEY:
+        if after.get("access") == "public" and before.get("access") != "public":
+            return True
+        if before.get("access") != "public" and not set(after.get("users") or ()) <= set(before.get("users") or ()):
+            return True
+        uses_after, uses_before = after.get("max_uses"), before.get("max_uses")
+        if uses_before is not None and (uses_after is None or uses_after > uses_before):
+            return True
+    return False
+
+
+def classify(action: Action, kind: str, desired: Mapping[str, Any] | None, live: Mapping[str, Any] | None,
+             now: str) -> frozenset[Effect]:
+    """The access effects of one change at plan time: {grant}, {revoke}, both, or none."""
+    effects: set[Effect] = set()
+    if kind == Kind.USER:
+        # An account grants nothing by itself, except an ADMIN's power to grant itself any door.
+        role_before = ROLES.get((live or {}).get("role") or "USER", 0) if action is not Action.CREATE else -1
+        role_after = ROLES.get((desired or {}).get("role") or "USER", 0) if action is not Action.DELETE else -1
+        if action is Action.DELETE:
+            return frozenset({Effect.REVOKE})    # offboarding: every access of the person goes
+        if role_after > max(role_before, 0):
+            effects.add(Effect.GRANT)
+        if role_before > max(role_after, 0):
+            effects.add(Effect.REVOKE)
+        return frozenset(effects)
+    if kind not in GRANT_KINDS:
+        return frozenset()
+    before = _future(live, now, desired=False) if live is not None and action is not Action.CREATE else None
+    after = _future(desired, now, desired=True) if desired is not None and action is not Action.DELETE else None
+    if after is not None and (not _within(after, before) or live is None or _widens(desired or {}, live, kind)):
+        effects.add(Effect.GRANT)
+    if before is not None and (not _within(before, after) or desired is None or _widens(live or {}, desired, kind)):
+        effects.add(Effect.REVOKE)
+    return frozenset(effects)
+
+
+def is_privilege(kind: str, desired: Mapping[str, Any] | None, live: Mapping[str, Any] | None) -> bool:
+    """An ADMIN account or share appears, goes or changes: the power to grant, listed one by one in plans."""
+    if kind not in (Kind.USER, Kind.SHARE):
+        return False
+    roles = {(side or {}).get("role") for side in (desired, live) if side is not None}
+    return "ADMIN" in roles and (len(roles) > 1 or desired is None or live is None)
 
 
 @dataclass(frozen=True)
@@ -64,6 +148,7 @@ class Change:
     live: Resource | None
     changed: tuple[str, ...] = ()
     origin: str | None = None     # "policy": the YAML changed; "drift": the live system changed outside git
+    effects: frozenset[Effect] | None = None    # judged by access at plan time; None: by the verb alone
 
     @property
     def resource(self) -> Resource:
@@ -85,7 +170,26 @@ class Change:
 
     @property
     def effect(self) -> Effect:
-        return effect_of(self.action, self.kind)
+        """One word for the change: revoke when it takes any access away (the mass-revoke guard counts it),
+        else grant when it gives any, else none. `access` has both when a change does both."""
+        if self.effects is None:
+            return effect_of(self.action, self.kind)
+        if Effect.REVOKE in self.effects:
+            return Effect.REVOKE
+        return Effect.GRANT if Effect.GRANT in self.effects else Effect.NONE
+
+    @property
+    def grants(self) -> bool:
+        return Effect.GRANT in self.effects if self.effects is not None else self.effect is Effect.GRANT
+
+    @property
+    def revokes(self) -> bool:
+        return Effect.REVOKE in self.effects if self.effects is not None else self.effect is Effect.REVOKE
+
+    @property
+    def privilege(self) -> bool:
+        return is_privilege(self.kind, self.desired.attributes if self.desired else None,
+                            self.live.attributes if self.live and self.action is not Action.CREATE else None)
 
     @property
     def phase(self) -> int:
@@ -103,6 +207,10 @@ class Change:
             "action": str(self.action), "effect": str(self.effect),
             "before": before, "after": after, "source": self.source,
         }
+        if self.grants and self.revokes:
+            data["access"] = ["grant", "revoke"]
+        if self.privilege:
+            data["privilege"] = True
         if self.changed:
             data["changed"] = list(self.changed)
         if self.origin:
@@ -122,6 +230,69 @@ def _side(resource: Resource | None) -> dict[str, Any] | None:
     if resource.id is not None:
         data["id"] = resource.id
     return data
+
+
+@dataclass(frozen=True)
+class RevokeThreshold:
+    """A system's mass-revoke guard (octoDNS-style): apply refuses a plan revoking more than `percent` of
+    the system's managed grants once it has at least `minimum` of them, unless the policy acknowledges
+    exactly that plan's revocations (`acknowledge`, the token the plan prints) or `--allow-mass-revoke`."""
+
+    percent: float = 25.0
+    minimum: int = 10
+    acknowledge: str | None = None
+    source: str | None = None          # `file:line` of the acknowledgement
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The mass-revoke guard of one system, as judged for a plan: shown in the plan, enforced by apply."""
+
+    system: str
+    revoking: int
+    managed: int
+    threshold: RevokeThreshold = RevokeThreshold()
+    token: str = ""                   # what `acknowledge:` must say to let exactly these revocations through
+
+    @property
+    def trips(self) -> bool:
+        return self.managed >= self.threshold.minimum and self.revoking > self.managed * self.threshold.percent / 100
+
+    @property
+    def acknowledged(self) -> bool:
+        return bool(self.threshold.acknowledge) and self.threshold.acknowledge == self.token
+
+    @property
+    def refuses(self) -> bool:
+        return self.trips and not self.acknowledged
+
+    def message(self) -> str:
+        share = f"{self.revoking / self.managed:.0%}" if self.managed else "all"
+        limit = f"more than {self.threshold.percent:g} % of at least {self.threshold.minimum}"
+        head = f"{self.system}: the plan revokes {self.revoking} of {self.managed} managed grants ({share}, {limit})"
+        if self.acknowledged:
+            return f"{head}; acknowledged in the policy ({self.threshold.source}): apply proceeds"
+        how = (f"after review, acknowledge it in the policy with `mass_revoke: {{acknowledge: {self.token}}}` "
+               f"under systems.{self.system}, or pass --allow-mass-revoke")
+        if self.threshold.acknowledge:
+            how = (f"the acknowledgement {self.threshold.acknowledge} ({self.threshold.source}) is for other "
+                   f"revocations; {how}")
+        return f"{head}: apply will refuse it; {how}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"system": self.system, "revoking": self.revoking, "managed": self.managed,
+                "percent": self.threshold.percent, "minimum": self.threshold.minimum, "trips": self.trips,
+                "acknowledged": self.acknowledged, "refuses": self.refuses, "token": self.token,
+                "message": self.message()}
+
+
+def revocation_token(changes: list[Change]) -> str:
+    """Names exactly these revocations (address, action, desired side): an acknowledgement in the policy that
+    quotes it allows these and no others (drift or a later edit gives another token)."""
+    items = sorted([c.address, str(c.action), _side(c.desired) if c.action is not Action.DELETE else None]
+                   for c in changes)
+    text = json.dumps(items, sort_keys=True, separators=(",", ":"), default=str)
+    return "revoke-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -152,6 +323,7 @@ class Plan:
     unmanaged: tuple[Note, ...] = ()
     warnings: tuple[Note, ...] = ()
     managed_grants: int = 0          # live grants on managed devices: the base of the mass-revoke rail
+    guards: tuple[Guard, ...] = ()   # per system with revocations: the mass-revoke guard as judged for this plan
     policy_digest: str = ""          # of the desired resources: a saved plan is refused when it changes
     live_digests: Mapping[str, str] = field(default_factory=dict)   # of the live side of each change
 
@@ -172,7 +344,16 @@ class Plan:
 
     @property
     def revocations(self) -> int:
-        return sum(1 for c in self.changes if c.effect is Effect.REVOKE and c.kind in GRANT_KINDS)
+        return sum(1 for c in self.changes if c.revokes and c.kind in GRANT_KINDS)
+
+    def effects(self) -> dict[str, int]:
+        """Changes that grant and that revoke access (a change doing both counts in both)."""
+        return {"grant": sum(1 for c in self.changes if c.grants),
+                "revoke": sum(1 for c in self.changes if c.revokes)}
+
+    @property
+    def refused_by(self) -> tuple[Guard, ...]:
+        return tuple(g for g in self.guards if g.refuses)
 
     def checksum(self) -> str:
         return self._checksum
@@ -191,8 +372,10 @@ class Plan:
             "checksum": self.checksum(),
             "digests": {"policy": self.policy_digest, "live": dict(sorted(self.live_digests.items()))},
             "summary": self.summary(),
+            "effects": self.effects(),
             "changes": [c.to_dict() for c in self.changes],
             "pending": [n.to_dict() for n in self.pending],
             "unmanaged": [n.to_dict() for n in self.unmanaged],
             "warnings": [n.to_dict() for n in self.warnings],
+            "guard": [g.to_dict() for g in self.guards],
         }

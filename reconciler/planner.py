@@ -15,22 +15,23 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Iterable, Mapping
 
-from reconciler.plan import Action, Change, Note, Plan
-from reconciler.resources import GRANT_KINDS, Kind, Resource, Status, digest, format_time
+from reconciler.plan import Action, Change, Effect, Guard, Note, Plan, RevokeThreshold, classify, revocation_token
+from reconciler.resources import GRANT_KINDS, Kind, Resource, Status, address_of, digest, format_time, grant_slot
 
 REVOKE, REPORT = "revoke", "report"
 
 
 def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime,
          unmanaged_modes: Mapping[str, str] | None = None, warnings: Iterable[Note] = (),
-         applied: Mapping[str, str] | None = None) -> Plan:
+         applied: Mapping[str, str] | None = None, thresholds: Mapping[str, RevokeThreshold] | None = None) -> Plan:
     """`applied` (address → digest of the attributes apply last set, from state) lets the plan tell
-    drift, a live change made outside git, from a change of the policy."""
+    drift, a live change made outside git, from a change of the policy. `thresholds` are the systems'
+    mass-revoke guards (default 25 % of at least 10 managed grants)."""
     modes = unmanaged_modes or {}
     desired = list(desired)
     now_text = format_time(now)
     wanted = {r.address: r for r in desired}
-    found = _index_live(live)
+    found = _index_live(live, wanted, now_text)
     uncertain = {a for a, r in found.items() if r.meta.get("uncertain")}
 
     changes: list[Change] = []
@@ -67,7 +68,7 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
                 continue
             changes.append(Change(Action.CREATE, want, None))
             continue
-        changed = tuple(sorted(k for k, v in want.attributes.items() if have.attributes.get(k) != v))
+        changed = _changed(want, have, now_text)
         fixed = [k for k in changed if k in have.meta.get("create_only", ())]
         if fixed:
             notes.append(Note(address, f"{', '.join(fixed)} cannot be changed in place on this vendor "
@@ -90,45 +91,119 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
         if note:
             unmanaged.append(note)
 
-    managed_grants = sum(1 for r in found.values() if r.is_grant and r.managed and r.status is Status.PRESENT)
-    changes = [replace(c, origin=_origin(c, applied or {})) for c in changes]
+    managed = [r for r in found.values() if r.is_grant and r.managed and r.status is Status.PRESENT]
+    applied_systems = {address.split("/", 1)[0] for address in (applied or {})}
+    changes = [replace(c, origin=_origin(c, applied or {}, applied_systems), effects=_effects(c, now_text))
+               for c in changes]
+    guards = _guards(changes, managed, thresholds or {})
     live_digests = {c.address: _live_digest(c.live) for c in changes if c.live is not None}
     policy_digest = digest(sorted((r.address, dict(r.attributes), str(r.status), r.id) for r in desired))
     return Plan(now=now_text, changes=tuple(changes), pending=tuple(pending), unmanaged=tuple(unmanaged),
-                warnings=tuple(notes), managed_grants=managed_grants, policy_digest=policy_digest,
+                warnings=tuple(notes), managed_grants=len(managed), guards=guards, policy_digest=policy_digest,
                 live_digests=live_digests)
+
+
+def _changed(want: Resource, have: Resource, now_text: str) -> tuple[str, ...]:
+    """The attributes in which live differs from desired. A grant without `start` opens from now: a live
+    start in the past or none at all satisfies it, a start still to come does not (it would keep the door
+    shut), and apply then sends now."""
+    changed = {k for k, v in want.attributes.items() if have.attributes.get(k) != v}
+    if want.is_grant and "start" not in want.attributes:
+        start = have.attributes.get("start")
+        if start and start > now_text:
+            changed.add("start")
+    return tuple(sorted(changed))
+
+
+def _effects(change: Change, now_text: str) -> frozenset[Effect]:
+    desired = change.desired.attributes if change.desired is not None and change.desired.status is not Status.ABSENT \
+        else None
+    live = change.live.attributes if change.live is not None else None
+    return classify(change.action, change.kind, desired, live, now_text)
+
+
+def _guards(changes: list[Change], managed: list[Resource], thresholds: Mapping[str, RevokeThreshold]
+            ) -> tuple[Guard, ...]:
+    revoking: dict[str, list[Change]] = defaultdict(list)
+    for change in changes:
+        if change.revokes and change.kind in GRANT_KINDS:
+            revoking[change.system].append(change)
+    counts: dict[str, int] = defaultdict(int)
+    for resource in managed:
+        counts[resource.system] += 1
+    return tuple(Guard(system, len(found), counts[system], thresholds.get(system, RevokeThreshold()),
+                       revocation_token(found)) for system, found in sorted(revoking.items()))
 
 
 def _live_digest(resource: Resource) -> str:
     return digest([resource.id, dict(resource.attributes), str(resource.status)])
 
 
-def _origin(change: Change, applied: Mapping[str, str]) -> str:
+def _origin(change: Change, applied: Mapping[str, str], applied_systems: set[str]) -> str:
     """`drift` when the live system moved away from what apply last made it (or holds access nobody
-    applied); `policy` when the YAML asks for something new."""
+    applied); `policy` when the YAML asks for something new; `unmanaged` for access found on a system
+    reconciler has never applied to (the first plan): not in the policy, but not drift either."""
     last = applied.get(change.address)
     if change.desired is None or change.desired.status is Status.ABSENT:
         # Undeclared live objects: ours once (removed from the policy) or never (made outside git).
-        return "policy" if last is not None or change.desired is not None or not change.resource.is_grant \
-            else "drift"
+        if last is not None or change.desired is not None or not change.resource.is_grant:
+            return "policy"
+        return "drift" if change.system in applied_systems else "unmanaged"
     return "drift" if last is not None and last == digest(dict(change.desired.attributes)) else "policy"
 
 
-def _index_live(live: Iterable[Resource]) -> dict[str, Resource]:
-    """Index by address; a second live object at one address (a duplicate grant made outside the
-    policy) gets its vendor id appended so it is seen, and revoked or reported, rather than hidden."""
-    by_address: dict[str, list[Resource]] = defaultdict(list)
-    for resource in live:
-        by_address[resource.address].append(resource)
+def _index_live(live: Iterable[Resource], wanted: Mapping[str, Resource], now_text: str) -> dict[str, Resource]:
+    """Index live objects by the address of the desired object they stand for.
+
+    A grant's slot (person, device, operation) can hold several live grants and, in the policy, several
+    windows (`slot@start`). Each live grant goes to the desired window it already is (same address, or same
+    attributes), then the rest are paired with the remaining windows in order of start (an update or
+    replace), and what is left over is undeclared: the first keeps the slot's address, the others get
+    `#<vendor id>` appended so that they are seen, and revoked or reported, rather than hidden (as a
+    provider does for a live grant it knows is not the declared one)."""
+    windows: dict[str, list[str]] = defaultdict(list)
+    for address in wanted:
+        windows[grant_slot(address)].append(address)
+    by_slot: dict[str, list[Resource]] = defaultdict(list)
     found: dict[str, Resource] = {}
-    for address, group in by_address.items():
-        group.sort(key=lambda r: (r.status is not Status.PRESENT, r.id or ""))
-        found[address] = group[0]
-        for extra in group[1:]:
-            renamed = Resource(extra.system, extra.kind, f"{extra.name}#{extra.id}", extra.attributes,
-                               id=extra.id, status=extra.status, meta=extra.meta, managed=extra.managed)
-            found[renamed.address] = renamed
+    for resource in live:
+        if "#" in resource.name:
+            found[resource.address] = resource    # the provider says it is not the declared grant
+        else:
+            by_slot[grant_slot(resource.address) if resource.is_grant else resource.address].append(resource)
+    for slot, group in by_slot.items():
+        group.sort(key=lambda r: (r.status is not Status.PRESENT, r.id or "", r.address))
+        free = sorted(windows.get(slot, ()), key=lambda a: (wanted[a].attributes.get("start") or "", a))
+        left: list[Resource] = []
+        for have in group:            # already at a desired address (providers that keep ids by address)
+            if have.address in free:
+                free.remove(have.address)
+                found[have.address] = have
+            else:
+                left.append(have)
+        unpaired: list[Resource] = []
+        for have in left:             # the window it is
+            same = next((a for a in free if not _changed(wanted[a], have, now_text)), None)
+            if same is None:
+                unpaired.append(have)
+            else:
+                free.remove(same)
+                found[same] = _renamed(have, same)
+        unpaired.sort(key=lambda r: (r.status is not Status.PRESENT, r.attributes.get("start") or "", r.id or ""))
+        for address, have in zip(free, unpaired):    # a window moved: update the grant that held it
+            found[address] = _renamed(have, address)
+        for extra in unpaired[len(free):]:
+            name = grant_slot(extra.name)
+            if address_of(extra.system, extra.kind, name) in found:
+                name = f"{name}#{extra.id}"
+            found[address_of(extra.system, extra.kind, name)] = _renamed(
+                extra, address_of(extra.system, extra.kind, name))
     return found
+
+
+def _renamed(resource: Resource, address: str) -> Resource:
+    name = address.split("/", 2)[2]
+    return resource if resource.name == name else replace(resource, name=name)
 
 
 def _has_expired(resource: Resource, now_text: str) -> bool:

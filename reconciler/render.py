@@ -47,13 +47,20 @@ _env.globals.update(symbols=SYMBOLS, verbs=VERBS, attribute_lines=_attribute_lin
 _env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("<", "&lt;")
 
 
+def _effect_label(change: dict[str, Any]) -> str:
+    """`grant`, `revoke`, `grant + revoke` (a change doing both), with `, privilege` for ADMIN power."""
+    words = " + ".join(change.get("access") or ([change["effect"]] if change["effect"] != "none" else []))
+    if change.get("privilege"):
+        words = f"{words}, privilege" if words else "privilege"
+    return words
+
+
+_env.globals.update(effect_label=_effect_label)
+
+
 def render_text(plan: Plan) -> str:
     data = plan.to_dict()
-    effects = {"grant": 0, "revoke": 0}
-    for change in data["changes"]:
-        if change["effect"] in effects:
-            effects[change["effect"]] += 1
-    return _env.get_template("plan.txt.j2").render(plan=data, effects=effects)
+    return _env.get_template("plan.txt.j2").render(plan=data, effects=data["effects"])
 
 
 # -- markdown (pull-request comments) --------------------------------------------------------------------
@@ -121,6 +128,12 @@ def access_sentence(change: dict[str, Any]) -> str | None:
     source = f" — `{change['source']}`" if change.get("source") else ""
     if kind == "user" and action == "delete":
         return f"{_person(name)} is removed from `{system}`: all their access there ends (offboarding)"
+    if kind == "user" and change.get("privilege"):
+        before, after = (change["before"] or {}).get("role"), (change["after"] or {}).get("role")
+        if action == "create":
+            return (f"{_person(name)} gets an ADMIN account on `{system}`: can grant itself access to any door"
+                    f"{source}")
+        return f"{_person(name)}'s role on `{system}` changes: {before} → {after}{source}"
     if kind == "temp_key":
         attrs = change["after"] or change["before"] or {}
         who = "anyone with the link" if attrs.get("access") == "public" else \
@@ -137,8 +150,8 @@ def access_sentence(change: dict[str, Any]) -> str | None:
     if action == "create":
         return f"{_person(user)} gains {what}{where}, {_window(change['after'])}{via}{source}"
     if action == "delete":
-        why = " — granted outside git, not in the policy" if change.get("origin") == "drift" else \
-            " — no longer in the policy"
+        why = {"drift": " — granted outside git, not in the policy",
+               "unmanaged": " — not in the policy"}.get(change.get("origin") or "", " — no longer in the policy")
         return f"{_person(user)} loses {what}{where}{why}"
     before, after = change["before"] or {}, change["after"] or {}
     keys = change.get("changed") or sorted(k for k in after if before.get(k) != after.get(k))
@@ -155,25 +168,72 @@ def _plain(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def render_markdown(plan: Plan, *, limit: int = COMMENT_LIMIT, artifact: str = "plan.json") -> str:
-    """A pull-request comment: totals, then access changes in words, then the rest folded; never longer
-    than `limit` characters (lists are cut with counts and a pointer to the full plan)."""
-    data = plan.to_dict()
-    access, drift = [], []
-    for change in data["changes"]:
+def _group_line(change: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a grant change shares with others of its group: the key of one summary line, or None when the
+    change is told on its own (privilege, updates, direct grants, several groups)."""
+    if change["kind"] not in ("permission", "key", "share") or change["action"] != "create" or change.get("privilege"):
+        return None
+    groups = [v.split(":", 1)[1] for v in change.get("via", []) if v.startswith("group:")]
+    if len(groups) != 1 or "user" in change.get("via", []):
+        return None
+    user, device, *operation = change["address"].split("/", 2)[2].split("/")
+    window = _window(change["after"])
+    return (change["action"], groups[0], change["system"], tuple(operation), window, change.get("source") or "",
+            change.get("origin") or "")
+
+
+def _access_lines(changes: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Access changes in words, privilege first and one by one; grants that a group shares on one set of
+    doors in one line ("group `ops` (40 people) gains …") with the people folded beneath; otherwise in the
+    plan's order. Returns (access, drift)."""
+    privilege: list[str] = []
+    lines: list[tuple[int, bool, str]] = []    # (position, is drift, line)
+    grouped: dict[tuple[Any, ...], dict[str, list[tuple[int, str, str]]]] = {}   # key → user → grants
+    for position, change in enumerate(changes):
         sentence = access_sentence(change)
-        if sentence:
-            (drift if change.get("origin") == "drift" else access).append(sentence)
+        if not sentence:
+            continue
+        if change.get("privilege"):
+            privilege.append(f"**privilege**: {sentence}")
+            continue
+        key = _group_line(change)
+        if key is None:
+            lines.append((position, change.get("origin") == "drift", sentence))
+            continue
+        user, device = change["address"].split("/", 2)[2].split("/")[:2]
+        grouped.setdefault(key, {}).setdefault(user, []).append((position, device, sentence))
+    for key, people in grouped.items():
+        action, group, system, operation, window, source, origin = key
+        by_doors: dict[tuple[str, ...], list[str]] = {}
+        for user, grants in sorted(people.items()):
+            by_doors.setdefault(tuple(sorted(d for _, d, _ in grants)), []).append(user)
+        for doors, users in by_doors.items():
+            if len(users) == 1:
+                lines += [(p, origin == "drift", sentence) for p, _, sentence in people[users[0]]]
+                continue
+            first = min(p for user in users for p, _, _ in people[user])
+            what = f"{operation[0]} on " if operation and operation[0] != "OPEN" else "access to "
+            names = ", ".join(f"**{d}**" for d in doors)
+            folded = f" <details><summary>{len(users)} people</summary>{', '.join(users)}</details>"
+            lines.append((first, origin == "drift", f"group `{group}` ({len(users)} people) gains {what}{names} "
+                          f"(`{system}`), {window}{f' — `{source}`' if source else ''}{folded}"))
+    lines.sort(key=lambda item: item[0])
+    return privilege + [line for _, drift, line in lines if not drift], [line for _, drift, line in lines if drift]
+
+
+def render_markdown(plan: Plan, *, limit: int = COMMENT_LIMIT, artifact: str = "plan.json") -> str:
+    """A pull-request comment: totals, the mass-revoke guard, then access changes in words, then the rest
+    folded; never longer than `limit` characters (lists are cut with counts and a pointer to the full plan)."""
+    data = plan.to_dict()
+    access, drift = _access_lines(data["changes"])
     systems: dict[str, list[dict[str, Any]]] = {}
     for change in data["changes"]:
         systems.setdefault(change["system"], []).append(change)
-    effects = {"grant": sum(c["effect"] == "grant" for c in data["changes"]),
-               "revoke": sum(c["effect"] == "revoke" for c in data["changes"])}
     template = _env.get_template("plan.md.j2")
     text = ""
     for cap in _CAPS:
-        text = template.render(plan=data, access=access, drift=drift, systems=systems, effects=effects, cap=cap,
-                               artifact=artifact)
+        text = template.render(plan=data, access=access, drift=drift, systems=systems, effects=data["effects"],
+                               cap=cap, artifact=artifact)
         if len(text) <= limit:
             return text
     return text[:limit - 200].rsplit("\n", 1)[0] + f"\n\n… cut to fit a comment; the full plan is in `{artifact}`.\n"

@@ -41,6 +41,21 @@ def address_of(system: str, kind: str, name: str) -> str:
     return f"{system}/{kind}/{name}"
 
 
+# A grant's name is `user/device[/OPERATION]`; a person with several windows on one door has one grant per
+# window, named `<slot>@<start>` (`@now` for the window without a start). The slot is what the vendor keys on.
+WINDOW_MARK = "@"
+
+
+def grant_slot(name: str) -> str:
+    """`alice/front-gate/OPEN@2026-03-01T00:00:00Z` → `alice/front-gate/OPEN` (also drops a `#<id>` suffix)."""
+    return name.split("#", 1)[0].split(WINDOW_MARK, 1)[0]
+
+
+def grant_parts(name: str) -> list[str]:
+    """A grant name's parts without its window: `[user, device]` or `[user, device, operation]`."""
+    return grant_slot(name).split("/")
+
+
 def unknown_name(vendor_id: str) -> str:
     """Name for a live object that neither policy nor state knows: `id:<vendor id>`."""
     return f"id:{vendor_id}"
@@ -114,6 +129,7 @@ class Capabilities:
     # any name from them is accepted and one set must be complete. Empty: `credentials` is the one set.
     credential_sets: tuple[frozenset[str], ...] = ()
     open_ended: bool = True                            # a grant may omit `end`
+    several_windows: bool = False                      # several grants per person and device (split shifts)
 
 
 def digest(value: Any) -> str:

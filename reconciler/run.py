@@ -105,7 +105,9 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
     notes = [Note(str(d.location), d.message) for d in policy.warnings]
     notes += [n for result in reads.values() for n in result.warnings]
     modes = {name: system.unmanaged for name, system in policy.systems.items()}
-    return planner.plan(desired, live, now=session.now, unmanaged_modes=modes, warnings=notes, applied=applied)
+    thresholds = {name: system.mass_revoke for name, system in policy.systems.items()}
+    return planner.plan(desired, live, now=session.now, unmanaged_modes=modes, warnings=notes, applied=applied,
+                        thresholds=thresholds)
 
 
 def plan(session: Session) -> Plan:

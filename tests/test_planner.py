@@ -106,8 +106,8 @@ def test_duplicate_live_grants_keep_one_and_revoke_the_other():
 def test_plan_dict_contract_and_checksum_is_stable():
     result = plan([grant(), grant("bob")], [grant("id:x", id="p9")], now=NOW)
     data = result.to_dict()
-    assert list(data) == ["format_version", "now", "checksum", "digests", "summary", "changes", "pending",
-                          "unmanaged", "warnings"]
+    assert list(data) == ["format_version", "now", "checksum", "digests", "summary", "effects", "changes", "pending",
+                          "unmanaged", "warnings", "guard"]
     assert data["now"] == "2026-11-22T10:00:00Z"
     assert data["summary"] == {"create": 2, "update": 0, "delete": 1, "replace": 0}
     assert [c["address"] for c in data["changes"]] == sorted(c["address"] for c in data["changes"])

@@ -247,7 +247,7 @@ def test_a_changed_window_replaces_exactly_that_key(h):
     assert [(c.address, c.action, c.changed) for c in plan.changes] == [
         ("cabins/key/carol/gate", "replace", ("end",))]
     text = render_text(plan)      # the plan says it is a revoke + create, and why
-    assert "-/+ cabins/key/carol/gate  [grant]" in text
+    assert "-/+ cabins/key/carol/gate  [revoke]" in text   # an end moved earlier takes access away
     assert 'end: null -> "2027-03-31T00:00:00Z"' in text
     h.sim.reset_log()
     _, report = h.apply()

@@ -12,6 +12,7 @@ import re
 from typing import Any, Mapping
 
 from reconciler.errors import Diagnostic
+from reconciler.plan import RevokeThreshold
 from reconciler.resources import Capabilities, Kind
 from reconciler.secret import Secret
 
@@ -45,8 +46,17 @@ def check_systems(declarations: Declarations, capabilities: Mapping[str, Capabil
                                          credentials=credentials, unmanaged=entry.model.unmanaged,
                                          settings=dict(entry.settings), concurrency=entry.model.concurrency,
                                          deadline=entry.model.deadline,
-                                         source=entry.place.at())
+                                         source=entry.place.at(), mass_revoke=_threshold(entry))
     return systems, problems
+
+
+def _threshold(entry: Entry[SystemModel]) -> RevokeThreshold:
+    guard = entry.model.mass_revoke if entry.model is not None else None
+    if guard is None:
+        return RevokeThreshold()
+    where = entry.place.at("mass_revoke", "acknowledge") if guard.acknowledge else None
+    return RevokeThreshold(percent=float(guard.percent), minimum=guard.minimum, acknowledge=guard.acknowledge,
+                           source=f"{where.path}:{where.line}" if where else None)
 
 
 def _check_settings(entry: Entry[SystemModel], caps: Capabilities | None) -> list[Diagnostic]:

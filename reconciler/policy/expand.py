@@ -7,7 +7,9 @@ remaining resources are still needed to find conflicting grants.
 
 Naming (addresses are `system/kind/name`): users and invitations by user name, devices and gateways by key,
 associations `gateway/device`, grants `user/device/OPERATION` (or `user/device` on vendors without
-operations), temp keys by key. Grants are one per (user, device, operation) after groups are expanded.
+operations), temp keys by key. Grants are one per (user, device, operation) after groups are expanded, and
+one per window where a person has several windows on one door (`…/OPEN@<start>`, vendors with
+`several_windows` only; windows must not overlap).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import replace
 from typing import Any, Mapping
 
 from reconciler.errors import Diagnostic
-from reconciler.resources import Capabilities, Kind, Resource, Status, address_of
+from reconciler.resources import WINDOW_MARK, Capabilities, Kind, Resource, Status, address_of
 
 from .schema import DAYS, Declarations, Entry, PermissionModel, SpanModel, utc_text
 
@@ -169,8 +171,11 @@ def _gateways(declarations: Declarations, capabilities: Mapping[str, Capabilitie
 
 def _grants(declarations: Declarations, capabilities: Mapping[str, Capabilities],
             warnings: list[Diagnostic], errors: list[Diagnostic]) -> list[Resource]:
-    granted: dict[str, tuple[Resource, int]] = {}   # address → (grant, index of the declaring permission)
+    # slot address (system/kind/user/device[/op]) → its windows: (grant, index of the declaring permission)
+    slots: dict[str, list[tuple[Resource, int]]] = {}
     conflicts: dict[tuple[int, int], list[tuple[Resource, Resource]]] = {}
+    single: dict[tuple[int, int], list[tuple[Resource, Resource]]] = {}
+    several: dict[str, bool] = {}
     for position, entry in enumerate(declarations.permissions):
         permission = entry.model
         if permission is None:
@@ -189,16 +194,42 @@ def _grants(declarations: Declarations, capabilities: Mapping[str, Capabilities]
                 if caps.user_accounts and not has_account(declarations, user, system):
                     continue  # reported by the checks
                 for grant in _grants_for(declarations, entry, permission, caps, system, user, device):
-                    first = granted.get(grant.address)
-                    if first is None:
-                        granted[grant.address] = (grant, position)
-                    elif first[0].attributes != grant.attributes:
-                        conflicts.setdefault((position, first[1]), []).append((first[0], grant))
+                    windows = slots.setdefault(grant.address, [])
+                    several[grant.address] = caps.several_windows
+                    same = next((i for i, (g, _) in enumerate(windows) if g.attributes == grant.attributes), None)
+                    overlapping = next(((g, p) for g, p in windows if _overlap(g, grant)), None)
+                    if same is not None:
+                        first, first_position = windows[same]
+                        windows[same] = (_merged(first, grant), first_position)
+                    elif overlapping is not None:
+                        conflicts.setdefault((position, overlapping[1]), []).append((overlapping[0], grant))
+                    elif windows and not caps.several_windows:
+                        single.setdefault((position, windows[0][1]), []).append((windows[0][0], grant))
                     else:
-                        granted[grant.address] = (_merged(first[0], grant), first[1])
+                        windows.append((grant, position))
     for (second, first), pairs in conflicts.items():
-        errors.append(_conflict(declarations.permissions[second], declarations.permissions[first], pairs))
-    return [grant for grant, _ in granted.values()]
+        errors.append(_conflict(declarations.permissions[second], declarations.permissions[first], pairs,
+                                several.get(pairs[0][0].address, False)))
+    for (second, first), pairs in single.items():
+        errors.append(_one_window_only(declarations, declarations.permissions[second],
+                                       declarations.permissions[first], pairs))
+    grants = []
+    for windows in slots.values():
+        if len(windows) == 1:
+            grants.append(windows[0][0])
+            continue
+        for grant, _ in windows:
+            # Each window is its own grant, named by its start: stable when another window is added or moved.
+            grants.append(replace(grant, name=f"{grant.name}{WINDOW_MARK}{grant.attributes.get('start') or 'now'}"))
+    return grants
+
+
+def _overlap(first: Resource, second: Resource) -> bool:
+    """Whether two windows share a moment; no start reaches back forever, no end forward forever."""
+    def bounds(grant: Resource) -> tuple[str, str]:
+        return grant.attributes.get("start") or "", grant.attributes.get("end") or "~"
+    (start1, end1), (start2, end2) = bounds(first), bounds(second)
+    return start1 < end2 and start2 < end1
 
 
 def _via(declarations: Declarations, permission: PermissionModel, user: str) -> tuple[str, ...]:
@@ -261,7 +292,7 @@ def _grants_for(declarations: Declarations, entry: Entry[PermissionModel], permi
 
 
 def _conflict(second: Entry[PermissionModel], first: Entry[PermissionModel],
-              pairs: list[tuple[Resource, Resource]]) -> Diagnostic:
+              pairs: list[tuple[Resource, Resource]], several_windows: bool = False) -> Diagnostic:
     earlier, later = pairs[0]
     user, device, *operation = later.name.split("/")
     what = f"{operation[0]} on '{device}'" if operation else f"access to '{device}'"
@@ -269,8 +300,23 @@ def _conflict(second: Entry[PermissionModel], first: Entry[PermissionModel],
     different = [k for k in keys if earlier.attributes.get(k) != later.attributes.get(k)]
     extra = len(pairs) - 1
     more = f" ({extra} more grant{'s' if extra > 1 else ''} conflict{'' if extra > 1 else 's'} the same way)"
+    apart = ", or give them windows that do not overlap" if several_windows else ""
     return Diagnostic(second.place.at(), f"{user}'s {what} is also granted at {first.place.at()} with a different "
-                      f"{_and(different)}; make the two identical or merge them{more if extra else ''}")
+                      f"{_and(different)}; make the two identical or merge them{apart}{more if extra else ''}")
+
+
+def _one_window_only(declarations: Declarations, second: Entry[PermissionModel], first: Entry[PermissionModel],
+                     pairs: list[tuple[Resource, Resource]]) -> Diagnostic:
+    earlier, later = pairs[0]
+    user, device, *operation = later.name.split("/")
+    what = f"{operation[0]} on '{device}'" if operation else f"access to '{device}'"
+    system = declarations.systems.get(later.system)
+    vendor = system.model.vendor if system is not None and system.model is not None else later.system
+    extra = len(pairs) - 1
+    more = f" ({extra} more grant{'s' if extra > 1 else ''} the same way)" if extra else ""
+    return Diagnostic(second.place.at(), f"{user}'s {what} is also granted at {first.place.at()} in another window; "
+                      f"{vendor} holds one grant per person and lock, so it cannot hold two windows: merge them into "
+                      f"one window{more}")
 
 
 def _and(words: list[str]) -> str:

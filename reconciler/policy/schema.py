@@ -22,6 +22,7 @@ from pydantic_core import ErrorDetails
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from reconciler.errors import Diagnostic, Location
+from reconciler.plan import RevokeThreshold
 from reconciler.resources import Resource
 from reconciler.secret import Secret
 
@@ -36,7 +37,7 @@ COLOUR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
 DURATION_RE = re.compile(r"^P(\d+)D$")
 TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 # Keys of a system entry that every vendor has; any other key is a vendor setting checked against capabilities.
-SYSTEM_KEYS = ("vendor", "url", "credentials", "unmanaged", "concurrency", "deadline")
+SYSTEM_KEYS = ("vendor", "url", "credentials", "unmanaged", "concurrency", "deadline", "mass_revoke")
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 Role = Literal["USER", "ADMIN"]
@@ -57,6 +58,7 @@ class SystemConfig:
     concurrency: int = 8
     deadline: int = 120                  # seconds: reads, and apply without any answer, give up after it
     source: Location = Location("")
+    mass_revoke: RevokeThreshold = RevokeThreshold()
 
     @property
     def is_sandbox(self) -> bool:
@@ -108,6 +110,15 @@ def _check_e164(value: Any) -> Any:
     return value
 
 
+class MassRevokeModel(_Model):
+    """The system's mass-revoke guard: apply refuses a plan revoking more than `percent` % of its managed
+    grants (once there are at least `minimum`) unless `acknowledge` quotes the token that plan shows."""
+
+    percent: Annotated[float | int, Field(ge=0, le=100)] = 25
+    minimum: Annotated[int, Field(ge=0)] = 10
+    acknowledge: Annotated[str, Field(pattern=r"^revoke-[0-9a-f]{16}$")] | None = None
+
+
 class SystemModel(_Model):
     vendor: str
     url: str | None = None
@@ -115,6 +126,7 @@ class SystemModel(_Model):
     unmanaged: Literal["revoke", "report"] = "revoke"
     concurrency: Annotated[int, Field(ge=1)] = 8
     deadline: Annotated[int, Field(ge=1, le=3600)] = 120
+    mass_revoke: MassRevokeModel | None = None
 
     @field_validator("vendor")
     @classmethod

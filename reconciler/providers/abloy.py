@@ -28,7 +28,7 @@ import jwt
 from reconciler.errors import VendorError
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, Redactor, json_error, token_lifetime
-from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time,
+from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time, grant_parts,
                                   normalise_time, unknown_name)
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ CAPABILITIES = Capabilities(
     device_id_pattern=UUID_PATTERN,
     mobile_key=True,
     credentials=frozenset({"user_id", "access_key", "api_key"}),
+    several_windows=True,
 )
 
 
@@ -312,10 +313,12 @@ class AbloyProvider(Provider):
         self.http.request("DELETE", PATHS["association"].format(id=live.id), expect=(404,))
 
     # -- permissions ---------------------------------------------------------------------------------
-    def _permission_body(self, want: Resource, live: Resource | None = None) -> dict[str, Any]:
-        user, device, operation = want.name.split("/")
+    def _permission_body(self, want: Resource) -> dict[str, Any]:
+        user, device, operation = grant_parts(want.name)
         attrs = want.attributes
-        start = attrs.get("start") or (live.attributes.get("start") if live else None) or format_time(self.clock())
+        # No `start:` in the policy means from now, never "keep what the vendor has": a start left in the
+        # future would keep the door shut (and an earlier end would then be refused as before the start).
+        start = attrs.get("start") or format_time(self.clock())
         return {"permissionType": "SINGLE_INTERVAL", "userId": self._id(Kind.USER, user),
                 "lockingDeviceId": self._id(Kind.DEVICE, device), "operationType": operation,
                 "operatingKeyValidityDuration": attrs.get("key_validity", "P8D"),
@@ -324,15 +327,18 @@ class AbloyProvider(Provider):
     def create_permission(self, want: Resource) -> None:
         body = self._permission_body(want)
         key = (body["userId"], body["lockingDeviceId"], body["operationType"])
+        end = normalise_time(body["end"])
 
         def find() -> bool | None:
+            # One person may hold several windows on one lock: the one sent is the one with its end.
             return True if any((p.get("userId"), p.get("lockingDeviceId"), p.get("operationType")) == key
+                               and normalise_time(p.get("end")) == end
                                for p in self.list_all("permissions")) else None
         self.create_checked(lambda: self.http.request("POST", PATHS["permissions"], json=body, idempotent=False),
                             find)
 
     def update_permission(self, want: Resource, live: Resource, changed: tuple[str, ...]) -> None:
-        self.http.request("PUT", PATHS["permission"].format(id=live.id), json=self._permission_body(want, live))
+        self.http.request("PUT", PATHS["permission"].format(id=live.id), json=self._permission_body(want))
 
     def delete_permission(self, live: Resource) -> None:
         self.http.request("DELETE", PATHS["permission"].format(id=live.id), expect=(404,))

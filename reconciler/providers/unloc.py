@@ -32,7 +32,7 @@ from reconciler.errors import VendorError
 from reconciler.plan import Note
 from reconciler.providers.base import Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor, json_error
-from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, normalise_time,
+from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, grant_parts, normalise_time,
                                   unknown_name)
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ CAPABILITIES = Capabilities(
     settings=frozenset({"lock_holder_id", "notify"}),
     required_settings=frozenset({"lock_holder_id"}),
     credentials=frozenset({"client_id", "client_secret"}),
+    several_windows=True,
 )
 
 
@@ -217,7 +218,7 @@ class UnlocProvider(Provider):
 
     # -- keys ----------------------------------------------------------------------------------------
     def create_key(self, want: Resource) -> None:
-        _, device = want.name.split("/", 1)
+        _, device = grant_parts(want.name)
         lock_id = self._lock_id(device)
         phone = want.meta.get("phone")
         if not phone:
@@ -251,7 +252,7 @@ class UnlocProvider(Provider):
                  key.get("state"))
 
     def delete_key(self, live: Resource) -> None:
-        lock_id = live.meta.get("lock_id") or self._lock_id(live.name.split("/")[1].split("#")[0])
+        lock_id = live.meta.get("lock_id") or self._lock_id(grant_parts(live.name)[1])
         self.http.request("PATCH", self._path("key", lock=lock_id, key=str(live.id)), json={"state": "revoked"},
                           idempotent=True, expect=(404,))
 

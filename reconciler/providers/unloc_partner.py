@@ -46,7 +46,7 @@ from reconciler.errors import VendorError
 from reconciler.plan import Note
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor, json_error
-from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time,
+from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time, grant_parts,
                                   normalise_time, parse_time, unknown_name)
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ CAPABILITIES = Capabilities(
     settings=frozenset({"partner_id"}),
     required_settings=frozenset({"partner_id"}),
     credentials=frozenset({"api_key"}),
+    several_windows=True,
 )
 
 
@@ -335,7 +336,7 @@ class UnlocPartnerProvider(Provider):
 
     # -- helpers -------------------------------------------------------------------------------------
     def _device_address(self, grant: Resource) -> str:
-        return address_of(self.name, Kind.DEVICE, grant.name.split("/")[1])
+        return address_of(self.name, Kind.DEVICE, grant_parts(grant.name)[1])
 
     def _serial_lock(self, lock: str, phone: str) -> threading.Lock:
         with self._guard:
