@@ -21,7 +21,7 @@ import click
 from reconciler import run
 from reconciler.errors import ApplyFailedError, Diagnostic, ExitCode, PolicyError, ReconcilerError, RefusedError
 from reconciler.plan import Change, Plan
-from reconciler.render import render_json, render_markdown, render_text
+from reconciler.render import render_access, render_json, render_markdown, render_text
 from reconciler.state import default_state_path
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,42 @@ def _read_plan(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RefusedError(f"refused: {path} is not a reconciler plan")
     return data
+
+
+def _parse_at(value: str | None) -> datetime | None:
+    """`--at`, keeping its offset: weekly schedules are read in the time zone it is given in."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date-time (e.g. 2026-11-22T10:00:00Z)") from None
+    if moment.tzinfo is None:
+        raise click.BadParameter(f"{value!r} needs a timezone, e.g. {value}Z")
+    return moment
+
+
+@main.command()
+@directory_argument
+@click.option("--user", default=None, help="Only this user (policy name, or id:… for an account not in it).")
+@click.option("--device", default=None, help="Only this device.")
+@click.option("--at", "at", default=None, help="Only what is open at this ISO 8601 time (schedules in its zone).")
+@click.option("--live", is_flag=True, help="Read the live systems instead of the policy.")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv", "json"]), default="text")
+@state_option
+def access(directory: str, user: str | None, device: str | None, at: str | None, live: bool, fmt: str,
+           state: str | None) -> None:
+    """Who can open what, and when: from the policy, or from the live systems with --live."""
+    def body() -> int:
+        moment = _parse_at(at)
+        rows, admins = run.access(_session(directory, state, None), user=user, device=device, at=moment,
+                                  live=live)
+        heading = " ".join(part for part in (
+            "Live access" if live else "Access in the policy", f"of {user}" if user else "",
+            f"to {device}" if device else "", f"open at {at}" if at else "") if part)
+        click.echo(render_access(rows, admins, fmt, heading=heading), nl=False)
+        return ExitCode.OK
+    _guard(body)
 
 
 @main.command()

@@ -5,11 +5,14 @@ Called by the CLI for `plan` and `apply` output.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from typing import Any
 
 import jinja2
 
+from reconciler.access import AccessRow, Admin
 from reconciler.plan import Plan
 
 SYMBOLS = {"create": "+", "update": "~", "delete": "-", "replace": "-/+"}
@@ -237,6 +240,68 @@ def render_markdown(plan: Plan, *, limit: int = COMMENT_LIMIT, artifact: str = "
         if len(text) <= limit:
             return text
     return text[:limit - 200].rsplit("\n", 1)[0] + f"\n\n… cut to fit a comment; the full plan is in `{artifact}`.\n"
+
+
+# -- effective access (`reconciler access`) ------------------------------------------------------------------
+
+ACCESS_COLUMNS = ("user", "system", "device", "operations", "role", "start", "end", "schedule", "via", "source",
+                  "live_only", "status")
+
+
+def _access_cells(row: AccessRow) -> dict[str, str]:
+    data = row.to_dict()
+    return {"user": row.user, "system": row.system, "device": row.device,
+            "operations": " ".join(row.operations), "role": row.role or "",
+            "start": row.start or "", "end": row.end or "",
+            "schedule": _days(data["schedule"]) if data["schedule"] else "",
+            "via": row.via, "source": row.source or "",
+            "live_only": "yes" if row.live_only else "", "status": "" if row.status == "present" else row.status}
+
+
+def _admin_lines(admins: list[Admin]) -> list[str]:
+    return [f"{a.user} is an ADMIN of {a.system}: can grant itself access to any door there"
+            f"{' (not in the policy)' if a.live_only else f' ({a.source})' if a.source else ''}" for a in admins]
+
+
+def render_access(rows: list[AccessRow], admins: list[Admin], fmt: str, *, heading: str = "") -> str:
+    """`text` (aligned columns), `markdown` (a table), `csv` (for a spreadsheet: every column, one row per
+    grant) or `json` (a list of objects: user, device, system, start, end, via, source, ...)."""
+    if fmt == "json":
+        return json.dumps([row.to_dict() for row in rows], indent=2, ensure_ascii=False) + "\n"
+    cells = [_access_cells(row) for row in rows]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=ACCESS_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for cell in cells:
+            # A cell starting with = + - @ is a formula to a spreadsheet: names from policy files stay text.
+            writer.writerow({k: f"'{v}" if v[:1] in ("=", "+", "-", "@") else v for k, v in cell.items()})
+        return out.getvalue()
+    columns = [c for c in ACCESS_COLUMNS if any(cell[c] for cell in cells) or c in ("user", "system", "device")]
+    notes = _admin_lines(admins)
+    if fmt == "markdown":
+        lines = [f"### {heading}" if heading else "### reconciler access", ""]
+        if cells:
+            lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(_md(cell[c]) for c in columns) + " |" for cell in cells]
+        else:
+            lines.append("Nobody.")
+        lines += [""] + [f"- {_md(note)}" for note in notes] if notes else []
+        return "\n".join(lines) + "\n"
+    if not cells:
+        lines = [f"{heading}: nobody." if heading else "Nobody."]
+    else:
+        widths = {c: max(len(c), *(len(cell[c]) for cell in cells)) for c in columns}
+        lines = [f"{heading}:", ""] if heading else []
+        lines.append("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
+        lines += ["  ".join(cell[c].ljust(widths[c]) for c in columns).rstrip() for cell in cells]
+    if notes:
+        lines += [""] + notes
+    return "\n".join(lines) + "\n"
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("<", "&lt;")
 
 
 def render_json(plan: Plan) -> str:

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from reconciler import planner
+from reconciler.access import AccessRow, Admin, rows_from_live, rows_from_policy, select
 from reconciler.applier import ApplyReport, apply_plan, check_mass_revoke
 from reconciler.errors import PlanError, RefusedError, ReconcilerError
 from reconciler.plan import FORMAT_VERSION, Change, Note, Plan
 from reconciler.policy import Policy, load_policy
-from reconciler.providers.base import Event, Provider
+from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.factory import build_provider, capabilities
 from reconciler.state import LocalState
 from reconciler.state.guard import check_state
@@ -89,16 +90,23 @@ def build_providers(session: Session, policy: Policy, state: LocalState) -> dict
             for name, system in sorted(policy.systems.items())}
 
 
-def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider],
-              applied: Mapping[str, str] | None = None, *, state: Any = None) -> Plan:
-    """Read every system in bulk, all systems at once, then diff. With `state`, first refuse a state
-    that belongs to another system or was lost (`state.guard`)."""
+def read_live(policy: Policy, providers: Mapping[str, Provider]) -> dict[str, ReadResult]:
+    """Read every system in bulk, all systems at once; a read that makes a plan impossible is an error."""
     desired = policy.resources
     with ThreadPoolExecutor(max(1, len(providers))) as pool:
         reads = dict(zip(providers, pool.map(lambda p: p.read(desired), providers.values())))
     problems = [e for result in reads.values() for e in result.errors]
     if problems:
         raise PlanError(problems)
+    return reads
+
+
+def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider],
+              applied: Mapping[str, str] | None = None, *, state: Any = None) -> Plan:
+    """Read every system in bulk, all systems at once, then diff. With `state`, first refuse a state
+    that belongs to another system or was lost (`state.guard`)."""
+    desired = policy.resources
+    reads = read_live(policy, providers)
     live = [r for result in reads.values() for r in result.resources]
     if state is not None:
         check_state(state, {name: p.identity() for name, p in providers.items()}, desired, live)
@@ -169,6 +177,26 @@ def forget(session: Session, address: str) -> dict[str, Any]:
                                   + (f" (it holds {_some(known)})" if known else ""))
         state.delete(address)
         return record
+
+
+def access(session: Session, *, user: str | None = None, device: str | None = None, at: datetime | None = None,
+           live: bool = False) -> tuple[list[AccessRow], list[Admin]]:
+    """Effective access from the policy, or with `live` from what the systems hold (names resolved through
+    policy and state); only what is open at `at` when given. Reads nothing from the state but ids."""
+    policy = validate(session)
+    if live:
+        state = LocalState(session.state_path)
+        providers = build_providers(session, policy, state)
+        try:
+            reads = read_live(policy, providers)
+        finally:
+            _close(providers)
+        found = [r for result in reads.values() for r in result.resources]
+        rows, admins = rows_from_live(found, policy.resources, policy.emails)
+    else:
+        rows, admins = rows_from_policy(policy.resources, policy.emails)
+    admins = [a for a in admins if (user is None or a.user == user) and device is None]
+    return select(rows, user=user, device=device, at=at), admins
 
 
 def events(session: Session, system: str, device: str) -> list[Event]:

@@ -37,4 +37,6 @@ def load_policy(path: Path, capabilities: Mapping[str, Capabilities], env: Mappi
     if diagnostics:
         # One problem can be found by two routes (a permission listing two devices on one vendor); say it once.
         raise PolicyError(sorted(set(diagnostics)))
-    return Policy(systems=systems, resources=resources, warnings=warnings, files=declarations.files)
+    emails = {entry.model.email: name for name, entry in sorted(declarations.users.items())
+              if entry.model is not None and entry.model.email}
+    return Policy(systems=systems, resources=resources, warnings=warnings, files=declarations.files, emails=emails)

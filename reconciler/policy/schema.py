@@ -73,6 +73,7 @@ class Policy:
     resources: list[Resource]
     warnings: list[Diagnostic]
     files: list[str]
+    emails: dict[str, str] = field(default_factory=dict)     # email → user name, to name people vendors know by email
 
 
 # ----------------------------------------------------------------------------------------------------- models
