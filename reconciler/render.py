@@ -35,7 +35,12 @@ def _attribute_lines(change: dict[str, Any]) -> list[str]:
     if change["action"] == "delete":
         return [f"{k}: {_value(v)}" for k, v in sorted(before.items())]
     keys = change.get("changed") or sorted(k for k in after if before.get(k) != after.get(k))
-    return [f"{k}: {_value(before.get(k))} -> {_value(after.get(k))}" for k in keys]
+    return [f"{k}: {_value(before.get(k))} -> {_after_value(k, after)}" for k in keys]
+
+
+def _after_value(key: str, after: dict[str, Any]) -> str:
+    # A grant without `start:` opens from now: apply sends the time it runs.
+    return "now" if key == "start" and after.get("start") is None else _value(after.get(key))
 
 
 _env.filters["value"] = _value
@@ -158,7 +163,8 @@ def access_sentence(change: dict[str, Any]) -> str | None:
         return f"{_person(user)} loses {what}{where}{why}"
     before, after = change["before"] or {}, change["after"] or {}
     keys = change.get("changed") or sorted(k for k in after if before.get(k) != after.get(k))
-    detail = "; ".join(f"{k} {_plain(before.get(k))} → {_plain(after.get(k))}" for k in keys)
+    detail = "; ".join(f"{k} {_plain(before.get(k))} → "
+                       f"{'now' if k == 'start' and after.get(k) is None else _plain(after.get(k))}" for k in keys)
     verb = "is re-issued" if action == "replace" else "changes"
     return f"{_person(user)}'s {what}{where} {verb}: {detail}{via}{source}"
 

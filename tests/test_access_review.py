@@ -182,6 +182,7 @@ def test_removing_start_afterwards_opens_from_now_and_converges(harness):
     harness.write(twelve(start=None))
     result = harness.plan()
     assert [c.changed for c in result.changes] == [("start",)] * 12
+    assert 'start: "2030-01-01T00:00:00Z" -> now' in render_text(result)
     assert all(c.effect == "grant" for c in result.changes)
     _, report = harness.apply()
     assert report.ok, report.lines()
