@@ -142,7 +142,8 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
 @click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False),
               help="Apply exactly this saved plan; refused if the live state or policy changed.")
 @click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--allow-mass-revoke", is_flag=True, help="Apply even what a mass-revoke guard stops (or acknowledge it in the policy).")
+@click.option("--allow-mass-revoke", is_flag=True,
+              help="Apply even what a mass-revoke guard stops (or acknowledge it in the policy).")
 @now_option
 @state_option
 def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_revoke: bool,
