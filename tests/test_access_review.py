@@ -342,3 +342,32 @@ def test_a_group_gaining_doors_is_one_line_with_the_people_folded():
     [line] = [line for line in access.splitlines() if line.startswith("- ")]
     assert line.startswith("- group `ops` (40 people) gains access to **lab-1**, **main-entrance** (`hq`), "
                            "until 2027-12-31 23:59 UTC — `policies/access.yaml:9` <details><summary>40 people")
+
+
+def test_two_windows_for_one_person_and_lock_converge_on_unloc(tmp_path):
+    from test_unloc import CAROL, GATE, Harness, lock_keys
+
+    h = Harness(tmp_path)
+    split = """\
+        users:
+          carol: {phone: "%s"}
+        devices:
+          gate: {system: cabins, id: %s}
+        permissions:
+          - {users: [carol], devices: [gate], start: 2027-03-01T06:00:00Z, end: 2027-05-31T12:00:00Z}
+          - {users: [carol], devices: [gate], start: 2027-09-01T16:00:00Z, end: 2027-11-30T22:00:00Z}
+        """ % (CAROL, GATE)
+    h.write(textwrap.dedent(split))
+    h.converge()
+    h.sim.settle()
+    mine = sorted((k["start"][:19], k["end"][:19]) for k in lock_keys(h.sim, GATE)
+                  if k["toUser"]["id"] == CAROL and k["state"] in ("scheduled", "active"))
+    assert mine == [("2027-03-01T06:00:00", "2027-05-31T12:00:00"), ("2027-09-01T16:00:00", "2027-11-30T22:00:00")]
+    assert not h.plan().has_changes
+    h.write(textwrap.dedent(split).replace("2027-11-30T22:00:00Z", "2027-12-15T22:00:00Z"))
+    [change] = h.plan().changes
+    assert (change.address, change.action, change.effect) == (
+        "cabins/key/carol/gate@2027-09-01T16:00:00Z", Action.REPLACE, "grant")
+    h.converge()
+    h.sim.settle()
+    assert not h.plan().has_changes

@@ -32,7 +32,7 @@ from reconciler.errors import VendorError
 from reconciler.plan import Note
 from reconciler.providers.base import Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor, json_error
-from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, grant_parts, normalise_time,
+from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, grant_parts, grant_slot, normalise_time,
                                   unknown_name)
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,8 @@ class UnlocProvider(Provider):
                 continue    # a later key for the same person and lock works: nothing left to do
             address = address_of(self.name, Kind.KEY, f"{people.get(phone) or unknown_name(phone)}/{devices[lock_id]}")
             reason = key.get("errorDescription") or key.get("error") or "no reason given"
-            then = ("the plan creates it again" if address in self.desired
-                    else "it is not in the policy, so it is left alone")
+            declared = address in self.desired or any(grant_slot(a) == address for a in self.desired)
+            then = ("the plan creates it again" if declared else "it is not in the policy, so it is left alone")
             result.warnings.append(Note(address, f"Unloc failed to create this key ({reason}); {then}",
                                         self.name, Kind.KEY, (("id", str(key.get("id"))), ("state", ERROR))))
         return result
