@@ -193,6 +193,9 @@ class Change:
 
     @property
     def phase(self) -> int:
+        if self.kind in GRANT_KINDS and self.action in (Action.UPDATE, Action.REPLACE) and self.revokes \
+                and not self.grants:
+            return 0    # a grant narrowed (a window moved later, an end earlier) is a revocation: first
         return phase_of(self.action, self.kind)
 
     @property

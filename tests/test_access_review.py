@@ -371,3 +371,9 @@ def test_two_windows_for_one_person_and_lock_converge_on_unloc(tmp_path):
     h.converge()
     h.sim.settle()
     assert not h.plan().has_changes
+
+
+def test_a_narrowing_update_runs_with_the_revocations():
+    result = plan([grant(end="2027-01-31T00:00:00Z"), grant("bob")], [grant()], now=NOW)
+    phases = {c.address: c.phase for c in result.changes}
+    assert phases == {"hq/permission/alice/door/OPEN": 0, "hq/permission/bob/door/OPEN": 4}
