@@ -377,3 +377,15 @@ def test_a_narrowing_update_runs_with_the_revocations():
     result = plan([grant(end="2027-01-31T00:00:00Z"), grant("bob")], [grant()], now=NOW)
     phases = {c.address: c.phase for c in result.changes}
     assert phases == {"hq/permission/alice/door/OPEN": 0, "hq/permission/bob/door/OPEN": 4}
+
+
+def test_an_admin_account_on_abloy_is_a_granting_privilege_change_end_to_end(harness):
+    harness.write("users:\n  kari: {role: ADMIN}\n  lars: {}\n")
+    result = harness.plan()
+    data = json.loads(render_json(result))
+    kari = next(c for c in data["changes"] if c["address"] == "hq/user/kari")
+    assert (kari["action"], kari["effect"], kari.get("privilege")) == ("create", "grant", True)
+    assert "(1 granting access, 0 revoking access)" in render_text(result)
+    assert "**privilege**: **kari** gets an ADMIN account on `hq`" in render_markdown(result)
+    harness.converge()
+    assert not harness.plan().has_changes
