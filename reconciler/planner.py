@@ -68,7 +68,7 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
                 continue
             changes.append(Change(Action.CREATE, want, None))
             continue
-        changed = _changed(want, have, now_text)
+        changed = _changed(want, have, now_text, (applied or {}).get(address))
         fixed = [k for k in changed if k in have.meta.get("create_only", ())]
         if fixed:
             notes.append(Note(address, f"{', '.join(fixed)} cannot be changed in place on this vendor "
@@ -103,14 +103,15 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
                 live_digests=live_digests)
 
 
-def _changed(want: Resource, have: Resource, now_text: str) -> tuple[str, ...]:
+def _changed(want: Resource, have: Resource, now_text: str, applied: str | None = None) -> tuple[str, ...]:
     """The attributes in which live differs from desired. A grant without `start` opens from now: a live
     start in the past or none at all satisfies it, a start still to come does not (it would keep the door
-    shut), and apply then sends now."""
+    shut), and apply then sends now; unless the last apply made it from exactly these attributes (`applied`,
+    its digest), when the start is the one the vendor gave it then (later than a `--now` in the past)."""
     changed = {k for k, v in want.attributes.items() if have.attributes.get(k) != v}
     if want.is_grant and "start" not in want.attributes:
         start = have.attributes.get("start")
-        if start and start > now_text:
+        if start and start > now_text and applied != digest(dict(want.attributes)):
             changed.add("start")
     return tuple(sorted(changed))
 

@@ -16,7 +16,7 @@ from reconciler.planner import plan
 from reconciler.policy import load_policy
 from reconciler.providers.factory import capabilities
 from reconciler.render import render_json, render_markdown, render_text
-from reconciler.resources import Resource
+from reconciler.resources import Resource, digest
 from reconciler.sandbox.abloy import SEED_DEVICES
 
 from conftest import NOW
@@ -115,6 +115,10 @@ def test_a_grant_without_start_is_satisfied_by_a_past_start_but_not_by_a_future_
     assert plan([without], [grant()], now=NOW).changes == ()
     [change] = plan([without], [grant(start="2030-01-01T00:00:00Z")], now=NOW).changes
     assert change.changed == ("start",) and change.effect == "grant"
+    # Unless the last apply made it from exactly this policy: the vendor started it when apply ran, which
+    # is later than a --now in the past.
+    applied = {without.address: digest(dict(without.attributes))}
+    assert plan([without], [grant(start="2030-01-01T00:00:00Z")], now=NOW, applied=applied).changes == ()
 
 
 # -- the mass-revoke guard ---------------------------------------------------------------------------------
