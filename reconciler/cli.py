@@ -111,8 +111,17 @@ def validate(directory: str, fmt: str) -> None:
 def _annotation(level: str, diagnostic: Diagnostic) -> str:
     """A GitHub Actions workflow command that puts the message on the policy line in the pull request."""
     where = diagnostic.location
-    escaped = diagnostic.message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-    return f"::{level} file={where.path},line={where.line or 1},col={where.col or 1}::{escaped}"
+    return (f"::{level} file={_escape_property(where.path)},line={where.line or 1},col={where.col or 1}"
+            f"::{_escape_data(diagnostic.message)}")
+
+
+def _escape_data(text: str) -> str:
+    # GitHub's workflow-command encoding: a message cannot end the command or start another one.
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
 @main.command()

@@ -49,3 +49,14 @@ def test_validate_github_annotations(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["validate", "--format", "github", "p.yaml"])
     assert result.exit_code == 1
     assert "::error file=p.yaml,line=4,col=" in result.stdout
+
+
+def test_annotations_escape_file_names_and_messages(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a,b:c%.yaml").write_text("systems:\n  hq: {vendor: abloy-keyless, url: sandbox}\n"
+                                          "users:\n  alice: {name: \"x\", phone: \"+47 1\\n::warning::y\"}\n")
+    result = CliRunner().invoke(main, ["validate", "--format", "github", "a,b:c%.yaml"])
+    assert result.exit_code == 1
+    [line] = result.stdout.splitlines()
+    assert line.startswith("::error file=a%2Cb%3Ac%25.yaml,line=4,col=")
+    assert "%0A::warning::y" in line

@@ -10,6 +10,7 @@ and returns the `Location` of the deepest node it reaches, which is how schema a
 from __future__ import annotations
 
 import bisect
+import os
 import re
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -18,10 +19,13 @@ from typing import Any, Sequence
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.composer import Composer
 from ruamel.yaml.constructor import RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from reconciler.errors import Diagnostic, Location
+
+from . import bounds
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -36,10 +40,14 @@ class Document:
 
 def display_path(path: Path) -> str:
     """The path as messages show it: relative to the working directory when under it, else as given."""
-    try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
+    cwd = Path.cwd().resolve()
+    # Symlinks are not resolved in the file itself: a link is named as the link, where it sits.
+    for candidate in (Path(os.path.abspath(path)), path.resolve()):
+        try:
+            return candidate.relative_to(cwd).as_posix()
+        except ValueError:
+            continue
+    return path.as_posix()
 
 
 def policy_files(path: Path) -> list[Path]:
@@ -62,17 +70,30 @@ def read_documents(path: Path) -> tuple[list[Document], list[Diagnostic]]:
     files = policy_files(path)
     if path.is_dir() and not files:
         diagnostics.append(Diagnostic(Location(display_path(path)), "no *.yaml or *.yml policy files here"))
+    if path.is_dir():
+        diagnostics += bounds.check_links(path, display_path(path))
     for file in files:
         shown = display_path(file)
+        refused = bounds.check_file(file, shown, path if path.is_dir() else None)
+        if refused:
+            diagnostics.append(refused)
+            continue
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             diagnostics.append(Diagnostic(Location(shown), f"cannot read the file: {reason}"))
             continue
+        refused = bounds.check_text(text, shown)
+        if refused:
+            diagnostics.append(refused)
+            continue
         protected, references = _protect_env_references(text)
         try:
-            root = _yaml().load(protected)
+            root = _load(protected, shown)
+        except _Refused as exc:
+            diagnostics.append(exc.diagnostic)
+            continue
         except MarkedYAMLError as exc:
             diagnostics.append(_syntax_diagnostic(shown, exc))
             continue
@@ -103,6 +124,29 @@ def _yaml() -> YAML:
     yaml = YAML(typ="rt")
     yaml.Constructor = _Constructor
     return yaml
+
+
+class _Refused(Exception):
+    def __init__(self, diagnostic: Diagnostic):
+        self.diagnostic = diagnostic
+
+
+def _load(text: str, shown: str) -> Any:
+    """Parse with the node tree checked against `bounds` after composing and before constructing."""
+    class CheckedComposer(Composer):
+        def get_single_node(self) -> Any:
+            try:
+                node = super().get_single_node()
+            except RecursionError:
+                raise _Refused(bounds.check_events(YAML(typ="rt").parse(text), shown)) from None
+            refused = bounds.check_tree(node, shown)
+            if refused:
+                raise _Refused(refused)
+            return node
+
+    yaml = _yaml()
+    yaml.Composer = CheckedComposer
+    return yaml.load(text)
 
 
 # `credentials: {api_key: ${KEY}}` is how DESIGN §3 writes credentials, but in a YAML flow mapping `{` and `}`
