@@ -23,6 +23,7 @@ from reconciler.errors import ApplyFailedError, Diagnostic, ExitCode, PolicyErro
 from reconciler.plan import Change, Plan
 from reconciler.render import render_access, render_json, render_markdown, render_text
 from reconciler.state import default_state_path
+from reconciler.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,12 @@ def _parse_now(value: str | None) -> datetime | None:
     return moment.astimezone(UTC)
 
 
-def _session(directory: str, state: str | None, now: str | None) -> run.Session:
+def _session(directory: str, state: str | None, now: str | None, allow_host: tuple[str, ...] = ()) -> run.Session:
+    env = dict(os.environ)
     return run.Session(directory=Path(directory),
                        state_path=Path(state) if state else default_state_path(),
-                       env=dict(os.environ), now=_parse_now(now))
+                       env=env, now=_parse_now(now), allowed_hosts=tuple(allow_host),
+                       allowed_credentials=tuple(env.get("RECONCILER_ALLOW_CREDENTIALS", "").replace(",", " ").split()))
 
 
 def _guard(func: Callable[[], int]) -> None:
@@ -52,7 +55,8 @@ def _guard(func: Callable[[], int]) -> None:
         code = func()
     except ReconcilerError as exc:
         for line in exc.lines():
-            click.echo(line, err=True)
+            # Messages quote policy values and vendor answers: one line each, no control characters.
+            click.echo(printable(line), err=True)
         code = exc.exit_code
     except KeyboardInterrupt:
         # Apply catches Ctrl-C itself once it starts sending (see `apply`): reaching here, nothing was sent.
@@ -73,6 +77,10 @@ directory_argument = click.argument("directory", default="policies", type=click.
 state_option = click.option("--state", envvar="RECONCILER_STATE", default=None,
                             help="State file (default .reconciler/state.json).")
 now_option = click.option("--now", default=None, help="Plan as of this ISO 8601 time (default: now).")
+allow_host_option = click.option(
+    "--allow-host", "allow_host", multiple=True, envvar="RECONCILER_ALLOW_HOSTS", metavar="HOST[:PORT]",
+    help="A host a system's url may name besides sandbox, loopback and the vendor's production host "
+         "(repeatable; RECONCILER_ALLOW_HOSTS: space-separated).")
 
 
 @click.group()
@@ -87,11 +95,12 @@ def main(verbose: int) -> None:
 @directory_argument
 @click.option("--format", "fmt", type=click.Choice(["text", "github"]), default="text",
               help="github: workflow-command annotations on the policy lines, for pull requests.")
-def validate(directory: str, fmt: str) -> None:
+@allow_host_option
+def validate(directory: str, fmt: str, allow_host: tuple[str, ...]) -> None:
     """Check the policy without contacting any vendor."""
     def body() -> int:
         try:
-            policy = run.validate(_session(directory, None, None))
+            policy = run.validate(_session(directory, None, None, allow_host))
         except PolicyError as exc:
             if fmt != "github":
                 raise
@@ -100,7 +109,7 @@ def validate(directory: str, fmt: str) -> None:
             click.echo(f"{len(exc.diagnostics)} problem(s) in the policy", err=True)
             return ExitCode.ERROR
         for warning in policy.warnings:
-            click.echo(_annotation("warning", warning) if fmt == "github" else f"warning: {warning}",
+            click.echo(_annotation("warning", warning) if fmt == "github" else printable(f"warning: {warning}"),
                        err=fmt != "github")
         click.echo(f"The policy in {directory} is valid: {len(policy.systems)} systems, "
                    f"{len(policy.resources)} resources.")
@@ -131,11 +140,12 @@ def _escape_property(text: str) -> str:
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 2 when there are changes, 0 when none.")
 @now_option
 @state_option
+@allow_host_option
 def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now: str | None,
-         state: str | None) -> None:
+         state: str | None, allow_host: tuple[str, ...]) -> None:
     """Show what apply would change."""
     def body() -> int:
-        result = run.plan(_session(directory, state, now))
+        result = run.plan(_session(directory, state, now, allow_host))
         if out:
             Path(out).write_text(render_json(result), encoding="utf-8")
         renderers = {"json": render_json, "markdown": render_markdown, "text": render_text}
@@ -155,8 +165,9 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
               help="Apply even what a mass-revoke guard stops (or acknowledge it in the policy).")
 @now_option
 @state_option
+@allow_host_option
 def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_revoke: bool,
-          now: str | None, state: str | None) -> None:
+          now: str | None, state: str | None, allow_host: tuple[str, ...]) -> None:
     """Make the live systems match the policy."""
     def body() -> int:
         saved = _read_plan(plan_file) if plan_file else None
@@ -201,7 +212,7 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
 
         previous = signal.getsignal(signal.SIGINT)
         try:
-            result, report = run.apply(_session(directory, state, now), saved=saved, approve=approve,
+            result, report = run.apply(_session(directory, state, now, allow_host), saved=saved, approve=approve,
                                        allow_mass_revoke=allow_mass_revoke, on_plan=show, on_change=progress,
                                        stop=stop)
         finally:
@@ -276,10 +287,11 @@ def access(directory: str, user: str | None, device: str | None, at: str | None,
 @click.argument("device")
 @click.option("--directory", "directory", default="policies", show_default=True, help="The policy directory.")
 @state_option
-def events(system: str, device: str, directory: str, state: str | None) -> None:
+@allow_host_option
+def events(system: str, device: str, directory: str, state: str | None, allow_host: tuple[str, ...]) -> None:
     """Show the audit trail of a device: when, what, who."""
     def body() -> int:
-        rows = run.events(_session(directory, state, None), system, device)
+        rows = run.events(_session(directory, state, None, allow_host), system, device)
         if not rows:
             click.echo(f"No events for {system}/{device}.")
             return ExitCode.OK
@@ -300,12 +312,14 @@ def events(system: str, device: str, directory: str, state: str | None) -> None:
               help="File to write (default: DIRECTORY/SYSTEM.exported.yaml); - for standard output.")
 @click.option("--force", is_flag=True, help="Overwrite the file if it exists.")
 @state_option
-def export(system: str, directory: str, out: str | None, force: bool, state: str | None) -> None:
+@allow_host_option
+def export(system: str, directory: str, out: str | None, force: bool, state: str | None,
+           allow_host: tuple[str, ...]) -> None:
     """Write policy YAML that adopts what a live system holds."""
     from reconciler.export import export_system, write_export
 
     def body() -> int:
-        text = export_system(_session(directory, state, None), system)
+        text = export_system(_session(directory, state, None, allow_host), system)
         if out == "-":
             click.echo(text, nl=False)
             return ExitCode.OK

@@ -1,19 +1,25 @@
 """Render a plan as text or JSON. Templates format `plan.to_dict()` only; nothing is computed twice.
 
-Called by the CLI for `plan` and `apply` output.
+Called by the CLI for `plan` and `apply` output. Names, emails, reasons, file names and vendor text are
+untrusted: the text plan shows every value on one line with control characters escaped (no value can add a
+line to a CI log or start a workflow command), and the markdown comment escapes them (`md`, `code`) so that
+none can open an HTML comment, a link or a table cell.
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
+import re
 from typing import Any
 
 import jinja2
 
 from reconciler.access import AccessRow, Admin
 from reconciler.plan import Plan
+from reconciler.text import printable
 
 SYMBOLS = {"create": "+", "update": "~", "delete": "-", "replace": "-/+"}
 VERBS = {"create": "created", "update": "updated in place", "delete": "deleted", "replace": "replaced"}
@@ -52,7 +58,23 @@ UNDECLARED = {"user": "removed from policy (offboarding: the user and all their 
               "temp_key": "not declared in policy (unmanaged: revoke)",
               "association": "not declared on its gateway"}
 _env.globals.update(symbols=SYMBOLS, verbs=VERBS, attribute_lines=_attribute_lines, undeclared=UNDECLARED)
-_env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("<", "&lt;")
+_MARKDOWN = re.compile(r"([\\`*_\[\]|~#!])")
+
+
+def md(text: Any) -> str:
+    """Untrusted text as markdown prose: shown as written, on one line, with no HTML and no markup."""
+    return _MARKDOWN.sub(r"\\\1", html.escape(printable(str(text)), quote=False))
+
+
+def code(text: Any) -> str:
+    """Untrusted text inside a `code span`, where backslashes and entities are literal: it cannot end the span
+    or a table cell, and `<` (which would still open an HTML comment or tag there) shows as `&lt;`."""
+    return printable(str(text)).replace("`", "'").replace("|", "\\|").replace("<", "&lt;")
+
+
+_env.filters.update(md=md, code=code)
+# The text plan goes to terminals and CI logs: every value printed on one line, control characters escaped.
+_text_env = _env.overlay(finalize=lambda value: printable(str(value)))
 
 
 def _effect_label(change: dict[str, Any]) -> str:
@@ -68,7 +90,7 @@ _env.globals.update(effect_label=_effect_label)
 
 def render_text(plan: Plan) -> str:
     data = plan.to_dict()
-    return _env.get_template("plan.txt.j2").render(plan=data, effects=data["effects"])
+    return _text_env.get_template("plan.txt.j2").render(plan=data, effects=data["effects"])
 
 
 # -- markdown (pull-request comments) --------------------------------------------------------------------
@@ -118,22 +140,22 @@ def _window(attrs: dict[str, Any]) -> str:
 
 
 def _person(name: str) -> str:
-    return f"an account not in the policy ({name[3:]})" if name.startswith("id:") else f"**{name}**"
+    return f"an account not in the policy ({md(name[3:])})" if name.startswith("id:") else f"**{md(name)}**"
 
 
 def _via(change: dict[str, Any]) -> str:
     groups = [v.split(":", 1)[1] for v in change.get("via", []) if v.startswith("group:")]
     if not groups:
         return ""
-    return " through group" + ("s " if len(groups) > 1 else " ") + ", ".join(f"`{g}`" for g in groups)
+    return " through group" + ("s " if len(groups) > 1 else " ") + ", ".join(f"`{code(g)}`" for g in groups)
 
 
 def access_sentence(change: dict[str, Any]) -> str | None:
     """A grant-level change in plain words: who gains or loses access to which door, when, and why."""
     kind, action = change["kind"], change["action"]
     name = change["address"].split("/", 2)[2]
-    system = change["system"]
-    source = f" — `{change['source']}`" if change.get("source") else ""
+    system = code(change["system"])
+    source = f" — `{code(change['source'])}`" if change.get("source") else ""
     if kind == "user" and action == "delete":
         return f"{_person(name)} is removed from `{system}`: all their access there ends (offboarding)"
     if kind == "user" and change.get("privilege"):
@@ -141,30 +163,31 @@ def access_sentence(change: dict[str, Any]) -> str | None:
         if action == "create":
             return (f"{_person(name)} gets an ADMIN account on `{system}`: can grant itself access to any door"
                     f"{source}")
-        return f"{_person(name)}'s role on `{system}` changes: {before} → {after}{source}"
+        return f"{_person(name)}'s role on `{system}` changes: {md(before)} → {md(after)}{source}"
     if kind == "temp_key":
         attrs = change["after"] or change["before"] or {}
         who = "anyone with the link" if attrs.get("access") == "public" else \
-            ", ".join(attrs.get("users") or []) or "nobody yet"
-        uses = f", at most {attrs['max_uses']} uses" if attrs.get("max_uses") else ""
+            md(", ".join(attrs.get("users") or [])) or "nobody yet"
+        uses = f", at most {md(attrs['max_uses'])} uses" if attrs.get("max_uses") else ""
         verb = {"create": "is issued", "update": "changes", "delete": "is withdrawn", "replace": "is re-issued"}[action]
-        return f"temporary key **{name}** on `{system}` {verb}: {who}, {_window(attrs)}{uses}{source}"
+        return f"temporary key **{md(name)}** on `{system}` {verb}: {who}, {md(_window(attrs))}{uses}{source}"
     if kind not in ("permission", "key", "share"):
         return None
     user, device, *operation = name.split("/")
-    what = f"{operation[0]} on **{device}**" if operation and operation[0] != "OPEN" else f"access to **{device}**"
+    what = f"{md(operation[0])} on **{md(device)}**" if operation and operation[0] != "OPEN" else \
+        f"access to **{md(device)}**"
     where = f" (`{system}`)"
     via = f",{_via(change)}" if _via(change) else ""
     if action == "create":
-        return f"{_person(user)} gains {what}{where}, {_window(change['after'])}{via}{source}"
+        return f"{_person(user)} gains {what}{where}, {md(_window(change['after']))}{via}{source}"
     if action == "delete":
         why = {"drift": " — granted outside git, not in the policy",
                "unmanaged": " — not in the policy"}.get(change.get("origin") or "", " — no longer in the policy")
         return f"{_person(user)} loses {what}{where}{why}"
     before, after = change["before"] or {}, change["after"] or {}
     keys = change.get("changed") or sorted(k for k in after if before.get(k) != after.get(k))
-    detail = "; ".join(f"{k} {_plain(before.get(k))} → "
-                       f"{'now' if k == 'start' and after.get(k) is None else _plain(after.get(k))}" for k in keys)
+    detail = "; ".join(f"{md(k)} {md(_plain(before.get(k)))} → "
+                       f"{'now' if k == 'start' and after.get(k) is None else md(_plain(after.get(k)))}" for k in keys)
     verb = "is re-issued" if action == "replace" else "changes"
     return f"{_person(user)}'s {what}{where} {verb}: {detail}{via}{source}"
 

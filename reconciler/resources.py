@@ -130,6 +130,7 @@ class Capabilities:
     credential_sets: tuple[frozenset[str], ...] = ()
     open_ended: bool = True                            # a grant may omit `end`
     several_windows: bool = False                      # several grants per person and device (split shifts)
+    production_url: str = ""                           # the vendor's production base URL (default `url`)
 
 
 def digest(value: Any) -> str:

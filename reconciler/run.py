@@ -50,6 +50,9 @@ class Session:
     now: datetime | None = None
     transports: Mapping[str, Any] = field(default_factory=dict)   # system → httpx transport (tests)
     provider_options: Mapping[str, Any] = field(default_factory=dict)
+    # From the operator, never the policy: hosts a system may name, extra credential variable names.
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_credentials: tuple[str, ...] = ()
     _started: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,7 +83,8 @@ def running_clock(start: datetime) -> Callable[[], datetime]:
 
 
 def validate(session: Session) -> Policy:
-    return load_policy(session.directory, capabilities(), session.env)
+    return load_policy(session.directory, capabilities(), session.env, allowed_hosts=session.allowed_hosts,
+                       allowed_credentials=session.allowed_credentials)
 
 
 def build_providers(session: Session, policy: Policy, state: LocalState) -> dict[str, Provider]:

@@ -70,7 +70,7 @@ class Harness:
     def session(self) -> run.Session:
         return run.Session(directory=self.policy_dir, state_path=self.tmp_path / "state" / "state.json",
                            env=self.env, now=self.now, transports={"hq": httpx.MockTransport(self.sim.handle)},
-                           provider_options={"sleep": self.sleeps.append})
+                           provider_options={"sleep": self.sleeps.append}, allowed_hosts=("abloy.test",))
 
     def plan(self):
         return run.plan(self.session())

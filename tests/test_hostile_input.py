@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from reconciler.cli import main
-from reconciler.policy import bounds
+from reconciler.text import printable
 
 SYSTEM = "systems:\n  hq: {vendor: abloy-keyless, url: sandbox}\n"
 LOCATED = re.compile(r"^[^\n]+:\d+:\d+: [^\n]+$")
@@ -126,9 +126,9 @@ def test_file_name_with_control_characters_is_refused(tmp_path, monkeypatch, nam
         assert "::warning::pwned" not in out[0].split("::", 2)[-1] or fmt == "text"
         assert "\n" not in out[0] and "\u202e" not in out[0]
         assert "the file name contains control characters; rename the file" in out[0]
-        assert bounds.printable(name) in out[0].replace("%3A", ":").replace("%2C", ",")
+        assert printable(name) in out[0].replace("%3A", ":").replace("%2C", ",")
 
 
 def test_printable_escapes_what_could_break_a_line():
-    assert bounds.printable("a\nb\rc\td\x1be\u2028f\u202eg") == "a\\nb\\rc\\td\\x1be\\u2028f\\u202eg"
-    assert bounds.printable("Ærøskøbing ✓") == "Ærøskøbing ✓"
+    assert printable("a\nb\rc\td\x1be\u2028f\u202eg") == "a\\nb\\rc\\td\\x1be\\u2028f\\u202eg"
+    assert printable("Ærøskøbing ✓") == "Ærøskøbing ✓"

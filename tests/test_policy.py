@@ -73,9 +73,9 @@ def in_data_dir(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def load(path: str, capabilities: dict[str, Capabilities] | None = None,
-         env: dict[str, str] | None = None) -> Policy:
+         env: dict[str, str] | None = None, **options: Any) -> Policy:
     return load_policy(Path(path), CAPABILITIES if capabilities is None else capabilities,
-                       ENV if env is None else env)
+                       ENV if env is None else env, **options)
 
 
 def errors_of(path: str, **kwargs: Any) -> list[str]:
@@ -129,7 +129,7 @@ def test_sandbox_needs_no_environment() -> None:
 
 
 def test_single_file_and_url() -> None:
-    policy = load("valid/single/policy.yaml")
+    policy = load("valid/single/policy.yaml", allowed_hosts=["abloy.example.com"])
 
     hq = policy.systems["hq"]
     assert hq.url == "https://abloy.example.com/administration"

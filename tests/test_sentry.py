@@ -100,7 +100,7 @@ class SentryHarness:
     def session(self) -> run.Session:
         return run.Session(directory=self.policy_dir, state_path=self.tmp_path / "state" / "state.json",
                            env=self.env, now=NOW, transports={"office": httpx.MockTransport(self.handle)},
-                           provider_options={"sleep": self.sleeps.append})
+                           provider_options={"sleep": self.sleeps.append}, allowed_hosts=("api.sentry.test",))
 
     def plan(self):
         return run.plan(self.session())
@@ -700,9 +700,9 @@ def test_sentry_takes_email_and_password_or_an_operator_token_at_validation(tmp_
 
     def policy(credentials: str):
         (tmp_path / "p.yaml").write_text(f"systems:\n  office:\n    vendor: sentry\n    credentials: {credentials}\n")
-        return load_policy(tmp_path / "p.yaml", capabilities(), {"T": "tok", "E": "ops@example.com", "P": "pw"})
+        return load_policy(tmp_path / "p.yaml", capabilities(), {"SENTRY_T": "tok", "SENTRY_E": "ops@example.com", "SENTRY_P": "pw"})
 
-    assert set(policy('{token: "${T}"}').systems["office"].credentials) == {"token"}
-    assert set(policy('{email: "${E}", password: "${P}"}').systems["office"].credentials) == {"email", "password"}
+    assert set(policy('{token: "${SENTRY_T}"}').systems["office"].credentials) == {"token"}
+    assert set(policy('{email: "${SENTRY_E}", password: "${SENTRY_P}"}').systems["office"].credentials) == {"email", "password"}
     with pytest.raises(PolicyError, match="needs credentials email and password or token"):
-        policy('{email: "${E}"}')
+        policy('{email: "${SENTRY_E}"}')

@@ -216,7 +216,7 @@ class Harness:
     def session(self) -> run.Session:
         return run.Session(directory=self.policy_dir, state_path=self.state_path, env=self.env, now=self.now,
                            transports={"guests": httpx.MockTransport(self.recorder)},
-                           provider_options={"sleep": self.sleeps.append})
+                           provider_options={"sleep": self.sleeps.append}, allowed_hosts=("spkey.test",))
 
     def plan(self):
         return run.plan(self.session())

@@ -111,7 +111,7 @@ class Harness:
     def session(self) -> run.Session:
         return run.Session(directory=self.policy_dir, state_path=self.tmp_path / "state" / "state.json",
                            env=self.env, now=self.now, transports={"cabins": httpx.MockTransport(self.sim.handle)},
-                           provider_options={"sleep": self.sleep})
+                           provider_options={"sleep": self.sleep}, allowed_hosts=("unloc.test",))
 
     def plan(self):
         return run.plan(self.session())

@@ -93,7 +93,8 @@ class PartnerHarness:
     def session(self) -> run.Session:
         return run.Session(directory=self.policy_dir, state_path=self.state_path, env=self.env, now=self.now,
                            transports={"rentals": httpx.MockTransport(self.sim.handle)},
-                           provider_options={"sleep": self.sleep, "clock": lambda: self.now})
+                           provider_options={"sleep": self.sleep, "clock": lambda: self.now},
+                           allowed_hosts=("api.unloc.test",))
 
     def plan(self):
         return run.plan(self.session())

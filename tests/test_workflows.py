@@ -1,7 +1,9 @@
-"""The GitHub workflows pass actionlint and keep to least privilege; `validate --format github` annotates."""
+"""The GitHub workflows pass actionlint and zizmor and keep to least privilege: a pull request reaches neither
+production credentials nor production. `validate --format github` annotates, escaped."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -22,6 +24,35 @@ def _actionlint() -> str:
     found = shutil.which("actionlint", path=str(Path(sys.executable).parent)) or shutil.which("actionlint")
     assert found, "actionlint is a test dependency (pip install -e '.[test]')"
     return found
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert found, f"{name} is a test dependency (pip install -e '.[test]')"
+    return found
+
+
+def test_zizmor_finds_nothing_high_or_medium():
+    result = subprocess.run([_tool("zizmor"), "--offline", "--format", "json", ".github/workflows"],
+                            capture_output=True, text=True, cwd=ROOT)
+    findings = json.loads(result.stdout)
+    serious = [f"{f['ident']} ({f['determinations']['severity']}): "
+               f"{f['locations'][0]['symbolic']['key']['Local']['verbatim_path']}:"
+               f"{f['locations'][0]['concrete']['location']['start_point']['row'] + 1}"
+               for f in findings if f["determinations"]["severity"] in ("High", "Medium")]
+    assert serious == [], result.stderr[-2000:]
+    assert result.returncode == 0 or findings, result.stderr[-2000:]
+
+
+def test_zizmor_check_is_not_blind(tmp_path):
+    # The same run on an unpinned, credential-persisting checkout must report it, or the test above proves nothing.
+    (tmp_path / ".github" / "workflows").mkdir(parents=True)
+    (tmp_path / ".github" / "workflows" / "x.yml").write_text("on: push\npermissions: {}\njobs:\n  a:\n    runs-on: ubuntu-latest\n"
+                                          "    steps:\n      - uses: actions/checkout@v4\n")
+    result = subprocess.run([_tool("zizmor"), "--offline", "--format", "json", ".github/workflows"], capture_output=True,
+                            text=True, cwd=tmp_path)
+    idents = {f["ident"] for f in json.loads(result.stdout) if f["determinations"]["severity"] in ("High", "Medium")}
+    assert {"unpinned-uses", "artipacked"} <= idents, result.stdout[:2000]
 
 
 def test_actionlint_passes_on_every_workflow():
@@ -60,3 +91,69 @@ def test_annotations_escape_file_names_and_messages(tmp_path, monkeypatch):
     [line] = result.stdout.splitlines()
     assert line.startswith("::error file=a%2Cb%3Ac%25.yaml,line=4,col=")
     assert "%0A::warning::y" in line
+
+
+def _load(name: str) -> dict:
+    return YAML(typ="safe").load((ROOT / ".github" / "workflows" / name).read_text())
+
+
+def _steps(workflow: dict) -> list[dict]:
+    return [step for job in workflow["jobs"].values() for step in job.get("steps", [])]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_every_action_is_pinned_and_every_checkout_drops_its_token(path):
+    workflow = YAML(typ="safe").load(path.read_text())
+    for step in _steps(workflow):
+        if "uses" in step:
+            assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", step["uses"]), step["uses"]
+        if step.get("uses", "").startswith("actions/checkout@"):
+            assert step.get("with", {}).get("persist-credentials") is False
+    for name, job in workflow["jobs"].items():
+        assert "permissions" in job or workflow["permissions"] in ({}, {"contents": "read"}), name
+
+
+def test_plan_on_pull_requests_runs_a_release_with_plan_credentials_and_no_forks():
+    workflow = _load("reconciler-plan.yml")
+    triggers = workflow.get("on") or workflow[True]   # YAML 1.1 reads the key `on` as true
+    assert set(triggers) == {"pull_request"}
+    assert not any(".github" in path for path in triggers["pull_request"].get("paths", []))
+    assert re.fullmatch(r"reconciler==\d+(\.\d+)*", workflow["env"]["RECONCILER_PIP_SPEC"])
+    plan = workflow["jobs"]["plan"]
+    assert plan["environment"] == "reconciler-plan"
+    assert plan["if"] == "github.event.pull_request.head.repo.full_name == github.repository"
+    assert plan["permissions"] == {"contents": "read"}
+    comment = workflow["jobs"]["comment"]
+    assert "secrets." not in json.dumps(comment) and "environment" not in comment
+    assert not any("checkout" in step.get("uses", "") for step in comment["steps"])
+
+
+def test_apply_runs_only_on_main_in_production_and_never_applies_a_stale_plan():
+    workflow = _load("reconciler-apply.yml")
+    triggers = workflow.get("on") or workflow[True]
+    assert triggers["push"]["branches"] == ["main"]
+    assert workflow["env"]["RECONCILER_PIP_SPEC"] != "."
+    for job in workflow["jobs"].values():
+        assert job["if"] == "github.ref == 'refs/heads/main'"
+    apply = workflow["jobs"]["apply"]
+    assert apply["environment"] == "production" and apply["needs"] == "plan"
+    runs = [step["run"] for step in apply["steps"] if "run" in step]
+    assert runs[-1] == "reconciler apply --plan approved/plan.json --auto-approve"
+    text = json.dumps(workflow)
+    assert "reconciler apply --auto-approve" not in text, "a fresh, unreviewed plan must never be applied"
+    assert "git push" not in text and "contents: write" not in text
+    stale = next(s for s in workflow["jobs"]["plan"]["steps"] if s.get("name") == "The reviewed plan must still be the plan")
+    assert "exit 1" in stale["run"]
+
+
+def test_state_comes_from_a_secret_and_is_never_committed():
+    for name in ("reconciler-apply.yml", "reconciler-drift.yml", "reconciler-plan.yml"):
+        text = (ROOT / ".github" / "workflows" / name).read_text()
+        assert "RECONCILER_STATE: ${{ secrets.RECONCILER_STATE }}" in text
+        assert "reconciler-state/" not in text and "git commit" not in text
+
+
+def test_codeowners_example_requires_the_security_team():
+    owners = (ROOT / ".github" / "CODEOWNERS").read_text()
+    rules = dict(line.split(None, 1) for line in owners.splitlines() if line.strip() and not line.startswith("#"))
+    assert "@" in rules["/policies/"] and rules["/policies/"] == rules["/.github/"]

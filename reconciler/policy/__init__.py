@@ -12,7 +12,7 @@ Stages (each collects diagnostics instead of stopping at the first): `yamlio` re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from reconciler.errors import PolicyError
 from reconciler.resources import Capabilities
@@ -25,11 +25,16 @@ from .yamlio import read_documents
 __all__ = ["Policy", "SystemConfig", "load_policy"]
 
 
-def load_policy(path: Path, capabilities: Mapping[str, Capabilities], env: Mapping[str, str]) -> Policy:
+def load_policy(path: Path, capabilities: Mapping[str, Capabilities], env: Mapping[str, str], *,
+                allowed_hosts: Iterable[str] = (), allowed_credentials: Iterable[str] = ()) -> Policy:
+    """`allowed_hosts` and `allowed_credentials` come from the operator (options, the workflow's
+    environment), never from the policy directory: hosts a system's `url` may name besides sandbox, loopback
+    and the vendor's production host, and variable names `credentials:` may read besides the vendor's prefix."""
     documents, diagnostics = read_documents(Path(path))
     declarations, problems = parse(documents)
     diagnostics += problems
-    systems, problems = check_systems(declarations, capabilities, env)
+    systems, problems = check_systems(declarations, capabilities, env, allowed_hosts=allowed_hosts,
+                                      allowed_credentials=allowed_credentials)
     diagnostics += problems
     diagnostics += check_references(declarations, capabilities)
     resources, warnings, problems = expand(declarations, capabilities)

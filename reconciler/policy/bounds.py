@@ -19,29 +19,16 @@ from __future__ import annotations
 
 import os
 import re
-import unicodedata
 from pathlib import Path
 from typing import Any, Iterable
 
 from reconciler.errors import Diagnostic, Location
+from reconciler.text import printable
 
 MAX_FILE_BYTES = 5 * 1024 * 1024
 # A policy is at most five levels deep (schedules → name → spans → span → days); 32 leaves room for growth.
 MAX_DEPTH = 32
 _OPENERS = re.compile(r"[\[\]{}]")
-
-
-def printable(text: str) -> str:
-    """`text` with control, format and line-separator characters shown as escapes (`\\n`, `\\u202e`), so
-    that it stays on one line and cannot carry terminal, markdown or workflow-command tricks."""
-    out = []
-    for char in text:
-        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or
-                       (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"))
-        else:
-            out.append(char)
-    return "".join(out)
 
 
 def check_file(file: Path, shown: str, directory: Path | None) -> Diagnostic | None:

@@ -8,13 +8,16 @@ key that asks for too much. Capabilities come from the providers (STYLE 3); this
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit
 
 from reconciler.errors import Diagnostic
 from reconciler.plan import RevokeThreshold
 from reconciler.resources import Capabilities, Kind
 from reconciler.secret import Secret
+from reconciler.text import printable
 
 from .expand import capabilities_of, has_account, system_of_device, users_of
 from .schema import SYSTEM_KEYS, Declarations, Entry, Place, SystemConfig, SystemModel, did_you_mean
@@ -26,9 +29,12 @@ SCALARS = (str, int, float, bool)
 # ---------------------------------------------------------------------------------------------------- systems
 
 def check_systems(declarations: Declarations, capabilities: Mapping[str, Capabilities],
-                  env: Mapping[str, str]) -> tuple[dict[str, SystemConfig], list[Diagnostic]]:
+                  env: Mapping[str, str], *, allowed_hosts: Iterable[str] = (),
+                  allowed_credentials: Iterable[str] = ()) -> tuple[dict[str, SystemConfig], list[Diagnostic]]:
     systems: dict[str, SystemConfig] = {}
     problems: list[Diagnostic] = []
+    hosts = frozenset(h.strip().lower().rstrip("/") for h in allowed_hosts if h.strip())
+    variables = frozenset(v.strip() for v in allowed_credentials if v.strip())
     for name, entry in declarations.systems.items():
         if entry.model is None:
             continue
@@ -38,7 +44,8 @@ def check_systems(declarations: Declarations, capabilities: Mapping[str, Capabil
             found.append(Diagnostic(entry.place.at("vendor"), f"vendor '{entry.model.vendor}' is not supported "
                                     "by this version of reconciler"))
         found += _check_settings(entry, caps)
-        credentials, credential_problems = _resolve_credentials(entry, entry.model, caps, env)
+        found += _check_url(entry, caps, hosts)
+        credentials, credential_problems = _resolve_credentials(entry, entry.model, caps, env, variables)
         found += credential_problems
         problems += found
         if not found:
@@ -75,8 +82,51 @@ def _check_settings(entry: Entry[SystemModel], caps: Capabilities | None) -> lis
     return problems
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(entry: Entry[SystemModel], caps: Capabilities | None, allowed: frozenset[str]) -> list[Diagnostic]:
+    """A system talks to the sandbox, loopback, its vendor's production host or a host the operator allowed
+    outside the policy; plain http only to loopback. A policy alone can never send credentials elsewhere."""
+    url = entry.model.url if entry.model is not None else None
+    if url is None or url == "sandbox":
+        return []
+    where = entry.place.at("url")
+    parts = urlsplit(url)
+    try:
+        host, port = (parts.hostname or "").lower(), parts.port
+    except ValueError:
+        return [Diagnostic(where, f"'{printable(url)}' has an invalid port")]
+    if is_loopback(host):
+        return []
+    if parts.scheme != "https":
+        return [Diagnostic(where, f"plain http is only allowed to loopback; use https://{printable(parts.netloc)}")]
+    production = urlsplit(caps.production_url) if caps is not None and caps.production_url else None
+    if production is not None and host == production.hostname and port in (None, 443):
+        return []
+    if host in allowed or (port is not None and f"{host}:{port}" in allowed):
+        return []
+    shown = printable(host if port is None else f"{host}:{port}")
+    vendor = f"{caps.vendor}'s production host {production.hostname}" if production is not None and caps else \
+        "the vendor's production host"
+    return [Diagnostic(where, f"host {shown} is not allowed: use sandbox, a loopback address, {vendor} (omit "
+                       f"`url:`), or have the operator allow it (--allow-host {shown} or RECONCILER_ALLOW_HOSTS)")]
+
+
+def credential_prefix(vendor: str) -> str:
+    """Variables a vendor's credentials may name start with this: the vendor's first word, ABLOY_, UNLOC_."""
+    return re.split(r"[^A-Za-z0-9]", vendor, maxsplit=1)[0].upper() + "_"
+
+
 def _resolve_credentials(entry: Entry[SystemModel], system: SystemModel, caps: Capabilities | None,
-                         env: Mapping[str, str]) -> tuple[dict[str, Secret], list[Diagnostic]]:
+                         env: Mapping[str, str], allowed: frozenset[str] = frozenset()
+                         ) -> tuple[dict[str, Secret], list[Diagnostic]]:
     # The sandbox supplies its own credentials, so a demo policy runs with an empty environment.
     sandbox = system.url == "sandbox"
     declared = system.credentials or {}
@@ -98,6 +148,13 @@ def _resolve_credentials(entry: Entry[SystemModel], system: SystemModel, caps: C
             problems.append(Diagnostic(where, "a literal secret is not accepted; use ${ENV_VAR}"))
             continue
         variable = match.group(1)
+        prefix = credential_prefix(system.vendor)
+        if not variable.startswith(prefix) and variable not in allowed:
+            # Any other variable of the runner (HOME, GITHUB_TOKEN, another vendor's key) stays where it is.
+            problems.append(Diagnostic(where, f"{system.vendor} credentials are read from variables named "
+                                       f"{prefix}*; {variable} is not one (an operator may allow it with "
+                                       "RECONCILER_ALLOW_CREDENTIALS)"))
+            continue
         if env.get(variable):
             credentials[key] = Secret(env[variable])
         elif not sandbox:

@@ -106,7 +106,7 @@ class AbloyProvider(Provider):
         except (DeadlineExceeded, Interrupted):
             raise
         except VendorError as exc:
-            raise VendorError(f"{self.name}: login failed: {exc}".replace(f"{self.name}: {self.name}: ", ""),
+            raise VendorError(f"{self.name}: login failed: {exc}".replace(f"login failed: {self.name}: ", "login failed: "),
                               status=exc.status, temporary=exc.temporary) from None
         token = response.json().get("token", "")
         self.redactor.add(token)

@@ -7,6 +7,7 @@ the same vendor, and the simulator's own credentials.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 from datetime import datetime
@@ -46,7 +47,8 @@ SIMULATORS: dict[str, Callable[..., Any]] = {vendor: _load(pair[1]) for vendor, 
 
 
 def capabilities() -> dict[str, Capabilities]:
-    return {vendor: cls.capabilities for vendor, cls in PROVIDERS.items()}
+    return {vendor: dataclasses.replace(cls.capabilities, production_url=cls.default_url)
+            for vendor, cls in PROVIDERS.items()}
 
 
 def build_provider(system: Any, state: StateStore, *, sandbox_dir: Path, clock: Callable[[], datetime],

@@ -11,7 +11,9 @@ what it says about the request:
   client (until the next phase), instead of each worker repeating the whole login sequence.
 Every request also respects the phase's `Deadline` (one per system for reads and for apply; each request's
 timeout is capped by what remains of it) and a `stop` event (Ctrl-C: nothing new is sent). Every failure is
-a one-line `VendorError` with all secrets redacted.
+a one-line `VendorError` with all secrets redacted. Requests go only to the base URL's scheme, host and port
+(credentials never travel elsewhere); a redirect is reported, never followed; neither a TLS failure (a wrong
+or untrusted certificate) nor an unknown host name is retried: each says so in one line.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import socket
+import ssl
 import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
@@ -26,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 import httpx
 
 from reconciler.errors import VendorError
+from reconciler.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +113,7 @@ class HttpClient:
         self._auth_headers: dict[str, str] | None = None
         self._auth_renew_at: float | None = None     # on the monotonic clock
         self._auth_lock = threading.Lock()
+        self._auth_failure: VendorError | None = None   # a login that cannot succeed is not tried again
         self.max_attempts = max_attempts
         self.max_backoff = max_backoff
         self.sleep = sleep
@@ -174,6 +180,9 @@ class HttpClient:
                 response = self.send_raw(method, path, json=json, params=params, content=content,
                                          headers={**(headers or {}), **auth})
             except httpx.TransportError as exc:
+                permanent = _permanent_transport_error(exc, self.client.base_url.host)
+                if permanent:
+                    raise VendorError(self._line(method, path, permanent)) from None
                 sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
                 if sent and not safe_to_repeat:
                     raise VendorError(self._line(method, path, f"no answer ({type(exc).__name__}); "
@@ -185,10 +194,15 @@ class HttpClient:
                 self._backoff(attempt, None, method, path, type(exc).__name__)
                 continue
             status = response.status_code
-            if status < 400 or status in expect:
+            if status in expect or status < 300:
                 if self.deadline is not None:
                     self.deadline.answered()
                 return response
+            if status < 400:
+                where = printable(response.headers.get("Location", "")[:200]) or "nowhere"
+                raise VendorError(self._line(method, path, f"HTTP {status} redirect to {where}; redirects are "
+                                             f"not followed, so credentials stay with {self.client.base_url.host}: "
+                                             "set the system's url to the API's own address"), status=status)
             if status == 401 and authenticated and self._authenticate is not None and not relogged:
                 relogged = True
                 self.invalidate_auth(auth)
@@ -213,7 +227,13 @@ class HttpClient:
         log.debug("request system=%s method=%s path=%s", self.system, method, path)
         if self.deadline is not None and "timeout" not in kwargs:
             kwargs["timeout"] = max(0.05, min(self.timeout, self.deadline.remaining()))
-        response = self.client.request(method, path, **kwargs)
+        request = self.client.build_request(method, path, **kwargs)
+        base = self.client.base_url
+        if (request.url.scheme, request.url.host, request.url.port) != (base.scheme, base.host, base.port):
+            # A path that is really an absolute URL (a vendor's `next` link, say) would carry our headers away.
+            raise VendorError(self._line(method, printable(str(request.url))[:200],
+                                         f"refused: not on {base.scheme}://{base.netloc.decode()}"))
+        response = self.client.send(request)
         self._note_vendor_time(response)
         return response
 
@@ -313,3 +333,21 @@ def _describe_plain(response: httpx.Response, *, body: bool = True) -> str:
         return f"HTTP {response.status_code} {response.reason_phrase}".strip()
     text = response.text.strip().replace("\n", " ")
     return f"HTTP {response.status_code}" + (f": {text[:200]}" if text else "")
+
+
+def _permanent_transport_error(exc: BaseException, host: str) -> str | None:
+    """What is wrong when trying again cannot help: the certificate, or a host name nobody knows."""
+    seen: BaseException | None = exc
+    for _ in range(10):   # the chain httpx → httpcore → ssl/socket is short; never loop on a cycle
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (f"TLS certificate of {host} not accepted ({seen.verify_message or 'verification failed'}); "
+                    "not retried")
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS with {host} failed ({seen.reason or type(seen).__name__}); not retried"
+        if isinstance(seen, socket.gaierror) and seen.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)):
+            return f"cannot resolve {host} (DNS: no such host); not retried"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
