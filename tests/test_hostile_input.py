@@ -103,6 +103,18 @@ def test_symlinked_folder_out_of_the_policy_directory_is_refused(tmp_path, monke
     assert result.stderr.splitlines() == ["policies/more: a symlink leading outside the policy directory is refused"]
 
 
+def test_symlink_to_a_device_or_nowhere_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "hq.yaml").write_text(SYSTEM)
+    os.symlink("/dev/zero", tmp_path / "policies" / "zero.yaml")
+    os.symlink(tmp_path / "gone", tmp_path / "policies" / "gone.yaml")
+    result = validate(tmp_path, monkeypatch, "policies")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "policies/gone.yaml: a symlink leading outside the policy directory is refused",
+        "policies/zero.yaml: a symlink leading outside the policy directory is refused"]
+
+
 def test_symlink_inside_the_policy_directory_is_followed(tmp_path, monkeypatch):
     (tmp_path / "policies" / "shared").mkdir(parents=True)
     (tmp_path / "policies" / "shared" / "hq.yml").write_text(SYSTEM)

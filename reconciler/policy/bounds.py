@@ -51,11 +51,16 @@ def check_file(file: Path, shown: str, directory: Path | None) -> Diagnostic | N
 
 
 def check_links(directory: Path, shown: str) -> list[Diagnostic]:
-    """Symlinked folders under `directory` that lead outside it (files are checked by `check_file`)."""
+    """Symlinks under `directory` that lead outside it: folders, devices, dangling links (a policy file that is
+    a link is checked by `check_file`, at its own name)."""
     problems = []
     top = directory.resolve()
     for path in sorted(directory.rglob("*")):
-        if path.is_symlink() and path.is_dir() and not path.resolve().is_relative_to(top):
+        if any(part.startswith(".") for part in path.relative_to(directory).parts):
+            continue
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            continue
+        if path.is_symlink() and not path.resolve().is_relative_to(top):
             where = f"{shown}/{path.relative_to(directory).as_posix()}"
             problems.append(Diagnostic(Location(printable(where)),
                                        "a symlink leading outside the policy directory is refused"))
