@@ -63,7 +63,8 @@ def ticking_harness(tmp_path: Path, *, token_ttl: int, step: float, vendor_offse
     def session() -> run.Session:
         return run.Session(directory=harness.policy_dir, state_path=tmp_path / "state" / "state.json",
                            env=harness.env, now=NOW, transports={"hq": httpx.MockTransport(handle)},
-                           provider_options={"sleep": harness.sleeps.append, "monotonic": ticks})
+                           provider_options={"sleep": harness.sleeps.append, "monotonic": ticks},
+                           allowed_hosts=("abloy.test",))
     harness.session = session    # type: ignore[method-assign]
     return harness, ticks
 
