@@ -49,6 +49,7 @@ class Harness:
         self.sim = AbloySimulator(clock=lambda: self.now)
         self.now = NOW
         self.sleeps: list[float] = []
+        self.allowed_hosts = ["abloy.test"]   # as an operator's --allow-host would
         creds = self.sim.credentials
         self.env = {"ABLOY_USER_ID": creds["user_id"], "ABLOY_ACCESS_KEY": creds["access_key"],
                     "ABLOY_API_KEY": creds["api_key"]}
@@ -70,7 +71,7 @@ class Harness:
     def session(self) -> run.Session:
         return run.Session(directory=self.policy_dir, state_path=self.tmp_path / "state" / "state.json",
                            env=self.env, now=self.now, transports={"hq": httpx.MockTransport(self.sim.handle)},
-                           provider_options={"sleep": self.sleeps.append}, allowed_hosts=("abloy.test",))
+                           provider_options={"sleep": self.sleeps.append}, allowed_hosts=tuple(self.allowed_hosts))
 
     def plan(self):
         return run.plan(self.session())

@@ -88,6 +88,7 @@ def test_state_of_another_system_is_refused(harness):
     systems = harness.policy_dir / "systems.yaml"
     systems.write_text(systems.read_text().replace("https://abloy.test/administration",
                                                    "https://other-tenant.test/administration"))
+    harness.allowed_hosts.append("other-tenant.test")
     harness.sim.reset_log()
     with pytest.raises(RefusedError, match="belongs to .*abloy.test.*other-tenant.test"):
         harness.plan()
