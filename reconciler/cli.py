@@ -152,7 +152,9 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
         click.echo(renderers[fmt](result), nl=False)
         if out and fmt == "text":
             click.echo(f"\nSaved the plan to {out}; run `reconciler apply --plan {out}` to apply exactly it.")
-        return ExitCode.CHANGES if detailed_exitcode and result.has_changes else ExitCode.OK
+        # Something uncertain (a create that cannot be proven ours) is not "the system matches the policy".
+        uncertain = any(dict(w.details).get("uncertain") for w in result.warnings)
+        return ExitCode.CHANGES if detailed_exitcode and (result.has_changes or uncertain) else ExitCode.OK
     _guard(body)
 
 

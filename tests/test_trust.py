@@ -108,6 +108,21 @@ def test_kill_between_intent_and_post_with_a_strangers_create_adopts_nothing(har
     assert _grants_of(harness, stranger) == []
 
 
+def test_detailed_exitcode_does_not_call_an_uncertain_system_matching(harness, monkeypatch):
+    from click.testing import CliRunner
+
+    from reconciler import run
+    from reconciler.cli import main
+    harness.write(POLICY)
+    harness.sim.faults.add("POST", r"/user$", commit=True, lost="502")
+    harness.apply()
+    real_plan = run.plan
+    monkeypatch.setattr(run, "plan", lambda session: real_plan(harness.session()))
+    result = CliRunner().invoke(main, ["plan", "--detailed-exitcode"])
+    assert result.exit_code == 2, result.output
+    assert "uncertain: the answer to creating user alice" in result.output
+
+
 def test_kill_between_intent_and_post_without_anyone_else_creates_it_once(harness):
     harness.write(POLICY)
     state = _state(harness)
