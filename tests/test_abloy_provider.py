@@ -222,9 +222,10 @@ def test_lost_answer_after_commit_leaves_no_duplicate(harness, path, lost):
 @pytest.mark.parametrize("seed", [1, 7, 22, 39])
 def test_random_faults_and_lost_answers_converge_in_one_apply(harness, seed):
     harness.write(POLICY)
-    # Every path but user and gateway creates, whose lost answers end uncertain by design (test_trust.py).
+    # Every path but user and gateway creates and invitations, whose lost answers end uncertain by design
+    # (test_trust.py).
     harness.sim.faults.random_rate(0.05, seed=seed, statuses=(503,), commit_ratio=0.5,
-                                   path_regex=r"^(?!/user$|/gateway-device$)")
+                                   path_regex=r"^(?!/user$|/gateway-device$|/operating-device-invitation$)")
     _, report = harness.apply()
     assert report.ok, report.lines()
     assert harness.sim.faults.fired, "the faults must actually have fired"
