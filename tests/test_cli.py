@@ -242,13 +242,18 @@ def test_apply_killed_mid_run_is_finished_by_the_next_apply(tmp_path):
 
 
 def _adopt_uncertain_users(tmp_path, env):
+    """What an operator does after checking by hand that the one candidate is ours: adopt it by id."""
     plan = subprocess.run([*_reconciler(), "plan", "--format", "json", "--now", NOW], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
-    people = tmp_path / "policies" / "people.yaml"
-    text = people.read_text()
     for note in json.loads(plan.stdout)["warnings"]:
-        if note.get("uncertain") and note.get("kind") == "user" and note.get("candidates"):
-            [candidate] = note["candidates"]
-            user = note["address"].split("/")[-1]
-            text = re.sub(rf"^(  {user}:\s*{{)", rf"\g<1>ids: {{hq: {candidate}}}, ", text, flags=re.M)
-    people.write_text(text)
+        if not (note.get("uncertain") and note.get("candidates")):
+            continue
+        [candidate] = note["candidates"]
+        name = note["address"].split("/")[-1]
+        for path in (tmp_path / "policies").glob("*.yaml"):
+            text = path.read_text()
+            if note["kind"] == "user":
+                text = re.sub(rf"^(  {name}:\s*{{)", rf"\g<1>ids: {{hq: {candidate}}}, ", text, flags=re.M)
+            elif note["kind"] == "gateway":
+                text = re.sub(rf"^(  {name}:\n)", rf"\g<1>    id: {candidate}\n", text, flags=re.M)
+            path.write_text(text)
