@@ -52,7 +52,7 @@ def test_alias_bomb_is_refused_at_the_alias(tmp_path, monkeypatch):
     (tmp_path / "bomb.yaml").write_text(SYSTEM + "users:\n  alice:\n    name: Alice\n" + "\n".join(levels) + "\n")
     line = one_error(validate(tmp_path, monkeypatch, "bomb.yaml"))
     assert line.startswith("bomb.yaml:6:")
-    assert line.endswith("YAML aliases (*name) are not accepted in a policy; write the value out")
+    assert line.endswith("YAML aliases (*name, repeating an &name anchor) are not accepted in a policy; write the value out")
 
 
 def test_a_single_alias_is_refused_too(tmp_path, monkeypatch):

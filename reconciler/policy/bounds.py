@@ -91,10 +91,12 @@ def check_tree(root: Any, shown: str) -> Diagnostic | None:
     while stack:
         node, depth, holder = stack.pop()
         if id(node) in seen:
-            # The composer hands out the anchored node again for every `*alias`: an alias.
+            # The composer hands out the anchored node again for every `*alias`: the place is the key holding the
+            # alias, or (an alias in a list) the anchored node.
             mark = (holder or node).start_mark
             return Diagnostic(Location(shown, mark.line + 1, mark.column + 1),
-                              "YAML aliases (*name) are not accepted in a policy; write the value out")
+                              "YAML aliases (*name, repeating an &name anchor) are not accepted in a policy; "
+                              "write the value out")
         seen.add(id(node))
         if node.id == "scalar":
             continue
