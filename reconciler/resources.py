@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -131,6 +132,8 @@ class Capabilities:
     open_ended: bool = True                            # a grant may omit `end`
     several_windows: bool = False                      # several grants per person and device (split shifts)
     production_url: str = ""                           # the vendor's production base URL (default `url`)
+    grant_notify: bool = False                         # a permission may say `notify:` for its grants
+    setting_durations: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # setting → seconds (min, max)
 
 
 def digest(value: Any) -> str:
@@ -150,6 +153,19 @@ def parse_time(text: str) -> datetime:
     if moment.tzinfo is None:
         raise ValueError(f"timestamp without a timezone: {text!r}")
     return moment.astimezone(UTC)
+
+
+_DURATION = re.compile(r"^P(?:(\d+)D)?(?:T(?=\d)(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$")
+
+
+def duration_seconds(text: str) -> int | None:
+    """Seconds of an ISO 8601 duration of days and time (`P7D`, `PT24H`, `P1DT12H`); None when it is not
+    one (months and years have no fixed length, so they are not accepted)."""
+    match = _DURATION.match(text)
+    if not match or text in ("P", "PT") or not any(match.groups()):
+        return None
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def normalise_time(text: str | None) -> str | None:

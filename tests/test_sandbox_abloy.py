@@ -422,22 +422,24 @@ def test_gateway_claim_and_activation(client: httpx.Client, sim: AbloySimulator)
     assert activated["activationDatetime"] == "2026-11-22T10:00:30Z"
 
 
-def test_at_most_five_associations_per_gateway_and_no_duplicates(client: httpx.Client) -> None:
+def test_at_most_six_associations_per_gateway_and_no_duplicates(client: httpx.Client) -> None:
+    # Document 002: "The Keyless Platform currently allows 6 associations per gateway device." The policy
+    # stays within 5 (DESIGN), so the sandbox refuses only what the vendor refuses: a seventh.
     gateway = claim(client)["id"]
     devices = list(SEED_DEVICES.values())
-    for device in devices[:5]:
+    for device in devices[:6]:
         response = client.post("/gateway-device-association",
                                json={"gatewayDeviceId": gateway, "lockingDeviceId": device})
         assert response.status_code == 201
         assert set(response.json()) == {"id", "gatewayDeviceId", "lockingDeviceId", "creationDatetime"}
-    sixth = {"gatewayDeviceId": gateway, "lockingDeviceId": devices[5]}
-    assert_problem(client.post("/gateway-device-association", json=sixth), 409)
+    seventh = {"gatewayDeviceId": gateway, "lockingDeviceId": devices[6]}
+    assert_problem(client.post("/gateway-device-association", json=seventh), 409)
     duplicate = {"gatewayDeviceId": gateway, "lockingDeviceId": devices[0]}
     assert_problem(client.post("/gateway-device-association", json=duplicate), 409)
     other = claim(client, GATEWAY_CLAIMING_CODES[1])["id"]
     assert client.post("/gateway-device-association",
                        json={"gatewayDeviceId": other, "lockingDeviceId": devices[0]}).status_code == 201
-    assert len(client.get("/gateway-device-association", params={"gateway-device-id": gateway}).json()["items"]) == 5
+    assert len(client.get("/gateway-device-association", params={"gateway-device-id": gateway}).json()["items"]) == 6
     unknown = {"gatewayDeviceId": "00000000-0000-4000-8000-000000000000", "lockingDeviceId": devices[0]}
     assert_problem(client.post("/gateway-device-association", json=unknown), 404)
 

@@ -505,6 +505,24 @@ def test_token_refusals(sim):
         assert answer.json()["token_type"] == "bearer" and answer.json()["expires_in"] == 3600
 
 
+def test_token_takes_the_oauth2_form_body_at_its_exact_path(sim):
+    form = {"grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+            "scope": f"lockHolder.admin:{LOCK_HOLDER_ID}"}
+    with httpx.Client(transport=httpx.MockTransport(sim.handle), base_url=BASE) as c:
+        answer = c.post("/auth/v1/token/", data=form)
+        assert answer.status_code == 200, answer.text
+        token = answer.json()["access_token"]
+        assert c.get(f"{LH}/locks", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        refusal(c.post("/auth/v1/token/", data={**form, "client_secret": "nope"}), 401, "invalid_client")
+        refusal(c.post("/auth/v1/token/", data={**form, "scope": "admin"}), 400, "invalid_scope")
+        refusal(c.post("/auth/v1/token/", content=b"grant_type=client_credentials&grant_type=password",
+                       headers={"Content-Type": "application/x-www-form-urlencoded"}), 400, "invalid_request")
+        refusal(c.post("/auth/v1/token/", content=b"<token/>", headers={"Content-Type": "text/xml"}), 415)
+        refusal(c.post("/auth/v1/token", data=form), 404, "NotFound")     # the path ends with a slash [doc]
+        refusal(c.get(f"{LH}/locks/", headers={"Authorization": f"Bearer {token}"}), 404, "NotFound")
+        refusal(c.get(f"{LH}/locks/{CABIN7}/keys", headers={"Authorization": f"Bearer {token}"}), 404)
+
+
 def test_bad_missing_and_expired_tokens_are_401(sim):
     with httpx.Client(transport=httpx.MockTransport(sim.handle), base_url=BASE) as c:
         refusal(c.get(f"{LH}/locks"), 401, "UnauthorizedError")

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from reconciler.errors import Diagnostic
 from reconciler.plan import RevokeThreshold
-from reconciler.resources import Capabilities, Kind
+from reconciler.resources import Capabilities, Kind, duration_seconds
 from reconciler.secret import Secret
 from reconciler.text import printable
 
@@ -76,6 +76,8 @@ def _check_settings(entry: Entry[SystemModel], caps: Capabilities | None) -> lis
                                        f"unknown key '{key}' for vendor {caps.vendor}{hint}{accepted}"))
         elif not isinstance(value, SCALARS):
             problems.append(Diagnostic(entry.place.at(key), f"expected a single value for '{key}'"))
+        elif caps is not None and key in caps.setting_durations:
+            problems += _check_duration(entry, key, value, *caps.setting_durations[key])
     for key in sorted(caps.required_settings if caps is not None else ()):
         if entry.settings.get(key) in (None, ""):
             problems.append(Diagnostic(entry.place.at(), f"system '{entry.name}' ({caps.vendor}) needs `{key}:`"))
@@ -122,6 +124,18 @@ def _check_url(entry: Entry[SystemModel], caps: Capabilities | None, allowed: fr
 def credential_prefix(vendor: str) -> str:
     """Variables a vendor's credentials may name start with this: the vendor's first word, ABLOY_, UNLOC_."""
     return re.split(r"[^A-Za-z0-9]", vendor, maxsplit=1)[0].upper() + "_"
+
+
+def _check_duration(entry: Entry[SystemModel], key: str, value: Any, low: int, high: int) -> list[Diagnostic]:
+    seconds = duration_seconds(value) if isinstance(value, str) else None
+    if seconds is None or not low <= seconds <= high:
+        return [Diagnostic(entry.place.at(key), f"'{value}' is not a duration between {_span(low)} and "
+                           f"{_span(high)}: write ISO 8601, e.g. P7D or PT24H")]
+    return []
+
+
+def _span(seconds: int) -> str:
+    return f"{seconds // 86400} days" if seconds >= 86400 else f"{seconds} second{'s' if seconds != 1 else ''}"
 
 
 def _resolve_credentials(entry: Entry[SystemModel], system: SystemModel, caps: Capabilities | None,
@@ -393,6 +407,10 @@ def _check_grant_capabilities(declarations: Declarations, place: Place, permissi
     if permission.key_validity is not None and not caps.key_validity:
         problems.append(Diagnostic(place.at("key_validity", at_key=True),
                                    f"{vendor} has no key validity ({on}); remove `key_validity:`"))
+    if permission.notify is not None and not caps.grant_notify:
+        problems.append(Diagnostic(place.at("notify", at_key=True),
+                                   f"{vendor} cannot choose per grant whether the person is notified ({on}); "
+                                   "remove `notify:`"))
     if permission.role is not None:
         if not caps.share_roles:
             problems.append(Diagnostic(place.at("role", at_key=True),

@@ -108,6 +108,11 @@ def _users(declarations: Declarations, capabilities: Mapping[str, Capabilities])
             if entry.model.mobile_key and caps.mobile_key and entry.model.phone:
                 resources.append(Resource(system, Kind.INVITATION, name, {"phone": entry.model.phone},
                                           depends_on=(user.address,), source=entry.place.source))
+            elif entry.model.mobile_key is False and caps.mobile_key:
+                # Said explicitly: the person's operating device (or pending invitation) is removed. Left
+                # out, mobile_key leaves whatever the person has alone.
+                resources.append(Resource(system, Kind.INVITATION, name, {}, status=Status.ABSENT,
+                                          source=entry.place.source))
     return resources
 
 
@@ -273,6 +278,8 @@ def _grants_for(declarations: Declarations, entry: Entry[PermissionModel], permi
     meta: dict[str, Any] = {"via": _via(declarations, permission, user)}
     if permission.reason is not None:
         meta["reason"] = permission.reason
+    if permission.notify is not None and caps.grant_notify:
+        meta["notify"] = permission.notify
     # Who receives the grant: providers address people by phone (Unloc) or email (Sentry, SmartphoneKey).
     # Kept in meta, not attributes, so that live grants need not echo it to compare equal.
     person = declarations.users[user].model

@@ -155,7 +155,7 @@ class UserModel(_Model):
     email: str | None = None
     phone: str | None = None
     role: Role = "USER"
-    mobile_key: bool = False
+    mobile_key: bool | None = None     # None: operating devices are left alone; false removes one
     systems: list[str] | None = None
     ids: dict[str, Annotated[str, Field(min_length=1)]] | None = None   # adopt existing accounts: system → vendor id
 
@@ -232,6 +232,7 @@ class PermissionModel(_Model):
     reason: str | None = None
     schedule: str | None = None
     role: Role | None = None
+    notify: bool | None = None         # unloc: tell the person about a new key (default: the system's notify)
 
     @field_validator("start", "end", mode="before")
     @classmethod

@@ -28,14 +28,15 @@ import jwt
 from reconciler.errors import VendorError
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, Redactor, json_error, token_lifetime
-from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time, grant_parts,
-                                  normalise_time, unknown_name)
+from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, duration_seconds, format_time,
+                                  grant_parts, normalise_time, unknown_name)
 
 log = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/vnd.assaabloy.keyless.administration-2+json"
 PAGE_SIZE = 100
-INVITATION_VALIDITY = timedelta(days=7)
+INVITATION_VALIDITY = "P7D"     # the system's `invitation_validity:` overrides it; the vendor's range below
+INVITATION_RANGE = (1, 365 * 86400)  # seconds: "greater than 0 seconds and less than or equal to 365 days" [doc]
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 # The one endpoint table (API-SURFACE §1): a path correction is a one-line change.
@@ -46,6 +47,7 @@ PATHS = {
     "invitations": "/operating-device-invitation",
     "invitation": "/operating-device-invitation/{id}",
     "operating_devices": "/operating-device",
+    "operating_device": "/operating-device/{id}",
     "devices": "/locking-device",
     "device": "/locking-device/{id}",
     "permissions": "/permission",
@@ -71,6 +73,8 @@ CAPABILITIES = Capabilities(
     device_fields=frozenset({"name"}),
     device_id_pattern=UUID_PATTERN,
     mobile_key=True,
+    settings=frozenset({"invitation_validity"}),
+    setting_durations={"invitation_validity": INVITATION_RANGE},
     credentials=frozenset({"user_id", "access_key", "api_key"}),
     several_windows=True,
 )
@@ -93,6 +97,11 @@ class AbloyProvider(Provider):
             headers={"Accept": MEDIA_TYPE, "X-Api-Key": self._secret["api_key"]},
             authenticate=self._login, describe=describe_problem, sleep=self.sleep, monotonic=self.monotonic)
         self.live_ids: dict[str, set[str]] = {}
+        self.invitation_validity = str(self.settings.get("invitation_validity") or INVITATION_VALIDITY)
+        seconds = duration_seconds(self.invitation_validity)
+        if seconds is None or not INVITATION_RANGE[0] <= seconds <= INVITATION_RANGE[1]:
+            raise VendorError(f"{self.name}: `invitation_validity:` must be an ISO 8601 duration from PT1S to P365D")
+        self._invitation_validity = timedelta(seconds=seconds)
         self._create_locks = {kind: threading.Lock() for kind in ("user", "device", "gateway")}
 
     def close(self) -> None:
@@ -350,11 +359,11 @@ class AbloyProvider(Provider):
         user_id = self._id(Kind.USER, want.name)
         phone = want.attributes["phone"]
         body = {"userId": user_id, "deliveryMechanism": "SMS", "phoneNumber": phone,
-                "validityDuration": f"P{INVITATION_VALIDITY.days}D"}
+                "validityDuration": self.invitation_validity}
         sent_at = self.clock()
         self.state.put(want.address, {"intent": "create", "user": user_id, "phone": phone,
                                       "at": format_time(sent_at),
-                                      "expires": format_time(sent_at + INVITATION_VALIDITY)})
+                                      "expires": format_time(sent_at + self._invitation_validity)})
         try:
             answer = self.http.request("POST", PATHS["invitations"], json=body, idempotent=False).json()
         except VendorError as exc:
@@ -369,8 +378,17 @@ class AbloyProvider(Provider):
         self.remember(want.address, self.create_invitation(want))
 
     def delete_invitation(self, live: Resource) -> None:
+        """A pending invitation is revoked; an enrolled operating device (`mobile_key: false`) is deleted."""
         if live.status is Status.PENDING and live.id:
             self.http.request("DELETE", PATHS["invitation"].format(id=live.id), expect=(404, 409))
+        elif live.meta.get("operating_device"):
+            response = self.http.request("DELETE", PATHS["operating_device"].format(id=live.meta["operating_device"]),
+                                         expect=(404, 409))
+            if response.status_code == 409:
+                # A device enrolled before API v2 invitations goes only with its user [doc].
+                raise VendorError(self.redactor(f"{self.name}: {live.address}: the operating device cannot be "
+                                                f"deleted on its own ({describe_problem(response)}); Abloy "
+                                                "removes a legacy device only with its user"), status=409)
 
     # -- audit ---------------------------------------------------------------------------------------
     def events(self, device: Resource, *, since: datetime | None = None) -> list[Event]:

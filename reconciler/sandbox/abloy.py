@@ -100,7 +100,7 @@ ROUTES: tuple[Route, ...] = (
 # Vendor limits (from the document unless noted).
 PAGE_DEFAULT, PAGE_MAX = 50, 100
 NAME_MAX = 255
-MAX_ASSOCIATIONS_PER_GATEWAY = 5          # the document also says "currently allows 6"; API-SURFACE pins 5
+MAX_ASSOCIATIONS_PER_GATEWAY = 6          # "currently allows 6" [doc]; the policy stays within 5 (DESIGN)
 PERMISSION_RETENTION = timedelta(days=14)
 KEY_VALIDITY_MIN, KEY_VALIDITY_MAX, KEY_VALIDITY_DEFAULT = timedelta(days=1), timedelta(days=31), "P8D"
 INVITATION_MAX, INVITATION_DEFAULT = timedelta(days=365), "PT24H"

@@ -476,7 +476,8 @@ class Router:
         self.routes = tuple(routes)
         self.base_path = "/" + base_path.strip("/") if base_path.strip("/") else ""
         prefix = re.escape(self.base_path) if self.base_path else r"(?P<_prefix>(?:/[^/]+)*?)"
-        self._compiled = [(route, re.compile(f"^{prefix}{route.regex()}/?$")) for route in self.routes]
+        # Exact paths: a trailing slash is part of a vendor's path (Unloc's `/keys/`) or a mistake.
+        self._compiled = [(route, re.compile(f"^{prefix}{route.regex()}$")) for route in self.routes]
 
     def match(self, method: str, path: str) -> RouteMatch:
         found: list[tuple[int, Route, dict[str, str]]] = []

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, ClassVar
+from urllib.parse import parse_qsl
 
 import httpx
 import jwt
@@ -60,17 +61,18 @@ from reconciler.sandbox.common import (
 logger = logging.getLogger(__name__)
 
 JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
 _LH = "/integrators/v1/lock-holders/{lock_holder_id}"
 
 # The one endpoint table. `handler` names the `_op_<handler>` method below.
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/auth/v1/token", "token", auth=False, body=JSON),
+    Route("POST", "/auth/v1/token/", "token", auth=False),     # form (RFC 6749) or JSON: see _op_token
     Route("GET", _LH + "/locks", "list_locks"),
     Route("GET", _LH + "/keys", "list_keys"),
-    Route("GET", _LH + "/locks/{lock_id}/keys", "list_lock_keys"),
-    Route("POST", _LH + "/locks/{lock_id}/keys", "create_key", body=JSON),
+    Route("GET", _LH + "/locks/{lock_id}/keys/", "list_lock_keys"),
+    Route("POST", _LH + "/locks/{lock_id}/keys/", "create_key", body=JSON),
     Route("PATCH", _LH + "/locks/{lock_id}/keys/{key_id}", "update_key", body=JSON),
-    Route("PUT", _LH + "/locks/{lock_id}/roles/{user_id}", "set_role", body=JSON),
+    Route("PUT", _LH + "/locks/{lock_id}/roles/{user_id}/", "set_role", body=JSON),
 )
 
 # Vendor limits (from the documents unless noted).
@@ -337,9 +339,7 @@ class UnlocSimulator(Simulator):
         return claims
 
     def _op_token(self, call: _Call) -> httpx.Response:
-        body = call.body
-        if not isinstance(body, dict):
-            raise refusal(400, "invalid_request", "The request body must be a JSON object")
+        body = _token_request(call.request)
         if body.get("grant_type") != "client_credentials":
             raise refusal(400, "unsupported_grant_type", "grant_type must be client_credentials")
         client_id, secret = body.get("client_id"), body.get("client_secret")
@@ -350,7 +350,8 @@ class UnlocSimulator(Simulator):
             raise refusal(401, "invalid_client", "Client authentication failed")
         scope = body.get("scope")
         if not isinstance(scope, list) or not scope or not all(isinstance(s, str) for s in scope):
-            raise refusal(400, "invalid_request", 'scope must be a list such as ["lockHolder.admin:<id>"]')
+            raise refusal(400, "invalid_request", 'scope is required: "lockHolder.admin:<id>" (a form field) '
+                          'or ["lockHolder.admin:<id>"] (JSON)')
         for item in scope:
             match = SCOPE.match(item)
             if match is None:
@@ -527,6 +528,32 @@ class UnlocSimulator(Simulator):
         with self.mutate():
             self.state["tokenGeneration"] += 1
             self.mark_changed()
+
+
+def _token_request(request: httpx.Request) -> dict[str, Any]:
+    """The token request's fields. RFC 6749 §4.4.2 makes it a form body, which every OAuth2 server takes;
+    API-SURFACE §2 records a JSON body with `scope` as a list, so that is accepted too. Anything else: 400
+    (`invalid_request`); a repeated form field is refused, as RFC 6749 §3.1 says."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == FORM:
+        try:
+            text = request.content.decode("ascii")
+        except UnicodeDecodeError:
+            raise refusal(400, "invalid_request", "The form body is not URL-encoded ASCII") from None
+        pairs = parse_qsl(text, keep_blank_values=True)
+        names = [name for name, _ in pairs]
+        if len(names) != len(set(names)):
+            raise refusal(400, "invalid_request", "A form parameter is repeated")
+        fields: dict[str, Any] = dict(pairs)
+        if "scope" in fields:
+            fields["scope"] = fields["scope"].split(" ")    # RFC 6749 §3.3: space-delimited
+        return fields
+    if content_type == JSON:
+        body = read_json_body(request, JSON)
+        if not isinstance(body, dict):
+            raise refusal(400, "invalid_request", "The request body must be a JSON object")
+        return body
+    raise refusal(415, "invalid_request", f"Content-Type must be {FORM} (or {JSON})")
 
 
 def _canonical_scope(scope: str) -> str:
