@@ -258,7 +258,7 @@ def converged(h: Harness) -> None:
 def test_capabilities_are_what_the_policy_checks_read():
     assert CAPABILITIES.vendor == "spkey" and CAPABILITIES.temp_keys and CAPABILITIES.needs_email
     assert CAPABILITIES.grant_kind == "temp_key" and not CAPABILITIES.creates_devices
-    assert CAPABILITIES.device_id_pattern == r"\d+" and CAPABILITIES.credentials == {"api_key"}
+    assert CAPABILITIES.device_id_pattern == r"[1-9]\d*" and CAPABILITIES.credentials == {"api_key"}
     assert not CAPABILITIES.operations and not CAPABILITIES.schedules and not CAPABILITIES.share_roles
 
 
@@ -424,13 +424,15 @@ def test_a_changed_description_is_reported_not_silently_dropped(spk):
 # ------------------------------------------------------------------------------ provider: lost answers
 
 @pytest.mark.parametrize("lost", ["502", "timeout"])
-def test_a_lost_create_answer_is_sent_again_and_the_409_settles_it(spk, lost):
+def test_a_lost_create_answer_is_looked_up_not_sent_again(spk, lost):
+    # The OpenAPI lists no 409 for a repeated tempKeyUuid: the lock's list, not a repeat, says it landed.
     spk.write(keys_yaml(delivery=False))
     spk.sim.faults.add("POST", r"/create-temp-key$", commit=True, lost=lost)
     _, report = spk.apply()
     assert report.ok, report.lines()
     statuses = [r.status for r in spk.sim.requests if r.path.endswith("/create-temp-key")]
-    assert statuses == [502 if lost == "502" else None, 409]
+    assert statuses == [502 if lost == "502" else None]
+    assert spk.sim.count("GET", f"/locks/{FLAT3}/temp-keys") == 2    # the plan's read, then the look-up
     assert [k["uuid"] for k in spk.keys()] == [spk.uuid_of("cleaning-week-48")]
     assert not spk.posts("update-temp-key")    # the key that landed matches: nothing to correct
     converged(spk)
@@ -439,10 +441,13 @@ def test_a_lost_create_answer_is_sent_again_and_the_409_settles_it(spk, lost):
 
 def test_lost_answers_until_the_run_gives_up_then_a_rerun_leaves_one_key(spk):
     spk.write(keys_yaml(delivery=False))
-    spk.sim.faults.add("POST", r"/create-temp-key$", commit=True, lost="502", times=None)
+    # Every create is lost before it lands: each is looked up, found missing, and sent again, until the run
+    # gives up; nothing is duplicated, and a rerun makes the one key.
+    spk.sim.faults.add("POST", r"/create-temp-key$", lost="502", times=None)
     _, report = spk.apply()
     assert not report.ok and "502" in report.lines()[0]
-    assert [k["uuid"] for k in spk.keys()] == [spk.uuid_of("cleaning-week-48")]   # it landed, once
+    assert spk.keys() == []
+    assert spk.sim.count("POST", f"/locks/{FLAT3}/create-temp-key") == 4
     spk.sim.faults.clear()
     _, report = spk.apply()
     assert report is None or report.ok
@@ -451,22 +456,20 @@ def test_lost_answers_until_the_run_gives_up_then_a_rerun_leaves_one_key(spk):
     spk.recorder.check_all()
 
 
-def test_a_409_for_a_key_that_differs_is_corrected_in_place(spk):
+def test_a_key_that_landed_with_other_fields_is_corrected_in_place(spk):
     spk.write(keys_yaml(delivery=False))
-    # The key already exists (made by an earlier run whose answer and state were lost), with an older end.
+    # The key already exists (made by an earlier run whose answer and state were lost), with an older end:
+    # found by its uuid, it is updated, never created a second time.
     spk.raw("POST", f"/locks/{FLAT3}/create-temp-key", json={
         "tempKeyUuid": spk.uuid_of("cleaning-week-48"), "accessMode": "user-whitelist",
         "allowedUserIds": [SEED_USERS["maria@cleanco.example"], SEED_USERS["jonas@cleanco.example"]],
         "validFrom": "2026-11-23T08:00:00Z", "validUntil": "2026-11-28T18:00:00Z", "maxUses": 30})
-    session = spk.session()
-    policy = run.validate(session)
-    providers = run.build_providers(session, policy, LocalState(session.state_path))
-    provider = providers["guests"]
-    provider.read(policy.resources)
-    want = next(r for r in policy.resources if r.name == "cleaning-week-48")
+    plan = spk.plan()
+    assert [(c.address, c.action) for c in plan.changes] == [("guests/temp_key/cleaning-week-48", "update")]
     spk.sim.reset_log()
-    provider.create_temp_key(want)
-    provider.close()
+    _, report = spk.apply()
+    assert report.ok, report.lines()
+    assert not spk.posts("create-temp-key")
     assert spk.posts("update-temp-key") == [{"tempKeyUuid": spk.uuid_of("cleaning-week-48"),
                                              "validUntil": "2026-11-29T18:00:00Z"}]
     converged(spk)
@@ -687,11 +690,11 @@ def test_max_uses_may_be_null_and_create_answers_the_documented_envelope(sandbox
     assert (key["maxUses"], key["usedCount"], key["status"]) == (None, 0, "not-yet-valid")
 
 
-def test_a_repeated_temp_key_uuid_is_409_on_any_lock(sandbox):
+def test_a_repeated_temp_key_uuid_is_400_on_any_lock(sandbox):
     assert call(sandbox, "POST", f"/locks/{FLAT1}/create-temp-key", json=create_body()).status_code == 200
     for lock in (FLAT1, FLAT2):
         again = call(sandbox, "POST", f"/locks/{lock}/create-temp-key", json=create_body(maxUses=5))
-        assert again.status_code == 409 and set(again.json()) == {"error", "message"}
+        assert again.status_code == 400 and set(again.json()) == {"error", "message"}
     [key] = sandbox.sim.temp_keys(FLAT1)
     assert key["maxUses"] == 2
     # Deleted, the uuid is free again.

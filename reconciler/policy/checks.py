@@ -256,7 +256,7 @@ def _check_devices(declarations: Declarations, capabilities: Mapping[str, Capabi
         caps = capabilities_of(declarations, capabilities, device.system)
         if caps is None:
             continue
-        for key in ("name", "favourite", "colour"):
+        for key in ("name", "favourite", "colour", "unlock_duration"):
             if getattr(device, key) is not None and key not in caps.device_fields:
                 problems.append(Diagnostic(entry.place.at(key, at_key=True),
                                            f"{caps.vendor} devices have no '{key}'"))

@@ -132,6 +132,8 @@ def _devices(declarations: Declarations, capabilities: Mapping[str, Capabilities
             attributes["favourite"] = device.favourite
         if device.colour is not None:
             attributes["colour"] = device.colour.lower()
+        if device.unlock_duration is not None:
+            attributes["unlock_duration"] = device.unlock_duration
         resources.append(Resource(device.system, Kind.DEVICE, name, attributes, id=adopted,
                                   status=Status.ABSENT if device.decommission else Status.PRESENT,
                                   source=entry.place.source))

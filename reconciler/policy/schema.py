@@ -179,6 +179,7 @@ class DeviceModel(_Model):
     decommission: bool = False
     favourite: bool | None = None
     colour: str | None = None
+    unlock_duration: Annotated[int, Field(ge=1, le=3600)] | None = None   # sentry: seconds the lock stays open
 
     @field_validator("id", mode="before")
     @classmethod

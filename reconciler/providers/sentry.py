@@ -2,7 +2,9 @@
 
 Endpoints, field mapping and capabilities only; the workflow is `Provider`'s. A permission on a sentry
 device is a share `(user, lock, role, start, end)`. People are found by email in the vendor's directory
-(`/directory/query`, 25 at a time); locks are adopted by id. Every change to a share is a signed
+(`/directory/query`, v1 `{email}`: one person per request, run concurrently; document 000's "multiple
+query keys" of v2 are identifier types of one person, not a list of people); locks are adopted by id and
+their unlock duration is set with a signed `MUTATE_SETTING`. Every change to a share is a signed
 operation: a compact JWS (EdDSA) made with an Ed25519 key pair generated in memory for this run and
 registered with `/auth/certificate`, whose private half never leaves this object (not in state, logs or
 plans). Grants on locks with the `BATCH_SHARING_25` capability go 25 to a `BATCH_ADD_USER`, elsewhere
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import threading
 import uuid
 from collections import defaultdict
@@ -36,12 +39,13 @@ log = logging.getLogger(__name__)
 MEDIA_V2 = "application/vnd.doordeck.api-v2+json"
 JWT_MEDIA = "application/jwt"
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-BATCH_SIZE = 25                 # BATCH_ADD_USER and directory v2 take at most 25
-DIRECTORY_BATCH = 25
+BATCH_SIZE = 25                 # BATCH_ADD_USER takes at most 25
 SIGNATURE_LIFETIME = 60         # seconds; the platform refuses signed operations valid for longer
 READ_CONCURRENCY = 8
 SEND_ATTEMPTS = 4               # signed operations: tries, each freshly signed, before giving up
 RATE_LIMIT_WAITS = 6
+
+PROPERTIES = ("name", "favourite", "colour")     # `PUT /device/{id}`; the unlock duration is a signed setting
 
 # The one endpoint table (API-SURFACE §5): a path correction is a one-line change.
 PATHS = {
@@ -63,7 +67,7 @@ CAPABILITIES = Capabilities(
     schedules=False,            # the platform has no per-user weekly schedules
     open_ended=True,
     creates_devices=False,
-    device_fields=frozenset({"name", "favourite", "colour"}),
+    device_fields=frozenset({"name", "favourite", "colour", "unlock_duration"}),
     device_id_pattern=UUID_PATTERN,
     # Or an operator token as `token` instead; the policy checks require every name listed here, so
     # only the login pair is declared (see the provider's `_login`).
@@ -150,8 +154,14 @@ class SentryProvider(Provider):
             if self._certificate is None:
                 public = self._signing_key.public_key().public_bytes(serialization.Encoding.Raw,
                                                                     serialization.PublicFormat.Raw)
-                answer = self.http.request("POST", PATHS["certificate"], idempotent=True,
-                                           json={"ephemeralKey": base64.b64encode(public).decode()}).json()
+                response = self.http.request("POST", PATHS["certificate"], idempotent=True, expect=(423,),
+                                             json={"ephemeralKey": base64.b64encode(public).decode()})
+                if response.status_code == 423:
+                    raise VendorError(self.redactor(
+                        f"{self.name}: POST {PATHS['certificate']}: {describe_error(response)}; the operator "
+                        "account must complete secondary authentication (verification code) before it can "
+                        "sign operations; nothing was changed"), status=423)
+                answer = response.json()
                 chain, user_id = answer.get("certificateChain"), answer.get("userId")
                 if not isinstance(chain, list) or not chain or not user_id:
                     raise VendorError(f"{self.name}: {PATHS['certificate']} answered without a certificate chain")
@@ -231,12 +241,11 @@ class SentryProvider(Provider):
         emails = sorted({str(r.meta["email"]).lower() for r in shares if r.meta.get("email")})
         managed = [lock_id for lock_id in locks if lock_id in device_names and locks[lock_id].get("role") == "ADMIN"]
 
-        # The directory and the per-lock user lists (no bulk endpoint) at once.
-        chunks = [emails[i:i + DIRECTORY_BATCH] for i in range(0, len(emails), DIRECTORY_BATCH)]
+        # The directory (one person per lookup) and the per-lock user lists (no bulk endpoint) at once.
         with ThreadPoolExecutor(READ_CONCURRENCY) as pool:
-            found = pool.map(self._lookup, chunks)
+            found = pool.map(self._lookup, emails)
             members = dict(zip(managed, pool.map(self._lock_users, managed)))
-            self.directory = {email: entry for chunk in found for email, entry in chunk.items()}
+            self.directory = {email: entry for email, entry in zip(emails, found) if entry is not None}
 
         for lock_id, lock in locks.items():
             name = device_names.get(lock_id)
@@ -260,24 +269,13 @@ class SentryProvider(Provider):
         result.errors += self._check_shares(shares, locks, operator_emails)
         return result
 
-    def _lookup(self, emails: list[str]) -> dict[str, dict[str, Any]]:
-        """Directory entries for up to 25 emails (v2); unknown ones are left out. A platform that
-        answers the batch with 404 when any one is unknown is asked again one by one (v1)."""
-        if not emails:
-            return {}
-        response = self.http.request("POST", PATHS["directory"], json={"email": emails},
-                                     headers={"Accept": MEDIA_V2}, idempotent=True, expect=(404,))
-        if response.status_code == 200:
-            return {str(e.get("email", "")).lower(): e for e in response.json() if e.get("email")}
-        if len(emails) == 1:
-            return {}
-        found = {}
-        for email in emails:
-            single = self.http.request("POST", PATHS["directory"], json={"email": email}, idempotent=True,
-                                       expect=(404,))
-            if single.status_code == 200:
-                found[email] = {**single.json(), "email": email}
-        return found
+    def _lookup(self, email: str) -> dict[str, Any] | None:
+        """The directory entry `{id, publicKey}` of one email (v1), or None when nobody has it (404)."""
+        response = self.http.request("POST", PATHS["directory"], json={"email": email}, idempotent=True,
+                                     expect=(404,))
+        if response.status_code == 404:
+            return None
+        return {**response.json(), "email": email}
 
     def _lock_users(self, lock_id: str) -> list[dict[str, Any]]:
         return self.http.request("GET", PATHS["lock_users"].format(id=lock_id)).json()
@@ -326,8 +324,17 @@ class SentryProvider(Provider):
 
     # -- locks ---------------------------------------------------------------------------------------
     def update_device(self, want: Resource, live: Resource, changed: tuple[str, ...]) -> None:
-        body = {key: want.attributes[key] for key in changed if key in CAPABILITIES.device_fields}
-        self.http.request("PUT", PATHS["lock"].format(id=live.id), json=body)
+        body = {key: want.attributes[key] for key in changed if key in PROPERTIES}
+        if body:
+            self.http.request("PUT", PATHS["lock"].format(id=live.id), json=body)
+        if "unlock_duration" in changed:
+            seconds = int(want.attributes["unlock_duration"])
+            lock_id = str(live.id).lower()
+
+            def landed() -> bool:
+                lock = self.http.request("GET", PATHS["lock"].format(id=lock_id)).json()
+                return _unlock_duration(lock) == seconds
+            self._execute(lock_id, {"type": "MUTATE_SETTING", "unlockDuration": seconds}, landed)
 
     # -- shares --------------------------------------------------------------------------------------
     def batches(self, changes: list[Change]) -> list[list[Change]]:
@@ -423,9 +430,9 @@ class SentryProvider(Provider):
         lock_id = self.ids.get(device.address)
         if not lock_id:
             raise VendorError(f"{self.name}: device {device.name} has no lock id")
-        params = {}
-        if since is not None:
-            params = {"start": str(int(since.timestamp())), "end": str(int(self.clock().timestamp()))}
+        # The v2 log needs both ends of the window [doc]; without --since, from the epoch: the whole trail.
+        start = int(since.timestamp()) if since is not None else 0
+        params = {"start": str(start), "end": str(math.ceil(self.clock().timestamp()))}
         entries = self.http.request("GET", PATHS["lock_log"].format(id=lock_id.lower()), params=params,
                                     headers={"Accept": MEDIA_V2}).json()
         people = {str(e.get("id", "")).lower(): email for email, e in self.directory.items()}
@@ -458,7 +465,14 @@ def _batch(lock: dict[str, Any]) -> bool:
 def _lock_attributes(lock: dict[str, Any]) -> dict[str, Any]:
     colour = lock.get("colour")
     return {"name": lock.get("name"), "favourite": bool(lock.get("favourite")),
-            "colour": colour.lower() if isinstance(colour, str) else colour}
+            "colour": colour.lower() if isinstance(colour, str) else colour,
+            "unlock_duration": _unlock_duration(lock)}
+
+
+def _unlock_duration(lock: dict[str, Any]) -> int | None:
+    """Seconds a lock stays open, from `settings.unlockTime` (what MUTATE_SETTING's unlockDuration sets)."""
+    value = (lock.get("settings") or {}).get("unlockTime")
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _same_share(live: dict[str, Any] | None, body: dict[str, Any]) -> bool:

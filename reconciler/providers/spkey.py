@@ -5,8 +5,9 @@ numeric id (SmartphoneKey cannot create them). Authentication is the organisatio
 nothing else: a request never carries a bearer token too.
 
 Identity needs no state: a key's `tempKeyUuid` is a UUIDv5 of the system, the lock and the key's name,
-chosen by us. A create whose answer was lost is simply sent again (it is idempotent by that uuid); a 409
-for it means it landed, and the key is checked and, if it differs, updated. State only remembers names
+chosen by us. A create whose answer was lost is looked up by that uuid in the lock's list before it is
+sent again (the vendor's OpenAPI lists no 409 for a repeated uuid, so a repeat cannot be relied on to say
+it landed); a key found there is checked and, if it differs, updated. State only remembers names
 and descriptions, so that a key removed from the policy is still shown by name and a description (which
 the vendor never returns) can be compared.
 
@@ -58,7 +59,7 @@ CAPABILITIES = Capabilities(
     needs_email=True,
     creates_devices=False,
     device_fields=frozenset(),
-    device_id_pattern=r"\d+",
+    device_id_pattern=r"[1-9]\d*",     # the OpenAPI's lock id: an integer, exclusiveMinimum 0
     credentials=frozenset({"api_key"}),
 )
 
@@ -271,20 +272,24 @@ class SpkeyProvider(Provider):
         lock = self._lock_of(want)
         key_uuid = temp_key_uuid(self.name, lock, want.name)
         body = {"tempKeyUuid": key_uuid, **self._fields(want.attributes, CREATED)}
-        # Idempotent by the uuid we chose: a lost answer is sent again, and the repeat answers 409.
-        response = self.http.request("POST", PATHS["create"].format(id=lock), json=body, idempotent=True,
-                                     expect=(409,))
-        if response.status_code == 409:
-            self._settle_existing(want, lock, key_uuid, response)
+
+        def send() -> bool:
+            self.http.request("POST", PATHS["create"].format(id=lock), json=body, idempotent=False)
+            return True
+
+        def find() -> bool | None:
+            # The answer was lost: the lock's list says whether the key landed (by our uuid).
+            outcome, items = self._list_keys(lock)
+            item = next((i for i in items if str(i.get("uuid")) == key_uuid), None)
+            if outcome != "ok" or item is None:
+                return None
+            self._settle_existing(want, lock, key_uuid, item)
+            return True
+        self.create_checked(send, find)
         return {"id": key_uuid, "lock": lock, "description": want.attributes.get("description")}
 
-    def _settle_existing(self, want: Resource, lock: str, key_uuid: str, conflict: httpx.Response) -> None:
-        """A 409 on create: the key exists (an earlier answer was lost). Check it, and update what differs."""
-        outcome, items = self._list_keys(lock)
-        item = next((i for i in items if str(i.get("uuid")) == key_uuid), None)
-        if outcome != "ok" or item is None:
-            raise VendorError(self.redactor(f"{self.name}: create temp key {want.name}: {describe_error(conflict)}; "
-                                            f"but lock {lock} has no key {key_uuid}"), status=409)
+    def _settle_existing(self, want: Resource, lock: str, key_uuid: str, item: dict[str, Any]) -> None:
+        """The key exists (an earlier answer was lost). Check it, and update what differs."""
         live = self._attributes(item, None, known=False)
         changed = [k for k in UPDATABLE if live.get(k) != want.attributes.get(k)]
         log.info("temp key already existed system=%s key=%s uuid=%s differing=%s", self.name, want.name, key_uuid,

@@ -22,10 +22,19 @@ Where the documents are silent, this module decides (and clients must cope with 
   user's alias); a user without an alias sees `settings.defaultName`.
 - ADD_USER for a user who already has access replaces role and window (API-SURFACE pins this). A share
   with yourself, or removing yourself, is 400. REMOVE_USER ignores listed users without access.
-- Directory v2 (`Accept: application/vnd.doordeck.api-v2+json`, `{email: [..25]}`) answers the users it
-  knows and leaves the others out; 404 only when it knows none of them. v1 (`{email}`) is 404 when unknown.
-- The audit log is the caller's for locks they administer; v2 (Accept v2) gives issuer and subject,
-  v1 only the user id; newest first; `start`/`end` (epoch seconds) are optional filters.
+- Directory v1 (`{email}`) answers `{id, publicKey}`, 404 when unknown. v2 (`Accept:
+  application/vnd.doordeck.api-v2+json`) takes several query keys, the identifier *types* of one person
+  (`email`, `telephone`, `foreignKey`, each a string; document 000's "multiple query keys", as the
+  vendor's public documentation describes them), and answers `[{id, email, publicKey}]`; a list of
+  addresses is not a lookup shape the document names: 400. Sandbox people have emails only, so a
+  telephone or foreign key finds nobody (404).
+- The audit log is the caller's for locks they administer; v2 (Accept v2) gives issuer and subject and
+  requires `start` and `end` (epoch seconds; 400 without them); v1 only the user id, filters optional;
+  newest first.
+- `/auth/certificate` answers 423 while the account still needs secondary authentication (the
+  `require_secondary_auth` hook), as the platform does before it certifies a key.
+- MUTATE_SETTING takes `unlockDuration` (whole seconds, 1..3600 pinned here), the one setting the
+  documents give; anything else in the operation is 400.
 """
 
 from __future__ import annotations
@@ -87,6 +96,7 @@ ROUTES: tuple[Route, ...] = (
 
 ROLES = ("USER", "ADMIN")
 MAX_BATCH = 25
+LOOKUP_KEYS = frozenset({"email", "telephone", "foreignKey"})   # directory v2: identifier types of one person
 MAX_LIFETIME = 60                      # seconds between iat and exp of a signed operation
 CERTIFICATE_TTL = timedelta(days=7)
 NAME_MAX = 255
@@ -380,6 +390,8 @@ class SentrySimulator(Simulator):
         body = _object(read_json_body(call.request, JSON), {"ephemeralKey"})
         raw = _public_key_bytes(body["ephemeralKey"])
         assert call.caller is not None and self._ca_key is not None
+        if self.state["users"][call.caller].get("_secondaryAuth"):
+            raise SimulatorError(423, "Secondary authentication required before a key can be certified")
         now = self.now().replace(microsecond=0)
         expires = now + CERTIFICATE_TTL
         issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Sentry Interactive Sandbox CA")])
@@ -444,10 +456,12 @@ class SentrySimulator(Simulator):
         return json_response(200, users)
 
     # --- audit
-    def _window(self, call: _Call) -> tuple[float, float]:
+    def _window(self, call: _Call, *, required: bool = False) -> tuple[float, float]:
         bounds = []
         for name, default in (("start", float("-inf")), ("end", float("inf"))):
             raw = call.query(name)
+            if raw is None and required:
+                raise SimulatorError(400, f"{name} is required (a Unix timestamp in seconds)")
             if raw is None:
                 bounds.append(default)
             elif re.fullmatch(r"[0-9]+(\.[0-9]+)?", raw):
@@ -466,8 +480,9 @@ class SentrySimulator(Simulator):
             return {"userId": user_id}
         return {"userId": user_id, "email": user.get("email"), "displayName": user.get("displayName")}
 
-    def _entries(self, call: _Call, wanted: Callable[[dict[str, Any]], bool]) -> httpx.Response:
-        start, end = self._window(call)
+    def _entries(self, call: _Call, wanted: Callable[[dict[str, Any]], bool], *,
+                 window_required: bool = False) -> httpx.Response:
+        start, end = self._window(call, required=window_required)
         rows = sorted((e for e in self.state["log"] if wanted(e) and start <= e["timestamp"] <= end),
                       key=lambda e: e["timestamp"], reverse=True)
         out = []
@@ -487,7 +502,7 @@ class SentrySimulator(Simulator):
 
     def _op_lock_log(self, call: _Call) -> httpx.Response:
         lock = self._admin(call)
-        return self._entries(call, lambda e: e["deviceId"] == lock["id"])
+        return self._entries(call, lambda e: e["deviceId"] == lock["id"], window_required=call.v2)
 
     def _op_user_log(self, call: _Call) -> httpx.Response:
         user_id = _uuid(call.params["user_id"], "user id")
@@ -499,19 +514,21 @@ class SentrySimulator(Simulator):
 
     # --- directory
     def _op_directory_query(self, call: _Call) -> httpx.Response:
-        body = _object(read_json_body(call.request, JSON), {"email"})
         by_email = {u["email"].lower(): u for u in self.state["users"].values()}
         if call.v2:
-            emails = body["email"]
-            if not isinstance(emails, list) or not emails or not all(isinstance(e, str) for e in emails):
-                raise SimulatorError(400, "email must be a non-empty list of email addresses (v2)")
-            if len(emails) > MAX_BATCH:
-                raise SimulatorError(400, f"At most {MAX_BATCH} query keys per request")
-            found = [by_email[e.lower()] for e in dict.fromkeys(emails) if e.lower() in by_email]
-            if not found:
-                raise SimulatorError(404, "No user found")
-            answer = [{"id": u["id"], "email": u["email"], "publicKey": u["publicKey"]} for u in found]
+            body = _object(read_json_body(call.request, JSON), set(), LOOKUP_KEYS)
+            if not body:
+                raise SimulatorError(400, f"Give at least one query key: {', '.join(sorted(LOOKUP_KEYS))}")
+            for key, value in body.items():
+                if not isinstance(value, str):
+                    raise SimulatorError(400, f"{key} must be a string: one identifier of one person "
+                                              "(several people are looked up one request each)")
+            user = by_email.get(body["email"].lower()) if "email" in body else None
+            if user is None:
+                raise SimulatorError(404, "User not found")
+            answer = [{"id": user["id"], "email": user["email"], "publicKey": user["publicKey"]}]
             return json_response(200, answer, content_type=MEDIA_V2)
+        body = _object(read_json_body(call.request, JSON), {"email"})
         email = body["email"]
         if not isinstance(email, str):
             raise SimulatorError(400, "email must be a string (v1; send Accept: " + MEDIA_V2 + " for a list)")
@@ -565,14 +582,11 @@ class SentrySimulator(Simulator):
             self.mark_changed()
             return httpx.Response(200)
         if kind == "MUTATE_SETTING":
-            body = _object(operation, {"type"}, {"unlockDuration", "unlockBetween"})
-            if "unlockDuration" in body:
-                duration = body["unlockDuration"]
-                if isinstance(duration, bool) or not isinstance(duration, int) or not 1 <= duration <= 3600:
-                    raise SimulatorError(400, "unlockDuration must be whole seconds between 1 and 3600")
-                lock["settings"]["unlockTime"] = duration
-            if "unlockBetween" in body:
-                lock["settings"]["unlockBetweenWindow"] = body["unlockBetween"]
+            body = _object(operation, {"type", "unlockDuration"})
+            duration = body["unlockDuration"]
+            if isinstance(duration, bool) or not isinstance(duration, int) or not 1 <= duration <= 3600:
+                raise SimulatorError(400, "unlockDuration must be whole seconds between 1 and 3600")
+            lock["settings"]["unlockTime"] = duration
             self.mark_changed()
             return httpx.Response(200)
         raise SimulatorError(400, "operation.type must be one of ADD_USER, BATCH_ADD_USER, REMOVE_USER, MUTATE_SETTING")
@@ -724,6 +738,12 @@ class SentrySimulator(Simulator):
             lock = self.state["locks"][lock_id]
             lock["_users"][user_id] = {"role": role, "start": start, "end": end}
             self._audit(lock, "LOCK_SHARED", None, user_id)
+
+    def require_secondary_auth(self, required: bool = True, user_id: str = OPERATOR_ID) -> None:
+        """The account must pass secondary authentication before `/auth/certificate` certifies a key (423)."""
+        with self.mutate():
+            self.state["users"][user_id]["_secondaryAuth"] = required
+            self.mark_changed()
 
     def expire_tokens(self) -> None:
         """Invalidate every auth token issued so far (the next call with one gets 401)."""

@@ -13,7 +13,8 @@ Where the documents are silent, this module decides (clients must cope with any 
   even next to a valid API key (clients send one scheme, never both). No or an unknown key: 401.
 - Order of checks: rate limit (429), auth (401), unknown path (404) / method (405), lock id in the path
   (400 unless an integer > 0), unknown lock (404), another organisation's lock (403), Content-Type and
-  JSON (400), body schema (400), rules (400), unknown temp key (404), repeated `tempKeyUuid` (409).
+  JSON (400), body schema (400), rules (400), unknown temp key (404), repeated `tempKeyUuid` (400: the
+  document lists only 200, 400 and 401 for create-temp-key).
 - Errors are `{error, message}` (the 404 of temp-key lists adds `code`, as the excerpt shows); except
   where the document says otherwise: `basic-info` 404 is `{success: false, errors: [{code, message}]}`
   and `users/by-email` errors are `{error}`.
@@ -352,7 +353,7 @@ class SpkeySimulator(Simulator):
                "createdBy": f"org:{org}", "_description": body.get("description")}
         self._check_rules(key)
         if key_uuid in self.state["tempKeys"]:
-            raise SimulatorError(409, f"Temporary key {key_uuid} already exists")
+            raise SimulatorError(400, f"Temporary key {key_uuid} already exists")
         self.state["tempKeys"][key_uuid] = key
         self._bump(lock)
         data = {k: key[k] for k in ("lockId", "lockUuid", "accessMode", "allowedUserIds", "validFrom",
