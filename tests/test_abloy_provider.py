@@ -363,3 +363,73 @@ def test_saved_plan_is_refused_when_policy_changed(harness):
     harness.write(POLICY.replace("carol: {role: ADMIN}", "carol: {role: ADMIN}\n  dave: {}"))
     with pytest.raises(RefusedError, match="the policy changed since the plan was made.*now also needed: hq/user/dave"):
         harness.apply(saved=saved)
+
+
+# ------------------------------------------------------------------ operating devices and invitation validity
+
+def _invitation_id(harness) -> str:
+    state = __import__("json").loads((harness.tmp_path / "state" / "state.json").read_text())
+    return state["resources"]["hq/invitation/alice"]["id"]
+
+
+def test_mobile_key_false_deletes_the_enrolled_operating_device(harness):
+    harness.write(POLICY)
+    harness.converge()
+    harness.sim.accept_invitation(_invitation_id(harness))
+    alice = next(d["userId"] for d in vendor(harness, "/operating-device") if d["userId"] not in SEED_USERS.values())
+    harness.write(POLICY.replace('alice: {phone: "+4790000001", mobile_key: true}',
+                                 'alice: {phone: "+4790000001", mobile_key: false}'))
+    plan = harness.plan()
+    [change] = plan.changes
+    assert (change.address, change.action) == ("hq/invitation/alice", "delete")
+    harness.sim.reset_log()
+    _, report = harness.apply()
+    assert report.ok, report.lines()
+    deletes = [r.path for r in harness.sim.requests if r.method == "DELETE"]
+    assert len(deletes) == 1 and deletes[0].startswith("/operating-device/")
+    assert not [d for d in vendor(harness, "/operating-device", **{"user-id": alice})]
+    assert not harness.plan().has_changes
+    # Left out altogether, mobile_key leaves the person's device alone: nothing is planned either way.
+    harness.write(POLICY.replace(', mobile_key: true}', '}'))
+    assert not harness.plan().has_changes
+
+
+def test_mobile_key_false_revokes_a_pending_invitation(harness):
+    harness.write(POLICY)
+    harness.converge()
+    invitation = _invitation_id(harness)
+    harness.write(POLICY.replace("mobile_key: true", "mobile_key: false"))
+    harness.sim.reset_log()
+    _, report = harness.apply()
+    assert report.ok, report.lines()
+    assert [r.path for r in harness.sim.requests if r.method == "DELETE"] == [
+        f"/operating-device-invitation/{invitation}"]
+    assert not harness.plan().has_changes
+
+
+def test_mobile_key_false_on_a_legacy_device_fails_with_the_reason(harness):
+    # The seeded contractor's phone was enrolled before API v2 invitations: Abloy deletes it only with its user.
+    harness.write(f"""\
+        users:
+          contractor: {{ids: {{hq: {SEED_USERS['contractor']}}}, mobile_key: false}}
+        """)
+    plan = harness.plan()
+    assert [c.address for c in plan.changes if c.kind == "invitation"] == ["hq/invitation/contractor"]
+    _, report = harness.apply()
+    assert not report.ok
+    assert any("legacy device only with its user" in line for line in report.lines())
+    assert len(vendor(harness, "/operating-device", **{"user-id": SEED_USERS["contractor"]})) == 1
+
+
+@pytest.mark.parametrize("validity, seconds", [("PT36H", 36 * 3600), ("P30D", 30 * 86400)])
+def test_invitation_validity_comes_from_the_system(harness, validity, seconds):
+    harness.write(POLICY, system_extra=f"invitation_validity: {validity}\n")
+    harness.converge()
+    [body] = [r.body for r in harness.sim.requests if r.method == "POST" and r.path == "/operating-device-invitation"]
+    assert body["validityDuration"] == validity and body["deliveryMechanism"] == "SMS"
+    [pending] = harness.plan().pending
+    assert pending.address == "hq/invitation/alice"
+    harness.now += timedelta(seconds=seconds - 60)
+    assert not harness.plan().has_changes            # still pending just before it expires
+    harness.now += timedelta(seconds=120)
+    assert [c.address for c in harness.plan().changes] == ["hq/invitation/alice"]   # expired: sent again

@@ -26,10 +26,11 @@ ABLOY = Capabilities(
     vendor="abloy-keyless", grant_kind=Kind.PERMISSION, user_accounts=True, requires_end=True, open_ended=False,
     operations=frozenset({"OPEN", "UPDATE_FIRMWARE", "UPDATE_TIME"}), key_validity=True, gateways=True,
     max_associations=5, creates_devices=True, device_fields=frozenset({"name"}), mobile_key=True,
+    settings=frozenset({"invitation_validity"}), setting_durations={"invitation_validity": (1, 365 * 86400)},
     credentials=frozenset({"user_id", "access_key", "api_key"}),
 )
 UNLOC = Capabilities(
-    vendor="unloc", grant_kind=Kind.KEY, schedules=True, needs_phone=True, immutable_grants=True,
+    vendor="unloc", grant_kind=Kind.KEY, schedules=True, needs_phone=True, immutable_grants=True, grant_notify=True,
     device_fields=frozenset(), device_id_pattern=UUID, settings=frozenset({"lock_holder_id"}),
     credentials=frozenset({"client_id", "client_secret"}),
 )
@@ -43,7 +44,7 @@ SPKEY = Capabilities(
 )
 SENTRY = Capabilities(
     vendor="sentry", grant_kind=Kind.SHARE, share_roles=frozenset({"USER", "ADMIN"}), needs_email=True,
-    device_fields=frozenset({"name", "favourite", "colour"}), device_id_pattern=UUID,
+    device_fields=frozenset({"name", "favourite", "colour", "unlock_duration"}), device_id_pattern=UUID,
     credentials=frozenset({"email", "password"}),
 )
 CAPABILITIES = {c.vendor: c for c in (ABLOY, UNLOC, UNLOC_PARTNER, SPKEY, SENTRY)}

@@ -406,6 +406,46 @@ def test_notify_by_default_sends_no_skip_flag(h):
     assert h.posts() and all("skipInviteNotification" not in r.body for r in h.posts())
 
 
+def test_notify_false_on_a_permission_overrides_the_systems_default(h):
+    quiet_gate = POLICY.replace("  - users: [carol]\n    devices: [gate]\n", "  - users: [carol]\n    devices: [gate]\n"
+                                "    notify: false\n")
+    assert quiet_gate != POLICY
+    h.write(quiet_gate)
+    h.apply()
+    skipped = {(r.path.split("/")[-2], r.body["userId"]) for r in h.posts() if r.body.get("skipInviteNotification")}
+    assert skipped == {(GATE, CAROL)} and len(h.posts()) > 2
+
+
+def test_notify_true_on_a_permission_overrides_a_quiet_system(h):
+    loud = POLICY.replace("  - users: [carol]\n    devices: [cabin-7]\n", "  - users: [carol]\n    devices: [cabin-7]\n"
+                          "    notify: true\n")
+    h.write(loud, system_extra="notify: false\n")
+    h.apply()
+    notified = {(r.path.split("/")[-2], r.body["userId"]) for r in h.posts() if "skipInviteNotification" not in r.body}
+    assert notified == {(CABIN7, CAROL)} and len(h.posts()) > 2
+
+
+def test_notify_on_a_permission_elsewhere_is_refused(tmp_path, monkeypatch):
+    from reconciler.policy import load_policy
+    from reconciler.providers.factory import capabilities
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        systems:
+          office: {vendor: sentry, url: sandbox}
+        users:
+          alice: {email: alice@example.com}
+        devices:
+          room: {system: office, id: 3f1c9a52-0e7b-4d2e-9b1a-5f0c2d7e8a11}
+        permissions:
+          - users: [alice]
+            devices: [room]
+            notify: false
+        """))
+    with pytest.raises(PolicyError, match=r"p.yaml:10:5: sentry cannot choose per grant whether the person is "
+                                          r"notified"):
+        load_policy(tmp_path, capabilities(), env={})
+
+
 def test_keys_are_read_in_pages_of_500(h):
     h.write(POLICY)
     h.converge()
