@@ -10,6 +10,10 @@ tests drive it directly and through its admin hooks (`fail_key`, `settle`, `add_
 Where the vendor documents are silent, this module decides (and the clients must cope with any of it):
 - Order of checks: unknown path (404) / method (405), bearer token (401), the token's scope against the
   lock holder in the path (403), Content-Type (415), body (400), lock and key ids (404).
+- Paths are exact, with the trailing slash the document shows (`/auth/v1/token/`, `/locks/{id}/keys/`,
+  `/roles/{userId}/`); without it, or with one added elsewhere, a path is 404.
+- The token request is the OAuth2 form (RFC 6749 §4.4.2: `scope` space-delimited, a repeated field 400)
+  or the JSON body API-SURFACE records (`scope` a list); any other Content-Type is 415.
 - Token errors follow OAuth2 names: an unknown client or wrong secret is 401 `invalid_client`, a scope the
   client may not have is 403 `invalid_scope`, a malformed request 400 `invalid_request`. Other errors are
   named `ValidationError` (400), `UnauthorizedError` (401, no token), `JsonWebTokenError` (401, bad or
