@@ -71,7 +71,9 @@ class SentryHarness:
         self.tmp_path = tmp_path
         self.policy_dir = tmp_path / "policies"
         self.policy_dir.mkdir()
-        self.sim = SentrySimulator(**sim_options)
+        # The platform's clock is the session's (NOW), as for the embedded sandbox: the audit window the
+        # provider asks for ends at the session's now.
+        self.sim = SentrySimulator(**{"clock": lambda: NOW, **sim_options})
         self.sleeps: list[float] = []
         self.bodies: list[tuple[str, str, bytes]] = []     # (method, path, content)
         self.tokens: list[str] = []                          # auth and refresh tokens handed out
