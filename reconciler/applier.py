@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol
 
-from reconciler.errors import RefusedError, VendorError
+from reconciler.errors import RefusedError, StateError, VendorError
 from reconciler.plan import Action, Change, Plan
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,10 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
         provider.commit_reads()
     report = ApplyReport()
     broken: set[str] = set()   # addresses that failed or were skipped: their dependants wait
+    # A change the state cannot record must not be followed by more: once a write to the state fails,
+    # nothing else is sent, and what was queued is reported as not attempted.
+    halted: list[str] = []
+
     phases: dict[int, list[Change]] = defaultdict(list)
     for change in plan.changes:
         phases[change.phase].append(change)
@@ -102,8 +106,8 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
     pools = {system: ThreadPoolExecutor((concurrency or {}).get(system, DEFAULT_CONCURRENCY),
                                         thread_name_prefix=f"apply-{system}") for system in providers}
     def guarded(provider: Applies, batch: list[Change]) -> bool:
-        if stop.is_set():
-            return False    # interrupted: nothing new is sent
+        if stop.is_set() or halted:
+            return False    # interrupted, or the state failed: nothing new is sent
         provider.apply_batch(batch)
         return True
 
@@ -112,8 +116,8 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
             futures: list[tuple[list[Change], Future[bool]]] = []
             by_system: dict[str, list[Change]] = defaultdict(list)
             for change in phases[phase]:
-                if stop.is_set():
-                    report.skipped.append((change, INTERRUPTED))
+                if stop.is_set() or halted:
+                    report.skipped.append((change, INTERRUPTED if stop.is_set() else f"not attempted: {halted[0]}"))
                     continue
                 blocked = [d for d in (change.desired.depends_on if change.desired else ()) if d in broken]
                 if blocked:
@@ -128,6 +132,17 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
             for batch, future in futures:
                 try:
                     started = future.result()
+                except StateError as exc:
+                    # Sent, perhaps, but not recorded: nothing more is sent (see `halted`).
+                    if not halted:
+                        halted.append(f"the state store failed: {exc}")
+                    log.warning("state store failed; apply stops error=%s", exc)
+                    for change in batch:
+                        report.uncertain.append((change, f"the state could not record it: {exc}"))
+                        broken.add(change.address)
+                        if on_change:
+                            on_change(change, f"uncertain: {exc}")
+                    continue
                 except Exception as exc:  # a failed change is reported, never lost
                     uncertain = is_uncertain(exc)
                     for change in batch:
@@ -139,11 +154,18 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
                             on_change(change, str(exc))
                     continue
                 if not started:
-                    report.skipped.extend((change, INTERRUPTED) for change in batch)
+                    why = INTERRUPTED if stop.is_set() or not halted else f"not attempted: {halted[0]}"
+                    report.skipped.extend((change, why) for change in batch)
                     broken.update(change.address for change in batch)
                     continue
                 for change in batch:
-                    providers[change.system].record_applied(change)
+                    try:
+                        providers[change.system].record_applied(change)
+                    except StateError as exc:
+                        # Done at the vendor and its id recorded; only the drift mark is missing.
+                        if not halted:
+                            halted.append(f"the state store failed: {exc}")
+                        log.warning("applied mark not recorded address=%s error=%s", change.address, exc)
                     report.done.append(change)
                     if on_change:
                         on_change(change, None)

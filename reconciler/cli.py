@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ from reconciler import run
 from reconciler.errors import ApplyFailedError, Diagnostic, ExitCode, PolicyError, ReconcilerError, RefusedError
 from reconciler.plan import Change, Plan
 from reconciler.render import render_access, render_json, render_markdown, render_text
-from reconciler.state import default_state_path
+from reconciler.state import default_state_path, is_database_url
 from reconciler.text import printable
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,22 @@ def _parse_now(value: str | None) -> datetime | None:
     return moment.astimezone(UTC)
 
 
-def _session(directory: str, state: str | None, now: str | None, allow_host: tuple[str, ...] = ()) -> run.Session:
+def _parse_duration(value: str) -> float:
+    """`0`, `90` or `90s`, `5m`, `1h30m`: seconds."""
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s?)?", value.strip())
+    if not value.strip() or match is None:
+        raise click.BadParameter(f"{value[:40]!r} is not a duration (e.g. 0, 30s, 5m, 1h)")
+    hours, minutes, seconds = match.groups()
+    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
+
+
+def _session(directory: str, state: str | None, now: str | None, allow_host: tuple[str, ...] = (),
+             lock_timeout: str = "0") -> run.Session:
     env = dict(os.environ)
+    url = state if state and is_database_url(state) else None
     return run.Session(directory=Path(directory),
-                       state_path=Path(state) if state else default_state_path(),
+                       state_path=Path(state) if state and not url else default_state_path(),
+                       state_url=url, lock_timeout=_parse_duration(lock_timeout),
                        env=env, now=_parse_now(now), allowed_hosts=tuple(allow_host),
                        allowed_credentials=tuple(env.get("RECONCILER_ALLOW_CREDENTIALS", "").replace(",", " ").split()))
 
@@ -75,7 +88,10 @@ def _guard(func: Callable[[], int]) -> None:
 
 directory_argument = click.argument("directory", default="policies", type=click.Path(file_okay=True))
 state_option = click.option("--state", envvar="RECONCILER_STATE", default=None,
-                            help="State file (default .reconciler/state.json).")
+                            help="State file (default .reconciler/state.json), or a shared state in PostgreSQL: "
+                                 "postgresql://USER@HOST:PORT/DB[?schema=NAME] (password from PGPASSWORD).")
+lock_timeout_option = click.option("--lock-timeout", default="0", show_default=True, metavar="DURATION",
+                                   help="Wait this long (30s, 5m) for another apply's lock; 0 refuses at once.")
 now_option = click.option("--now", default=None, help="Plan as of this ISO 8601 time (default: now).")
 allow_host_option = click.option(
     "--allow-host", "allow_host", multiple=True, envvar="RECONCILER_ALLOW_HOSTS", metavar="HOST[:PORT]",
@@ -168,8 +184,9 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
 @now_option
 @state_option
 @allow_host_option
+@lock_timeout_option
 def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_revoke: bool,
-          now: str | None, state: str | None, allow_host: tuple[str, ...]) -> None:
+          now: str | None, state: str | None, allow_host: tuple[str, ...], lock_timeout: str) -> None:
     """Make the live systems match the policy."""
     def body() -> int:
         saved = _read_plan(plan_file) if plan_file else None
@@ -214,7 +231,8 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
 
         previous = signal.getsignal(signal.SIGINT)
         try:
-            result, report = run.apply(_session(directory, state, now, allow_host), saved=saved, approve=approve,
+            result, report = run.apply(_session(directory, state, now, allow_host, lock_timeout), saved=saved,
+                                       approve=approve,
                                        allow_mass_revoke=allow_mass_revoke, on_plan=show, on_change=progress,
                                        stop=stop)
         finally:
@@ -334,7 +352,7 @@ def export(system: str, directory: str, out: str | None, force: bool, state: str
 
 @main.group(name="state")
 def state_group() -> None:
-    """Look after the state file."""
+    """Look after the state: forget a record, move it between a local file and PostgreSQL."""
 
 
 @state_group.command()
@@ -346,6 +364,38 @@ def forget(address: str, state: str | None) -> None:
         record = run.forget(_session("policies", state, None), address)
         what = "an unsettled create" if record.get("intent") else "its record"
         click.echo(f"Forgot {what} for {address}; the next plan treats it as never created.")
+        return ExitCode.OK
+    _guard(body)
+
+
+@state_group.command("push")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace a database state that already holds records.")
+@state_option
+@lock_timeout_option
+def state_push(file: str, force: bool, state: str | None, lock_timeout: str) -> None:
+    """Copy a local state file into the PostgreSQL state named by --state."""
+    def body() -> int:
+        session = _session(".", state, None, lock_timeout=lock_timeout)
+        count = run.push_state(session, Path(file), force=force)
+        click.echo(f"Pushed {count} records from {file} to the shared state.")
+        return ExitCode.OK
+    _guard(body)
+
+
+@state_group.command("pull")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the state file here instead of standard output.")
+@state_option
+def state_pull(out: str | None, state: str | None) -> None:
+    """Print the state (in the local file's format) of the store named by --state."""
+    def body() -> int:
+        text = json.dumps(run.pull_state(_session(".", state, None)), indent=1, sort_keys=True) + "\n"
+        if out:
+            Path(out).write_text(text, encoding="utf-8")
+            click.echo(f"Wrote {out}.", err=True)
+        else:
+            click.echo(text, nl=False)
         return ExitCode.OK
     _guard(body)
 

@@ -21,7 +21,6 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from reconciler import run
 from reconciler.errors import ReconcilerError
 from reconciler.resources import GRANT_KINDS, Kind, Resource
-from reconciler.state import LocalState
 
 DEFAULTS = {"key_validity": "P8D", "role": "USER"}
 
@@ -34,7 +33,7 @@ def export_system(session: run.Session, system: str) -> str:
     # Devices the policy already declares are read (a vendor without a lock list, like SmartphoneKey, can
     # only be read through them) but not written again.
     declared = [r for r in policy.resources if r.system == system and r.kind == Kind.DEVICE]
-    state = LocalState(session.state_path)
+    state = run.open_state(session)
     providers = run.build_providers(session, policy, state)
     try:
         provider = providers[system]

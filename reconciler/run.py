@@ -18,12 +18,12 @@ from typing import Any, Callable, Mapping
 from reconciler import planner
 from reconciler.access import AccessRow, Admin, rows_from_live, rows_from_policy, select
 from reconciler.applier import ApplyReport, apply_plan, check_mass_revoke
-from reconciler.errors import PlanError, RefusedError, ReconcilerError
+from reconciler.errors import PlanError, RefusedError, ReconcilerError, StateError
 from reconciler.plan import FORMAT_VERSION, Change, Note, Plan
 from reconciler.policy import Policy, load_policy
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.factory import build_provider, capabilities
-from reconciler.state import LocalState
+from reconciler.state import LocalState, open_state as open_store
 from reconciler.state.guard import check_state
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class Session:
     state_path: Path
     env: Mapping[str, str]
     now: datetime | None = None
+    state_url: str | None = None           # postgresql://… : the shared state; state_path is then unused
+    lock_timeout: float = 0.0              # seconds apply waits for another apply's lock
     transports: Mapping[str, Any] = field(default_factory=dict)   # system → httpx transport (tests)
     provider_options: Mapping[str, Any] = field(default_factory=dict)
     # From the operator, never the policy: hosts a system may name, extra credential variable names.
@@ -82,12 +84,17 @@ def running_clock(start: datetime) -> Callable[[], datetime]:
         return self.state_path.parent / "sandbox"
 
 
+def open_state(session: Session) -> Any:
+    """The session's state store: PostgreSQL when a URL was given, else the local file."""
+    return open_store(session.state_url or session.state_path, lock_timeout=session.lock_timeout)
+
+
 def validate(session: Session) -> Policy:
     return load_policy(session.directory, capabilities(), session.env, allowed_hosts=session.allowed_hosts,
                        allowed_credentials=session.allowed_credentials)
 
 
-def build_providers(session: Session, policy: Policy, state: LocalState) -> dict[str, Provider]:
+def build_providers(session: Session, policy: Policy, state: Any) -> dict[str, Provider]:
     options = {"clock": session.clock, **session.provider_options}
     return {name: build_provider(system, state, sandbox_dir=session.sandbox_dir,
                                  transport=session.transports.get(name), **options)
@@ -124,7 +131,7 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
 
 def plan(session: Session) -> Plan:
     policy = validate(session)
-    state = LocalState(session.state_path)
+    state = open_state(session)
     providers = build_providers(session, policy, state)
     try:
         return make_plan(session, policy, providers, state.applied(), state=state)
@@ -140,7 +147,7 @@ def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callabl
     None when there was nothing to do or approval was declined. Setting `stop` (Ctrl-C) sends nothing
     new; the report then says what was applied, what is uncertain and what remains."""
     policy = validate(session)
-    state = LocalState(session.state_path)
+    state = open_state(session)
     with state:
         providers = build_providers(session, policy, state)
         if stop is not None:
@@ -172,12 +179,12 @@ def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callabl
 def forget(session: Session, address: str) -> dict[str, Any]:
     """Drop what the state remembers about one address (an unsettled create an operator has checked by
     hand: none of the candidates is ours). Returns the record dropped."""
-    state = LocalState(session.state_path)
+    state = open_state(session)
     with state:
         record = state.get(address)
         if record is None:
             known = [a for a, _ in state.items(address.split("/", 1)[0] + "/")]
-            raise ReconcilerError(f"the state {session.state_path} holds nothing for {address!r}"
+            raise ReconcilerError(f"the state {state.location} holds nothing for {address!r}"
                                   + (f" (it holds {_some(known)})" if known else ""))
         state.delete(address)
         return record
@@ -212,7 +219,7 @@ def events(session: Session, system: str, device: str) -> list[Event]:
                   None)
     if wanted is None:
         raise ReconcilerError(f"no device {device!r} on system {system!r} in the policy")
-    state = LocalState(session.state_path)
+    state = open_state(session)
     providers = build_providers(session, policy, state)
     try:
         provider = providers[system]
@@ -220,6 +227,34 @@ def events(session: Session, system: str, device: str) -> list[Event]:
         return provider.events(wanted)
     finally:
         _close(providers)
+
+
+def push_state(session: Session, source: Path, *, force: bool = False) -> int:
+    """Move a local state file into the shared PostgreSQL state, under both locks; returns how many records
+    moved. A database state that already holds records is replaced only with `force`."""
+    if not session.state_url:
+        raise StateError("state push moves a local state file into PostgreSQL: give --state postgresql://… "
+                         "(or set RECONCILER_STATE)")
+    local = LocalState(source)
+    if not (local.path.is_file() or local.journal_path.is_file()):
+        raise StateError(f"no state file at {source}")
+    local.lock()
+    try:
+        data = local.snapshot()
+        with open_state(session) as target:
+            held = sum(1 for _ in target.items())
+            if held and not force:
+                raise RefusedError(f"refused: the state {target.display} already holds {held} records; pull it "
+                                   "first (`reconciler state pull`) or pass --force to replace it")
+            target.replace(data)
+    finally:
+        local.unlock()
+    return len(data["resources"])
+
+
+def pull_state(session: Session) -> dict[str, Any]:
+    """The whole state in the local file's format, from whichever store the session names."""
+    return open_state(session).snapshot()
 
 
 def check_saved(saved: Mapping[str, Any], fresh: Plan) -> None:

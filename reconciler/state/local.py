@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -26,14 +27,20 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+def is_database_url(spec: str) -> bool:
+    return spec.startswith(("postgresql://", "postgres://"))
+
+
 def default_state_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
-    return Path(env.get("RECONCILER_STATE") or ".reconciler/state.json")
+    spec = env.get("RECONCILER_STATE") or ""
+    return Path(spec if spec and not is_database_url(spec) else ".reconciler/state.json")
 
 
 class LocalState:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, lock_timeout: float = 0.0):
         self.path = Path(path)
+        self.lock_timeout = lock_timeout
         self.journal_path = self.path.with_name(self.path.name + ".journal")
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.previous_path = self.path.with_name(self.path.name + ".prev")
@@ -100,14 +107,19 @@ class LocalState:
                 self._applied[address] = attributes_digest
                 self._append({"op": "applied", "address": address, "digest": attributes_digest})
 
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state as the snapshot file holds it (what `state pull` writes)."""
+        with self._mutex:
+            return {"version": STATE_VERSION, "systems": dict(sorted(self._systems.items())),
+                    "resources": dict(sorted(self._records.items())),
+                    "applied": dict(sorted(self._applied.items()))}
+
     def save(self) -> None:
         """Fold the journal into the snapshot (atomic replace), then empty the journal. The snapshot it
         replaces stays as `<state>.prev` (only when the content changes, so a no-op run keeps it)."""
+        data = self.snapshot()
         with self._mutex:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = {"version": STATE_VERSION, "systems": dict(sorted(self._systems.items())),
-                    "resources": dict(sorted(self._records.items())),
-                    "applied": dict(sorted(self._applied.items()))}
             text = json.dumps(data, indent=1, sort_keys=True)
             try:
                 unchanged = self.path.read_text(encoding="utf-8") == text
@@ -133,12 +145,18 @@ class LocalState:
     def lock(self) -> None:
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LockedError(f"state {self.path} is locked by another apply; wait for it to finish "
-                              f"(lock file {self.lock_path})") from None
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                    continue
+                os.close(fd)
+                raise LockedError(f"state {self.path} is locked by another apply; wait for it to finish, or "
+                                  f"pass --lock-timeout to wait for it (lock file {self.lock_path})") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd

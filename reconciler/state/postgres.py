@@ -1,0 +1,471 @@
+"""Shared state in PostgreSQL: many runners, one state, a lock that works across machines.
+
+Chosen by `--state postgresql://USER@HOST:PORT/DB[?schema=NAME]` (or `RECONCILER_STATE`) through
+`reconciler.state.open_state`; run.py and the providers use it exactly like `LocalState`.
+
+The promises of the local journal, across machines:
+- Every `put`, `delete` and `mark_applied` is one committed statement before the call returns, so a change
+  the vendor confirmed is in the database before the worker that made it sends anything else.
+- One apply per state at a time: a session-level advisory lock whose key derives from the schema name, held
+  on the very connection every write goes through. It is released when the holder's session ends, however
+  it ends, and a write that succeeds proves the lock is still held. Who holds it (host, process, since) is
+  the `lock_holder` row. Plans never take it: they read one snapshot and close their connection.
+- A connection lost mid-apply is opened again and the lock taken again only if nobody took it in between
+  (the holder row's `epoch` is still ours); otherwise, or while the server stays unreachable, the write
+  raises `StateUnavailableError` and the applier stops sending.
+The tables live in their own schema (default `reconciler`), created on first use; the schema version is
+recorded in `meta` and migrated forward under a transaction-level advisory lock, so runners starting at
+once do not race. The password comes from libpq's environment (`PGPASSWORD`, `~/.pgpass`); one given in
+the URL is used but never shown: messages name the state by `display`, which has none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from datetime import UTC
+from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from reconciler.errors import LockedError, StateError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+DEFAULT_SCHEMA = "reconciler"
+RECONNECT_SECONDS = 30.0      # how long a lost connection is tried again before the apply stops
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+# One entry per schema version; each runs once, in order, in the transaction that records its number.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (   # 1: records (ids the vendors cannot give back), what apply last made each address look like, the lock
+        "CREATE TABLE {s}.meta (key text PRIMARY KEY, value text NOT NULL)",
+        "CREATE TABLE {s}.resources (address text PRIMARY KEY, record jsonb NOT NULL)",
+        "CREATE TABLE {s}.applied (address text PRIMARY KEY, digest text NOT NULL)",
+        "CREATE TABLE {s}.lock_holder (id int PRIMARY KEY CHECK (id = 1), host text NOT NULL, pid int NOT NULL,"
+        " since timestamptz NOT NULL, backend_pid int NOT NULL, epoch bigint NOT NULL)",
+    ),
+    (   # 2: which runner wrote each record last, and when (server time): who to ask when a record puzzles
+        "ALTER TABLE {s}.resources ADD COLUMN written_by text, ADD COLUMN written_at timestamptz",
+    ),
+)
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+class StateUnavailableError(StateError):
+    """The state database cannot be written (unreachable, or the lock was lost): the apply must stop,
+    because a change sent now could not be recorded."""
+
+
+class StateLocation:
+    """A parsed `postgresql://` state URL: connection parameters, the schema, and a display form without
+    the password."""
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise StateError("a state URL starts with postgresql://")
+        try:
+            port = parts.port or 5432
+        except ValueError:
+            raise StateError("the state URL has an invalid port") from None
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = port
+        self.user = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+        self.dbname = unquote(parts.path.lstrip("/")) or None
+        options = dict(parse_qsl(parts.query, keep_blank_values=True))
+        self.schema = options.pop("schema", DEFAULT_SCHEMA)
+        if not _SCHEMA_NAME.match(self.schema):
+            raise StateError(f"state URL: schema must be a lower-case SQL name (letters, digits, _), "
+                             f"got {self.schema[:70]!r}")
+        self.options = options          # libpq options (sslmode, ...), passed on as they are
+        user = f"{self.user}@" if self.user else ""
+        db = f"/{self.dbname}" if self.dbname else ""
+        self.display = f"postgresql://{user}{self.host}:{self.port}{db}?schema={self.schema}"
+        # Advisory locks are per database; the keys derive from the schema, so states in other schemas of
+        # the same database never contend.
+        self.lock_key = _key(f"reconciler apply {self.schema}")
+        self.migration_key = _key(f"reconciler schema {self.schema}")
+
+    def connect(self, *, application: str = "reconciler") -> psycopg.Connection[Any]:
+        params: dict[str, Any] = {"host": self.host, "port": self.port, "application_name": application[:63],
+                                  "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
+                                  "keepalives_interval": 10, "keepalives_count": 3, **self.options}
+        if self.user:
+            params["user"] = self.user
+        if self.dbname:
+            params["dbname"] = self.dbname
+        if self.password:
+            params["password"] = self.password
+        try:
+            conn = psycopg.connect(autocommit=True, **params)
+        except psycopg.Error as exc:
+            raise StateUnavailableError(f"cannot reach the state database {self.display}: {self.reason(exc)}") \
+                from None
+        try:
+            # The server notices a vanished runner within about a minute and releases its lock.
+            conn.execute("SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; "
+                         "SET tcp_keepalives_count = 3")
+        except psycopg.Error:
+            pass
+        return conn
+
+    def reason(self, exc: BaseException) -> str:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if self.password:
+            text = text.replace(self.password, "***")
+        return text[:300]
+
+
+def _key(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+
+
+def _q(statement: str, schema: str) -> sql.Composed:
+    return sql.SQL(statement).format(s=sql.Identifier(schema))
+
+
+def schema_version(conn: psycopg.Connection[Any], schema: str) -> int:
+    """The version recorded in `schema`, 0 when the tool never wrote there."""
+    found = conn.execute("SELECT to_regclass(%s)", (f"{schema}.meta",)).fetchone()
+    if not found or found[0] is None:
+        return 0
+    row = conn.execute(_q("SELECT value FROM {s}.meta WHERE key = 'schema_version'", schema)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def ensure_schema(conn: psycopg.Connection[Any], location: StateLocation, target: int = SCHEMA_VERSION) -> int:
+    """Create the tables on first use and migrate them forward to `target`; refuse a newer schema."""
+    schema = location.schema
+    version = schema_version(conn, schema)
+    if version > SCHEMA_VERSION:
+        raise StateError(f"state {location.display} has schema version {version}, written by a newer reconciler "
+                         f"(this one knows up to {SCHEMA_VERSION}); upgrade reconciler")
+    if version >= target:
+        return version
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (location.migration_key,))
+        conn.execute(_q("CREATE SCHEMA IF NOT EXISTS {s}", schema))
+        version = schema_version(conn, schema)     # another runner may have migrated while we waited
+        for number in range(version + 1, target + 1):
+            for statement in MIGRATIONS[number - 1]:
+                conn.execute(_q(statement, schema))
+            conn.execute(_q("INSERT INTO {s}.meta (key, value) VALUES ('schema_version', %s) "
+                            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", schema), (str(number),))
+            log.info("state schema migrated schema=%s version=%d", schema, number)
+    return max(version, target)
+
+
+class PostgresState:
+    """The state store of `LocalState`'s interface, kept in a PostgreSQL schema shared by many runners."""
+
+    def __init__(self, url: str, *, lock_timeout: float = 0.0, sleep: Callable[[float], None] = time.sleep):
+        self.location = StateLocation(url)
+        self.lock_timeout = lock_timeout
+        self.sleep = sleep
+        self._records: dict[str, dict[str, Any]] = {}
+        self._applied: dict[str, str] = {}
+        self._mutex = threading.Lock()         # the in-memory copy
+        self._conn_mutex = threading.RLock()   # the connection: one statement at a time, reconnects
+        self._conn: psycopg.Connection[Any] | None = None
+        self._epoch: int | None = None          # set while we hold the lock
+        self._who = f"{socket.gethostname()[:100]} pid {os.getpid()}"
+        with self._connection() as conn:
+            ensure_schema(conn, self.location)
+            self._load(conn)
+
+    @property
+    def display(self) -> str:
+        return self.location.display
+
+    def __str__(self) -> str:
+        return self.display
+
+    # -- reading -------------------------------------------------------------------------------------
+    def get(self, address: str) -> dict[str, Any] | None:
+        with self._mutex:
+            record = self._records.get(address)
+            return dict(record) if record is not None else None
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+        with self._mutex:
+            snapshot = [(a, dict(r)) for a, r in self._records.items() if a.startswith(prefix)]
+        return iter(sorted(snapshot))
+
+    def id_of(self, address: str) -> str | None:
+        record = self.get(address)
+        return record.get("id") if record else None
+
+    def applied(self) -> dict[str, str]:
+        with self._mutex:
+            return dict(self._applied)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state in the local file's format (what `state pull` writes)."""
+        from reconciler.state.local import STATE_VERSION
+        with self._mutex:
+            return {"version": STATE_VERSION, "resources": dict(sorted(self._records.items())),
+                    "applied": dict(sorted(self._applied.items()))}
+
+    # -- writing: each call is committed before it returns ----------------------------------------------
+    def put(self, address: str, record: Mapping[str, Any]) -> None:
+        record = dict(record)
+        self._write("INSERT INTO {s}.resources (address, record, written_by, written_at) "
+                    "VALUES (%s, %s, %s, now()) ON CONFLICT (address) DO UPDATE SET record = EXCLUDED.record, "
+                    "written_by = EXCLUDED.written_by, written_at = EXCLUDED.written_at",
+                    (address, Jsonb(record), self._who))
+        with self._mutex:
+            self._records[address] = record
+
+    def delete(self, address: str) -> None:
+        with self._mutex:
+            known = address in self._records
+        if known:
+            self._write("DELETE FROM {s}.resources WHERE address = %s", (address,))
+            with self._mutex:
+                self._records.pop(address, None)
+
+    def mark_applied(self, address: str, attributes_digest: str | None) -> None:
+        with self._mutex:
+            current = self._applied.get(address)
+        if attributes_digest is None:
+            if current is not None:
+                self._write("DELETE FROM {s}.applied WHERE address = %s", (address,))
+                with self._mutex:
+                    self._applied.pop(address, None)
+        elif current != attributes_digest:
+            self._write("INSERT INTO {s}.applied (address, digest) VALUES (%s, %s) "
+                        "ON CONFLICT (address) DO UPDATE SET digest = EXCLUDED.digest", (address, attributes_digest))
+            with self._mutex:
+                self._applied[address] = attributes_digest
+
+    def save(self) -> None:
+        """Nothing to fold: every write is already committed."""
+
+    def replace(self, snapshot: Mapping[str, Any]) -> None:
+        """Replace the whole state with `snapshot` (the local file's format) in one transaction; `state push`
+        calls it under the lock."""
+        resources = {str(a): dict(r) for a, r in (snapshot.get("resources") or {}).items()}
+        applied = {str(a): str(d) for a, d in (snapshot.get("applied") or {}).items()}
+        s = self.location.schema
+        with self._conn_mutex:
+            conn = self._require_conn()
+            try:
+                with conn.transaction():
+                    conn.execute(_q("DELETE FROM {s}.resources", s))
+                    conn.execute(_q("DELETE FROM {s}.applied", s))
+                    with conn.cursor() as cur:
+                        cur.executemany(_q("INSERT INTO {s}.resources (address, record, written_by, written_at) "
+                                           "VALUES (%s, %s, %s, now())", s),
+                                        [(a, Jsonb(r), self._who) for a, r in sorted(resources.items())])
+                        cur.executemany(_q("INSERT INTO {s}.applied (address, digest) VALUES (%s, %s)", s),
+                                        sorted(applied.items()))
+            except psycopg.Error as exc:
+                raise StateUnavailableError(f"state {self.display}: the push was not written: "
+                                            f"{self.location.reason(exc)}") from None
+        with self._mutex:
+            self._records, self._applied = resources, applied
+
+    # -- locking -------------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the apply lock, waiting up to `lock_timeout` seconds (0: refuse at once, naming the holder)."""
+        with self._conn_mutex:
+            if self._conn is None:
+                self._conn = self.location.connect(application=f"reconciler apply {self._who}")
+            conn = self._conn
+            deadline = time.monotonic() + self.lock_timeout
+            try:
+                while not conn.execute("SELECT pg_try_advisory_lock(%s)", (self.location.lock_key,)).fetchone()[0]:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        holder = self._holder(conn)
+                        self._close()
+                        waited = f" after waiting {self.lock_timeout:g}s" if self.lock_timeout else ""
+                        raise LockedError(f"state {self.display} is locked by another apply{waited}: {holder}; "
+                                          "wait for it to finish, or pass --lock-timeout to wait for it")
+                    self.sleep(min(1.0, remaining))
+                with conn.transaction():
+                    row = conn.execute(_q(
+                        "INSERT INTO {s}.lock_holder AS h (id, host, pid, since, backend_pid, epoch) "
+                        "VALUES (1, %s, %s, now(), pg_backend_pid(), 1) ON CONFLICT (id) DO UPDATE SET "
+                        "host = EXCLUDED.host, pid = EXCLUDED.pid, since = now(), backend_pid = pg_backend_pid(), "
+                        "epoch = h.epoch + 1 RETURNING epoch", self.location.schema),
+                        (socket.gethostname()[:255], os.getpid())).fetchone()
+                self._epoch = int(row[0])
+                self._load(conn)   # what the previous holder wrote is now final
+            except psycopg.Error as exc:
+                self._close()
+                raise StateUnavailableError(f"state {self.display}: cannot take the lock: "
+                                            f"{self.location.reason(exc)}") from None
+        log.info("state locked state=%s epoch=%s", self.display, self._epoch)
+
+    def unlock(self) -> None:
+        with self._conn_mutex:
+            if self._conn is not None and self._epoch is not None and not self._conn.broken:
+                try:
+                    self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.location.lock_key,))
+                except psycopg.Error:
+                    pass       # the session is gone, and its lock with it
+            self._epoch = None
+            self._close()
+
+    def __enter__(self) -> "PostgresState":
+        self.lock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unlock()
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _holder(self, conn: psycopg.Connection[Any]) -> str:
+        """Who holds the lock: the holder row when it belongs to the session holding the lock, else what
+        the server knows of that session."""
+        key = self.location.lock_key & 0xFFFFFFFFFFFFFFFF
+        row = conn.execute(_q(
+            "SELECT l.pid, h.host, h.pid, h.since, a.client_addr::text, a.backend_start "
+            "FROM pg_locks l LEFT JOIN {s}.lock_holder h ON h.backend_pid = l.pid "
+            "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+            "AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            self.location.schema), (key >> 32, key & 0xFFFFFFFF)).fetchone()
+        if row is None:
+            return "the holder has just released it; try again"
+        backend, host, pid, since, client, started = row
+        if host is not None:
+            return f"host {_printable(host)}, process {pid}, since {_iso(since)}"
+        where = f" from {client}" if client else ""
+        when = f", connected since {_iso(started)}" if started else ""
+        return f"database session {backend}{where}{when}"
+
+    def _connection(self) -> "_Borrowed":
+        return _Borrowed(self)
+
+    def _require_conn(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = self.location.connect()
+        return self._conn
+
+    def _write(self, statement: str, params: tuple[Any, ...]) -> None:
+        query = _q(statement, self.location.schema)
+        with self._conn_mutex:
+            if self._epoch is None:
+                # Outside an apply (no lock): one short connection per write.
+                with self._connection() as conn:
+                    self._execute(conn, query, params)
+                return
+            for attempt in (1, 2):
+                conn = self._conn
+                if conn is None or conn.broken or conn.closed:
+                    self._reconnect()
+                    conn = self._conn
+                assert conn is not None
+                try:
+                    conn.execute(query, params)     # autocommit: committed when it returns
+                    return
+                except psycopg.OperationalError as exc:
+                    if not conn.broken or attempt == 2:
+                        raise StateUnavailableError(f"state {self.display}: write failed: "
+                                                    f"{self.location.reason(exc)}") from None
+                    log.warning("state connection lost; reconnecting state=%s error=%s", self.display,
+                                self.location.reason(exc))
+                except psycopg.Error as exc:
+                    raise StateUnavailableError(f"state {self.display}: write failed: "
+                                                f"{self.location.reason(exc)}") from None
+
+    def _execute(self, conn: psycopg.Connection[Any], query: sql.Composed, params: tuple[Any, ...]) -> None:
+        try:
+            conn.execute(query, params)
+        except psycopg.Error as exc:
+            raise StateUnavailableError(f"state {self.display}: write failed: {self.location.reason(exc)}") \
+                from None
+
+    def _reconnect(self) -> None:
+        """Open the connection again and take the lock back, only if nobody held it meanwhile."""
+        self._close()
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while True:
+            try:
+                conn = self.location.connect(application=f"reconciler apply {self._who}")
+                break
+            except StateUnavailableError as exc:
+                if time.monotonic() >= deadline:
+                    self._epoch = None
+                    raise StateUnavailableError(f"{exc} (lost the connection during the apply; tried again "
+                                                f"for {RECONNECT_SECONDS:g}s)") from None
+                self.sleep(0.5)
+        try:
+            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.location.lock_key,)).fetchone()[0]
+            row = conn.execute(_q("SELECT epoch FROM {s}.lock_holder WHERE id = 1", self.location.schema)).fetchone()
+            if not got or row is None or int(row[0]) != self._epoch:
+                holder = self._holder(conn) if not got else "another apply held it in between"
+                conn.close()
+                self._epoch = None
+                raise StateUnavailableError(f"state {self.display}: lost the lock with the connection ({holder}); "
+                                            "this apply stops")
+            conn.execute(_q("UPDATE {s}.lock_holder SET backend_pid = pg_backend_pid() WHERE id = 1",
+                            self.location.schema))
+        except psycopg.Error as exc:
+            conn.close()
+            self._epoch = None
+            raise StateUnavailableError(f"state {self.display}: cannot take the lock back: "
+                                        f"{self.location.reason(exc)}") from None
+        self._conn = conn
+        log.warning("state connection restored; lock held again state=%s epoch=%s", self.display, self._epoch)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+            self._conn = None
+
+    def _load(self, conn: psycopg.Connection[Any]) -> None:
+        s = self.location.schema
+        try:
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                records = {a: dict(r) for a, r in conn.execute(_q("SELECT address, record FROM {s}.resources", s))}
+                applied = {a: d for a, d in conn.execute(_q("SELECT address, digest FROM {s}.applied", s))}
+        except psycopg.Error as exc:
+            raise StateUnavailableError(f"cannot read state {self.display}: {self.location.reason(exc)}") from None
+        with self._mutex:
+            self._records = records
+            self._applied = applied
+
+
+class _Borrowed:
+    """The store's connection while it holds one (the lock), or a short-lived one for a read or write."""
+
+    def __init__(self, store: PostgresState):
+        self.store = store
+        self.own: psycopg.Connection[Any] | None = None
+
+    def __enter__(self) -> psycopg.Connection[Any]:
+        if self.store._conn is not None and not self.store._conn.closed:
+            return self.store._conn
+        self.own = self.store.location.connect()
+        return self.own
+
+    def __exit__(self, *exc: object) -> None:
+        if self.own is not None:
+            self.own.close()
+
+
+def _iso(moment: Any) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment is not None else "?"
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)[:100]
