@@ -57,3 +57,21 @@ def test_second_apply_fails_at_once_on_the_lock(tmp_path):
         holder.join(10)
     with LocalState(path):
         pass
+
+
+def test_lock_timeout_waits_for_the_holder(tmp_path):
+    path = tmp_path / "state.json"
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(path, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(LockedError, match="--lock-timeout"):
+            LocalState(path, lock_timeout=0.3).lock()
+        ctx.Process(target=lambda: (__import__("time").sleep(0.5), release.set())).start()
+        with LocalState(path, lock_timeout=60):
+            assert release.is_set()
+    finally:
+        release.set()
+        holder.join(10)

@@ -492,3 +492,27 @@ def test_apply_killed_in_one_directory_is_finished_from_the_other(runners):
     finish = runners.run(1, "apply", "--auto-approve", "--now", CLI_NOW)    # no wait: the lock died with it
     assert finish.returncode == 0, finish.stdout + finish.stderr
     runners.assert_converged_once(0)
+
+
+def test_state_push_and_pull_on_the_command_line(pg_url, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from reconciler.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    local = open_state(tmp_path / "state.json")
+    local.put("hq/user/alice", {"id": "u1"})
+    local.save()
+    runner = CliRunner()
+    env = {"RECONCILER_STATE": pg_url}
+    pushed = runner.invoke(main, ["state", "push", "state.json"], env=env)
+    assert pushed.exit_code == 0, pushed.output
+    again = runner.invoke(main, ["state", "push", "state.json"], env=env)
+    assert again.exit_code == 1 and "already holds 1 records" in again.output
+    pulled = runner.invoke(main, ["state", "pull", "--out", "back.json"], env=env)
+    assert pulled.exit_code == 0, pulled.output
+    assert json.loads((tmp_path / "back.json").read_text()) == json.loads((tmp_path / "state.json").read_text())
+    to_file = runner.invoke(main, ["state", "push", "state.json", "--state", str(tmp_path / "other.json")])
+    assert to_file.exit_code == 1 and "give --state postgresql://" in to_file.output
+    bad = runner.invoke(main, ["apply", "--lock-timeout", "soon"], env=env)
+    assert bad.exit_code == 2 and "not a duration" in bad.output
