@@ -244,7 +244,7 @@ def push_state(session: Session, source: Path, *, force: bool = False) -> int:
         with open_state(session) as target:
             held = sum(1 for _ in target.items())
             if held and not force:
-                raise RefusedError(f"refused: the state {target.display} already holds {held} records; pull it "
+                raise RefusedError(f"refused: the state {target.location} already holds {held} records; pull it "
                                    "first (`reconciler state pull`) or pass --force to replace it")
             target.replace(data)
     finally:

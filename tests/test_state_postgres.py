@@ -85,13 +85,16 @@ def test_schema_created_on_first_use_and_every_write_committed_at_once(pg_url):
         state.put("hq/user/bob", {"id": "u2"})
         state.delete("hq/user/bob")
         state.mark_applied("hq/user/alice", "sha256:aa")
+        state.set_system("hq", {"vendor": "abloy-keyless", "endpoint": "https://abloy.test"})
         # Still inside the apply, read by another session: already committed.
         assert _raw(pg_url, "SELECT address, record FROM {s}.resources") == [("hq/user/alice", {"id": "u1"})]
         assert _raw(pg_url, "SELECT address, digest FROM {s}.applied") == [("hq/user/alice", "sha256:aa")]
     again = open_state(pg_url)
     assert dict(again.items()) == {"hq/user/alice": {"id": "u1"}}
     assert again.applied() == {"hq/user/alice": "sha256:aa"}
-    assert again.snapshot() == {"version": 1, "resources": {"hq/user/alice": {"id": "u1"}},
+    assert again.systems() == {"hq": {"vendor": "abloy-keyless", "endpoint": "https://abloy.test"}}
+    assert again.location == pg_url.replace("/test?", "/test?") and "schema=" in again.location
+    assert again.snapshot() == {"version": 1, "systems": again.systems(), "resources": {"hq/user/alice": {"id": "u1"}},
                                 "applied": {"hq/user/alice": "sha256:aa"}}
 
 
@@ -185,7 +188,7 @@ def test_state_push_and_pull_move_a_local_state_and_back(pg_url, tmp_path):
     local.mark_applied("hq/user/alice", "sha256:aa")
     session = run.Session(directory=tmp_path, state_path=tmp_path / "unused.json", env={}, state_url=pg_url)
     assert run.push_state(session, tmp_path / "state.json") == 1
-    assert run.pull_state(session) == {"version": 1, "resources": {"hq/user/alice": {"id": "u1"}},
+    assert run.pull_state(session) == {"version": 1, "systems": {}, "resources": {"hq/user/alice": {"id": "u1"}},
                                        "applied": {"hq/user/alice": "sha256:aa"}}
     with pytest.raises(RefusedError, match="already holds 1 records"):
         run.push_state(session, tmp_path / "state.json")
@@ -511,7 +514,9 @@ def test_state_push_and_pull_on_the_command_line(pg_url, tmp_path, monkeypatch):
     assert again.exit_code == 1 and "already holds 1 records" in again.output
     pulled = runner.invoke(main, ["state", "pull", "--out", "back.json"], env=env)
     assert pulled.exit_code == 0, pulled.output
-    assert json.loads((tmp_path / "back.json").read_text()) == json.loads((tmp_path / "state.json").read_text())
+    back = json.loads((tmp_path / "back.json").read_text())
+    assert back.pop("systems") == {}
+    assert back == json.loads((tmp_path / "state.json").read_text())
     to_file = runner.invoke(main, ["state", "push", "state.json", "--state", str(tmp_path / "other.json")])
     assert to_file.exit_code == 1 and "give --state postgresql://" in to_file.output
     bad = runner.invoke(main, ["apply", "--lock-timeout", "soon"], env=env)

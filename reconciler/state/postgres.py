@@ -51,6 +51,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE {s}.meta (key text PRIMARY KEY, value text NOT NULL)",
         "CREATE TABLE {s}.resources (address text PRIMARY KEY, record jsonb NOT NULL)",
         "CREATE TABLE {s}.applied (address text PRIMARY KEY, digest text NOT NULL)",
+        "CREATE TABLE {s}.systems (name text PRIMARY KEY, identity jsonb NOT NULL)",
         "CREATE TABLE {s}.lock_holder (id int PRIMARY KEY CHECK (id = 1), host text NOT NULL, pid int NOT NULL,"
         " since timestamptz NOT NULL, backend_pid int NOT NULL, epoch bigint NOT NULL)",
     ),
@@ -170,23 +171,29 @@ class PostgresState:
     """The state store of `LocalState`'s interface, kept in a PostgreSQL schema shared by many runners."""
 
     def __init__(self, url: str, *, lock_timeout: float = 0.0, sleep: Callable[[float], None] = time.sleep):
-        self.location = StateLocation(url)
+        self.server = StateLocation(url)
         self.lock_timeout = lock_timeout
         self.sleep = sleep
         self._records: dict[str, dict[str, Any]] = {}
         self._applied: dict[str, str] = {}
+        self._systems: dict[str, dict[str, str]] = {}   # system name → identity it was applied to
         self._mutex = threading.Lock()         # the in-memory copy
         self._conn_mutex = threading.RLock()   # the connection: one statement at a time, reconnects
         self._conn: psycopg.Connection[Any] | None = None
         self._epoch: int | None = None          # set while we hold the lock
         self._who = f"{socket.gethostname()[:100]} pid {os.getpid()}"
         with self._connection() as conn:
-            ensure_schema(conn, self.location)
+            ensure_schema(conn, self.server)
             self._load(conn)
 
     @property
     def display(self) -> str:
-        return self.location.display
+        return self.server.display
+
+    @property
+    def location(self) -> str:
+        """Where this state is, as messages name it (no password)."""
+        return self.server.display
 
     def __str__(self) -> str:
         return self.display
@@ -210,12 +217,17 @@ class PostgresState:
         with self._mutex:
             return dict(self._applied)
 
+    def systems(self) -> dict[str, dict[str, str]]:
+        """The identity (vendor, endpoint, account) each system name was last applied to."""
+        with self._mutex:
+            return {name: dict(identity) for name, identity in self._systems.items()}
+
     def snapshot(self) -> dict[str, Any]:
         """The whole state in the local file's format (what `state pull` writes)."""
         from reconciler.state.local import STATE_VERSION
         with self._mutex:
-            return {"version": STATE_VERSION, "resources": dict(sorted(self._records.items())),
-                    "applied": dict(sorted(self._applied.items()))}
+            return {"version": STATE_VERSION, "systems": dict(sorted(self._systems.items())),
+                    "resources": dict(sorted(self._records.items())), "applied": dict(sorted(self._applied.items()))}
 
     # -- writing: each call is committed before it returns ----------------------------------------------
     def put(self, address: str, record: Mapping[str, Any]) -> None:
@@ -234,6 +246,16 @@ class PostgresState:
             self._write("DELETE FROM {s}.resources WHERE address = %s", (address,))
             with self._mutex:
                 self._records.pop(address, None)
+
+    def set_system(self, name: str, identity: Mapping[str, str]) -> None:
+        identity = {str(k): str(v) for k, v in identity.items()}
+        with self._mutex:
+            if self._systems.get(name) == identity:
+                return
+        self._write("INSERT INTO {s}.systems (name, identity) VALUES (%s, %s) "
+                    "ON CONFLICT (name) DO UPDATE SET identity = EXCLUDED.identity", (name, Jsonb(identity)))
+        with self._mutex:
+            self._systems[name] = identity
 
     def mark_applied(self, address: str, attributes_digest: str | None) -> None:
         with self._mutex:
@@ -257,35 +279,39 @@ class PostgresState:
         calls it under the lock."""
         resources = {str(a): dict(r) for a, r in (snapshot.get("resources") or {}).items()}
         applied = {str(a): str(d) for a, d in (snapshot.get("applied") or {}).items()}
-        s = self.location.schema
+        systems = {str(n): {str(k): str(v) for k, v in i.items()} for n, i in (snapshot.get("systems") or {}).items()}
+        s = self.server.schema
         with self._conn_mutex:
             conn = self._require_conn()
             try:
                 with conn.transaction():
                     conn.execute(_q("DELETE FROM {s}.resources", s))
                     conn.execute(_q("DELETE FROM {s}.applied", s))
+                    conn.execute(_q("DELETE FROM {s}.systems", s))
                     with conn.cursor() as cur:
                         cur.executemany(_q("INSERT INTO {s}.resources (address, record, written_by, written_at) "
                                            "VALUES (%s, %s, %s, now())", s),
                                         [(a, Jsonb(r), self._who) for a, r in sorted(resources.items())])
                         cur.executemany(_q("INSERT INTO {s}.applied (address, digest) VALUES (%s, %s)", s),
                                         sorted(applied.items()))
+                        cur.executemany(_q("INSERT INTO {s}.systems (name, identity) VALUES (%s, %s)", s),
+                                        [(n, Jsonb(i)) for n, i in sorted(systems.items())])
             except psycopg.Error as exc:
                 raise StateUnavailableError(f"state {self.display}: the push was not written: "
-                                            f"{self.location.reason(exc)}") from None
+                                            f"{self.server.reason(exc)}") from None
         with self._mutex:
-            self._records, self._applied = resources, applied
+            self._records, self._applied, self._systems = resources, applied, systems
 
     # -- locking -------------------------------------------------------------------------------------
     def lock(self) -> None:
         """Take the apply lock, waiting up to `lock_timeout` seconds (0: refuse at once, naming the holder)."""
         with self._conn_mutex:
             if self._conn is None:
-                self._conn = self.location.connect(application=f"reconciler apply {self._who}")
+                self._conn = self.server.connect(application=f"reconciler apply {self._who}")
             conn = self._conn
             deadline = time.monotonic() + self.lock_timeout
             try:
-                while not conn.execute("SELECT pg_try_advisory_lock(%s)", (self.location.lock_key,)).fetchone()[0]:
+                while not conn.execute("SELECT pg_try_advisory_lock(%s)", (self.server.lock_key,)).fetchone()[0]:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         holder = self._holder(conn)
@@ -299,21 +325,21 @@ class PostgresState:
                         "INSERT INTO {s}.lock_holder AS h (id, host, pid, since, backend_pid, epoch) "
                         "VALUES (1, %s, %s, now(), pg_backend_pid(), 1) ON CONFLICT (id) DO UPDATE SET "
                         "host = EXCLUDED.host, pid = EXCLUDED.pid, since = now(), backend_pid = pg_backend_pid(), "
-                        "epoch = h.epoch + 1 RETURNING epoch", self.location.schema),
+                        "epoch = h.epoch + 1 RETURNING epoch", self.server.schema),
                         (socket.gethostname()[:255], os.getpid())).fetchone()
                 self._epoch = int(row[0])
                 self._load(conn)   # what the previous holder wrote is now final
             except psycopg.Error as exc:
                 self._close()
                 raise StateUnavailableError(f"state {self.display}: cannot take the lock: "
-                                            f"{self.location.reason(exc)}") from None
+                                            f"{self.server.reason(exc)}") from None
         log.info("state locked state=%s epoch=%s", self.display, self._epoch)
 
     def unlock(self) -> None:
         with self._conn_mutex:
             if self._conn is not None and self._epoch is not None and not self._conn.broken:
                 try:
-                    self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.location.lock_key,))
+                    self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.server.lock_key,))
                 except psycopg.Error:
                     pass       # the session is gone, and its lock with it
             self._epoch = None
@@ -330,7 +356,7 @@ class PostgresState:
     def _holder(self, conn: psycopg.Connection[Any]) -> str:
         """Who holds the lock: the holder row when it belongs to the session holding the lock, else what
         the server knows of that session."""
-        key = self.location.lock_key & 0xFFFFFFFFFFFFFFFF
+        key = self.server.lock_key & 0xFFFFFFFFFFFFFFFF
         row = conn.execute(_q(
             "SELECT l.pid, h.host, h.pid, h.since, a.client_addr::text, a.backend_start "
             "FROM pg_locks l LEFT JOIN {s}.lock_holder h ON h.backend_pid = l.pid "
@@ -338,7 +364,7 @@ class PostgresState:
             "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
             "AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid "
             "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            self.location.schema), (key >> 32, key & 0xFFFFFFFF)).fetchone()
+            self.server.schema), (key >> 32, key & 0xFFFFFFFF)).fetchone()
         if row is None:
             return "the holder has just released it; try again"
         backend, host, pid, since, client, started = row
@@ -353,11 +379,11 @@ class PostgresState:
 
     def _require_conn(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = self.location.connect()
+            self._conn = self.server.connect()
         return self._conn
 
     def _write(self, statement: str, params: tuple[Any, ...]) -> None:
-        query = _q(statement, self.location.schema)
+        query = _q(statement, self.server.schema)
         with self._conn_mutex:
             if self._epoch is None:
                 # Outside an apply (no lock): one short connection per write.
@@ -376,18 +402,18 @@ class PostgresState:
                 except psycopg.OperationalError as exc:
                     if not conn.broken or attempt == 2:
                         raise StateUnavailableError(f"state {self.display}: write failed: "
-                                                    f"{self.location.reason(exc)}") from None
+                                                    f"{self.server.reason(exc)}") from None
                     log.warning("state connection lost; reconnecting state=%s error=%s", self.display,
-                                self.location.reason(exc))
+                                self.server.reason(exc))
                 except psycopg.Error as exc:
                     raise StateUnavailableError(f"state {self.display}: write failed: "
-                                                f"{self.location.reason(exc)}") from None
+                                                f"{self.server.reason(exc)}") from None
 
     def _execute(self, conn: psycopg.Connection[Any], query: sql.Composed, params: tuple[Any, ...]) -> None:
         try:
             conn.execute(query, params)
         except psycopg.Error as exc:
-            raise StateUnavailableError(f"state {self.display}: write failed: {self.location.reason(exc)}") \
+            raise StateUnavailableError(f"state {self.display}: write failed: {self.server.reason(exc)}") \
                 from None
 
     def _reconnect(self) -> None:
@@ -396,7 +422,7 @@ class PostgresState:
         deadline = time.monotonic() + RECONNECT_SECONDS
         while True:
             try:
-                conn = self.location.connect(application=f"reconciler apply {self._who}")
+                conn = self.server.connect(application=f"reconciler apply {self._who}")
                 break
             except StateUnavailableError as exc:
                 if time.monotonic() >= deadline:
@@ -405,8 +431,8 @@ class PostgresState:
                                                 f"for {RECONNECT_SECONDS:g}s)") from None
                 self.sleep(0.5)
         try:
-            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.location.lock_key,)).fetchone()[0]
-            row = conn.execute(_q("SELECT epoch FROM {s}.lock_holder WHERE id = 1", self.location.schema)).fetchone()
+            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.server.lock_key,)).fetchone()[0]
+            row = conn.execute(_q("SELECT epoch FROM {s}.lock_holder WHERE id = 1", self.server.schema)).fetchone()
             if not got or row is None or int(row[0]) != self._epoch:
                 holder = self._holder(conn) if not got else "another apply held it in between"
                 conn.close()
@@ -414,12 +440,12 @@ class PostgresState:
                 raise StateUnavailableError(f"state {self.display}: lost the lock with the connection ({holder}); "
                                             "this apply stops")
             conn.execute(_q("UPDATE {s}.lock_holder SET backend_pid = pg_backend_pid() WHERE id = 1",
-                            self.location.schema))
+                            self.server.schema))
         except psycopg.Error as exc:
             conn.close()
             self._epoch = None
             raise StateUnavailableError(f"state {self.display}: cannot take the lock back: "
-                                        f"{self.location.reason(exc)}") from None
+                                        f"{self.server.reason(exc)}") from None
         self._conn = conn
         log.warning("state connection restored; lock held again state=%s epoch=%s", self.display, self._epoch)
 
@@ -432,17 +458,19 @@ class PostgresState:
             self._conn = None
 
     def _load(self, conn: psycopg.Connection[Any]) -> None:
-        s = self.location.schema
+        s = self.server.schema
         try:
             with conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 records = {a: dict(r) for a, r in conn.execute(_q("SELECT address, record FROM {s}.resources", s))}
                 applied = {a: d for a, d in conn.execute(_q("SELECT address, digest FROM {s}.applied", s))}
+                systems = {n: dict(i) for n, i in conn.execute(_q("SELECT name, identity FROM {s}.systems", s))}
         except psycopg.Error as exc:
-            raise StateUnavailableError(f"cannot read state {self.display}: {self.location.reason(exc)}") from None
+            raise StateUnavailableError(f"cannot read state {self.display}: {self.server.reason(exc)}") from None
         with self._mutex:
             self._records = records
             self._applied = applied
+            self._systems = systems
 
 
 class _Borrowed:
@@ -455,7 +483,7 @@ class _Borrowed:
     def __enter__(self) -> psycopg.Connection[Any]:
         if self.store._conn is not None and not self.store._conn.closed:
             return self.store._conn
-        self.own = self.store.location.connect()
+        self.own = self.store.server.connect()
         return self.own
 
     def __exit__(self, *exc: object) -> None:
