@@ -1,6 +1,6 @@
 """Benchmark: plan, apply and re-plan a large fleet against the in-process Abloy simulator.
 
-    python bench/fleet.py [--doors 1000] [--users 2000] [--grants 5]
+    python bench/fleet.py [--doors 1000] [--users 2000] [--grants 5] [--state postgresql://…?schema=bench]
 
 Prints wall time, peak memory and vendor request counts per phase. Figures, not assertions: the test
 suite never times anything.
@@ -37,12 +37,13 @@ def main() -> None:
     parser.add_argument("--doors", type=int, default=1000)
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--grants", type=int, default=5)
+    parser.add_argument("--state", default=None, help="postgresql://… to measure the shared state (default: a file)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         _generator()(work / "policies", args.doors, args.users, args.grants)
         sim = AbloySimulator()
-        session = run.Session(directory=work / "policies", state_path=work / "state.json", env={},
+        session = run.Session(directory=work / "policies", state_path=work / "state.json", env={}, state_url=args.state,
                               now=datetime(2026, 11, 22, 10, tzinfo=UTC),
                               transports={"fleet": httpx.MockTransport(sim.handle)})
         print(f"fleet: {args.doors} doors, {args.users} users, {args.users * args.grants} permissions")
