@@ -114,11 +114,15 @@ class StateLocation:
             raise StateUnavailableError(f"cannot reach the state database {self.display}: {self.reason(exc)}") \
                 from None
         try:
-            # The server notices a vanished runner within about a minute and releases its lock.
+            # A commit returns only once it is durable, whatever the server's default; and the server notices
+            # a vanished runner within about a minute and releases its lock.
+            conn.execute("SET synchronous_commit = on")
             conn.execute("SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; "
                          "SET tcp_keepalives_count = 3")
-        except psycopg.Error:
-            pass
+        except psycopg.Error as exc:
+            conn.close()
+            raise StateUnavailableError(f"cannot set up the state session on {self.display}: {self.reason(exc)}") \
+                from None
         return conn
 
     def reason(self, exc: BaseException) -> str:
