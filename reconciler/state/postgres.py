@@ -185,6 +185,7 @@ class PostgresState:
         self._conn_mutex = threading.RLock()   # the connection: one statement at a time, reconnects
         self._conn: psycopg.Connection[Any] | None = None
         self._epoch: int | None = None          # set while we hold the lock
+        self._lost: str | None = None           # why the lock was lost mid-apply: no write goes through after
         self._who = f"{socket.gethostname()[:100]} pid {os.getpid()}"
         with self._connection() as conn:
             ensure_schema(conn, self.server)
@@ -347,6 +348,7 @@ class PostgresState:
                 except psycopg.Error:
                     pass       # the session is gone, and its lock with it
             self._epoch = None
+            self._lost = None
             self._close()
 
     def __enter__(self) -> "PostgresState":
@@ -389,6 +391,8 @@ class PostgresState:
     def _write(self, statement: str, params: tuple[Any, ...]) -> None:
         query = _q(statement, self.server.schema)
         with self._conn_mutex:
+            if self._lost:
+                raise StateUnavailableError(self._lost)
             if self._epoch is None:
                 # Outside an apply (no lock): one short connection per write.
                 with self._connection() as conn:
@@ -421,7 +425,16 @@ class PostgresState:
                 from None
 
     def _reconnect(self) -> None:
-        """Open the connection again and take the lock back, only if nobody held it meanwhile."""
+        """Open the connection again and take the lock back, only if nobody held it meanwhile. On failure,
+        every later write of this apply fails too: nothing may be written, or sent, without the lock."""
+        try:
+            self._take_back()
+        except StateUnavailableError as exc:
+            self._epoch = None
+            self._lost = str(exc)
+            raise
+
+    def _take_back(self) -> None:
         self._close()
         deadline = time.monotonic() + RECONNECT_SECONDS
         while True:
@@ -430,7 +443,6 @@ class PostgresState:
                 break
             except StateUnavailableError as exc:
                 if time.monotonic() >= deadline:
-                    self._epoch = None
                     raise StateUnavailableError(f"{exc} (lost the connection during the apply; tried again "
                                                 f"for {RECONNECT_SECONDS:g}s)") from None
                 self.sleep(0.5)
@@ -440,14 +452,12 @@ class PostgresState:
             if not got or row is None or int(row[0]) != self._epoch:
                 holder = self._holder(conn) if not got else "another apply held it in between"
                 conn.close()
-                self._epoch = None
                 raise StateUnavailableError(f"state {self.display}: lost the lock with the connection ({holder}); "
                                             "this apply stops")
             conn.execute(_q("UPDATE {s}.lock_holder SET backend_pid = pg_backend_pid() WHERE id = 1",
                             self.server.schema))
         except psycopg.Error as exc:
             conn.close()
-            self._epoch = None
             raise StateUnavailableError(f"state {self.display}: cannot take the lock back: "
                                         f"{self.server.reason(exc)}") from None
         self._conn = conn
