@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -133,9 +134,9 @@ def serve_sandboxes(tmp_path: Path, *options: str) -> Iterator[tuple[str, dict[s
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
             except OSError:
-                time.sleep(0.1)
+                threading.Event().wait(0.1)   # not time.sleep: EINVAL under the shifted clock of .ci/test
         yield f"http://127.0.0.1:{port}", credentials
     finally:
         server.terminate()
-        server.wait(10)
+        server.wait()                     # a timed Popen.wait polls with time.sleep
         server.stdout.close()

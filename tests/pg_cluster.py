@@ -53,7 +53,7 @@ class Cluster:
         command = [str(self.bindir / args[0]), *args[1:]]
         if self.owner:
             command = ["runuser", "-u", self.owner, "--", *command]
-        return subprocess.run(command, check=check, capture_output=True, text=True, timeout=120)
+        return subprocess.run(command, check=check, capture_output=True, text=True)   # pg_ctl -t bounds it
 
     def init(self) -> "Cluster":
         if self.owner:

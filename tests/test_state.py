@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+import threading
 
 import pytest
 
@@ -69,7 +70,7 @@ def test_lock_timeout_waits_for_the_holder(tmp_path):
         assert ready.wait(10)
         with pytest.raises(LockedError, match="--lock-timeout"):
             LocalState(path, lock_timeout=0.3).lock()
-        ctx.Process(target=lambda: (__import__("time").sleep(0.5), release.set())).start()
+        threading.Timer(0.5, release.set).start()
         with LocalState(path, lock_timeout=60):
             assert release.is_set()
     finally:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -249,7 +250,7 @@ def test_lock_taken_by_another_apply_while_the_connection_was_down_stops_the_app
             while not _raw(pg_url, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
                                    "AND pid = %s", intruder.info.backend_pid):
                 assert time.monotonic() < deadline
-                time.sleep(0.05)
+                threading.Event().wait(0.05)
             # ... and gets it the moment the server drops our session.
             _raw(pg_url, "SELECT pg_terminate_backend(%s)", _apply_backend(pg_url))
             queued.join(30)
@@ -393,7 +394,7 @@ def test_lost_connection_stops_the_apply_reports_the_uncertain_and_the_next_run_
 @pytest.fixture
 def runners(tmp_path, pg_url):
     """Two working directories with the demo's Abloy policy against one served, rate-limited sandbox."""
-    with serve_sandboxes(tmp_path, "--rate-limit", "20") as (root, printed):
+    with serve_sandboxes(tmp_path) as (root, printed):
         credentials = {k.replace("ABLOY_KEYLESS_", "ABLOY_"): v for k, v in printed.items()
                        if k.startswith("ABLOY_KEYLESS_")}
         dirs = []
@@ -401,6 +402,7 @@ def runners(tmp_path, pg_url):
             work = tmp_path / name
             shutil.copytree(ROOT / "policies", work / "policies")
             (work / "policies" / "cabins.yaml").unlink()    # one Abloy system, served
+            (work / "policies" / "crowd.yaml").write_text(_crowd())
             (work / "policies" / "systems.yaml").write_text(
                 f"systems:\n  hq:\n    vendor: abloy-keyless\n    url: {root}/abloy-keyless\n"
                 "    credentials:\n      user_id: ${ABLOY_USER_ID}\n      access_key: ${ABLOY_ACCESS_KEY}\n"
@@ -413,18 +415,59 @@ def runners(tmp_path, pg_url):
             assert sorted(p.name for p in work.iterdir()) == ["policies"]
 
 
+def _finish(process: subprocess.Popen[str], timeout: float = 300) -> str:
+    """Its remaining output once it exits; killed after `timeout`. No timed `Popen.wait`: it polls with
+    `time.sleep`, which fails under the suite's shifted clock."""
+    watchdog = threading.Timer(timeout, process.kill)
+    watchdog.start()
+    try:
+        return process.communicate()[0]
+    finally:
+        watchdog.cancel()
+
+
+CROWD = 120      # extra people, so that an apply lasts long enough to be caught in the middle
+
+
+def _crowd() -> str:
+    names = [f"crowd-{n:03d}" for n in range(CROWD)]
+    return ("users:\n" + "".join(f"  {name}: {{}}\n" for name in names)
+            + f"permissions:\n  - users: [{', '.join(names)}]\n    devices: [gym]\n"
+            "    start: 2026-01-01T00:00:00Z\n    end: 2031-12-31T23:59:59Z\n")
+
+
 @dataclasses.dataclass
 class Runners:
     dirs: list[Path]
     env: dict[str, str]
 
     def run(self, which: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*reconciler_command(), *args], capture_output=True, text=True, env=self.env,
-                              cwd=self.dirs[which], timeout=timeout)
+        process = subprocess.Popen([*reconciler_command(), *args], env=self.env, cwd=self.dirs[which],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        watchdog = threading.Timer(timeout, process.kill)
+        watchdog.start()
+        try:
+            out, err = process.communicate()
+        finally:
+            watchdog.cancel()
+        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
     def start(self, which: int, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen([*reconciler_command(), *args], env=self.env, cwd=self.dirs[which],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def adopt_uncertain_users(self, which: int) -> None:
+        """What an operator does with an unprovable user create: adopt the one candidate by id, in the
+        policy every runner checks out."""
+        plan = self.run(which, "plan", "--format", "json", "--now", CLI_NOW)
+        for note in json.loads(plan.stdout)["warnings"]:
+            if note.get("uncertain") and note.get("kind") == "user" and note.get("candidates"):
+                [candidate] = note["candidates"]
+                user = note["address"].split("/")[-1]
+                for policy in (path for work in self.dirs for path in (work / "policies").glob("*.yaml")):
+                    text = policy.read_text()
+                    policy.write_text(re.sub(rf"^(  {user}:\s*{{)", rf"\g<1>ids: {{hq: {candidate}}}, ", text,
+                                             flags=re.M))
 
     def assert_converged_once(self, which: int) -> None:
         final = self.run(which, "plan", "--format", "json", "--detailed-exitcode", "--now", CLI_NOW)
@@ -463,10 +506,10 @@ def test_two_applies_at_once_one_refused_one_waits_no_duplicate(runners):
         refused = runners.run(1, "apply", "--auto-approve", "--now", CLI_NOW)
         plan = runners.run(1, "plan", "--now", CLI_NOW)            # plans never block
         waiting = runners.start(1, "apply", "--auto-approve", "--lock-timeout", "5m", "--now", CLI_NOW)
-        time.sleep(2)
+        threading.Event().wait(2)
         assert waiting.poll() is None       # waiting for the lock
         first.send_signal(signal.SIGCONT)
-        rest = first.communicate(timeout=300)[0]
+        rest = _finish(first)
     finally:
         first.send_signal(signal.SIGCONT)
         first.kill()
@@ -475,7 +518,7 @@ def test_two_applies_at_once_one_refused_one_waits_no_duplicate(runners):
     assert f"is locked by another apply: host {socket.gethostname()}, process {first.pid}, since " in refused.stderr
     assert "done" not in refused.stdout
     assert plan.returncode == 0, plan.stderr
-    waited = waiting.communicate(timeout=300)[0]
+    waited = _finish(waiting)
     assert waiting.returncode == 0, waited
     assert " done" not in waited        # it waited for the lock, then found nothing left to do
     runners.assert_converged_once(1)
@@ -486,13 +529,18 @@ def test_apply_killed_in_one_directory_is_finished_from_the_other(runners):
     try:
         _wait_for_done(victim, 12)
         victim.send_signal(signal.SIGKILL)
-        victim.wait(30)
+        victim.wait()
     finally:
         victim.kill()
         victim.stdout.close()
     middle = runners.run(1, "plan", "--detailed-exitcode", "--now", CLI_NOW)
     assert middle.returncode == 2, middle.stderr
     finish = runners.run(1, "apply", "--auto-approve", "--now", CLI_NOW)    # no wait: the lock died with it
+    if finish.returncode == 1 and "uncertain" in finish.stderr:
+        # Killed while a user create was on the wire: no account can be proven to be it, so the run says so
+        # and grants nothing. The team checks (here: nobody else creates users) and adopts it in git.
+        runners.adopt_uncertain_users(1)
+        finish = runners.run(1, "apply", "--auto-approve", "--now", CLI_NOW)
     assert finish.returncode == 0, finish.stdout + finish.stderr
     runners.assert_converged_once(0)
 
@@ -514,9 +562,7 @@ def test_state_push_and_pull_on_the_command_line(pg_url, tmp_path, monkeypatch):
     assert again.exit_code == 1 and "already holds 1 records" in again.output
     pulled = runner.invoke(main, ["state", "pull", "--out", "back.json"], env=env)
     assert pulled.exit_code == 0, pulled.output
-    back = json.loads((tmp_path / "back.json").read_text())
-    assert back.pop("systems") == {}
-    assert back == json.loads((tmp_path / "state.json").read_text())
+    assert json.loads((tmp_path / "back.json").read_text()) == json.loads((tmp_path / "state.json").read_text())
     to_file = runner.invoke(main, ["state", "push", "state.json", "--state", str(tmp_path / "other.json")])
     assert to_file.exit_code == 1 and "give --state postgresql://" in to_file.output
     bad = runner.invoke(main, ["apply", "--lock-timeout", "soon"], env=env)

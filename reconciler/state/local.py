@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+def pause(seconds: float) -> None:
+    """Wait `seconds` on the monotonic clock. Not `time.sleep`: under a shifted test clock (faketime with
+    a real monotonic clock) it fails with EINVAL, while a timed event wait keeps its real length."""
+    threading.Event().wait(seconds)
+
+
 def is_database_url(spec: str) -> bool:
     return spec.startswith(("postgresql://", "postgres://"))
 
@@ -152,7 +158,7 @@ class LocalState:
                 break
             except BlockingIOError:
                 if time.monotonic() < deadline:
-                    time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                    pause(min(0.5, max(0.0, deadline - time.monotonic())))
                     continue
                 os.close(fd)
                 raise LockedError(f"state {self.path} is locked by another apply; wait for it to finish, or "

@@ -37,6 +37,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from reconciler.errors import LockedError, StateError
+from reconciler.state.local import pause
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def ensure_schema(conn: psycopg.Connection[Any], location: StateLocation, target
 class PostgresState:
     """The state store of `LocalState`'s interface, kept in a PostgreSQL schema shared by many runners."""
 
-    def __init__(self, url: str, *, lock_timeout: float = 0.0, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, url: str, *, lock_timeout: float = 0.0, sleep: Callable[[float], None] = pause):
         self.server = StateLocation(url)
         self.lock_timeout = lock_timeout
         self.sleep = sleep
