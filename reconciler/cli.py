@@ -2,10 +2,16 @@
 
 Exit codes: 0 success or no changes; 1 error (policy, vendor, refused plan); 2 changes present
 (`plan --detailed-exitcode`). Errors print one line per problem, never a traceback.
+
+Every command accepts `-v/--verbose` and `--no-color` wherever they are written (`ReconcilerGroup` adds them to
+each command it registers, so a new command gets them too), and the commands that read a policy take it the same
+way: `[DIR]` or `-d/--directory DIR`. Without `--state`, each policy directory keeps its own state and sandbox
+data (`data_dir`), so the demo and the examples never see each other's vendors.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,12 +25,13 @@ from typing import Any, Callable
 
 import click
 
-from reconciler import run
+from reconciler import __version__, run
 from reconciler.errors import ApplyFailedError, Diagnostic, ExitCode, PolicyError, ReconcilerError, RefusedError
 from reconciler.plan import Change, Plan
 from reconciler.render import render_access, render_json, render_markdown, render_text
 from reconciler.state import default_state_path, is_database_url
 from reconciler.text import printable
+from reconciler.terminal import ApplyProgress, ReadProgress, color_wanted, colorize_plan, is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +58,44 @@ def _parse_duration(value: str) -> float:
     return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
 
 
+DEFAULT_DIRECTORY = "policies"
+DATA_DIR = Path(".reconciler")
+
+
+def data_dir(directory: Path) -> Path:
+    """Where a policy directory keeps its state and sandbox data when no `--state` is given.
+
+    The default `policies/` keeps `.reconciler/` (state.json, sandbox/); any other directory (or file) D under the
+    working directory keeps `.reconciler/dirs/D/`, and one outside it `.reconciler/dirs/_abs/<hash>/`. So every
+    example has its own sandbox vendors and state, and plans and applies whatever ran before it.
+    """
+    resolved = directory.resolve()
+    try:
+        relative = resolved.relative_to(Path.cwd().resolve())
+    except ValueError:
+        import hashlib
+
+        return DATA_DIR / "dirs" / "_abs" / hashlib.sha256(resolved.as_posix().encode()).hexdigest()[:16]
+    if relative.as_posix() == DEFAULT_DIRECTORY:
+        return DATA_DIR
+    return DATA_DIR / "dirs" / (relative.as_posix() if relative.parts else "_here")
+
+
 def _session(directory: str, state: str | None, now: str | None, allow_host: tuple[str, ...] = (),
              lock_timeout: str = "0") -> run.Session:
     env = dict(os.environ)
     url = state if state and is_database_url(state) else None
-    return run.Session(directory=Path(directory),
-                       state_path=Path(state) if state and not url else default_state_path(),
-                       state_url=url, lock_timeout=_parse_duration(lock_timeout),
-                       env=env, now=_parse_now(now), allowed_hosts=tuple(allow_host),
+    if url:
+        state_path = default_state_path()
+    elif state:
+        state_path = Path(state)
+    elif os.environ.get("RECONCILER_STATE"):
+        state_path = default_state_path()
+    else:
+        state_path = data_dir(Path(directory)) / "state.json"
+    return run.Session(directory=Path(directory), state_path=state_path, state_url=url,
+                       lock_timeout=_parse_duration(lock_timeout), env=env, now=_parse_now(now),
+                       allowed_hosts=tuple(allow_host),
                        allowed_credentials=tuple(env.get("RECONCILER_ALLOW_CREDENTIALS", "").replace(",", " ").split()))
 
 
@@ -86,30 +123,105 @@ def _guard(func: Callable[[], int]) -> None:
     sys.exit(int(code))
 
 
-directory_argument = click.argument("directory", default="policies", type=click.Path(file_okay=True))
-state_option = click.option("--state", envvar="RECONCILER_STATE", default=None,
-                            help="State file (default .reconciler/state.json), or a shared state in PostgreSQL: "
-                                 "postgresql://USER@HOST:PORT/DB[?schema=NAME] (password from PGPASSWORD).")
+# ------------------------------------------------------------------------------------------- shared options
+
+def _configure_logging(verbosity: int) -> None:
+    """-v: reconciler's own decisions (INFO); -vv: everything at DEBUG, HTTP requests included."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING)
+    # httpx and httpcore log every request at INFO; that is -vv detail, not -v.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+
+
+def _count_verbose(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+    meta = ctx.find_root().meta
+    meta["reconciler.verbose"] = meta.get("reconciler.verbose", 0) + (value or 0)
+    _configure_logging(meta["reconciler.verbose"])
+
+
+def _set_no_color(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_root().meta["reconciler.no_color"] = True
+
+
+def shared_options() -> list[click.Option]:
+    return [
+        click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_count_verbose,
+                     help="Log decisions to stderr; -vv also logs every HTTP request. Works before or after "
+                          "the command."),
+        click.Option(["--no-color"], is_flag=True, expose_value=False, callback=_set_no_color,
+                     help="Plain output without colour (also when NO_COLOR is set or output is not a terminal)."),
+    ]
+
+
+class ReconcilerGroup(click.Group):
+    """A group whose every command, registered now or later, accepts the shared options."""
+
+    group_class = type   # subgroups are ReconcilerGroups too
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        present = {opt for param in cmd.params for opt in getattr(param, "opts", [])}
+        cmd.params.extend(option for option in shared_options() if not present & set(option.opts))
+        super().add_command(cmd, name)
+
+
+def _color() -> bool:
+    ctx = click.get_current_context(silent=True)
+    no_color = bool(ctx and ctx.find_root().meta.get("reconciler.no_color"))
+    return color_wanted(no_color)
+
+
+def policy_directory(func: Callable[..., None]) -> Callable[..., None]:
+    """`[DIR]` and `-d/--directory DIR`, the same on every command that reads a policy; the command receives
+    `directory`."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, directory_arg: str | None, directory: str | None, **kwargs: Any) -> None:
+        if directory_arg and directory and Path(directory_arg) != Path(directory):
+            raise click.UsageError(f"two policy directories given: {directory_arg} and --directory {directory}")
+        return func(*args, directory=directory_arg or directory or DEFAULT_DIRECTORY, **kwargs)
+
+    wrapper = click.option("-d", "--directory", "directory", default=None, metavar="DIR",
+                           help=f"The policy directory or file (default: {DEFAULT_DIRECTORY}); same as DIR.")(wrapper)
+    return click.argument("directory_arg", metavar="[DIR]", required=False, default=None,
+                          type=click.Path(file_okay=True))(wrapper)
+
+
 lock_timeout_option = click.option("--lock-timeout", default="0", show_default=True, metavar="DURATION",
                                    help="Wait this long (30s, 5m) for another apply's lock; 0 refuses at once.")
-now_option = click.option("--now", default=None, help="Plan as of this ISO 8601 time (default: now).")
 allow_host_option = click.option(
     "--allow-host", "allow_host", multiple=True, envvar="RECONCILER_ALLOW_HOSTS", metavar="HOST[:PORT]",
     help="A host a system's url may name besides sandbox, loopback and the vendor's production host "
          "(repeatable; RECONCILER_ALLOW_HOSTS: space-separated).")
 
+directory_argument = policy_directory   # the name commands used before `-d/--directory` came
 
-@click.group()
-@click.option("-v", "--verbose", count=True, help="Log requests and decisions to stderr.")
-def main(verbose: int) -> None:
+
+state_option = click.option("--state", envvar="RECONCILER_STATE", default=None, metavar="PATH",
+                            help="State file (default: .reconciler/state.json for policies/, "
+                                 ".reconciler/dirs/DIR/state.json for another DIR), or a shared state in PostgreSQL: "
+                                 "postgresql://USER@HOST:PORT/DB[?schema=NAME] (password from PGPASSWORD); "
+                                 "or RECONCILER_STATE.")
+now_option = click.option("--now", default=None, metavar="ISO-8601",
+                          help="Plan as of this time, e.g. 2026-11-22T10:00:00Z (default: now).")
+
+
+@click.group(cls=ReconcilerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="reconciler", message="%(prog)s %(version)s")
+def main() -> None:
     """Declare who may open which door, and when; plan and apply it on the vendors' systems."""
-    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), stream=sys.stderr,
-                        format="%(levelname)s %(name)s %(message)s")
+
+
+main.params.extend(shared_options())
 
 
 @main.command()
-@directory_argument
-@click.option("--format", "fmt", type=click.Choice(["text", "github"]), default="text",
+@policy_directory
+@click.option("--format", "fmt", type=click.Choice(["text", "github"]), default="text", show_default=True,
               help="github: workflow-command annotations on the policy lines, for pull requests.")
 @allow_host_option
 def validate(directory: str, fmt: str, allow_host: tuple[str, ...]) -> None:
@@ -127,10 +239,14 @@ def validate(directory: str, fmt: str, allow_host: tuple[str, ...]) -> None:
         for warning in policy.warnings:
             click.echo(_annotation("warning", warning) if fmt == "github" else printable(f"warning: {warning}"),
                        err=fmt != "github")
-        click.echo(f"The policy in {directory} is valid: {len(policy.systems)} systems, "
-                   f"{len(policy.resources)} resources.")
+        click.echo(f"The policy in {directory} is valid: {_count(len(policy.systems), 'system')}, "
+                   f"{_count(len(policy.resources), 'resource')}.")
         return ExitCode.OK
     _guard(body)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _annotation(level: str, diagnostic: Diagnostic) -> str:
@@ -150,9 +266,10 @@ def _escape_property(text: str) -> str:
 
 
 @main.command()
-@directory_argument
+@policy_directory
 @click.option("--out", type=click.Path(dir_okay=False), help="Save the plan as JSON for `apply --plan`.")
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True,
+              help="text for people, markdown for a pull request comment, json for programs.")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 2 when there are changes, 0 when none.")
 @now_option
 @state_option
@@ -161,11 +278,12 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
          state: str | None, allow_host: tuple[str, ...]) -> None:
     """Show what apply would change."""
     def body() -> int:
-        result = run.plan(_session(directory, state, now, allow_host))
+        result = run.plan(_reading(_session(directory, state, now, allow_host)))
         if out:
             Path(out).write_text(render_json(result), encoding="utf-8")
         renderers = {"json": render_json, "markdown": render_markdown, "text": render_text}
-        click.echo(renderers[fmt](result), nl=False)
+        text = renderers[fmt](result)
+        click.echo(colorize_plan(text, _color()) if fmt == "text" else text, nl=False)
         if out and fmt == "text":
             click.echo(f"\nSaved the plan to {out}; run `reconciler apply --plan {out}` to apply exactly it.")
         # Something uncertain (a create that cannot be proven ours) is not "the system matches the policy".
@@ -175,10 +293,10 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
 
 
 @main.command()
-@directory_argument
+@policy_directory
 @click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False),
               help="Apply exactly this saved plan; refused if the live state or policy changed.")
-@click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation (typing yes).")
 @click.option("--allow-mass-revoke", is_flag=True,
               help="Apply even what a mass-revoke guard stops (or acknowledge it in the policy).")
 @now_option
@@ -193,17 +311,17 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
         lock = threading.Lock()
         stop = threading.Event()
         applied: list[str] = []
+        color = _color()
+        progress: list[ApplyProgress] = []
 
         def show(result: Plan) -> None:
-            click.echo(render_text(result), nl=False)
+            click.echo(colorize_plan(render_text(result), color), nl=False)
 
         def approve(result: Plan) -> bool:
-            if not auto_approve:
-                if not sys.stdin.isatty():
-                    raise RefusedError("refused: no terminal to ask for approval; pass --auto-approve")
-                if not click.confirm("\nApply these changes?", default=False):
-                    return False
+            if not auto_approve and not _ask_yes():
+                return False
             signal.signal(signal.SIGINT, interrupt)     # from here on, Ctrl-C stops sending, honestly
+            progress.append(ApplyProgress(len(result.changes), terminal=is_terminal(), color=color).__enter__())
             return True
 
         def interrupt(signum: int, frame: Any) -> None:
@@ -221,27 +339,27 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
                 sys.stderr.flush()
                 os._exit(int(ExitCode.ERROR))   # worker threads still waiting on the network are abandoned
 
-        def progress(change: Change, error: str | None) -> None:
+        def on_change(change: Change, error: str | None) -> None:
             with lock:
-                if error:
-                    click.echo(f"{change.address}: failed: {error}", err=True)
-                else:
+                if not error:
                     applied.append(change.address)
-                    click.echo(f"{change.address}: {change.action} done")
+            progress[0].on_change(change.address, change.action, error)
 
         previous = signal.getsignal(signal.SIGINT)
         try:
-            result, report = run.apply(_session(directory, state, now, allow_host, lock_timeout), saved=saved,
-                                       approve=approve,
-                                       allow_mass_revoke=allow_mass_revoke, on_plan=show, on_change=progress,
+            result, report = run.apply(_reading(_session(directory, state, now, allow_host, lock_timeout)),
+                                       saved=saved, approve=approve, allow_mass_revoke=allow_mass_revoke,
+                                       on_plan=show, on_change=on_change,
                                        stop=stop)
         finally:
             # Once stopped, a late second Ctrl-C must not cut the report short: it is printed next.
             signal.signal(signal.SIGINT, signal.SIG_IGN if stop.is_set() else previous)
+            if progress:
+                progress[0].__exit__(None, None, None)
         uncertain = [w for w in result.warnings if dict(w.details).get("uncertain")]
         if report is None:
             if result.has_changes:
-                click.echo("Nothing applied.")
+                click.echo("\nApply cancelled: nothing was sent.")
             if uncertain:
                 raise ApplyFailedError(f"apply incomplete: {len(uncertain)} uncertain (see the warnings above); "
                                        "resolve them as each says, then run apply again",
@@ -251,9 +369,28 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
             raise ApplyFailedError(f"apply incomplete: {report.summary()}",
                                    [f"not applied: {line}" for line in report.remaining()]
                                    + [f"remains: {n.address}: {n.message}" for n in uncertain])
-        click.echo(f"\nApply complete: {report.summary()}.")
+        click.echo(f"\nApply complete: {report.summary()}; {progress[0].closing()}.")
         return ExitCode.OK
     _guard(body)
+
+
+def _reading(session: run.Session) -> run.Session:
+    """The session with a reading-progress line on a terminal (it ends when every system is read)."""
+    session.on_read = ReadProgress(terminal=is_terminal(sys.stderr), color=_color()).on_read
+    return session
+
+
+def _stdin_is_terminal() -> bool:
+    return is_terminal(sys.stdin)
+
+
+def _ask_yes() -> bool:
+    """Terraform's confirmation: only the word `yes` applies; no terminal to ask on is a refusal."""
+    if not _stdin_is_terminal():
+        raise RefusedError("refused: no terminal to ask for approval; pass --auto-approve")
+    click.echo("\nDo you want to perform these actions?\n  Only 'yes' will be accepted to approve.\n")
+    answer = click.prompt("  Enter a value", default="", show_default=False, prompt_suffix=": ")
+    return answer.strip() == "yes"
 
 
 def _read_plan(path: str) -> dict[str, Any]:
@@ -285,7 +422,8 @@ def _parse_at(value: str | None) -> datetime | None:
 @click.option("--device", default=None, help="Only this device.")
 @click.option("--at", "at", default=None, help="Only what is open at this ISO 8601 time (schedules in its zone).")
 @click.option("--live", is_flag=True, help="Read the live systems instead of the policy.")
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv", "json"]), default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv", "json"]), default="text",
+              show_default=True, help="text or markdown for people, csv for a spreadsheet, json for programs.")
 @state_option
 def access(directory: str, user: str | None, device: str | None, at: str | None, live: bool, fmt: str,
            state: str | None) -> None:
@@ -305,7 +443,8 @@ def access(directory: str, user: str | None, device: str | None, at: str | None,
 @main.command()
 @click.argument("system")
 @click.argument("device")
-@click.option("--directory", "directory", default="policies", show_default=True, help="The policy directory.")
+@click.option("-d", "--directory", "directory", default=DEFAULT_DIRECTORY, show_default=True, metavar="DIR",
+              help="The policy directory or file.")
 @state_option
 @allow_host_option
 def events(system: str, device: str, directory: str, state: str | None, allow_host: tuple[str, ...]) -> None:
@@ -327,7 +466,8 @@ def events(system: str, device: str, directory: str, state: str | None, allow_ho
 
 @main.command()
 @click.argument("system")
-@click.option("--directory", "directory", default="policies", show_default=True, help="The policy directory.")
+@click.option("-d", "--directory", "directory", default=DEFAULT_DIRECTORY, show_default=True, metavar="DIR",
+              help="The policy directory or file.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="File to write (default: DIRECTORY/SYSTEM.exported.yaml); - for standard output.")
 @click.option("--force", is_flag=True, help="Overwrite the file if it exists.")
@@ -357,11 +497,13 @@ def state_group() -> None:
 
 @state_group.command()
 @click.argument("address")
+@click.option("-d", "--directory", "directory", default=DEFAULT_DIRECTORY, show_default=True, metavar="DIR",
+              help="The policy directory whose state this is (when --state is not given).")
 @state_option
-def forget(address: str, state: str | None) -> None:
+def forget(address: str, directory: str, state: str | None) -> None:
     """Drop the state's record of ADDRESS (e.g. hq/user/alice) after checking the vendor by hand."""
     def body() -> int:
-        record = run.forget(_session("policies", state, None), address)
+        record = run.forget(_session(directory, state, None), address)
         what = "an unsettled create" if record.get("intent") else "its record"
         click.echo(f"Forgot {what} for {address}; the next plan treats it as never created.")
         return ExitCode.OK
@@ -400,20 +542,42 @@ def state_pull(out: str | None, state: str | None) -> None:
     _guard(body)
 
 
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the schema to this file instead of standard output.")
+def schema(out: str | None) -> None:
+    """Print the JSON Schema (draft 2020-12) of one policy file, for editors.
+
+    For VS Code's YAML extension (yaml-language-server): `reconciler schema --out policy.schema.json`, then start
+    each policy file with `# yaml-language-server: $schema=policy.schema.json` (a path relative to the file).
+    """
+    def body() -> int:
+        text = json.dumps(run.schema(), indent=2, ensure_ascii=False) + "\n"
+        if out:
+            Path(out).write_text(text, encoding="utf-8")
+            click.echo(f"Wrote {out}.", err=True)
+        else:
+            click.echo(text, nl=False)
+        return ExitCode.OK
+    _guard(body)
+
+
 @main.group()
 def sandbox() -> None:
     """The embedded vendor simulators."""
 
 
 @sandbox.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8700, show_default=True, type=int)
-@click.option("--dir", "directory", default=".reconciler/sandbox/served", show_default=True,
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only).")
+@click.option("--port", default=8700, show_default=True, type=int, help="TCP port to listen on.")
+@click.option("--dir", "store", default=".reconciler/sandbox/served", show_default=True, metavar="DIR",
               help="Where the simulators keep their data.")
 @click.option("--rate-limit", type=int, default=None, help="Requests per second before 429.")
-@click.option("--now", default=None,
+@click.option("--now", default=None, metavar="ISO-8601",
               help="Start the simulators' clock at this ISO 8601 time (default: the machine's clock).")
-def serve(host: str, port: int, directory: str, rate_limit: int | None, now: str | None) -> None:
+@click.option("-d", "--directory", "directory", default=DEFAULT_DIRECTORY, show_default=True, metavar="DIR",
+              help="The policy whose ${VAR} names the printed credentials use (when it exists).")
+def serve(host: str, port: int, store: str, rate_limit: int | None, now: str | None, directory: str) -> None:
     """Serve the vendor simulators over HTTP on this machine."""
     from reconciler.providers.factory import sandbox_mounts, serve as serve_http
 
@@ -421,15 +585,50 @@ def serve(host: str, port: int, directory: str, rate_limit: int | None, now: str
 
     def body() -> int:
         clock = run.running_clock(start) if start is not None else None
-        mounts, credentials = sandbox_mounts(Path(directory), rate_limit=rate_limit, clock=clock)
+        mounts, credentials = sandbox_mounts(Path(store), rate_limit=rate_limit, clock=clock)
+        names = _credential_variables(Path(directory))
         click.echo(f"Serving vendor sandboxes on http://{host}:{port} (Ctrl-C to stop):")
         for prefix in mounts:
             click.echo(f"  {prefix[1:]}: url http://{host}:{port}{prefix}")
         click.echo("Sandbox credentials (test values of the simulators, not secrets):")
         for vendor, values in credentials.items():
             for key, value in sorted(values.items()):
-                click.echo(f"  export {vendor.upper().replace('-', '_')}_{key.upper()}={value}")
+                variable = names.get((vendor, key)) or CONVENTIONAL_VARIABLES.get((vendor, key)) or \
+                    f"{vendor}_{key}".upper().replace("-", "_")
+                click.echo(f"  export {variable}={value}")
         click.echo("Ready.")
         serve_http(host, port, mounts)
         return ExitCode.OK
     _guard(body)
+
+
+# The variables the documented policies name (README, policies/, examples/), for vendors the policy does not use.
+CONVENTIONAL_VARIABLES = {
+    ("abloy-keyless", "user_id"): "ABLOY_USER_ID", ("abloy-keyless", "access_key"): "ABLOY_ACCESS_KEY",
+    ("abloy-keyless", "api_key"): "ABLOY_API_KEY", ("unloc", "client_id"): "UNLOC_CLIENT_ID",
+    ("unloc", "client_secret"): "UNLOC_CLIENT_SECRET", ("unloc-partner", "api_key"): "UNLOC_PARTNER_KEY",
+    ("spkey", "api_key"): "SPKEY_API_KEY", ("sentry", "email"): "SENTRY_EMAIL",
+    ("sentry", "password"): "SENTRY_PASSWORD",
+}
+_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+def _credential_variables(directory: Path) -> dict[tuple[str, str], str]:
+    """(vendor, credential key) → the variable the policy in `directory` names for it, so that the printed
+    `export` lines are exactly what that policy reads. Unreadable files are skipped: this only names things."""
+    from reconciler.policy.yamlio import read_documents
+
+    if not directory.exists():
+        return {}
+    names: dict[tuple[str, str], str] = {}
+    documents, _ = read_documents(directory)
+    for document in documents:
+        systems = document.root.get("systems") if isinstance(document.root, dict) else None
+        for system in (systems or {}).values() if isinstance(systems, dict) else []:
+            if not isinstance(system, dict) or not isinstance(system.get("credentials"), dict):
+                continue
+            for key, value in system["credentials"].items():
+                match = _REFERENCE.match(value) if isinstance(value, str) else None
+                if match:
+                    names.setdefault((str(system.get("vendor")), str(key)), match.group(1))
+    return names

@@ -55,6 +55,8 @@ class Session:
     # From the operator, never the policy: hosts a system may name, extra credential variable names.
     allowed_hosts: tuple[str, ...] = ()
     allowed_credentials: tuple[str, ...] = ()
+    # Reading progress: (None, 0, systems) when the reads start, then (system, objects read, systems) as each ends.
+    on_read: Callable[[str | None, int, int], None] | None = None
     _started: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +96,13 @@ def validate(session: Session) -> Policy:
                        allowed_credentials=session.allowed_credentials)
 
 
+def schema() -> dict[str, Any]:
+    """The JSON Schema of one policy file, with every installed vendor's settings and credential keys."""
+    from reconciler.policy.json_schema import policy_json_schema
+
+    return policy_json_schema(capabilities())
+
+
 def build_providers(session: Session, policy: Policy, state: Any) -> dict[str, Provider]:
     options = {"clock": session.clock, **session.provider_options}
     return {name: build_provider(system, state, sandbox_dir=session.sandbox_dir,
@@ -101,11 +110,22 @@ def build_providers(session: Session, policy: Policy, state: Any) -> dict[str, P
             for name, system in sorted(policy.systems.items())}
 
 
-def read_live(policy: Policy, providers: Mapping[str, Provider]) -> dict[str, ReadResult]:
-    """Read every system in bulk, all systems at once; a read that makes a plan impossible is an error."""
+def read_live(policy: Policy, providers: Mapping[str, Provider],
+              on_read: Callable[[str | None, int, int], None] | None = None) -> dict[str, ReadResult]:
+    """Read every system in bulk, all systems at once; a read that makes a plan impossible is an error.
+    `on_read` is told when the reads start and as each system's ends (see `Session.on_read`)."""
     desired = policy.resources
+
+    def read(name: str) -> Any:
+        result = providers[name].read(desired)
+        if on_read:
+            on_read(name, len(result.resources), len(providers))
+        return result
+
+    if on_read:
+        on_read(None, 0, len(providers))
     with ThreadPoolExecutor(max(1, len(providers))) as pool:
-        reads = dict(zip(providers, pool.map(lambda p: p.read(desired), providers.values())))
+        reads = dict(zip(providers, pool.map(read, providers)))
     problems = [e for result in reads.values() for e in result.errors]
     if problems:
         raise PlanError(problems)
@@ -117,7 +137,7 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
     """Read every system in bulk, all systems at once, then diff. With `state`, first refuse a state
     that belongs to another system or was lost (`state.guard`)."""
     desired = policy.resources
-    reads = read_live(policy, providers)
+    reads = read_live(policy, providers, session.on_read)
     live = [r for result in reads.values() for r in result.resources]
     if state is not None:
         check_state(state, {name: p.identity() for name, p in providers.items()}, desired, live)

@@ -62,9 +62,9 @@ class Harness:
                 vendor: abloy-keyless
                 url: https://abloy.test/administration
                 credentials:
-                  user_id: ${ABLOY_USER_ID}
-                  access_key: ${ABLOY_ACCESS_KEY}
-                  api_key: ${ABLOY_API_KEY}
+                  user_id: "${ABLOY_USER_ID}"
+                  access_key: "${ABLOY_ACCESS_KEY}"
+                  api_key: "${ABLOY_API_KEY}"
             """) + textwrap.indent(textwrap.dedent(system_extra), "    ")
         (self.policy_dir / "systems.yaml").write_text(systems)
         (self.policy_dir / name).write_text(textwrap.dedent(text))
@@ -110,8 +110,8 @@ def reconciler_command() -> list[str]:
 
 @contextmanager
 def serve_sandboxes(tmp_path: Path, *options: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """Start `reconciler sandbox serve` on a free 127.0.0.1 port, its vendor clock starting at NOW; yield its root URL (each vendor is at
-    `/<vendor>`) and the credentials it printed (`ABLOY_KEYLESS_API_KEY`, `SPKEY_API_KEY`, ...)."""
+    """Start `reconciler sandbox serve` on a free 127.0.0.1 port, its vendor clock starting at NOW; yield its root
+    URL (each vendor is at `/<vendor>`) and the credentials it printed (`ABLOY_API_KEY`, `SPKEY_API_KEY`, ...)."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen([*reconciler_command(), "sandbox", "serve", "--port", str(port),

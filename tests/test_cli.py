@@ -153,8 +153,7 @@ _free_port, _reconciler = free_port, reconciler_command
 @pytest.fixture
 def served(tmp_path):
     with serve_sandboxes(tmp_path) as (root, printed):
-        yield f"{root}/abloy-keyless", {k.replace("ABLOY_KEYLESS_", "ABLOY_"): v for k, v in printed.items()
-                                        if k.startswith("ABLOY_KEYLESS_")}
+        yield f"{root}/abloy-keyless", {k: v for k, v in printed.items() if k.startswith("ABLOY_")}
 
 
 def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
@@ -163,7 +162,7 @@ def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
     policy.mkdir()
     (policy / "systems.yaml").write_text(
         f"systems:\n  hq:\n    vendor: abloy-keyless\n    url: {url}\n    credentials:\n"
-        "      user_id: ${ABLOY_USER_ID}\n      access_key: ${ABLOY_ACCESS_KEY}\n      api_key: ${ABLOY_API_KEY}\n")
+        "      user_id: \"${ABLOY_USER_ID}\"\n      access_key: \"${ABLOY_ACCESS_KEY}\"\n      api_key: \"${ABLOY_API_KEY}\"\n")
     (policy / "access.yaml").write_text(SMALL.split("users:", 1)[1].join(["users:", ""]))
     env = {**os.environ, **credentials, "RECONCILER_STATE": str(tmp_path / "state.json")}
 
@@ -187,7 +186,7 @@ def test_wrong_api_key_is_one_clear_line(tmp_path, served):
     url, credentials = served
     (tmp_path / "p.yaml").write_text(
         f"systems:\n  hq:\n    vendor: abloy-keyless\n    url: {url}\n    credentials:\n"
-        "      user_id: ${ABLOY_USER_ID}\n      access_key: ${ABLOY_ACCESS_KEY}\n      api_key: ${ABLOY_API_KEY}\n")
+        "      user_id: \"${ABLOY_USER_ID}\"\n      access_key: \"${ABLOY_ACCESS_KEY}\"\n      api_key: \"${ABLOY_API_KEY}\"\n")
     env = {**os.environ, **credentials, "ABLOY_API_KEY": "wrong-key-value", "RECONCILER_STATE": str(tmp_path / "s.json")}
     result = subprocess.run([*_reconciler(), "plan", "p.yaml"], capture_output=True, text=True, env=env, cwd=tmp_path,
                             timeout=60)
@@ -201,14 +200,13 @@ def test_apply_killed_mid_run_is_finished_by_the_next_apply(tmp_path):
     the job and nothing is duplicated (a duplicate user would show up as an unmanaged one)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with serve_sandboxes(tmp_path, "--rate-limit", "30") as (root, printed):
-        credentials = {k.replace("ABLOY_KEYLESS_", "ABLOY_"): v for k, v in printed.items()
-                       if k.startswith("ABLOY_KEYLESS_")}
+        credentials = {k: v for k, v in printed.items() if k.startswith("ABLOY_")}
         shutil.copytree(ROOT / "policies", tmp_path / "policies")
         (tmp_path / "policies" / "cabins.yaml").unlink()   # this test is about one Abloy system
         (tmp_path / "policies" / "systems.yaml").write_text(
             f"systems:\n  hq:\n    vendor: abloy-keyless\n    url: {root}/abloy-keyless\n"
-            "    credentials:\n      user_id: ${ABLOY_USER_ID}\n      access_key: ${ABLOY_ACCESS_KEY}\n"
-            "      api_key: ${ABLOY_API_KEY}\n")
+            "    credentials:\n      user_id: \"${ABLOY_USER_ID}\"\n      access_key: \"${ABLOY_ACCESS_KEY}\"\n"
+            "      api_key: \"${ABLOY_API_KEY}\"\n")
         run_env = {**env, **credentials, "RECONCILER_STATE": str(tmp_path / "state.json")}
         victim = subprocess.Popen([*_reconciler(), "apply", "--auto-approve", "--now", NOW], env=run_env, cwd=tmp_path,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

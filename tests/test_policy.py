@@ -229,3 +229,81 @@ def test_policy_package_imports_neither_http_nor_providers_nor_sandbox() -> None
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
     assert result.stdout.strip() == "[]"
+
+
+def test_an_unquoted_reference_in_a_flow_mapping_shows_the_quoted_form() -> None:
+    [line] = errors_of("invalid/unquoted-env-reference.yaml")
+
+    assert line.startswith("invalid/unquoted-env-reference.yaml:3:50: ")
+    assert line.endswith('quote it, "${SPKEY_API_KEY}"')
+
+
+def test_a_block_reference_is_plain_yaml_and_needs_no_rewrite(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text("systems:\n  guests:\n    vendor: spkey\n    credentials:\n      api_key: ${SPKEY_API_KEY}\n"
+                      "  other: {vendor: spkey, url: sandbox, credentials: {api_key: '${SPKEY_API_KEY}'}}\n")
+
+    loaded = load_policy(policy, CAPABILITIES, ENV)
+
+    assert {name: system.vendor for name, system in loaded.systems.items()} == {"guests": "spkey", "other": "spkey"}
+
+
+@pytest.mark.parametrize("written", ["+47 900 00 001", "+47 900-00-001", " +47 (900) 00 001 ", "+4790000001"])
+def test_phone_numbers_are_accepted_as_people_write_them_and_kept_in_e164(tmp_path: Path, written: str) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text("systems:\n  cabins: {vendor: unloc, url: sandbox, lock_holder_id: x}\n"
+                      f"users:\n  alice: {{phone: \"{written}\"}}\n"
+                      "devices:\n  cabin: {system: cabins, id: 0634f1ba-e175-49e8-98bc-32b11505107b}\n"
+                      "permissions:\n  - {users: [alice], devices: [cabin]}\n")
+
+    loaded = load_policy(policy, CAPABILITIES, ENV)
+
+    text = repr([as_dict(r) for r in loaded.resources])
+    assert "+4790000001" in text and written.strip() not in text.replace("+4790000001", "")
+
+
+@pytest.mark.parametrize("written, reason", [
+    ("+47 900", "'+47 900' is not a possible phone number: too few digits for its country"),
+    ("+47 900 00 001 23", "too many digits for its country"),
+    ("+999 1234 5678", "the country code after + does not exist"),
+    ("900 00 001", "has no country code: write it in international form"),
+    ("0047 900 00 001", "starts with 00: write the country code after +"),
+    ("call me", "has no country code"),
+])
+def test_impossible_phone_numbers_are_refused_with_the_reason_at_their_place(tmp_path: Path, written: str,
+                                                                             reason: str) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"users:\n  alice: {{name: Alice, phone: \"{written}\"}}\n")
+
+    [line] = errors_of(str(policy))
+
+    assert line.startswith(f"{policy.as_posix()}:2:") and reason in line
+
+
+def test_all_errors_at_once_so_fixing_them_leaves_none(tmp_path: Path) -> None:
+    """Schema, reference, vendor and syntax errors come in one run: after fixing exactly what was reported,
+    the policy is valid (no second round of errors)."""
+    lines = errors_of("invalid/all-at-once")
+    reported = "\n".join(lines)
+    for expected in ("not a possible phone number", "is not an email address", "unknown key 'emial'",
+                     "unloc devices have no 'colour'", "'red' is not a colour", "requires an end",
+                     "unknown user 'nobody'", "unknown device 'ghost'", "has no weekly schedules", "'P99D'",
+                     "user 'carol' has no phone", "has no operations to choose", "start needs a time",
+                     "broken.yaml:4:1: invalid YAML"):
+        assert expected in reported, expected
+    assert len(lines) == 14
+
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    source = (DATA / "invalid" / "all-at-once" / "policy.yaml").read_text()
+    for wrong, right in [('"+47 900", email: bad', '"+47 900 00 001", email: alice@example.com'),
+                         ("emial", "email"), (", colour: red", ""), ("alice, bob, nobody", "alice, bob"),
+                         ("door, ghost", "door"), ("    schedule: sch\n", "    end: 2027-01-01T00:00:00Z\n"),
+                         ("P99D", "P9D"), ("carol: {}", 'carol: {phone: "+47 900 00 003"}'),
+                         ("    operations: [UPDATE_FIRMWARE]\n", ""), ("start: 2026-01-01\n", "start: 2026-01-01T00:00:00Z\n")]:
+        assert wrong in source
+        source = source.replace(wrong, right)
+    (fixed / "policy.yaml").write_text(source)
+    (fixed / "broken.yaml").write_text("users:\n  dave: {}\n")
+
+    assert load_policy(fixed, CAPABILITIES, ENV).resources

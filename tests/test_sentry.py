@@ -94,8 +94,8 @@ class SentryHarness:
                 vendor: sentry
                 url: {BASE}
                 credentials:
-                  email: ${{SENTRY_EMAIL}}
-                  password: ${{SENTRY_PASSWORD}}
+                  email: "${{SENTRY_EMAIL}}"
+                  password: "${{SENTRY_PASSWORD}}"
             """))
         (self.policy_dir / "policy.yaml").write_text(text)
 
@@ -674,7 +674,7 @@ def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
     policy.mkdir()
     (policy / "systems.yaml").write_text(
         f"systems:\n  office:\n    vendor: sentry\n    url: {url}\n"
-        "    credentials: {email: ${SENTRY_EMAIL}, password: ${SENTRY_PASSWORD}}\n")
+        "    credentials: {email: \"${SENTRY_EMAIL}\", password: \"${SENTRY_PASSWORD}\"}\n")
     (policy / "access.yaml").write_text(staff_policy("meeting-room", MEETING, STAFF[:27]).replace(
         "devices:\n", f"devices:\n  front-door: {{system: office, id: {FRONT}, favourite: true}}\n", 1)
         + "  - users: [staff01, staff02]\n    devices: [front-door]\n")

@@ -205,7 +205,7 @@ class Harness:
     def write(self, keys: str, *, people: str = PEOPLE, unmanaged: str = "revoke") -> None:
         (self.policy_dir / "systems.yaml").write_text(
             "systems:\n  guests:\n    vendor: spkey\n    url: https://spkey.test\n"
-            f"    credentials: {{api_key: ${{SPKEY_API_KEY}}}}\n    unmanaged: {unmanaged}\n")
+            f"    credentials: {{api_key: \"${{SPKEY_API_KEY}}\"}}\n    unmanaged: {unmanaged}\n")
         (self.policy_dir / "people.yaml").write_text(people)
         (self.policy_dir / "keys.yaml").write_text(textwrap.dedent(keys))
 
@@ -857,7 +857,7 @@ def test_cli_end_to_end_against_served_sandbox(tmp_path, served_spkey):
     policy = tmp_path / "policies"
     policy.mkdir()
     (policy / "systems.yaml").write_text(
-        f"systems:\n  guests:\n    vendor: spkey\n    url: {url}\n    credentials: {{api_key: ${{SPKEY_API_KEY}}}}\n")
+        f"systems:\n  guests:\n    vendor: spkey\n    url: {url}\n    credentials: {{api_key: \"${{SPKEY_API_KEY}}\"}}\n")
     (policy / "people.yaml").write_text(PEOPLE)
     (policy / "keys.yaml").write_text(keys_yaml())
     env = {**os.environ, "SPKEY_API_KEY": key, "RECONCILER_STATE": str(tmp_path / "state.json")}

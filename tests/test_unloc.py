@@ -102,8 +102,8 @@ class Harness:
                 url: {BASE}
                 lock_holder_id: {LOCK_HOLDER_ID}
                 credentials:
-                  client_id: ${{UNLOC_CLIENT_ID}}
-                  client_secret: ${{UNLOC_CLIENT_SECRET}}
+                  client_id: "${{UNLOC_CLIENT_ID}}"
+                  client_secret: "${{UNLOC_CLIENT_SECRET}}"
             """) + textwrap.indent(textwrap.dedent(system_extra), "    ")
         (self.policy_dir / "systems.yaml").write_text(systems)
         (self.policy_dir / "policy.yaml").write_text(text)
@@ -770,7 +770,7 @@ def test_cli_end_to_end_against_the_served_sandbox(tmp_path):
         (policy / "systems.yaml").write_text(
             f"systems:\n  cabins:\n    vendor: unloc\n    url: {root}/unloc\n"
             f"    lock_holder_id: {LOCK_HOLDER_ID}\n    credentials:\n"
-            "      client_id: ${UNLOC_CLIENT_ID}\n      client_secret: ${UNLOC_CLIENT_SECRET}\n")
+            "      client_id: \"${UNLOC_CLIENT_ID}\"\n      client_secret: \"${UNLOC_CLIENT_SECRET}\"\n")
         (policy / "access.yaml").write_text(POLICY)
         run_env = {**env, **credentials, "RECONCILER_STATE": str(tmp_path / "state.json")}
 

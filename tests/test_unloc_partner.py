@@ -86,7 +86,7 @@ class PartnerHarness:
                 url: {BASE}
                 partner_id: {PARTNER_ID}
                 unmanaged: {unmanaged}
-                credentials: {{api_key: ${{UNLOC_PARTNER_KEY}}}}
+                credentials: {{api_key: "${{UNLOC_PARTNER_KEY}}"}}
             """))
         (self.policy_dir / "access.yaml").write_text(text)
 
@@ -516,7 +516,7 @@ def test_sandbox_store_survives_a_restart(tmp_path):
 @pytest.fixture
 def served(tmp_path):
     with serve_sandboxes(tmp_path) as (root, printed):
-        yield f"{root}/unloc-partner", printed["UNLOC_PARTNER_API_KEY"]
+        yield f"{root}/unloc-partner", printed["UNLOC_PARTNER_KEY"]
 
 
 def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
@@ -525,7 +525,7 @@ def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
     policy.mkdir()
     (policy / "systems.yaml").write_text(
         f"systems:\n  rentals:\n    vendor: unloc-partner\n    url: {url}\n    partner_id: {PARTNER_ID}\n"
-        "    credentials: {api_key: ${UNLOC_PARTNER_KEY}}\n")
+        "    credentials: {api_key: \"${UNLOC_PARTNER_KEY}\"}\n")
     # Ends in the future of the served sandbox's real clock, whatever the date; one key on an opt-in lock.
     text = POLICY.replace("end: 2026-11-27T11:00:00Z", "end: 2099-01-01T00:00:00Z").replace(
         "devices:\n", f"devices:\n  cabin: {{system: rentals, id: \"{CABIN}\"}}\n", 1) + \

@@ -236,7 +236,7 @@ def _check_users(declarations: Declarations, capabilities: Mapping[str, Capabili
             elif not has_account(declarations, name, system):
                 problems.append(Diagnostic(entry.place.at("ids", system), f"user '{name}' adopts an account on "
                                            f"'{system}' but `systems:` leaves that system out"))
-        if user.mobile_key and not user.phone:
+        if user.mobile_key and not entry.given("phone"):
             mobile = [s for s in declarations.systems if has_account(declarations, name, s)
                       and (c := capabilities_of(declarations, capabilities, s)) and c.user_accounts and c.mobile_key]
             if mobile:
@@ -257,11 +257,11 @@ def _check_devices(declarations: Declarations, capabilities: Mapping[str, Capabi
         if caps is None:
             continue
         for key in ("name", "favourite", "colour", "unlock_duration"):
-            if getattr(device, key) is not None and key not in caps.device_fields:
+            if entry.given(key) and key not in caps.device_fields:
                 problems.append(Diagnostic(entry.place.at(key, at_key=True),
                                            f"{caps.vendor} devices have no '{key}'"))
         if device.id is None:
-            if not caps.creates_devices:
+            if not caps.creates_devices and not entry.given("id"):
                 problems.append(Diagnostic(entry.place.at(), f"{caps.vendor} cannot create devices: add the `id:` "
                                            f"of the existing one to adopt it"))
             continue
@@ -373,12 +373,14 @@ def _check_permissions(declarations: Declarations, capabilities: Mapping[str, Ca
             system = system_of_device(declarations, device)
             caps = capabilities_of(declarations, capabilities, system)
             if system is not None and caps is not None:
-                problems += _check_grant_capabilities(declarations, place, permission, caps, system, device, users)
+                problems += _check_grant_capabilities(declarations, place, permission, caps, system, device, users,
+                                                      dropped=entry.dropped)
     return problems
 
 
 def _check_grant_capabilities(declarations: Declarations, place: Place, permission: Any, caps: Capabilities,
-                              system: str, device: str, users: list[str]) -> list[Diagnostic]:
+                              system: str, device: str, users: list[str],
+                              dropped: frozenset[str] = frozenset()) -> list[Diagnostic]:
     vendor = caps.vendor
     on = f"device '{device}' is on system '{system}'"
     problems = []
@@ -388,7 +390,7 @@ def _check_grant_capabilities(declarations: Declarations, place: Place, permissi
         where = place.at("devices", index) if index is not None else place.at()
         return [Diagnostic(where, f"{vendor} has only temporary keys ({on}); declare this access under "
                                   "`temp_keys:` instead of `permissions:`")]
-    if caps.requires_end and permission.end is None:
+    if caps.requires_end and permission.end is None and "end" not in dropped:
         problems.append(Diagnostic(place.at(), f"{vendor} requires an end: add `end:` to this permission"))
     if permission.schedule is not None and not caps.schedules:
         problems.append(Diagnostic(place.at("schedule", at_key=True),
@@ -419,13 +421,14 @@ def _check_grant_capabilities(declarations: Declarations, place: Place, permissi
             problems.append(Diagnostic(place.at("role"), f"'{permission.role}' is not a role on {vendor}; use "
                                        f"{', '.join(sorted(caps.share_roles))}"))
     for user in users:
-        person = declarations.users[user].model
+        entry = declarations.users[user]
+        person = entry.model
         if person is None:
             continue
-        if caps.needs_phone and not person.phone:
+        if caps.needs_phone and not entry.given("phone"):
             problems.append(Diagnostic(place.at(), f"user '{user}' has no phone: {vendor} sends keys to a phone "
                                        f"number ({on})"))
-        if caps.needs_email and not person.email:
+        if caps.needs_email and not entry.given("email"):
             problems.append(Diagnostic(place.at(), f"user '{user}' has no email: {vendor} identifies people by "
                                        f"email ({on})"))
         if caps.user_accounts and not has_account(declarations, user, system):
@@ -453,7 +456,7 @@ def _check_temp_keys(declarations: Declarations, capabilities: Mapping[str, Capa
             if person is None:
                 problems.append(Diagnostic(entry.place.at("users", index),
                                            _unknown("user", user, declarations.users)))
-            elif person.model is not None and not person.model.email:
+            elif person.model is not None and not person.given("email"):
                 problems.append(Diagnostic(entry.place.at("users", index), f"user '{user}' has no email: temporary "
                                            "keys name their users by email"))
     return problems

@@ -101,14 +101,53 @@ def _instant(value: Any, name: str) -> datetime:
     return parsed.astimezone(timezone.utc)
 
 
-def _check_e164(value: Any) -> Any:
+# Why `phonenumbers` finds a number impossible, in words (ValidationResult and NumberParseException codes).
+_PHONE_REASONS = {
+    "INVALID_COUNTRY_CODE": "the country code after + does not exist",
+    "TOO_SHORT": "too few digits for its country",
+    "TOO_LONG": "too many digits for its country",
+    "INVALID_LENGTH": "the wrong number of digits for its country",
+    "IS_POSSIBLE_LOCAL_ONLY": "a local number only: add the area code",
+    "NOT_A_NUMBER": "not a phone number",
+    "TOO_SHORT_NSN": "too few digits",
+    "TOO_SHORT_AFTER_IDD": "too few digits after the international prefix",
+}
+
+
+def normalise_phone(value: Any) -> Any:
+    """A phone number as people write it (`"+47 900 00 001"`, `"+47 (0)900-00-001"`) → E.164 (`+4790000001`),
+    which is what is stored, compared and sent. Without a country code, or impossible for its country, it is
+    refused with the reason. phonenumbers is imported here, when a policy has a phone, not at start-up."""
     if isinstance(value, int) and not isinstance(value, bool):
         # Unquoted, `+4790000001` is read by YAML as the number 4790000001: the + is gone.
         raise ValueError(f'a phone number must be a quoted string, e.g. "+{value}" '
                          "(unquoted YAML reads it as a number)")
-    if isinstance(value, str) and not E164_RE.match(value):
+    if not isinstance(value, str):
+        return value
+    import phonenumbers
+
+    written = value.strip()
+    if written.startswith("00"):
+        raise ValueError(f"'{value}' starts with 00: write the country code after +, e.g. +47 900 00 001")
+    if not written.startswith("+"):
+        raise ValueError(f"'{value}' has no country code: write it in international form, e.g. +47 900 00 001")
+    try:
+        number = phonenumbers.parse(written, None)
+    except phonenumbers.NumberParseException as exc:
+        kinds = {getattr(phonenumbers.NumberParseException, name): name for name in _PHONE_REASONS
+                 if hasattr(phonenumbers.NumberParseException, name)}
+        reason = _PHONE_REASONS.get(kinds.get(exc.error_type, ""), "not a phone number")
+        raise ValueError(f"'{value}' is not a possible phone number: {reason}") from None
+    result = phonenumbers.is_possible_number_with_reason(number)
+    if result != phonenumbers.ValidationResult.IS_POSSIBLE:
+        names = {getattr(phonenumbers.ValidationResult, name): name for name in _PHONE_REASONS
+                 if hasattr(phonenumbers.ValidationResult, name)}
+        reason = _PHONE_REASONS.get(names.get(result, ""), "not a possible number")
+        raise ValueError(f"'{value}' is not a possible phone number: {reason}")
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    if not E164_RE.match(e164):
         raise ValueError(f"'{value}' is not an E.164 phone number (+ and 8..15 digits)")
-    return value
+    return e164
 
 
 class MassRevokeModel(_Model):
@@ -169,7 +208,7 @@ class UserModel(_Model):
     @field_validator("phone", mode="before")
     @classmethod
     def _phone(cls, value: Any) -> Any:
-        return _check_e164(value)
+        return normalise_phone(value)
 
 
 class DeviceModel(_Model):
@@ -299,13 +338,20 @@ M = TypeVar("M")
 
 @dataclass(frozen=True)
 class Entry(Generic[M]):
-    """One declared entry. `model` is None when it failed validation: its name still counts as declared so
-    that references to it do not add noise to the errors already reported."""
+    """One declared entry. When its keys fail validation, `model` holds the keys that passed (`dropped` names
+    the others), so that references and vendor checks still run on it and every error is reported in one run;
+    `model` is None when not even that validates (a required key is wrong). Its name counts as declared either
+    way, so that references to it do not add noise to the errors already reported."""
 
     name: str
     place: Place
     model: M | None
     settings: dict[str, Any] = field(default_factory=dict)   # systems only: vendor-specific keys
+    dropped: frozenset[str] = frozenset()                      # keys already reported as wrong
+
+    def given(self, key: str) -> bool:
+        """Whether the entry declares `key` (a value that failed validation still counts: it was written)."""
+        return key in self.dropped or getattr(self.model, key, None) not in (None, "", [])
 
 
 @dataclass
@@ -392,14 +438,14 @@ def _parse_section(section: str, place: Place, body: Any, declarations: Declarat
             data = {k: plain(v) for k, v in value.items() if k in SYSTEM_KEYS}
         else:
             data = plain(value)
-        parsed, problems = _validate(model, data, entry_place, noun)
+        parsed, problems, dropped = _validate(model, data, entry_place, noun)
         diagnostics += problems
-        if parsed is not None:
+        if parsed is not None and not problems:
             problems = _check_entry(section, name, parsed, entry_place)
             diagnostics += problems
             if problems:
                 parsed = None
-        entries[name] = Entry(name, entry_place, parsed, settings)
+        entries[name] = Entry(name, entry_place, parsed, settings, dropped)
     return diagnostics
 
 
@@ -409,15 +455,16 @@ def _parse_permissions(place: Place, body: Any, declarations: Declarations) -> l
     diagnostics: list[Diagnostic] = []
     for index in range(len(body)):
         entry_place = Place(place.path, body, index)
-        parsed, problems = _validate(PermissionModel, plain(body[index]), entry_place, "permission")
+        parsed, problems, dropped = _validate(PermissionModel, plain(body[index]), entry_place, "permission")
         diagnostics += problems
-        if parsed is not None:
+        if parsed is not None and not problems:
             problems = _check_permission(parsed, entry_place)
             diagnostics += problems
             if problems:
                 parsed = None
         location = entry_place.at()
-        declarations.permissions.append(Entry(f"{location.path}:{location.line}", entry_place, parsed))
+        declarations.permissions.append(Entry(f"{location.path}:{location.line}", entry_place, parsed,
+                                              dropped=dropped))
     return diagnostics
 
 
@@ -482,22 +529,37 @@ def utc_text(moment: datetime) -> str:
 
 # ------------------------------------------------------------------------------------------ error translation
 
-def _validate(model: Any, data: Any, place: Place, noun: str) -> tuple[Any, list[Diagnostic]]:
+def _validate(model: Any, data: Any, place: Place, noun: str) -> tuple[Any, list[Diagnostic], frozenset[str]]:
+    """The validated entry, its problems, and the keys dropped to get a partial entry when it has problems."""
     try:
         if noun in _ADAPTERS:
-            return _ADAPTERS[noun].validate_python(data, strict=True), []
+            return _ADAPTERS[noun].validate_python(data, strict=True), [], frozenset()
         if data is None:
             data = {}  # `alice:` with nothing after it: an entry with every default
         if not isinstance(data, dict):
-            return None, [Diagnostic(place.at(), f"expected a mapping of {noun} keys")]
-        return model.model_validate(data), []
+            return None, [Diagnostic(place.at(), f"expected a mapping of {noun} keys")], frozenset()
+        return model.model_validate(data), [], frozenset()
     except ValidationError as exc:
         problems = []
+        wrong: set[str] = set()
         for error in exc.errors(include_url=False):
             loc = _loc_in_yaml(error["loc"])
             message, at_key = _reason(error, loc, model)
             problems.append(Diagnostic(place.at(*loc, at_key=at_key), message))
-        return None, sorted(set(problems))
+            if loc and isinstance(loc[0], str):
+                wrong.add(loc[0])
+                if error["type"] == "extra_forbidden":   # `emial:` is a misspelt `email:`, which counts as given
+                    wrong.update(difflib.get_close_matches(loc[0], _keys_at(model, ()), n=1, cutoff=0.6))
+        partial = _partial(model, data, wrong) if noun not in _ADAPTERS and isinstance(data, dict) else None
+        return partial, sorted(set(problems)), frozenset(wrong)
+
+
+def _partial(model: Any, data: dict[str, Any], wrong: set[str]) -> Any:
+    """The entry without its wrong keys, for the checks that need other entries; None if that fails too."""
+    try:
+        return model.model_validate({k: v for k, v in data.items() if k not in wrong})
+    except ValidationError:
+        return None
 
 
 def _loc_in_yaml(loc: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -9,7 +9,6 @@ and returns the `Location` of the deepest node it reaches, which is how schema a
 
 from __future__ import annotations
 
-import bisect
 import os
 import re
 from dataclasses import dataclass
@@ -88,19 +87,17 @@ def read_documents(path: Path) -> tuple[list[Document], list[Diagnostic]]:
         if refused:
             diagnostics.append(refused)
             continue
-        protected, references = _protect_env_references(text)
         try:
-            root = _load(protected, shown)
+            root = _load(text, shown)
         except _Refused as exc:
             diagnostics.append(exc.diagnostic)
             continue
         except MarkedYAMLError as exc:
-            diagnostics.append(_syntax_diagnostic(shown, exc))
+            diagnostics.append(_syntax_diagnostic(shown, exc, text))
             continue
         except YAMLError as exc:
             diagnostics.append(Diagnostic(Location(shown, 1, 1), f"invalid YAML: {exc}"))
             continue
-        _restore_env_references(root, references)
         documents.append(Document(shown, root))
     return documents, diagnostics
 
@@ -149,50 +146,22 @@ def _load(text: str, shown: str) -> Any:
     return yaml.load(text)
 
 
-# `credentials: {api_key: ${KEY}}` is how DESIGN §3 writes credentials, but in a YAML flow mapping `{` and `}`
-# end a plain scalar, so the line does not parse. References standing alone as a value are rewritten to
-# `$(KEY)` (same length, so every line:col stays true) before parsing, and turned back into `${KEY}` at exactly
-# the positions rewritten, so that a `$(...)` someone really wrote is left alone.
-_ENV_REFERENCE = re.compile(r"(?P<before>(?:^|[\[{,:])[ \t]*)\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)\}"
-                            r"(?=[ \t]*(?:[,}\]]|#|$))", re.MULTILINE)
+# In a flow collection (`{api_key: ${KEY}}`) `{` and `}` end a plain scalar, so an unquoted reference is not YAML;
+# the parser stops at the `{` after the `$`. Say so, at the `$`, with the quoted form.
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _protect_env_references(text: str) -> tuple[str, set[tuple[int, int]]]:
-    if "${" not in text:
-        return text, set()
-    positions: set[tuple[int, int]] = set()
-    line_starts = [0] + [i + 1 for i, char in enumerate(text) if char == "\n"]
-
-    def rewrite(match: re.Match[str]) -> str:
-        offset = match.start("name") - 2
-        line = bisect.bisect_right(line_starts, offset) - 1
-        positions.add((line, offset - line_starts[line]))
-        return f"{match.group('before')}$({match.group('name')})"
-
-    return _ENV_REFERENCE.sub(rewrite, text), positions
-
-
-def _restore_env_references(node: Any, positions: set[tuple[int, int]]) -> None:
-    if not positions:
-        return
-    if isinstance(node, CommentedMap):
-        for key in list(node):
-            value = node[key]
-            if isinstance(value, str) and _value_position(node, key) in positions:
-                node[key] = "${" + value[2:-1] + "}"
-            else:
-                _restore_env_references(value, positions)
-    elif isinstance(node, CommentedSeq):
-        for index, value in enumerate(node):
-            if isinstance(value, str) and _item_position(node, index) in positions:
-                node[index] = "${" + value[2:-1] + "}"
-            else:
-                _restore_env_references(value, positions)
-
-
-def _syntax_diagnostic(path: str, exc: MarkedYAMLError) -> Diagnostic:
+def _syntax_diagnostic(path: str, exc: MarkedYAMLError, text: str) -> Diagnostic:
     mark = exc.problem_mark or exc.context_mark
     location = Location(path, mark.line + 1, mark.column + 1) if mark else Location(path, 1, 1)
+    if exc.problem_mark is not None:
+        offset = exc.problem_mark.index
+        reference = _ENV_REFERENCE.match(text, offset - 1) if offset > 0 else None
+        if reference:
+            quoted = f'"{reference.group(0)}"'
+            return Diagnostic(Location(path, mark.line + 1, mark.column),
+                              f"an unquoted {reference.group(0)} is not YAML inside {{ }} or [ ] "
+                              f"(the {{ ends the value): quote it, {quoted}")
     problem = (exc.problem or "").strip()
     context = (exc.context or "").strip()
     if "duplicate key" in problem:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import httpx
 
+from reconciler.errors import StateError
 from reconciler.providers.base import Provider, StateStore
 from reconciler.resources import Capabilities
 from reconciler.secret import Secret
@@ -58,7 +59,13 @@ def build_provider(system: Any, state: StateStore, *, sandbox_dir: Path, clock: 
     cls = PROVIDERS[system.vendor]
     url, credentials = system.url, dict(system.credentials)
     if url == "sandbox":
-        simulator = SIMULATORS[system.vendor](store_path=sandbox_dir / f"{system.name}.json", clock=clock)
+        store = sandbox_dir / f"{system.name}.json"
+        try:
+            simulator = SIMULATORS[system.vendor](store_path=store, clock=clock)
+        except ValueError as exc:   # the store of another vendor's system of the same name (a shared --state)
+            raise StateError(f"the sandbox store {store} is not this system's ({exc}): another policy with a "
+                             f"system named '{system.name}' shares this state; give each policy directory its own "
+                             "--state (the default does), or delete the store to start over") from None
         transport = transport or httpx.MockTransport(simulator.handle)
         credentials = {k: Secret(v) for k, v in simulator.credentials.items()}
         url = SANDBOX_BASE

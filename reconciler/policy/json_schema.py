@@ -1,0 +1,122 @@
+"""The JSON Schema (draft 2020-12) of one policy file, generated from the pydantic models, for editors.
+
+`reconciler schema` prints it; yaml-language-server (VS Code's YAML extension) uses it for completion and
+checks while typing, through a `# yaml-language-server: $schema=...` line or the editor's settings. It says
+what one file may hold: the sections, each entry's keys and types, names, and per vendor the system settings
+and credential keys it takes (from the providers' capabilities, passed in as `load_policy` gets them). Unknown
+keys are refused, as the loader refuses them. What needs the other files or the vendor's limits (references,
+open-ended access on Abloy, ...) stays with `reconciler validate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pydantic import BaseModel
+
+from reconciler.resources import Capabilities
+
+from .checks import ENV_REFERENCE
+from .schema import (COLOUR_RE, DURATION_RE, EMAIL_RE, NAME_RE, SYSTEM_KEYS, TIME_RE, DeviceModel, GatewayModel, PermissionModel, SpanModel, SystemModel,
+                     TempKeyModel, UserModel, VENDORS)
+
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+SCHEMA_ID = "https://reconciler.invalid/schema/policy-v1.json"
+
+_MODELS: dict[str, type[BaseModel]] = {
+    "User": UserModel, "Device": DeviceModel, "Gateway": GatewayModel, "Span": SpanModel,
+    "Permission": PermissionModel, "TempKey": TempKeyModel,
+}
+_SCALAR = {"type": ["string", "number", "integer", "boolean"]}
+# Formats the models check in validators, repeated here as patterns so that an editor flags them while typing.
+_PATTERNS = [
+    ("User", "email", EMAIL_RE.pattern),
+    ("User", "phone", r"^\+[1-9][0-9 ().-]*$"),
+    ("Device", "colour", COLOUR_RE.pattern),
+    ("Permission", "key_validity", DURATION_RE.pattern),
+    ("Span", "from", TIME_RE.pattern),
+    ("Span", "to", f"{TIME_RE.pattern}|^24:00$"),
+]
+
+
+def policy_json_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, Any]:
+    defs: dict[str, Any] = {}
+    for name, model in _MODELS.items():
+        schema = model.model_json_schema(ref_template="#/$defs/{model}", by_alias=True, mode="validation")
+        for inner, body in schema.pop("$defs", {}).items():
+            defs[_def_name(inner)] = body
+        defs[name] = schema
+    defs = _rename_refs(defs)
+    for model, key, pattern in _PATTERNS:
+        _constrain(defs[model]["properties"][key], pattern)
+    defs["System"] = _system_schema(capabilities)
+
+    def named(ref: str, what: str) -> dict[str, Any]:
+        return {"type": ["object", "null"], "description": f"{what}, by name",
+                "propertyNames": {"pattern": NAME_RE.pattern}, "additionalProperties": {"$ref": f"#/$defs/{ref}"}}
+
+    defs["Group"] = {"type": "array", "items": {"type": "string"}, "description": "members: users or groups"}
+    defs["Schedule"] = {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/Span"},
+                        "description": "weekly windows, one span per weekday"}
+    return {
+        "$schema": DIALECT,
+        "$id": SCHEMA_ID,
+        "title": "reconciler policy file (format v1)",
+        "description": "One *.yaml file of a reconciler policy directory; the files are merged.",
+        "type": ["object", "null"],
+        "additionalProperties": False,
+        "properties": {
+            "systems": named("System", "vendor connections"),
+            "users": named("User", "people"),
+            "devices": named("Device", "locking devices"),
+            "gateways": named("Gateway", "gateways (abloy-keyless)"),
+            "groups": named("Group", "groups of users and groups"),
+            "schedules": named("Schedule", "weekly schedules (unloc)"),
+            "temp_keys": named("TempKey", "temporary keys (spkey)"),
+            "permissions": {"type": ["array", "null"], "items": {"$ref": "#/$defs/Permission"},
+                            "description": "who may open which devices, when"},
+        },
+        "$defs": dict(sorted(defs.items())),
+    }
+
+
+def _system_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, Any]:
+    """One branch per vendor: the common keys, that vendor's settings and credential keys, nothing else."""
+    common = SystemModel.model_json_schema(by_alias=True, mode="validation")["properties"]
+    assert set(common) == set(SYSTEM_KEYS), "the schema of a system must follow SystemModel"
+    branches = []
+    for vendor in VENDORS:
+        caps = capabilities.get(vendor)
+        if caps is None:
+            continue
+        accepted = sorted(frozenset().union(*(caps.credential_sets or (caps.credentials,))))
+        reference = {"type": "string", "pattern": ENV_REFERENCE.pattern,
+                     "description": 'an environment variable reference, quoted: "${NAME}"'}
+        properties = {key: dict(value) for key, value in common.items()}
+        properties["vendor"] = {"const": vendor}
+        properties["credentials"] = {"type": ["object", "null"], "additionalProperties": False,
+                                     "properties": {key: reference for key in accepted}}
+        for setting in sorted(caps.settings):
+            properties[setting] = dict(_SCALAR, description=f"{vendor} setting")
+        branches.append({"title": vendor, "type": "object", "required": ["vendor", *sorted(caps.required_settings)],
+                         "properties": properties, "additionalProperties": False})
+    return {"description": "a vendor connection", "oneOf": branches}
+
+
+def _constrain(prop: dict[str, Any], pattern: str) -> None:
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") == "string":
+            branch["pattern"] = pattern
+
+
+def _def_name(name: str) -> str:
+    return name[:-5] if name.endswith("Model") else name
+
+
+def _rename_refs(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: (f"#/$defs/{_def_name(value.rsplit('/', 1)[1])}" if key == "$ref" and isinstance(value, str)
+                      else _rename_refs(value)) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_rename_refs(value) for value in node]
+    return node
