@@ -40,6 +40,15 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
+def later(seconds: float, action) -> None:
+    """Run `action` after `seconds` in a daemon thread. Not `threading.Timer`: its timed event wait never
+    returns under faketime, which moves the monotonic clock too."""
+    def run() -> None:
+        time.sleep(seconds)
+        action()
+    threading.Thread(target=run, daemon=True).start()
+
+
 class Harness:
     """A policy directory plus one simulated Abloy system named `hq` at https://abloy.test."""
 
@@ -134,7 +143,7 @@ def serve_sandboxes(tmp_path: Path, *options: str) -> Iterator[tuple[str, dict[s
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
             except OSError:
-                threading.Event().wait(0.1)   # not time.sleep: EINVAL under the shifted clock of .ci/test
+                time.sleep(0.1)
         yield f"http://127.0.0.1:{port}", credentials
     finally:
         server.terminate()

@@ -2,12 +2,13 @@
 
 import json
 import multiprocessing
-import threading
 
 import pytest
 
 from reconciler.errors import LockedError
 from reconciler.state import LocalState
+
+from conftest import later
 
 
 def test_put_is_durable_before_save(tmp_path):
@@ -70,7 +71,7 @@ def test_lock_timeout_waits_for_the_holder(tmp_path):
         assert ready.wait(10)
         with pytest.raises(LockedError, match="--lock-timeout"):
             LocalState(path, lock_timeout=0.3).lock()
-        threading.Timer(0.5, release.set).start()
+        later(0.5, release.set)
         with LocalState(path, lock_timeout=60):
             assert release.is_set()
     finally:

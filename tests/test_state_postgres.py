@@ -32,7 +32,7 @@ from reconciler.state import open_state
 from reconciler.state import postgres as pg_state
 from reconciler.state.postgres import PostgresState, StateLocation, ensure_schema, schema_version
 
-from conftest import Harness, free_port, reconciler_command, serve_sandboxes
+from conftest import Harness, free_port, later, reconciler_command, serve_sandboxes
 from pg_cluster import Cluster, answers, find_binaries
 from test_abloy_provider import POLICY, assert_converged_without_duplicates
 
@@ -154,7 +154,7 @@ def test_second_apply_refused_at_once_naming_the_holder_or_waits_with_a_timeout(
         waited = PostgresState(pg_url, lock_timeout=0.5)
         with pytest.raises(LockedError, match="after waiting 0.5s"):
             waited.lock()
-        threading.Timer(1.0, release.set).start()
+        later(1.0, release.set)
         with PostgresState(pg_url, lock_timeout=60):   # waits for the release, then holds it
             pass
     finally:
@@ -250,7 +250,7 @@ def test_lock_taken_by_another_apply_while_the_connection_was_down_stops_the_app
             while not _raw(pg_url, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
                                    "AND pid = %s", intruder.info.backend_pid):
                 assert time.monotonic() < deadline
-                threading.Event().wait(0.05)
+                time.sleep(0.05)
             # ... and gets it the moment the server drops our session.
             _raw(pg_url, "SELECT pg_terminate_backend(%s)", _apply_backend(pg_url))
             queued.join(30)
@@ -505,7 +505,7 @@ def test_two_applies_at_once_one_refused_one_waits_no_duplicate(runners):
         refused = runners.run(1, "apply", "--auto-approve", "--now", CLI_NOW)
         plan = runners.run(1, "plan", "--now", CLI_NOW)            # plans never block
         waiting = runners.start(1, "apply", "--auto-approve", "--lock-timeout", "5m", "--now", CLI_NOW)
-        threading.Event().wait(2)
+        time.sleep(2)
         assert waiting.poll() is None       # waiting for the lock
         first.send_signal(signal.SIGCONT)
         rest = _finish(first)

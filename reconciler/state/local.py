@@ -28,9 +28,9 @@ STATE_VERSION = 1
 
 
 def pause(seconds: float) -> None:
-    """Wait `seconds` on the monotonic clock. Not `time.sleep`: under a shifted test clock (faketime with
-    a real monotonic clock) it fails with EINVAL, while a timed event wait keeps its real length."""
-    threading.Event().wait(seconds)
+    """Wait `seconds`. A plain sleep, never a timed lock or event wait: under faketime, which moves the
+    monotonic clock too, a timed wait's deadline lands years away and it never returns."""
+    time.sleep(seconds)
 
 
 def is_database_url(spec: str) -> bool:
