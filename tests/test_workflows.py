@@ -138,7 +138,7 @@ def test_apply_runs_only_on_main_in_production_and_never_applies_a_stale_plan():
     apply = workflow["jobs"]["apply"]
     assert apply["environment"] == "production" and apply["needs"] == "plan"
     runs = [step["run"] for step in apply["steps"] if "run" in step]
-    assert runs[-1] == "reconciler apply --plan approved/plan.json --auto-approve"
+    assert runs[-1] == "reconciler apply --plan approved/plan.json --auto-approve --lock-timeout 10m"
     text = json.dumps(workflow)
     assert "reconciler apply --auto-approve" not in text, "a fresh, unreviewed plan must never be applied"
     assert "git push" not in text and "contents: write" not in text
