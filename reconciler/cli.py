@@ -38,15 +38,8 @@ log = logging.getLogger(__name__)
 
 def _parse_now(value: str | None) -> datetime | None:
     """`--now`, or None: the session then reads the wall clock itself (`run.wall_clock`)."""
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an ISO 8601 date-time (e.g. 2026-11-22T10:00:00Z)") from None
-    if moment.tzinfo is None:
-        raise click.BadParameter(f"{value!r} needs a timezone, e.g. {value}Z")
-    return moment.astimezone(UTC)
+    moment = _parse_at(value)
+    return None if moment is None else moment.astimezone(UTC)
 
 
 def _parse_duration(value: str) -> float:
