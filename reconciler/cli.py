@@ -518,6 +518,16 @@ def state_push(file: str, force: bool, state: str | None, lock_timeout: str) -> 
     _guard(body)
 
 
+def _emit(text: str, out: str | None) -> int:
+    """Write `text` to the file `out`, saying so on stderr, or to standard output."""
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+        click.echo(f"Wrote {out}.", err=True)
+    else:
+        click.echo(text, nl=False)
+    return ExitCode.OK
+
+
 @state_group.command("pull")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write the state file here instead of standard output.")
@@ -525,13 +535,7 @@ def state_push(file: str, force: bool, state: str | None, lock_timeout: str) -> 
 def state_pull(out: str | None, state: str | None) -> None:
     """Print the state (in the local file's format) of the store named by --state."""
     def body() -> int:
-        text = json.dumps(run.pull_state(_session(".", state, None)), indent=1, sort_keys=True) + "\n"
-        if out:
-            Path(out).write_text(text, encoding="utf-8")
-            click.echo(f"Wrote {out}.", err=True)
-        else:
-            click.echo(text, nl=False)
-        return ExitCode.OK
+        return _emit(json.dumps(run.pull_state(_session(".", state, None)), indent=1, sort_keys=True) + "\n", out)
     _guard(body)
 
 
@@ -545,13 +549,7 @@ def schema(out: str | None) -> None:
     each policy file with `# yaml-language-server: $schema=policy.schema.json` (a path relative to the file).
     """
     def body() -> int:
-        text = json.dumps(run.schema(), indent=2, ensure_ascii=False) + "\n"
-        if out:
-            Path(out).write_text(text, encoding="utf-8")
-            click.echo(f"Wrote {out}.", err=True)
-        else:
-            click.echo(text, nl=False)
-        return ExitCode.OK
+        return _emit(json.dumps(run.schema(), indent=2, ensure_ascii=False) + "\n", out)
     _guard(body)
 
 
