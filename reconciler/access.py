@@ -12,9 +12,10 @@ marked `live_only`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from reconciler.resources import GRANT_KINDS, Kind, Resource, Status, grant_parts, grant_slot, parse_time
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from typing import Protocol
 
 from reconciler.errors import RefusedError, StateError, VendorError
 from reconciler.plan import Action, Change, Plan
@@ -66,7 +67,7 @@ class ApplyReport:
     def summary(self) -> str:
         if self.ok:
             return f"{len(self.done)} applied"
-        return ((f"interrupted: " if self.interrupted else "")
+        return (("interrupted: " if self.interrupted else "")
                 + f"{len(self.done)} applied, {len(self.uncertain)} uncertain, {len(self.failed)} failed, "
                 f"{len(self.skipped)} not attempted; run apply again to finish what remains"
                 + ("; it looks up what is uncertain before sending anything" if self.uncertain else ""))

@@ -19,9 +19,10 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -30,8 +31,8 @@ from reconciler.errors import ApplyFailedError, Diagnostic, ExitCode, PolicyErro
 from reconciler.plan import Change, Plan
 from reconciler.render import render_access, render_json, render_markdown, render_text
 from reconciler.state import default_state_path, is_database_url
-from reconciler.text import printable
 from reconciler.terminal import ApplyProgress, ReadProgress, color_wanted, colorize_plan, is_terminal
+from reconciler.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +402,7 @@ def _parse_at(value: str | None) -> datetime | None:
     if value is None:
         return None
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not an ISO 8601 date-time (e.g. 2026-11-22T10:00:00Z)") from None
     if moment.tzinfo is None:
@@ -449,10 +450,10 @@ def events(system: str, device: str, directory: str, state: str | None, allow_ho
             return ExitCode.OK
         widths = [max(len(getattr(r, f)) for r in rows) for f in ("time", "action", "person")]
         header = ("time", "action", "person")
-        widths = [max(w, len(h)) for w, h in zip(widths, header)]
-        click.echo("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  detail")
+        widths = [max(w, len(h)) for w, h in zip(widths, header, strict=False)]
+        click.echo("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)) + "  detail")
         for r in rows:
-            click.echo("  ".join(v.ljust(w) for v, w in zip((r.time, r.action, r.person), widths)) + f"  {r.detail}")
+            click.echo("  ".join(v.ljust(w) for v, w in zip((r.time, r.action, r.person), widths, strict=False)) + f"  {r.detail}")
         return ExitCode.OK
     _guard(body)
 
@@ -570,7 +571,8 @@ def sandbox() -> None:
               help="The policy whose ${VAR} names the printed credentials use (when it exists).")
 def serve(host: str, port: int, store: str, rate_limit: int | None, now: str | None, directory: str) -> None:
     """Serve the vendor simulators over HTTP on this machine."""
-    from reconciler.providers.factory import sandbox_mounts, serve as serve_http
+    from reconciler.providers.factory import sandbox_mounts
+    from reconciler.providers.factory import serve as serve_http
 
     start = _parse_now(now)
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from enum import StrEnum
-from typing import Any, Mapping
+from functools import cached_property
+from typing import Any
 
 from reconciler.resources import GRANT_KINDS, Kind, Resource
 

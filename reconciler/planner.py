@@ -11,9 +11,9 @@ warning saying how to resolve it, and so does everything that depends on it.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
-from typing import Iterable, Mapping
 
 from reconciler.plan import Action, Change, Effect, Guard, Note, Plan, RevokeThreshold, classify, revocation_token
 from reconciler.resources import GRANT_KINDS, Kind, Resource, Status, address_of, digest, format_time, grant_slot
@@ -191,7 +191,7 @@ def _index_live(live: Iterable[Resource], wanted: Mapping[str, Resource], now_te
                 free.remove(same)
                 found[same] = _renamed(have, same)
         unpaired.sort(key=lambda r: (r.status is not Status.PRESENT, r.attributes.get("start") or "", r.id or ""))
-        for address, have in zip(free, unpaired):    # a window moved: update the grant that held it
+        for address, have in zip(free, unpaired, strict=False):    # a window moved: update the grant that held it
             found[address] = _renamed(have, address)
         for extra in unpaired[len(free):]:
             name = grant_slot(extra.name)

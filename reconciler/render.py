@@ -208,7 +208,7 @@ def _group_line(change: dict[str, Any]) -> tuple[Any, ...] | None:
     groups = [v.split(":", 1)[1] for v in change.get("via", []) if v.startswith("group:")]
     if len(groups) != 1 or "user" in change.get("via", []):
         return None
-    user, device, *operation = change["address"].split("/", 2)[2].split("/")
+    _user, _device, *operation = change["address"].split("/", 2)[2].split("/")
     window = _window(change["after"])
     return (change["action"], groups[0], change["system"], tuple(operation), window, change.get("source") or "",
             change.get("origin") or "")
@@ -235,7 +235,7 @@ def _access_lines(changes: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
         user, device = change["address"].split("/", 2)[2].split("/")[:2]
         grouped.setdefault(key, {}).setdefault(user, []).append((position, device, sentence))
     for key, people in grouped.items():
-        action, group, system, operation, window, source, origin = key
+        _action, group, system, operation, window, source, origin = key
         by_doors: dict[tuple[str, ...], list[str]] = {}
         for user, grants in sorted(people.items()):
             by_doors.setdefault(tuple(sorted(d for _, d, _ in grants)), []).append(user)
@@ -325,7 +325,7 @@ def render_access(rows: list[AccessRow], admins: list[Admin], fmt: str, *, headi
         lines.append("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
         lines += ["  ".join(cell[c].ljust(widths[c]) for c in columns).rstrip() for cell in cells]
     if notes:
-        lines += [""] + notes
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 

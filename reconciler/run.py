@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from reconciler import planner
 from reconciler.access import AccessRow, Admin, rows_from_live, rows_from_policy, select
 from reconciler.applier import ApplyReport, apply_plan, check_mass_revoke
-from reconciler.errors import PlanError, RefusedError, ReconcilerError, StateError
+from reconciler.errors import PlanError, ReconcilerError, RefusedError, StateError
 from reconciler.plan import FORMAT_VERSION, Change, Note, Plan
 from reconciler.policy import Policy, load_policy
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.factory import build_provider, capabilities
-from reconciler.state import LocalState, open_state as open_store
+from reconciler.state import LocalState
+from reconciler.state import open_state as open_store
 from reconciler.state.guard import check_state
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,7 @@ def read_live(policy: Policy, providers: Mapping[str, Provider],
     if on_read:
         on_read(None, 0, len(providers))
     with ThreadPoolExecutor(max(1, len(providers))) as pool:
-        reads = dict(zip(providers, pool.map(read, providers)))
+        reads = dict(zip(providers, pool.map(read, providers), strict=False))
     problems = [e for result in reads.values() for e in result.errors]
     if problems:
         raise PlanError(problems)

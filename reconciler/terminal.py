@@ -15,7 +15,8 @@ import re
 import sys
 import threading
 import time
-from typing import IO, Any, Mapping
+from collections.abc import Mapping
+from typing import IO, Any, Self
 
 import click
 
@@ -56,7 +57,7 @@ def colorize_plan(text: str, color: bool) -> str:
 
 
 def duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
@@ -86,12 +87,12 @@ class ApplyProgress:
                                           item_show_func=lambda _: self._rate_and_elapsed(),
                                           file=sys.stdout, color=color)
 
-    def __enter__(self) -> "ApplyProgress":
+    def __enter__(self) -> Self:
         if self._bar is not None:
             self._bar.__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
 

@@ -11,8 +11,8 @@ Stages (each collects diagnostics instead of stopping at the first): `yamlio` re
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from reconciler.errors import PolicyError
 from reconciler.resources import Capabilities

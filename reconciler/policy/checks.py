@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from reconciler.errors import Diagnostic
@@ -248,7 +249,7 @@ def _check_users(declarations: Declarations, capabilities: Mapping[str, Capabili
 def _check_devices(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
     problems = []
     adopted: dict[tuple[str, str], Entry[Any]] = {}
-    for name, entry in declarations.devices.items():
+    for entry in declarations.devices.values():
         device = entry.model
         if device is None:
             continue
@@ -308,7 +309,7 @@ def _check_gateways(declarations: Declarations, capabilities: Mapping[str, Capab
 
 def _check_groups(declarations: Declarations) -> list[Diagnostic]:
     problems = []
-    for name, entry in declarations.groups.items():
+    for entry in declarations.groups.values():
         for index, member in enumerate(entry.model or ()):
             if member in declarations.users and member in declarations.groups:
                 problems.append(Diagnostic(entry.place.at(index), f"'{member}' is both a user and a group; "
@@ -439,7 +440,7 @@ def _check_grant_capabilities(declarations: Declarations, place: Place, permissi
 
 def _check_temp_keys(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
     problems = []
-    for name, entry in declarations.temp_keys.items():
+    for entry in declarations.temp_keys.values():
         key = entry.model
         if key is None:
             continue

@@ -14,8 +14,9 @@ one per window where a person has several windows on one door (`…/OPEN@<start>
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any
 
 from reconciler.errors import Diagnostic
 from reconciler.resources import WINDOW_MARK, Capabilities, Kind, Resource, Status, address_of
@@ -316,7 +317,7 @@ def _conflict(second: Entry[PermissionModel], first: Entry[PermissionModel],
 
 def _one_window_only(declarations: Declarations, second: Entry[PermissionModel], first: Entry[PermissionModel],
                      pairs: list[tuple[Resource, Resource]]) -> Diagnostic:
-    earlier, later = pairs[0]
+    _earlier, later = pairs[0]
     user, device, *operation = later.name.split("/")
     what = f"{operation[0]} on '{device}'" if operation else f"access to '{device}'"
     system = declarations.systems.get(later.system)

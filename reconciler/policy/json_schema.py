@@ -10,15 +10,30 @@ open-ended access on Abloy, ...) stays with `reconciler validate`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel
 
 from reconciler.resources import Capabilities
 
 from .checks import ENV_REFERENCE
-from .schema import (COLOUR_RE, DURATION_RE, EMAIL_RE, NAME_RE, SYSTEM_KEYS, TIME_RE, DeviceModel, GatewayModel, PermissionModel, SpanModel, SystemModel,
-                     TempKeyModel, UserModel, VENDORS)
+from .schema import (
+    COLOUR_RE,
+    DURATION_RE,
+    EMAIL_RE,
+    NAME_RE,
+    SYSTEM_KEYS,
+    TIME_RE,
+    VENDORS,
+    DeviceModel,
+    GatewayModel,
+    PermissionModel,
+    SpanModel,
+    SystemModel,
+    TempKeyModel,
+    UserModel,
+)
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_ID = "https://reconciler.invalid/schema/policy-v1.json"
@@ -95,7 +110,7 @@ def _system_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, Any]:
         properties = {key: dict(value) for key, value in common.items()}
         properties["vendor"] = {"const": vendor}
         properties["credentials"] = {"type": ["object", "null"], "additionalProperties": False,
-                                     "properties": {key: reference for key in accepted}}
+                                     "properties": dict.fromkeys(accepted, reference)}
         for setting in sorted(caps.settings):
             properties[setting] = dict(_SCALAR, description=f"{vendor} setting")
         branches.append({"title": vendor, "type": "object", "required": ["vendor", *sorted(caps.required_settings)],
@@ -110,7 +125,7 @@ def _constrain(prop: dict[str, Any], pattern: str) -> None:
 
 
 def _def_name(name: str) -> str:
-    return name[:-5] if name.endswith("Model") else name
+    return name.removesuffix("Model")
 
 
 def _rename_refs(node: Any) -> Any:

@@ -13,7 +13,7 @@ import difflib
 import re
 import types
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
@@ -98,7 +98,7 @@ def _instant(value: Any, name: str) -> datetime:
         raise ValueError(f"expected a date and time for {name}, {example}")
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise ValueError(f"{name} needs a timezone: add Z or an offset such as +01:00, {example}")
-    return parsed.astimezone(timezone.utc)
+    return parsed.astimezone(UTC)
 
 
 # Why `phonenumbers` finds a number impossible, in words (ValidationResult and NumberParseException codes).
@@ -524,7 +524,7 @@ def _check_schedule(spans: list[SpanModel], place: Place) -> list[Diagnostic]:
 
 
 def utc_text(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ------------------------------------------------------------------------------------------ error translation

@@ -19,17 +19,28 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import Any
 
 import jwt
 
 from reconciler.errors import VendorError
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, Redactor, json_error, token_lifetime
-from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, duration_seconds, format_time,
-                                  grant_parts, normalise_time, unknown_name)
+from reconciler.resources import (
+    Capabilities,
+    Kind,
+    Resource,
+    Status,
+    address_of,
+    duration_seconds,
+    format_time,
+    grant_parts,
+    normalise_time,
+    unknown_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +152,7 @@ class AbloyProvider(Provider):
     def read_live(self, desired: list[Resource]) -> ReadResult:
         keys = ("users", "devices", "permissions", "gateways", "associations", "operating_devices")
         with ThreadPoolExecutor(len(keys)) as pool:
-            lists = dict(zip(keys, pool.map(self.list_all, keys)))
+            lists = dict(zip(keys, pool.map(self.list_all, keys), strict=False))
         me = self._secret["user_id"]
         users = {u["id"]: u for u in lists["users"] if u["id"] != me}
         devices = {d["id"]: d for d in lists["devices"]}

@@ -20,15 +20,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, ClassVar, Mapping, Protocol
+from typing import Any, ClassVar, Protocol
 
 import httpx
 
 from reconciler.errors import VendorError
-from reconciler.providers.http import Deadline, HttpClient
 from reconciler.plan import Action, Change, Note
+from reconciler.providers.http import Deadline, HttpClient
 from reconciler.resources import Capabilities, Resource, digest
 from reconciler.secret import Secret
 

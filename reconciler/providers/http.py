@@ -18,6 +18,7 @@ or untrusted certificate) nor an unknown host name is retried: each says so in o
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import random
@@ -25,7 +26,8 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import httpx
 
@@ -101,7 +103,7 @@ class HttpClient:
 
     def __init__(self, base_url: str, *, system: str, headers: dict[str, str] | None = None,
                  transport: httpx.BaseTransport | None = None, redactor: Redactor | None = None,
-                 authenticate: Callable[["HttpClient"], tuple[dict[str, str], float | None]] | None = None,
+                 authenticate: Callable[[HttpClient], tuple[dict[str, str], float | None]] | None = None,
                  describe: Callable[[httpx.Response], str] | None = None,
                  max_attempts: int = 6, max_backoff: float = 30.0, timeout: float = 30.0,
                  sleep: Callable[[float], None] = time.sleep,
@@ -273,10 +275,8 @@ class HttpClient:
     def _backoff(self, attempt: int, retry_after: str | None, method: str, path: str, why: str) -> None:
         delay = min(self.max_backoff, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
         if retry_after:
-            try:
+            with contextlib.suppress(ValueError):
                 delay = min(max(float(retry_after), 0.0), max(self.max_backoff, 60.0))
-            except ValueError:
-                pass
         if self.deadline is not None and delay >= self.deadline.remaining():
             raise self._too_late(why)     # waiting would end past the deadline: say so now
         self._check_go(method, path, why)

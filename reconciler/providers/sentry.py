@@ -14,14 +14,16 @@ one `ADD_USER` each; all revocations of a lock are one `REMOVE_USER` (`batches`/
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import math
 import threading
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import jwt
@@ -197,10 +199,8 @@ class SentryProvider(Provider):
             if response.status_code != 429:
                 return
             delay = min(60.0, 0.5 * 2 ** attempt)
-            try:
+            with contextlib.suppress(ValueError):
                 delay = float(response.headers.get("Retry-After", delay))
-            except ValueError:
-                pass
             log.info("rate limited; signing again after the wait system=%s path=%s delay=%.2f",
                      self.name, path, delay)
             self.sleep(delay)
@@ -244,8 +244,8 @@ class SentryProvider(Provider):
         # The directory (one person per lookup) and the per-lock user lists (no bulk endpoint) at once.
         with ThreadPoolExecutor(READ_CONCURRENCY) as pool:
             found = pool.map(self._lookup, emails)
-            members = dict(zip(managed, pool.map(self._lock_users, managed)))
-            self.directory = {email: entry for email, entry in zip(emails, found) if entry is not None}
+            members = dict(zip(managed, pool.map(self._lock_users, managed), strict=False))
+            self.directory = {email: entry for email, entry in zip(emails, found, strict=False) if entry is not None}
 
         for lock_id, lock in locks.items():
             name = device_names.get(lock_id)
@@ -392,7 +392,7 @@ class SentryProvider(Provider):
             live = {str(u.get("userId", "")).lower(): u for u in self._lock_users(lock_id)}
             return all(_same_share(live.get(body["user"].lower()), body) for body in bodies)
         self._execute(lock_id, operation, landed)
-        for want, body in zip(wants, bodies):
+        for want, body in zip(wants, bodies, strict=False):
             self.remember(want.address, {"user": body["user"], "lock": lock_id})
 
     def _revoke(self, lock_id: str, lives: list[Resource]) -> None:

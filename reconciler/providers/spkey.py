@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any
 
 import httpx
 

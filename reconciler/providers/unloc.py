@@ -24,16 +24,26 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlencode
 
 from reconciler.errors import VendorError
 from reconciler.plan import Note
 from reconciler.providers.base import Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor, json_error
-from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, grant_parts, grant_slot, normalise_time,
-                                  unknown_name)
+from reconciler.resources import (
+    Capabilities,
+    Kind,
+    Resource,
+    Status,
+    address_of,
+    grant_parts,
+    grant_slot,
+    normalise_time,
+    unknown_name,
+)
 
 log = logging.getLogger(__name__)
 

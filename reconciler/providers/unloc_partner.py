@@ -36,18 +36,28 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Any, Iterable, Mapping
+from typing import Any
 from urllib.parse import quote
-
 
 from reconciler.errors import VendorError
 from reconciler.plan import Note
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor, json_error
-from reconciler.resources import (Capabilities, Kind, Resource, Status, address_of, format_time, grant_parts,
-                                  normalise_time, parse_time, unknown_name)
+from reconciler.resources import (
+    Capabilities,
+    Kind,
+    Resource,
+    Status,
+    address_of,
+    format_time,
+    grant_parts,
+    normalise_time,
+    parse_time,
+    unknown_name,
+)
 
 log = logging.getLogger(__name__)
 

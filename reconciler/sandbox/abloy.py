@@ -36,10 +36,11 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import httpx
 import jwt
@@ -335,7 +336,7 @@ class AbloySimulator(Simulator):
         add("users", {"id": ADMIN_USER_ID, "role": "ADMIN", "_accessKeyHash": _hash_key(ADMIN_ACCESS_KEY)})
         if not self._seed:
             return
-        for label, user_id in SEED_USERS.items():
+        for user_id in SEED_USERS.values():
             add("users", {"id": user_id, "role": "USER", "_accessKeyHash": _hash_key(secrets.token_urlsafe(32))})
         models = ("PADLOCK", "CYLINDER", "CONTROLLER", "PADLOCK", "CYLINDER", "CYLINDER", "CYLINDER", "CONTROLLER")
         for i, (name, device_id) in enumerate(SEED_DEVICES.items()):

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import email.utils
+import hashlib
 import hmac
 import json
 import logging
@@ -29,11 +29,12 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import httpx
 
@@ -104,7 +105,7 @@ def parse_datetime(value: object) -> datetime | None:
     if match and len(match.group(1)) > 6:  # Python keeps microseconds; drop the nanosecond digits
         text = text[:match.start(1) + 6] + text[match.end(1):]
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+        return datetime.fromisoformat(text).astimezone(UTC)
     except ValueError:
         return None
 
@@ -192,7 +193,7 @@ class PageTokens:
     def encode(self, scope: str, key: Sequence[Any]) -> str:
         payload = json.dumps({"s": scope, "k": list(key)}, separators=(",", ":")).encode()
         nonce = os.urandom(self._NONCE)
-        sealed = nonce + bytes(a ^ b for a, b in zip(payload, self._keystream(nonce, len(payload))))
+        sealed = nonce + bytes(a ^ b for a, b in zip(payload, self._keystream(nonce, len(payload)), strict=False))
         return base64.b64encode(self._mac(sealed) + sealed).decode()
 
     def decode(self, scope: str, token: str) -> tuple[Any, ...]:
@@ -206,7 +207,7 @@ class PageTokens:
         if len(sealed) <= self._NONCE or not hmac.compare_digest(mac, self._mac(sealed)):
             raise invalid
         nonce, cipher = sealed[:self._NONCE], sealed[self._NONCE:]
-        data = json.loads(bytes(a ^ b for a, b in zip(cipher, self._keystream(nonce, len(cipher)))))
+        data = json.loads(bytes(a ^ b for a, b in zip(cipher, self._keystream(nonce, len(cipher)), strict=False)))
         if data.get("s") != scope or not isinstance(data.get("k"), list):
             raise invalid
         return tuple(data["k"])
@@ -487,7 +488,7 @@ class Router:
                 params = {k: v for k, v in m.groupdict().items() if k != "_prefix"}
                 found.append((len(m.groupdict().get("_prefix") or ""), route, params))
         if not found:
-            relative = path[len(self.base_path):] if path.startswith(self.base_path) else path
+            relative = path.removeprefix(self.base_path)
             return RouteMatch(None, {}, relative or "/", ())
         shortest = min(length for length, _, _ in found)
         candidates = [(route, params) for length, route, params in found if length == shortest]
@@ -617,7 +618,7 @@ class Simulator:
                 logger.debug("sandbox store reloaded path=%s", self._file.path)
                 self.state = self.load_state(self._checked(loaded))
 
-    def mutate(self) -> "_Mutation":
+    def mutate(self) -> _Mutation:
         """`with sim.mutate():` for admin hooks: the store lock, a fresh read, and a write afterwards."""
         return _Mutation(self)
 

@@ -13,8 +13,9 @@ import ipaddress
 import logging
 import socket
 import threading
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import httpx
 
@@ -69,7 +70,7 @@ class SandboxHTTPServer(ThreadingHTTPServer):
     def resolve(self, path: str) -> Handler | None:
         """The handler of the longest mount prefix that `path` is under (segment-wise)."""
         for prefix in sorted(self.mounts, key=len, reverse=True):
-            if not prefix or path == prefix or path.startswith(prefix + "/") or path.startswith(prefix + "?"):
+            if not prefix or path == prefix or path.startswith((prefix + "/", prefix + "?")):
                 return self.mounts[prefix]
         return None
 
@@ -84,7 +85,7 @@ class SandboxHTTPServer(ThreadingHTTPServer):
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __exit__(self, *args: Any) -> None:
+    def __exit__(self, *args: object) -> None:
         self.stop()
 
 
@@ -147,7 +148,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("sandbox server %s %s", self.address_string(), format % args)
 
 

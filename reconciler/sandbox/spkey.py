@@ -37,8 +37,9 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import httpx
 
@@ -214,7 +215,7 @@ class SpkeySimulator(Simulator):
             "locks": {}, "tempKeys": {},
         }
         owner = SEED_USERS["alice@example.com"]
-        for n, (name, lock_id) in enumerate(sorted(SEED_LOCKS.items(), key=lambda item: item[1])):
+        for n, (_name, lock_id) in enumerate(sorted(SEED_LOCKS.items(), key=lambda item: item[1])):
             state["locks"][str(lock_id)] = self._lock_record(lock_id, ORG_ID, owner, f"SPK-{20260000 + n + 1}")
         state["locks"][str(OTHER_ORG_LOCK)] = self._lock_record(OTHER_ORG_LOCK, OTHER_ORG_ID,
                                                                 SEED_USERS["dave@example.com"], "SPK-30990001")

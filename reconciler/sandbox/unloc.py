@@ -42,10 +42,11 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
 import httpx
@@ -241,7 +242,7 @@ class UnlocSimulator(Simulator):
             "locks": {}, "keys": {}, "roles": {},
         }
         if self._seed:
-            for n, (name, lock_id) in enumerate(SEED_LOCKS.items(), start=1):
+            for _n, (name, lock_id) in enumerate(SEED_LOCKS.items(), start=1):
                 state["seq"] += 1
                 state["locks"][lock_id] = {"id": lock_id, "name": name, "lockHolderId": LOCK_HOLDER_ID,
                                            "timezone": "Europe/Oslo", "_seq": state["seq"]}

@@ -15,6 +15,6 @@ __all__ = ["LocalState", "default_state_path", "is_database_url", "open_state"]
 def open_state(spec: str | Path, *, lock_timeout: float = 0.0) -> Any:
     """A `postgresql://` URL opens the shared PostgreSQL state; anything else is a local file path."""
     if isinstance(spec, str) and is_database_url(spec):
-        from reconciler.state.postgres import PostgresState   # psycopg is loaded only when asked for
+        from reconciler.state.postgres import PostgresState  # psycopg is loaded only when asked for
         return PostgresState(spec, lock_timeout=lock_timeout)
     return LocalState(Path(spec), lock_timeout=lock_timeout)

@@ -16,7 +16,8 @@ state backend (`LocalState` or another with `systems()`, `items()` and `location
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from reconciler.errors import RefusedError
 from reconciler.resources import Kind, Resource, Status

@@ -17,8 +17,9 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Self
 
 from reconciler.errors import LockedError, StateError
 
@@ -174,7 +175,7 @@ class LocalState:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def __enter__(self) -> "LocalState":
+    def __enter__(self) -> Self:
         self.lock()
         return self
 

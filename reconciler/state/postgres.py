@@ -21,6 +21,7 @@ the URL is used but never shown: messages name the state by `display`, which has
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -28,8 +29,9 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
@@ -352,7 +354,7 @@ class PostgresState:
             self._lost = None
             self._close()
 
-    def __enter__(self) -> "PostgresState":
+    def __enter__(self) -> Self:
         self.lock()
         return self
 
@@ -381,7 +383,7 @@ class PostgresState:
         when = f", connected since {_iso(started)}" if started else ""
         return f"database session {backend}{where}{when}"
 
-    def _connection(self) -> "_Borrowed":
+    def _connection(self) -> _Borrowed:
         return _Borrowed(self)
 
     def _require_conn(self) -> psycopg.Connection[Any]:
@@ -466,10 +468,8 @@ class PostgresState:
 
     def _close(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 self._conn.close()
-            except psycopg.Error:
-                pass
             self._conn = None
 
     def _load(self, conn: psycopg.Connection[Any]) -> None:
@@ -478,7 +478,7 @@ class PostgresState:
             with conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 records = {a: dict(r) for a, r in conn.execute(_q("SELECT address, record FROM {s}.resources", s))}
-                applied = {a: d for a, d in conn.execute(_q("SELECT address, digest FROM {s}.applied", s))}
+                applied = dict(conn.execute(_q("SELECT address, digest FROM {s}.applied", s)))
                 systems = {n: dict(i) for n, i in conn.execute(_q("SELECT name, identity FROM {s}.systems", s))}
         except psycopg.Error as exc:
             raise StateUnavailableError(f"cannot read state {self.display}: {self.server.reason(exc)}") from None
