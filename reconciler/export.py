@@ -174,15 +174,15 @@ def _permissions(grants: list[Resource], users: CommentedMap, taken: set[str]
     # (attributes, operation) → device → holders; then devices with the same holders share an entry.
     by_terms: dict[tuple[str, str | None], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for grant in grants:
-        user, device, *operation = grant.name.split("/")
+        user, device, *rest = grant.name.split("/")
         holder = _person(user, users, taken, grant.meta) if user.startswith("id:") else user
         terms = json.dumps(dict(grant.attributes), sort_keys=True)
-        by_terms[(terms, operation[0] if operation else None)][device].add(holder)
+        by_terms[(terms, rest[0] if rest else None)][device].add(holder)
     entries: list[tuple[dict[str, Any], str | None, tuple[str, ...], list[str]]] = []
     for (terms, operation), devices in sorted(by_terms.items(), key=lambda item: (item[0][0], item[0][1] or "")):
         by_holders: dict[tuple[str, ...], list[str]] = defaultdict(list)
-        for device, holders in sorted(devices.items()):
-            by_holders[tuple(sorted(holders))].append(device)
+        for device, holder_set in sorted(devices.items()):
+            by_holders[tuple(sorted(holder_set))].append(device)
         for holders, device_list in sorted(by_holders.items()):
             entries.append((json.loads(terms), operation, holders, device_list))
     # Holder sets used by several entries, or large, become groups.
@@ -201,14 +201,14 @@ def _permissions(grants: list[Resource], users: CommentedMap, taken: set[str]
         key = (json.dumps(attrs, sort_keys=True), holders, tuple(device_list))
         merged[key].append(operation or "")
     result = CommentedSeq()
-    for (terms, holders, device_list), operations in merged.items():
+    for (terms, holders, device_names), operations in merged.items():
         attrs = json.loads(terms)
         entry = CommentedMap()
         if holders in group_of:
             entry["groups"] = _flow([group_of[holders]])
         else:
             entry["users"] = _flow(holders)
-        entry["devices"] = _flow(device_list)
+        entry["devices"] = _flow(device_names)
         ops = sorted(o for o in operations if o)
         if ops and ops != ["OPEN"]:
             entry["operations"] = _flow(ops)

@@ -209,7 +209,7 @@ def _renamed(resource: Resource, address: str) -> Resource:
 
 def _has_expired(resource: Resource, now_text: str) -> bool:
     expires = resource.meta.get("expires")
-    return resource.status is Status.PENDING and bool(expires) and expires <= now_text
+    return resource.status is Status.PENDING and isinstance(expires, str) and expires <= now_text
 
 
 def _pending_note(resource: Resource) -> Note:

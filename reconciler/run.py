@@ -70,11 +70,16 @@ class Session:
     def sandbox_dir(self) -> Path:
         return self.state_path.parent / "sandbox"
 
-    def clock(self) -> datetime:
+    @property
+    def at(self) -> datetime:
+        """The moment the session plans as of: `now`, which `__post_init__` always sets."""
         assert self.now is not None
+        return self.now
+
+    def clock(self) -> datetime:
         if self._started is None:
-            return self.now
-        return self.now + timedelta(seconds=time.monotonic() - self._started)
+            return self.at
+        return self.at + timedelta(seconds=time.monotonic() - self._started)
 
 
 def running_clock(start: datetime) -> Callable[[], datetime]:
@@ -82,10 +87,6 @@ def running_clock(start: datetime) -> Callable[[], datetime]:
     time under `sandbox serve --now`."""
     started = time.monotonic()
     return lambda: start + timedelta(seconds=time.monotonic() - started)
-
-    @property
-    def sandbox_dir(self) -> Path:
-        return self.state_path.parent / "sandbox"
 
 
 def open_state(session: Session) -> Any:
@@ -147,7 +148,7 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
     notes += [n for result in reads.values() for n in result.warnings]
     modes = {name: system.unmanaged for name, system in policy.systems.items()}
     thresholds = {name: system.mass_revoke for name, system in policy.systems.items()}
-    return planner.plan(desired, live, now=session.now, unmanaged_modes=modes, warnings=notes, applied=applied,
+    return planner.plan(desired, live, now=session.at, unmanaged_modes=modes, warnings=notes, applied=applied,
                         thresholds=thresholds)
 
 

@@ -22,7 +22,7 @@ import click
 
 # A change line of the text plan: indentation, the action symbol, the address.
 _CHANGE_LINE = re.compile(r"^(?P<indent>\s*)(?P<symbol>-/\+|\+|-|~)(?P<rest> .*)$")
-_SYMBOL_STYLE = {"+": {"fg": "green"}, "-": {"fg": "red"}, "~": {"fg": "yellow"}}
+_SYMBOL_STYLE: dict[str, str] = {"+": "green", "-": "red", "~": "yellow"}
 # How often, at most, a plain progress line is written when output is not a terminal.
 PLAIN_PROGRESS_EVERY = 10.0
 
@@ -50,7 +50,7 @@ def colorize_plan(text: str, color: bool) -> str:
         if match:
             symbol = match["symbol"]
             styled = (click.style("-", fg="red") + click.style("/+", fg="green") if symbol == "-/+"
-                      else click.style(symbol, **_SYMBOL_STYLE[symbol]))
+                      else click.style(symbol, fg=_SYMBOL_STYLE[symbol]))
             line = f"{match['indent']}{styled}{match['rest']}" + ("\n" if line.endswith("\n") else "")
         out.append(line)
     return "".join(out)

@@ -79,9 +79,11 @@ def _check_settings(entry: Entry[SystemModel], caps: Capabilities | None) -> lis
             problems.append(Diagnostic(entry.place.at(key), f"expected a single value for '{key}'"))
         elif caps is not None and key in caps.setting_durations:
             problems += _check_duration(entry, key, value, *caps.setting_durations[key])
-    for key in sorted(caps.required_settings if caps is not None else ()):
+    required = sorted(caps.required_settings) if caps is not None else []
+    vendor = caps.vendor if caps is not None else ""
+    for key in required:
         if entry.settings.get(key) in (None, ""):
-            problems.append(Diagnostic(entry.place.at(), f"system '{entry.name}' ({caps.vendor}) needs `{key}:`"))
+            problems.append(Diagnostic(entry.place.at(), f"system '{entry.name}' ({vendor}) needs `{key}:`"))
     return problems
 
 

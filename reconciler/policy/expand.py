@@ -215,12 +215,12 @@ def _grants(declarations: Declarations, capabilities: Mapping[str, Capabilities]
                         single.setdefault((position, windows[0][1]), []).append((windows[0][0], grant))
                     else:
                         windows.append((grant, position))
-    for (second, first), pairs in conflicts.items():
-        errors.append(_conflict(declarations.permissions[second], declarations.permissions[first], pairs,
+    for (later, earlier), pairs in conflicts.items():
+        errors.append(_conflict(declarations.permissions[later], declarations.permissions[earlier], pairs,
                                 several.get(pairs[0][0].address, False)))
-    for (second, first), pairs in single.items():
-        errors.append(_one_window_only(declarations, declarations.permissions[second],
-                                       declarations.permissions[first], pairs))
+    for (later, earlier), pairs in single.items():
+        errors.append(_one_window_only(declarations, declarations.permissions[later],
+                                       declarations.permissions[earlier], pairs))
     grants = []
     for windows in slots.values():
         if len(windows) == 1:
@@ -290,7 +290,7 @@ def _grants_for(declarations: Declarations, entry: Entry[PermissionModel], permi
         meta["phone"] = person.phone
     if caps.needs_email and person is not None and person.email:
         meta["email"] = person.email
-    depends_on = (address_of(system, Kind.USER, user),) if caps.user_accounts else ()
+    depends_on: tuple[str, ...] = (address_of(system, Kind.USER, user),) if caps.user_accounts else ()
     depends_on += (address_of(system, Kind.DEVICE, device),)
     if caps.operations:
         names = [f"{user}/{device}/{op}" for op in dict.fromkeys(permission.operations or DEFAULT_OPERATIONS)

@@ -62,8 +62,8 @@ def policy_json_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, An
             defs[_def_name(inner)] = body
         defs[name] = schema
     defs = _rename_refs(defs)
-    for model, key, pattern in _PATTERNS:
-        _constrain(defs[model]["properties"][key], pattern)
+    for def_name, key, pattern in _PATTERNS:
+        _constrain(defs[def_name]["properties"][key], pattern)
     defs["System"] = _system_schema(capabilities)
 
     def named(ref: str, what: str) -> dict[str, Any]:

@@ -308,7 +308,7 @@ class TempKeyModel(_Model):
 GroupModel = list[str]
 ScheduleModel = Annotated[list[SpanModel], Field(min_length=1)]
 # Sections whose entries are not mappings are validated through adapters, by the noun of the section.
-_ADAPTERS = {"group": TypeAdapter(GroupModel), "schedule": TypeAdapter(ScheduleModel)}
+_ADAPTERS: dict[str, TypeAdapter[Any]] = {"group": TypeAdapter(GroupModel), "schedule": TypeAdapter(ScheduleModel)}
 
 
 # ------------------------------------------------------------------------------------------------ declarations

@@ -199,14 +199,14 @@ class AbloyProvider(Provider):
             gateway = gateway_names.get(item.get("gatewayDeviceId"))
             if gateway is None:
                 continue
-            device = device_names.get(item.get("lockingDeviceId")) or unknown_name(item.get("lockingDeviceId"))
+            device = device_names.get(item.get("lockingDeviceId")) or unknown_name(str(item.get("lockingDeviceId")))
             add(Resource(self.name, Kind.ASSOCIATION, f"{gateway}/{device}", {}, id=item["id"]))
         for item in lists["permissions"]:
-            device = device_names.get(item.get("lockingDeviceId"))
-            if device is None:
+            held = device_names.get(item.get("lockingDeviceId"))
+            if held is None:
                 continue    # not a device this policy manages: not ours to judge
-            user = user_names.get(item.get("userId")) or unknown_name(item.get("userId"))
-            add(Resource(self.name, Kind.PERMISSION, f"{user}/{device}/{item.get('operationType')}",
+            user = user_names.get(item.get("userId")) or unknown_name(str(item.get("userId")))
+            add(Resource(self.name, Kind.PERMISSION, f"{user}/{held}/{item.get('operationType')}",
                          _permission_attributes(item), id=item["id"]))
         for want in desired:
             if want.kind == Kind.GATEWAY and want.status is Status.PRESENT and want.address not in self.ids \
@@ -221,11 +221,12 @@ class AbloyProvider(Provider):
                     add(found)
         return result
 
-    def _names(self, kind: str) -> dict[str, str]:
+    def _names(self, kind: str) -> dict[Any, str]:
+        """vendor id → our name, for `kind`; looked up with ids as the vendor's JSON gives them."""
         prefix = f"{self.name}/{kind}/"
         return {vid: address[len(prefix):] for address, vid in self.ids.items() if address.startswith(prefix)}
 
-    def _invitation(self, want: Resource, devices_by_user: dict[str, str]) -> Resource | None:
+    def _invitation(self, want: Resource, devices_by_user: dict[Any, str]) -> Resource | None:
         uid = self.ids.get(address_of(self.name, Kind.USER, want.name))
         if uid and uid in devices_by_user:
             return Resource(self.name, Kind.INVITATION, want.name, want.attributes,
@@ -412,7 +413,7 @@ class AbloyProvider(Provider):
         for item in self.list_all("audit_log", **params):
             client = item.get("client") or {}
             user = client.get("userId")
-            person = names.get(user) or (unknown_name(user) if user else client.get("type", ""))
+            person = names.get(user) or (unknown_name(str(user)) if user else client.get("type", ""))
             granted = item.get("granted")
             rows.append(Event(time=normalise_time(item.get("occurrenceDatetime")) or "", action=item.get("eventName", ""),
                               person=person, detail="" if granted is None else ("granted" if granted else "denied")))

@@ -128,7 +128,6 @@ class HttpClient:
         self.calls = 0
         self.deadline: Deadline | None = None
         self.stop: threading.Event | None = None
-        self._auth_failure: VendorError | None = None
 
     def start_phase(self, deadline: Deadline | None, stop: threading.Event | None = None) -> None:
         """A new phase (reads, apply): a fresh deadline, and a failed login may be tried once more."""

@@ -116,12 +116,12 @@ class SpkeyProvider(Provider):
         result = ReadResult()
         keys = self._expressible(desired, result)
         locks: dict[str, str] = {}        # device name → lock id, for the devices whose keys we read
-        for device in (r for r in desired if r.kind == Kind.DEVICE):
-            if device.status is Status.ABSENT:
-                result.warnings.append(Note(device.address, "SmartphoneKey cannot delete locks: decommissioning "
+        for declared in (r for r in desired if r.kind == Kind.DEVICE):
+            if declared.status is Status.ABSENT:
+                result.warnings.append(Note(declared.address, "SmartphoneKey cannot delete locks: decommissioning "
                                             "only stops managing its keys", self.name, Kind.DEVICE))
-            elif self.ids.get(device.address):
-                locks[device.name] = self.ids[device.address]
+            elif self.ids.get(declared.address):
+                locks[declared.name] = self.ids[declared.address]
 
         # One list per lock and one lookup per person, all at once: the vendor has no bulk endpoint.
         emails = sorted({email for key in keys for email in key.attributes.get("users") or ()})
@@ -226,7 +226,7 @@ class SpkeyProvider(Provider):
         mode = item.get("accessMode")
         max_uses = item.get("maxUses")
         attributes = {
-            "access": ACCESS_OF_MODE.get(mode, mode),
+            "access": ACCESS_OF_MODE.get(str(mode), mode),
             # A user we did not look up (not in any declared key) shows by uuid, and differs.
             "users": sorted(self.emails.get(u) or unknown_name(u) for u in item.get("allowedUserIds") or ()),
             "start": _time(item.get("validFrom")),

@@ -402,7 +402,10 @@ class AbloySimulator(Simulator):
         if self.gateway_activation_delay is None:
             return
         for gateway in self.state["gateways"].values():
-            activated_at = parse_datetime(gateway["creationDatetime"]) + self.gateway_activation_delay
+            created = parse_datetime(gateway["creationDatetime"])
+            if created is None:
+                continue
+            activated_at = created + self.gateway_activation_delay
             if gateway["activationStatus"] == "PENDING_ACTIVATION" and now >= activated_at:
                 gateway.update(activationStatus="ACTIVATED", activationDatetime=format_datetime(activated_at),
                                hardwareModel="BEAT_GW_A1", hardwareVersion="1.0.0", firmwareVersion="1.2.0")
@@ -696,7 +699,7 @@ class AbloySimulator(Simulator):
 
         def wanted(entry: dict[str, Any]) -> bool:
             return ((device_id is None or entry["lockingDeviceId"] == device_id)
-                    and (after is None or parse_datetime(entry["occurrenceDatetime"]) > after)
+                    and (after is None or (parse_datetime(entry["occurrenceDatetime"]) or after) > after)
                     and (raw_seq is None or entry["sequenceNumber"] > int(raw_seq)))
 
         scope = f"locking-device-audit-log?{device_id}&{raw_after}&{raw_seq}&{direction}"

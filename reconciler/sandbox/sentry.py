@@ -272,7 +272,7 @@ class SentrySimulator(Simulator):
                    "Storage": "#888888", "Roof Hatch": "#336699"}
         heidi, mallory, victor = (SEED_PEOPLE[f"{n}@example.com"] for n in ("heidi", "mallory", "victor"))
         for name, lock_id in SEED_LOCKS.items():
-            members = {OPERATOR_ID: {"role": "ADMIN", "start": None, "end": None}}
+            members: dict[str, dict[str, Any]] = {OPERATOR_ID: {"role": "ADMIN", "start": None, "end": None}}
             if name == "Roof Hatch":
                 members = {heidi: {"role": "ADMIN", "start": None, "end": None},
                            OPERATOR_ID: {"role": "USER", "start": None, "end": None}}

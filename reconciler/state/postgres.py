@@ -143,6 +143,14 @@ def _q(statement: str, schema: str) -> sql.Composed:
     return sql.SQL(statement).format(s=sql.Identifier(schema))
 
 
+def _scalar(cursor: Any) -> Any:
+    """The first column of the one row a query always returns."""
+    row = cursor.fetchone()
+    if row is None:
+        raise StateError("the state database returned no row where one is always expected")
+    return row[0]
+
+
 def schema_version(conn: psycopg.Connection[Any], schema: str) -> int:
     """The version recorded in `schema`, 0 when the tool never wrote there."""
     found = conn.execute("SELECT to_regclass(%s)", (f"{schema}.meta",)).fetchone()
@@ -319,7 +327,7 @@ class PostgresState:
             conn = self._conn
             deadline = time.monotonic() + self.lock_timeout
             try:
-                while not conn.execute("SELECT pg_try_advisory_lock(%s)", (self.server.lock_key,)).fetchone()[0]:
+                while not _scalar(conn.execute("SELECT pg_try_advisory_lock(%s)", (self.server.lock_key,))):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         holder = self._holder(conn)
@@ -334,8 +342,8 @@ class PostgresState:
                         "VALUES (1, %s, %s, now(), pg_backend_pid(), 1) ON CONFLICT (id) DO UPDATE SET "
                         "host = EXCLUDED.host, pid = EXCLUDED.pid, since = now(), backend_pid = pg_backend_pid(), "
                         "epoch = h.epoch + 1 RETURNING epoch", self.server.schema),
-                        (socket.gethostname()[:255], os.getpid())).fetchone()
-                self._epoch = int(row[0])
+                        (socket.gethostname()[:255], os.getpid()))
+                self._epoch = int(_scalar(row))
                 self._load(conn)   # what the previous holder wrote is now final
             except psycopg.Error as exc:
                 self._close()
@@ -398,8 +406,8 @@ class PostgresState:
                 raise StateUnavailableError(self._lost)
             if self._epoch is None:
                 # Outside an apply (no lock): one short connection per write.
-                with self._connection() as conn:
-                    self._execute(conn, query, params)
+                with self._connection() as short:
+                    self._execute(short, query, params)
                 return
             for attempt in (1, 2):
                 conn = self._conn
@@ -450,7 +458,7 @@ class PostgresState:
                                                 f"for {RECONNECT_SECONDS:g}s)") from None
                 self.sleep(0.5)
         try:
-            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.server.lock_key,)).fetchone()[0]
+            got = _scalar(conn.execute("SELECT pg_try_advisory_lock(%s)", (self.server.lock_key,)))
             row = conn.execute(_q("SELECT epoch FROM {s}.lock_holder WHERE id = 1", self.server.schema)).fetchone()
             if not got or row is None or int(row[0]) != self._epoch:
                 holder = self._holder(conn) if not got else "another apply held it in between"
