@@ -19,14 +19,13 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from reconciler.errors import Diagnostic, Location
 from reconciler.plan import RevokeThreshold
 from reconciler.resources import Resource
 from reconciler.secret import Secret
 
-from .yamlio import Document, locate, plain
+from .yamlio import Document, Map, Seq, locate, plain
 
 VENDORS = ("abloy-keyless", "unloc", "unloc-partner", "spkey", "sentry")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -389,7 +388,7 @@ def parse(documents: list[Document]) -> tuple[Declarations, list[Diagnostic]]:
     for doc in documents:
         if doc.root is None:
             continue  # an empty file (or only comments) declares nothing
-        if not isinstance(doc.root, CommentedMap):
+        if not isinstance(doc.root, Map):
             diagnostics.append(Diagnostic(Location(doc.path, 1, 1),
                                           f"expected a mapping of sections ({', '.join(SECTIONS)})"))
             continue
@@ -412,7 +411,7 @@ def parse(documents: list[Document]) -> tuple[Declarations, list[Diagnostic]]:
 
 def _parse_section(section: str, place: Place, body: Any, declarations: Declarations) -> list[Diagnostic]:
     model, noun = NAMED_SECTIONS[section]
-    if not isinstance(body, CommentedMap):
+    if not isinstance(body, Map):
         return [Diagnostic(place.at(), f"expected a mapping of {noun} names to {noun} entries")]
     diagnostics: list[Diagnostic] = []
     entries: dict[str, Entry[Any]] = getattr(declarations, section)
@@ -450,7 +449,7 @@ def _parse_section(section: str, place: Place, body: Any, declarations: Declarat
 
 
 def _parse_permissions(place: Place, body: Any, declarations: Declarations) -> list[Diagnostic]:
-    if not isinstance(body, CommentedSeq):
+    if not isinstance(body, Seq):
         return [Diagnostic(place.at(), "expected a list of permissions (each item starts with -)")]
     diagnostics: list[Diagnostic] = []
     for index in range(len(body)):
