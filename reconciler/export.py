@@ -20,9 +20,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from reconciler import run
 from reconciler.errors import ReconcilerError
-from reconciler.resources import GRANT_KINDS, Kind, Resource
-
-DEFAULTS = {"key_validity": "P8D", "role": "USER"}
+from reconciler.resources import GRANT_KINDS, Kind, KindSchema, Resource
 
 
 def export_system(session: run.Session, system: str) -> str:
@@ -45,10 +43,12 @@ def export_system(session: run.Session, system: str) -> str:
             raise ReconcilerError("; ".join(second.errors))
         live = second.resources
         fields = provider.capabilities.device_fields
+        grant_schema = provider.capabilities.grant_schema
     finally:
         for each in providers.values():
             each.close()
-    return _to_yaml(system, config.vendor, [r for r in adopted if r.address not in known], keys, live, fields)
+    return _to_yaml(system, config.vendor, [r for r in adopted if r.address not in known], keys, live, fields,
+                    grant_schema)
 
 
 def _flow(items: Any) -> CommentedSeq:
@@ -115,7 +115,7 @@ def _person(token: str, users: CommentedMap, taken: set[str], meta: Any = None) 
 
 
 def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, str], live: list[Resource],
-             device_fields: frozenset[str]) -> str:
+             device_fields: frozenset[str], grant_schema: KindSchema) -> str:
     users, devices, gateways = CommentedMap(), CommentedMap(), CommentedMap()
     taken = {r.name for r in adopted}
     for resource in sorted(adopted, key=lambda r: r.name):
@@ -150,7 +150,7 @@ def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, 
             if gateway in gateways and device in devices:
                 gateways[gateway]["devices"].append(device)
     grants = [r for r in live if r.kind in GRANT_KINDS and r.kind != Kind.TEMP_KEY]
-    permissions, groups, schedules = _permissions(grants, users, taken)
+    permissions, groups, schedules = _permissions(grants, users, taken, grant_schema)
     device_of = {r.id: r.name for r in live if r.kind == Kind.DEVICE and r.id}
     temp_keys = _temp_keys([r for r in live if r.kind == Kind.TEMP_KEY], users, taken, device_of)
     document = CommentedMap()
@@ -169,7 +169,7 @@ def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, 
     return out.getvalue()
 
 
-def _permissions(grants: list[Resource], users: CommentedMap, taken: set[str]
+def _permissions(grants: list[Resource], users: CommentedMap, taken: set[str], schema: KindSchema
                  ) -> tuple[CommentedSeq, CommentedMap, CommentedMap]:
     # (attributes, operation) → device → holders; then devices with the same holders share an entry.
     by_terms: dict[tuple[str, str | None], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
@@ -212,12 +212,12 @@ def _permissions(grants: list[Resource], users: CommentedMap, taken: set[str]
         ops = sorted(o for o in operations if o)
         if ops and ops != ["OPEN"]:
             entry["operations"] = _flow(ops)
-        for field in ("start", "end"):
-            if attrs.get(field):
-                entry[field] = attrs[field]
-        for field in ("key_validity", "role"):
-            if attrs.get(field) and attrs[field] != DEFAULTS[field]:
-                entry[field] = attrs[field]
+        # The vendor's grant schema: a field is written when it holds something other than its default.
+        for field, attribute in schema.attributes.items():
+            value = attrs.get(field)
+            if field != "schedule" and attribute.compared and value and \
+                    value != (attribute.default if attribute.has_default else None):
+                entry[field] = value
         if attrs.get("schedule"):
             spans = json.dumps(attrs["schedule"], sort_keys=True)
             if spans not in schedule_of:

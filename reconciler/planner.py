@@ -16,7 +16,18 @@ from dataclasses import replace
 from datetime import datetime
 
 from reconciler.plan import Action, Change, Effect, Guard, Note, Plan, RevokeThreshold, classify, revocation_token
-from reconciler.resources import GRANT_KINDS, Kind, Resource, Status, address_of, digest, format_time, grant_slot
+from reconciler.resources import (
+    GRANT_KINDS,
+    Kind,
+    OnChange,
+    Resource,
+    Status,
+    address_of,
+    digest,
+    format_time,
+    grant_slot,
+    on_change,
+)
 
 REVOKE, REPORT = "revoke", "report"
 
@@ -69,7 +80,9 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
             changes.append(Change(Action.CREATE, want, None))
             continue
         changed = _changed(want, have, now_text, (applied or {}).get(address))
-        fixed = [k for k in changed if k in have.meta.get("create_only", ())]
+        # The attribute schema says, per attribute, whether a change is an update, a replacement or impossible.
+        does = {k: on_change(k, want.schema, have.schema) for k in changed}
+        fixed = [k for k in changed if does[k] is OnChange.FIXED]
         if fixed:
             notes.append(Note(address, f"{', '.join(fixed)} cannot be changed in place on this vendor "
                               f"(live {', '.join(f'{k}={have.attributes.get(k)}' for k in fixed)}); "
@@ -79,7 +92,7 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
             pending.append(_pending_note(have))
             continue
         if changed:
-            action = Action.REPLACE if want.replace_on_change else Action.UPDATE
+            action = Action.REPLACE if any(does[k] is OnChange.REPLACE for k in changed) else Action.UPDATE
             changes.append(Change(action, want, have, changed))
 
     for address, have in found.items():
@@ -235,7 +248,7 @@ def _undeclared(have: Resource, mode: str) -> tuple[Change | None, Note | None]:
     if have.kind in (Kind.DEVICE, Kind.GATEWAY):
         label = ", ".join(f"{k}={v}" for k, v in
                           [("name", have.attributes.get("name")), *sorted(have.meta.items())]
-                          if v and k not in ("pending", "create_only"))
+                          if v and k != "pending")
         reason = ("removed from policy; no longer managed and never deleted (keep the entry with "
                   "`decommission: true` to delete it)" if have.managed else
                   f"{have.kind} not in policy; listed, never deleted")

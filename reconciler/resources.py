@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 
 class Kind(StrEnum):
@@ -63,6 +63,90 @@ def unknown_name(vendor_id: str) -> str:
     return f"id:{vendor_id}"
 
 
+class OnChange(StrEnum):
+    """What a change of one attribute does to its object (Terraform's `ForceNew`, plus one step more)."""
+
+    UPDATE = "update"     # changed in place
+    REPLACE = "replace"   # the object is revoked and created again: the plan shows a replacement
+    FIXED = "fixed"       # the vendor cannot change it and re-creating the object is not ours to decide (a user
+                          # account): the plan warns "remove the entry and add it again"
+
+
+class _NoDefault:
+    def __repr__(self) -> str:
+        return "NO_DEFAULT"
+
+
+NO_DEFAULT: Final = _NoDefault()
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """One attribute of a kind on a vendor: a line of the vendor's attribute schema.
+
+    - `type`: the type of a value (`None` is also a value: no end, no schedule).
+    - `default`: what the desired object holds when the policy leaves the field out; `None` is a default
+      (compared: a schedule dropped from the policy must leave the vendor too); `NO_DEFAULT`: left out of the
+      object, so that whatever the vendor holds satisfies it.
+    - `on_change`: whether a change is made in place, forces replacement, or cannot be made.
+    - `required`: the policy must give it (Abloy grants need an end).
+    - `choices`: the values the vendor accepts (empty: any of the type).
+    - `compared`: False for a field that only travels with the request that creates the object and is
+      never read back (Unloc's per-grant `notify`): it goes to `meta`, not `attributes`.
+    """
+
+    type: type | tuple[type, ...] = str
+    default: Any = NO_DEFAULT
+    on_change: OnChange = OnChange.UPDATE
+    required: bool = False
+    choices: frozenset[str] = frozenset()
+    compared: bool = True
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not NO_DEFAULT
+
+
+@dataclass(frozen=True)
+class KindSchema:
+    """The attributes one kind has on one vendor, in the order they are built. `immutable`: the vendor
+    cannot update this kind at all, so a change of any attribute (declared or not) forces replacement."""
+
+    attributes: Mapping[str, Attribute] = field(default_factory=dict)
+    immutable: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attributes", MappingProxyType(dict(self.attributes)))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.attributes
+
+    def get(self, name: str) -> Attribute | None:
+        return self.attributes.get(name)
+
+    def on_change(self, name: str) -> OnChange:
+        if self.immutable:
+            return OnChange.REPLACE
+        attribute = self.attributes.get(name)
+        return attribute.on_change if attribute is not None else OnChange.UPDATE
+
+    def fixing(self, names: Iterable[str]) -> KindSchema:
+        """This schema with `names` marked as not changeable in place."""
+        attributes = dict(self.attributes)
+        for name in names:
+            attributes[name] = replace(attributes.get(name, Attribute()), on_change=OnChange.FIXED)
+        return KindSchema(attributes, self.immutable)
+
+
+NO_SCHEMA: Final = KindSchema()
+_ON_CHANGE_ORDER = (OnChange.UPDATE, OnChange.REPLACE, OnChange.FIXED)
+
+
+def on_change(name: str, *schemas: KindSchema) -> OnChange:
+    """The strictest thing any of the schemas (desired's and live's) says a change of `name` does."""
+    return max((s.on_change(name) for s in schemas), key=_ON_CHANGE_ORDER.index, default=OnChange.UPDATE)
+
+
 @dataclass(frozen=True)
 class Resource:
     """A thing in a vendor system, desired or live.
@@ -75,6 +159,11 @@ class Resource:
       which decides between revoking/deleting it and only listing it.
     - `depends_on`: addresses that must exist before this one is created.
     - `source`: `file:line` of the policy entry that declared it.
+    - `schema`: the attribute schema of its kind on its vendor (`Capabilities.schema`): the one place that
+      says whether a changed attribute is updated, forces replacement or cannot be changed in place.
+    - `replace_on_change`: read it as "every change replaces" (the schema is immutable). As constructor
+      arguments, `replace_on_change=True` and a `create_only` tuple in `meta` are shorthands folded into
+      `schema` (an immutable schema; those attributes marked `FIXED`).
     """
 
     system: str
@@ -88,10 +177,19 @@ class Resource:
     depends_on: tuple[str, ...] = ()
     source: str | None = None
     replace_on_change: bool = False
+    schema: KindSchema = field(default=NO_SCHEMA, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        meta = dict(self.meta)
+        schema = self.schema
+        if self.replace_on_change and not schema.immutable:
+            schema = KindSchema(schema.attributes, immutable=True)
+        if "create_only" in meta:
+            schema = schema.fixing(meta.pop("create_only"))
         object.__setattr__(self, "attributes", MappingProxyType(dict(self.attributes)))
-        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+        object.__setattr__(self, "meta", MappingProxyType(meta))
+        object.__setattr__(self, "schema", schema)
+        object.__setattr__(self, "replace_on_change", schema.immutable)
 
     @property
     def address(self) -> str:
@@ -135,6 +233,60 @@ class Capabilities:
     production_url: str = ""                           # the vendor's production base URL (default `url`)
     grant_notify: bool = False                         # a permission may say `notify:` for its grants
     setting_durations: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # setting → seconds (min, max)
+    # kind → its attribute schema: what a policy field becomes on this vendor, its default, and whether a
+    # change is made in place. The grant kind's schema is what validation, expansion, the planner and export
+    # read for a permission's fields; when it is not declared, it is built from the shorthand flags above
+    # (requires_end, open_ended, key_validity, share_roles, schedules, grant_notify, immutable_grants), and
+    # when it is, those flags are read from it.
+    attributes: Mapping[str, KindSchema] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        schemas = dict(self.attributes)
+        if self.grant_kind != Kind.TEMP_KEY:
+            grant = schemas.get(self.grant_kind)
+            if grant is None:
+                schemas[self.grant_kind] = self._grant_schema_of_flags()
+            else:
+                self._flags_of_grant_schema(grant)
+        object.__setattr__(self, "attributes", MappingProxyType(schemas))
+
+    def schema(self, kind: str) -> KindSchema:
+        """The attribute schema of `kind` on this vendor (empty when it declares none)."""
+        return self.attributes.get(kind, NO_SCHEMA)
+
+    @property
+    def grant_schema(self) -> KindSchema:
+        return self.schema(self.grant_kind)
+
+    def _grant_schema_of_flags(self) -> KindSchema:
+        attributes = {"start": Attribute(str),
+                      "end": Attribute(str, default=None if self.open_ended else NO_DEFAULT,
+                                       required=self.requires_end)}
+        if self.key_validity:
+            attributes["key_validity"] = Attribute(str, default=DEFAULT_KEY_VALIDITY)
+        if self.share_roles:
+            attributes["role"] = Attribute(str, default=DEFAULT_ROLE, choices=self.share_roles)
+        if self.schedules:
+            attributes["schedule"] = Attribute(list, default=None)
+        if self.grant_notify:
+            attributes["notify"] = Attribute(bool, compared=False)
+        return KindSchema(attributes, immutable=self.immutable_grants)
+
+    def _flags_of_grant_schema(self, grant: KindSchema) -> None:
+        end = grant.get("end")
+        role = grant.get("role")
+        flags = {"requires_end": end is not None and end.required,
+                 "open_ended": end is None or end.default is None,
+                 "key_validity": "key_validity" in grant, "schedules": "schedule" in grant,
+                 "share_roles": role.choices if role is not None else frozenset(),
+                 "grant_notify": "notify" in grant, "immutable_grants": grant.immutable}
+        for name, value in flags.items():
+            object.__setattr__(self, name, value)
+
+
+# The defaults the shorthand flags give (explicit schemas state their own).
+DEFAULT_KEY_VALIDITY = "P8D"
+DEFAULT_ROLE = "USER"
 
 
 def digest(value: Any) -> str:

@@ -20,8 +20,18 @@ from reconciler.resources import Capabilities, Kind, duration_seconds
 from reconciler.secret import Secret
 from reconciler.text import printable
 
-from .expand import capabilities_of, has_account, system_of_device, users_of
-from .schema import SYSTEM_KEYS, Declarations, Entry, Place, SystemConfig, SystemModel, did_you_mean
+from .expand import MISSING, capabilities_of, grant_value, has_account, system_of_device, users_of
+from .schema import (
+    SYSTEM_KEYS,
+    Declarations,
+    Entry,
+    PermissionModel,
+    Place,
+    SystemConfig,
+    SystemModel,
+    did_you_mean,
+    grant_fields,
+)
 
 ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 SCALARS = (str, int, float, bool)
@@ -393,12 +403,7 @@ def _check_grant_capabilities(declarations: Declarations, place: Place, permissi
         where = place.at("devices", index) if index is not None else place.at()
         return [Diagnostic(where, f"{vendor} has only temporary keys ({on}); declare this access under "
                                   "`temp_keys:` instead of `permissions:`")]
-    if caps.requires_end and permission.end is None and "end" not in dropped:
-        problems.append(Diagnostic(place.at(), f"{vendor} requires an end: add `end:` to this permission"))
-    if permission.schedule is not None and not caps.schedules:
-        problems.append(Diagnostic(place.at("schedule", at_key=True),
-                                   f"{vendor} has no weekly schedules ({on}); remove `schedule:` or use "
-                                   "start and end"))
+    problems += _check_grant_fields(declarations, place, permission, caps, on, dropped)
     if permission.operations is not None:
         if not caps.operations:
             problems.append(Diagnostic(place.at("operations", at_key=True),
@@ -409,20 +414,6 @@ def _check_grant_capabilities(declarations: Declarations, place: Place, permissi
                     hint = f" (did you mean '{operation.upper()}'?)" if operation.upper() in caps.operations else ""
                     problems.append(Diagnostic(place.at("operations", index), f"'{operation}' is not an operation "
                                                f"on {vendor}{hint}; use {', '.join(sorted(caps.operations))}"))
-    if permission.key_validity is not None and not caps.key_validity:
-        problems.append(Diagnostic(place.at("key_validity", at_key=True),
-                                   f"{vendor} has no key validity ({on}); remove `key_validity:`"))
-    if permission.notify is not None and not caps.grant_notify:
-        problems.append(Diagnostic(place.at("notify", at_key=True),
-                                   f"{vendor} cannot choose per grant whether the person is notified ({on}); "
-                                   "remove `notify:`"))
-    if permission.role is not None:
-        if not caps.share_roles:
-            problems.append(Diagnostic(place.at("role", at_key=True),
-                                       f"{vendor} has no roles on grants ({on}); remove `role:`"))
-        elif permission.role not in caps.share_roles:
-            problems.append(Diagnostic(place.at("role"), f"'{permission.role}' is not a role on {vendor}; use "
-                                       f"{', '.join(sorted(caps.share_roles))}"))
     for user in users:
         entry = declarations.users[user]
         person = entry.model
@@ -437,6 +428,38 @@ def _check_grant_capabilities(declarations: Declarations, place: Place, permissi
         if caps.user_accounts and not has_account(declarations, user, system):
             problems.append(Diagnostic(place.at(), f"user '{user}' has no account in system '{system}' (their "
                                        f"`systems:` leaves it out), but is granted '{device}' there"))
+    return problems
+
+
+def _check_grant_fields(declarations: Declarations, place: Place, permission: PermissionModel, caps: Capabilities,
+                        on: str, dropped: frozenset[str]) -> list[Diagnostic]:
+    """A permission's grant fields against the vendor's grant schema: one the vendor lacks, one it requires, a
+    value outside its choices or of another type. The words come from the field's `GrantField` mark."""
+    vendor = caps.vendor
+    schema = caps.grant_schema
+    problems = []
+    for name, mark in grant_fields().items():
+        attribute = schema.get(name)
+        value = getattr(permission, name, None)
+        if attribute is None:
+            if value is not None:
+                problems.append(Diagnostic(place.at(name, at_key=True),
+                                           f"{vendor} {mark.lacks} ({on}); remove `{name}:`{mark.instead}"))
+            continue
+        if value is None:
+            if attribute.required and name not in dropped:
+                problems.append(Diagnostic(place.at(), f"{vendor} requires {mark.noun}: add `{name}:` to this "
+                                           "permission"))
+            continue
+        if attribute.choices and value not in attribute.choices:
+            problems.append(Diagnostic(place.at(name), f"'{value}' is not {mark.noun} on {vendor}; use "
+                                       f"{', '.join(sorted(attribute.choices))}"))
+            continue
+        built = grant_value(declarations, permission, name)
+        if built is not None and built is not MISSING and not isinstance(built, attribute.type):
+            kinds = attribute.type if isinstance(attribute.type, tuple) else (attribute.type,)
+            problems.append(Diagnostic(place.at(name), f"`{name}:` on {vendor} takes a "
+                                       f"{' or '.join(t.__name__ for t in kinds)} ({on})"))
     return problems
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from reconciler.errors import Diagnostic
@@ -24,8 +25,7 @@ from reconciler.resources import WINDOW_MARK, Capabilities, Kind, Resource, Stat
 from .schema import DAYS, Declarations, Entry, PermissionModel, SpanModel, utc_text
 
 DEFAULT_OPERATIONS = ("OPEN",)
-DEFAULT_KEY_VALIDITY = "P8D"
-DEFAULT_ROLE = "USER"
+MISSING = object()     # a field whose value cannot be built (a reference to an unknown schedule: reported)
 
 
 # ------------------------------------------------------------------------------------------------- lookups
@@ -104,7 +104,8 @@ def _users(declarations: Declarations, capabilities: Mapping[str, Capabilities])
             if entry.model is None or not has_account(declarations, name, system):
                 continue
             adopted = (entry.model.ids or {}).get(system)
-            user = Resource(system, Kind.USER, name, {"role": entry.model.role}, id=adopted, source=entry.place.source)
+            user = Resource(system, Kind.USER, name, {"role": entry.model.role}, id=adopted, source=entry.place.source,
+                            schema=caps.schema(Kind.USER))
             resources.append(user)
             if entry.model.mobile_key and caps.mobile_key and entry.model.phone:
                 resources.append(Resource(system, Kind.INVITATION, name, {"phone": entry.model.phone},
@@ -121,7 +122,8 @@ def _devices(declarations: Declarations, capabilities: Mapping[str, Capabilities
     resources = []
     for name, entry in declarations.devices.items():
         device = entry.model
-        if device is None or capabilities_of(declarations, capabilities, device.system) is None:
+        caps = capabilities_of(declarations, capabilities, device.system) if device is not None else None
+        if device is None or caps is None:
             continue
         adopted = None if device.id is None else str(device.id)
         attributes: dict[str, Any] = {}
@@ -137,7 +139,7 @@ def _devices(declarations: Declarations, capabilities: Mapping[str, Capabilities
             attributes["unlock_duration"] = device.unlock_duration
         resources.append(Resource(device.system, Kind.DEVICE, name, attributes, id=adopted,
                                   status=Status.ABSENT if device.decommission else Status.PRESENT,
-                                  source=entry.place.source))
+                                  source=entry.place.source, schema=caps.schema(Kind.DEVICE)))
     return resources
 
 
@@ -258,31 +260,41 @@ def _merged(first: Resource, again: Resource) -> Resource:
     return replace(first, meta={**first.meta, "reason": "; ".join(dict.fromkeys(reasons))})
 
 
+def grant_value(declarations: Declarations, permission: PermissionModel, name: str) -> Any:
+    """A permission field as the grant attribute of the same name: instants as UTC text, a schedule's name as
+    its normalised spans (`MISSING` when it names no valid schedule), anything else as validated."""
+    value = getattr(permission, name, None)
+    if isinstance(value, datetime):
+        return utc_text(value)
+    if name == "schedule" and value is not None:
+        schedule = declarations.schedules.get(value)
+        return MISSING if schedule is None or schedule.model is None else normalised_schedule(schedule.model)
+    return value
+
+
 def _grants_for(declarations: Declarations, entry: Entry[PermissionModel], permission: PermissionModel,
                 caps: Capabilities, system: str, user: str, device: str) -> list[Resource]:
+    # The vendor's grant schema says which fields a grant has, and what one left out becomes: a default
+    # compared like any value (`end: None` is "no end", `schedule: None` makes a dropped schedule leave the
+    # vendor), or nothing at all. A field the vendor does not read back only travels in `meta`.
     attributes: dict[str, Any] = {}
-    if permission.start is not None:
-        attributes["start"] = utc_text(permission.start)
-    if permission.end is not None:
-        attributes["end"] = utc_text(permission.end)
-    elif caps.open_ended:
-        attributes["end"] = None
-    if caps.key_validity:
-        attributes["key_validity"] = permission.key_validity or DEFAULT_KEY_VALIDITY
-    if caps.share_roles:
-        attributes["role"] = permission.role or DEFAULT_ROLE
-    if permission.schedule is not None:
-        schedule = declarations.schedules.get(permission.schedule)
-        if schedule is None or schedule.model is None:
+    sent: dict[str, Any] = {}
+    for name, attribute in caps.grant_schema.attributes.items():
+        value = grant_value(declarations, permission, name)
+        if value is MISSING:
             return []
-        attributes["schedule"] = normalised_schedule(schedule.model)
-    elif caps.schedules:
-        attributes["schedule"] = None   # compared: a schedule dropped from the policy must leave the vendor too
+        if value is None:
+            if not attribute.has_default:
+                continue
+            value = attribute.default
+        if attribute.compared:
+            attributes[name] = value
+        elif value is not None:
+            sent[name] = value
     meta: dict[str, Any] = {"via": _via(declarations, permission, user)}
     if permission.reason is not None:
         meta["reason"] = permission.reason
-    if permission.notify is not None and caps.grant_notify:
-        meta["notify"] = permission.notify
+    meta.update(sent)
     # Who receives the grant: providers address people by phone (Unloc) or email (Sentry, SmartphoneKey).
     # Kept in meta, not attributes, so that live grants need not echo it to compare equal.
     person = declarations.users[user].model
@@ -298,7 +310,7 @@ def _grants_for(declarations: Declarations, entry: Entry[PermissionModel], permi
     else:
         names = [f"{user}/{device}"]
     return [Resource(system, caps.grant_kind, name, attributes, meta=meta, depends_on=depends_on,
-                     source=entry.place.source, replace_on_change=caps.immutable_grants) for name in names]
+                     source=entry.place.source, schema=caps.grant_schema) for name in names]
 
 
 def _conflict(second: Entry[PermissionModel], first: Entry[PermissionModel],
@@ -356,5 +368,5 @@ def _temp_keys(declarations: Declarations, capabilities: Mapping[str, Capabiliti
                       "description": key.description}
         resources.append(Resource(system, Kind.TEMP_KEY, name, attributes,
                                   depends_on=(address_of(system, Kind.DEVICE, key.device),),
-                                  source=entry.place.source))
+                                  source=entry.place.source, schema=caps.schema(Kind.TEMP_KEY)))
     return resources

@@ -260,18 +260,34 @@ class SpanModel(_Model):
         raise ValueError(f"'{value}' is not a time of day: write \"HH:MM\", {allowed}")
 
 
+@dataclass(frozen=True)
+class GrantField:
+    """Marks a permission field that becomes an attribute of each grant, on the vendors whose grant schema
+    (`Capabilities.grant_schema`) declares it: the checks, expansion and export read that schema, so a new
+    field is this declaration plus the vendors that support it. The words complete the messages:
+    "<vendor> <lacks> (device … is on system …); remove `<field>:`<instead>", "<vendor> requires <noun>",
+    "'<value>' is not <noun> on <vendor>"."""
+
+    lacks: str
+    noun: str
+    instead: str = ""
+
+
 class PermissionModel(_Model):
     users: list[str] = []
     groups: list[str] = []
     devices: Annotated[list[str], Field(min_length=1)]
     operations: Annotated[list[str], Field(min_length=1)] | None = None
-    start: datetime | None = None
-    end: datetime | None = None
-    key_validity: str | None = None
+    start: Annotated[datetime | None, GrantField("has no start", "a start")] = None
+    end: Annotated[datetime | None, GrantField("has no end", "an end")] = None
+    key_validity: Annotated[str | None, GrantField("has no key validity", "a key validity")] = None
     reason: str | None = None
-    schedule: str | None = None
-    role: Role | None = None
-    notify: bool | None = None         # unloc: tell the person about a new key (default: the system's notify)
+    schedule: Annotated[str | None, GrantField("has no weekly schedules", "a schedule",
+                                               " or use start and end")] = None
+    role: Annotated[Role | None, GrantField("has no roles on grants", "a role")] = None
+    # unloc: tell the person about a new key (default: the system's notify)
+    notify: Annotated[bool | None, GrantField("cannot choose per grant whether the person is notified",
+                                              "a choice to notify")] = None
 
     @field_validator("start", "end", mode="before")
     @classmethod
@@ -302,6 +318,12 @@ class TempKeyModel(_Model):
     @classmethod
     def _instants(cls, value: Any, info: ValidationInfo) -> Any:
         return _instant(value, info.field_name or "")
+
+
+def grant_fields() -> dict[str, GrantField]:
+    """The permission fields that become grant attributes, in declaration order."""
+    return {name: mark for name, info in PermissionModel.model_fields.items()
+            for mark in info.metadata if isinstance(mark, GrantField)}
 
 
 GroupModel = list[str]

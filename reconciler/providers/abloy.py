@@ -30,8 +30,11 @@ from reconciler.errors import VendorError
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, Redactor, json_error, token_lifetime
 from reconciler.resources import (
+    Attribute,
     Capabilities,
     Kind,
+    KindSchema,
+    OnChange,
     Resource,
     Status,
     address_of,
@@ -74,10 +77,7 @@ CAPABILITIES = Capabilities(
     vendor="abloy-keyless",
     grant_kind=Kind.PERMISSION,
     user_accounts=True,
-    requires_end=True,
-    open_ended=False,
     operations=frozenset({"OPEN", "UPDATE_FIRMWARE", "UPDATE_TIME"}),
-    key_validity=True,
     gateways=True,
     max_associations=5,
     creates_devices=True,
@@ -88,6 +88,13 @@ CAPABILITIES = Capabilities(
     setting_durations={"invitation_validity": INVITATION_RANGE},
     credentials=frozenset({"user_id", "access_key", "api_key"}),
     several_windows=True,
+    attributes={
+        # Every permission needs an end; the operating key's validity is per permission (P1D..P31D).
+        Kind.PERMISSION: KindSchema({"start": Attribute(str), "end": Attribute(str, required=True),
+                                     "key_validity": Attribute(str, default="P8D")}),
+        # A user is `{id, role}` and the API has no call that changes a role.
+        Kind.USER: KindSchema({"role": Attribute(str, on_change=OnChange.FIXED)}),
+    },
 )
 
 
@@ -182,7 +189,7 @@ class AbloyProvider(Provider):
         for uid, item in users.items():
             name = user_names.get(uid)
             add(Resource(self.name, Kind.USER, name or unknown_name(uid), {"role": item.get("role")}, id=uid,
-                         managed=name is not None, meta={"create_only": ("role",)}))
+                         managed=name is not None, schema=CAPABILITIES.schema(Kind.USER)))
         for did, item in devices.items():
             name = device_names.get(did)
             meta = {k: v for k, v in (("claiming_status", item.get("claimingStatus")),

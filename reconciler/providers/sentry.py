@@ -34,7 +34,17 @@ from reconciler.errors import VendorError
 from reconciler.plan import Action, Change
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor, token_lifetime
-from reconciler.resources import Capabilities, Kind, Resource, address_of, format_time, parse_time, unknown_name
+from reconciler.resources import (
+    Attribute,
+    Capabilities,
+    Kind,
+    KindSchema,
+    Resource,
+    address_of,
+    format_time,
+    parse_time,
+    unknown_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +74,7 @@ PATHS = {
 CAPABILITIES = Capabilities(
     vendor="sentry",
     grant_kind=Kind.SHARE,
-    share_roles=frozenset({"USER", "ADMIN"}),
     needs_email=True,
-    schedules=False,            # the platform has no per-user weekly schedules
-    open_ended=True,
     creates_devices=False,
     device_fields=frozenset({"name", "favourite", "colour", "unlock_duration"}),
     device_id_pattern=UUID_PATTERN,
@@ -75,6 +82,11 @@ CAPABILITIES = Capabilities(
     # only the login pair is declared (see the provider's `_login`).
     credentials=frozenset({"email", "password"}),
     credential_sets=(frozenset({"email", "password"}), frozenset({"token"})),
+    attributes={
+        # No per-user weekly schedules on the platform; a share may be open-ended and has a role.
+        Kind.SHARE: KindSchema({"start": Attribute(str), "end": Attribute(str, default=None),
+                                "role": Attribute(str, default="USER", choices=frozenset({"USER", "ADMIN"}))}),
+    },
 )
 
 

@@ -15,7 +15,7 @@ Where the vendor documents are silent, this module decides:
 - People are SmartphoneKey accounts found by email (`/users/by-email?searchOnly=true`, so that a lookup
   never creates anybody); an email without an account makes the plan impossible (ReadResult.errors).
 - `description` can only be set on create (update-temp-key has no such field, and lists do not return
-  it): a changed description is reported by the planner (`create_only`), never silently dropped.
+  it): a changed description is reported by the planner (the schema marks it `FIXED`), never silently dropped.
 - The vendor computes each key's status; `used-up` and `expired` keys the policy declares are reported
   as plan warnings with their uses; they are never re-created (the planner does not create a grant whose
   end has passed, and a used-up key still exists, so raising `max_uses` is an in-place update).
@@ -35,7 +35,17 @@ from reconciler.errors import VendorError
 from reconciler.plan import Note
 from reconciler.providers.base import Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor
-from reconciler.resources import Capabilities, Kind, Resource, Status, normalise_time, unknown_name
+from reconciler.resources import (
+    Attribute,
+    Capabilities,
+    Kind,
+    KindSchema,
+    OnChange,
+    Resource,
+    Status,
+    normalise_time,
+    unknown_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,13 @@ CAPABILITIES = Capabilities(
     device_fields=frozenset(),
     device_id_pattern=r"[1-9]\d*",     # the OpenAPI's lock id: an integer, exclusiveMinimum 0
     credentials=frozenset({"api_key"}),
+    attributes={
+        # update-temp-key cannot change the description, and lists never return it: set on create only.
+        Kind.TEMP_KEY: KindSchema({"access": Attribute(str, choices=frozenset({"public", "users"})),
+                                   "users": Attribute(list), "start": Attribute(str), "end": Attribute(str),
+                                   "max_uses": Attribute(int, default=None),
+                                   "description": Attribute(str, default=None, on_change=OnChange.FIXED)}),
+    },
 )
 
 ACCESS_MODES = {"public": "public", "users": "user-whitelist"}
@@ -240,9 +257,9 @@ class SpkeyProvider(Provider):
     def _resource(self, name: str, item: dict[str, Any], lock: str, description: str | None, *,
                   known: bool) -> Resource:
         meta = {"status": item.get("status"), "uses": item.get("usedCount"), "lock": lock,
-                "created_by": item.get("createdBy"), "create_only": ("description",)}
+                "created_by": item.get("createdBy")}
         return Resource(self.name, Kind.TEMP_KEY, name, self._attributes(item, description, known=known),
-                        id=str(item.get("uuid")), meta=meta)
+                        id=str(item.get("uuid")), meta=meta, schema=CAPABILITIES.schema(Kind.TEMP_KEY))
 
     # -- temp keys -----------------------------------------------------------------------------------
     def _fields(self, attributes: Any, names: Iterable[str]) -> dict[str, Any]:

@@ -34,8 +34,10 @@ from reconciler.plan import Note
 from reconciler.providers.base import Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor, json_error
 from reconciler.resources import (
+    Attribute,
     Capabilities,
     Kind,
+    KindSchema,
     Resource,
     Status,
     address_of,
@@ -71,11 +73,7 @@ PENDING_MESSAGE = "key being created by Unloc"
 CAPABILITIES = Capabilities(
     vendor="unloc",
     grant_kind=Kind.KEY,
-    schedules=True,
-    open_ended=True,
     needs_phone=True,
-    immutable_grants=True,
-    grant_notify=True,
     creates_devices=False,
     device_fields=frozenset(),
     device_id_pattern=UUID_PATTERN,
@@ -83,6 +81,13 @@ CAPABILITIES = Capabilities(
     required_settings=frozenset({"lock_holder_id"}),
     credentials=frozenset({"client_id", "client_secret"}),
     several_windows=True,
+    attributes={
+        # A key cannot be updated: any change is a revoke and a new key. `notify` goes with the create
+        # and is never read back.
+        Kind.KEY: KindSchema({"start": Attribute(str), "end": Attribute(str, default=None),
+                              "schedule": Attribute(list, default=None),
+                              "notify": Attribute(bool, compared=False)}, immutable=True),
+    },
 )
 
 

@@ -47,8 +47,10 @@ from reconciler.plan import Note
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor, json_error
 from reconciler.resources import (
+    Attribute,
     Capabilities,
     Kind,
+    KindSchema,
     Resource,
     Status,
     address_of,
@@ -83,9 +85,6 @@ CAPABILITIES = Capabilities(
     vendor="unloc-partner",
     grant_kind=Kind.KEY,
     needs_phone=True,
-    schedules=False,
-    open_ended=True,                  # `end` is optional on create [doc]
-    immutable_grants=True,
     creates_devices=False,
     device_fields=frozenset(),
     device_id_pattern=r"[A-Za-z0-9][A-Za-z0-9:._-]*",   # `danalock-00:00:00:00:00:01`, UUIDs
@@ -93,6 +92,10 @@ CAPABILITIES = Capabilities(
     required_settings=frozenset({"partner_id"}),
     credentials=frozenset({"api_key"}),
     several_windows=True,
+    attributes={
+        # `end` is optional on create [doc]; a key cannot be updated, so any change is revoke + create.
+        Kind.KEY: KindSchema({"start": Attribute(str), "end": Attribute(str, default=None)}, immutable=True),
+    },
 )
 
 
