@@ -36,6 +36,7 @@ from reconciler.policy import load_policy
 from reconciler.providers import sentry as sentry_provider
 from reconciler.providers.factory import capabilities
 from reconciler.render import render_json, render_markdown, render_text
+from reconciler.sandbox.common import read_store
 from reconciler.sandbox.sentry import (
     MEDIA_V2,
     OPERATOR_EMAIL,
@@ -698,7 +699,7 @@ def test_cli_end_to_end_against_served_sandbox(tmp_path, served):
         assert credentials["SENTRY_PASSWORD"] not in output.stdout + output.stderr
     assert credentials["SENTRY_PASSWORD"] not in (tmp_path / "state.json").read_text()
     # The served store: two batches on the meeting room, one ADD_USER each on the front door.
-    store = json.loads((tmp_path / "vendor" / "sentry.json").read_text())
+    store = read_store(tmp_path / "vendor" / "sentry.json")
     shared = collections.Counter(e["deviceId"] for e in store["log"] if e["type"] == "LOCK_SHARED" and e["issuer"])
     assert shared[MEETING] == 27 + 1 and shared[FRONT] == 2     # +1: the seeded share of mallory
 

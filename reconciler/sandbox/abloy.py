@@ -154,6 +154,14 @@ def _public(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if not k.startswith("_")}
 
 
+def _by_seq(record: dict[str, Any]) -> tuple[int]:
+    return (record["_seq"],)
+
+
+def _by_occurrence(entry: dict[str, Any]) -> tuple[float, str]:
+    return (parse_datetime(entry["occurrenceDatetime"]).timestamp(), entry["id"])  # type: ignore[union-attr]
+
+
 def _hash_key(access_key: str) -> str:
     return hashlib.sha256(access_key.encode()).hexdigest()
 
@@ -283,7 +291,7 @@ def _validate_patch(body: Any) -> str:
 class AbloySimulator(Simulator):
     """The Abloy Keyless Administration API v2, in memory, optionally persisted to `store_path`.
 
-    - `store_path`: JSON store, loaded when it exists (seeded only when new), written after each change.
+    - `store_path`: the store (`common.LogStore`), loaded when it exists (seeded only when new); each change is appended.
     - `clock`: the vendor's time (token expiry, invitation expiry, purge, gateway activation).
     - `rate_limit`: requests per rolling second before 429 with Retry-After; None = unlimited.
     - `token_ttl`: seconds a login token lives. `seed=False`: only the administrator, no devices or users.
@@ -371,15 +379,14 @@ class AbloySimulator(Simulator):
         # Deterministic ids (a counter that persists with the store) keep demo output reproducible.
         record = {"id": str(uuid.uuid5(_NS, f"{table}/{seq}")), **record, "_seq": seq}
         self.state[table][record["id"]] = record
-        self.mark_changed()
+        self.mark_changed(table, record["id"])
         return record
 
     def _delete_where(self, table: str, predicate: Callable[[dict[str, Any]], bool]) -> int:
         doomed = [key for key, record in self.state[table].items() if predicate(record)]
         for key in doomed:
             del self.state[table][key]
-        if doomed:
-            self.mark_changed()
+            self.mark_changed(table, key)
         return len(doomed)
 
     def _get(self, table: str, raw_id: str, name: str = "id") -> dict[str, Any]:
@@ -409,7 +416,7 @@ class AbloySimulator(Simulator):
             if gateway["activationStatus"] == "PENDING_ACTIVATION" and now >= activated_at:
                 gateway.update(activationStatus="ACTIVATED", activationDatetime=format_datetime(activated_at),
                                hardwareModel="BEAT_GW_A1", hardwareVersion="1.0.0", firmwareVersion="1.2.0")
-                self.mark_changed()
+                self.mark_changed("gateways", gateway["id"])
 
     # ------------------------------------------------------------------------------------ HTTP
     def dispatch(self, request: httpx.Request, match: RouteMatch) -> httpx.Response:
@@ -443,7 +450,7 @@ class AbloySimulator(Simulator):
               predicate: Callable[[dict[str, Any]], bool]) -> httpx.Response:
         limit = parse_limit(call.query("limit"), default=PAGE_DEFAULT, maximum=PAGE_MAX)
         items, next_token = paginate(
-            (r for r in self.state[table].values() if predicate(r)), key=lambda r: (r["_seq"],),
+            self.view(table, _by_seq, "seq"), where=predicate,
             limit=limit, token=call.query("next-page-token"), scope=scope, tokens=self._tokens)
         body: dict[str, Any] = {"items": [_public(r) for r in items]}
         if next_token:
@@ -507,7 +514,7 @@ class AbloySimulator(Simulator):
             raise SimulatorError(409, "The authenticated user cannot delete itself")
         user_id = user["id"]
         del self.state["users"][user_id]
-        self.mark_changed()
+        self.mark_changed("users", user_id)
         for table in ("permissions", "operatingDevices", "invitations"):
             self._delete_where(table, lambda r: r["userId"] == user_id)
         return self._no_content()
@@ -542,7 +549,7 @@ class AbloySimulator(Simulator):
         if invitation["_status"] == "ACCEPTED":
             raise SimulatorError(409, "An accepted invitation cannot be revoked")
         del self.state["invitations"][invitation["id"]]
-        self.mark_changed()
+        self.mark_changed("invitations", invitation["id"])
         return self._no_content()
 
     def _op_list_operating_devices(self, call: _Call) -> httpx.Response:
@@ -555,7 +562,7 @@ class AbloySimulator(Simulator):
         if device.get("_legacy"):
             raise SimulatorError(409, "A legacy operating device can only be deleted by deleting its user")
         del self.state["operatingDevices"][device["id"]]
-        self.mark_changed()
+        self.mark_changed("operatingDevices", device["id"])
         return self._no_content()
 
     # --- locking devices
@@ -579,13 +586,13 @@ class AbloySimulator(Simulator):
         name = _validate_patch(call.body)
         device = self._get("lockingDevices", call.params["locking_device_id"], "locking-device-id")
         device["name"] = name
-        self.mark_changed()
+        self.mark_changed("lockingDevices", device["id"])
         return self._no_content()
 
     def _op_delete_locking_device(self, call: _Call) -> httpx.Response:
         device_id = self._get("lockingDevices", call.params["locking_device_id"], "locking-device-id")["id"]
         del self.state["lockingDevices"][device_id]
-        self.mark_changed()
+        self.mark_changed("lockingDevices", device_id)
         # "Any entities associated with the deleted locking device will be removed automatically."
         for table in ("permissions", "associations", "auditLog"):
             self._delete_where(table, lambda r: r["lockingDeviceId"] == device_id)
@@ -616,12 +623,13 @@ class AbloySimulator(Simulator):
         self._purge_floor = min(self._purge_floor, permission["_endTs"])
         self._check_permission_refs(permission)
         existing.update(permission)
-        self.mark_changed()
+        self.mark_changed("permissions", existing["id"])
         return self._no_content()
 
     def _op_delete_permission(self, call: _Call) -> httpx.Response:
-        del self.state["permissions"][self._get("permissions", call.params["permission_id"], "permission-id")["id"]]
-        self.mark_changed()
+        permission_id = self._get("permissions", call.params["permission_id"], "permission-id")["id"]
+        del self.state["permissions"][permission_id]
+        self.mark_changed("permissions", permission_id)
         return self._no_content()
 
     # --- gateways and associations
@@ -635,6 +643,7 @@ class AbloySimulator(Simulator):
                                             "creationDatetime": format_datetime(self._stamp()),
                                             "_claimingCode": code})
         stock["gatewayId"] = gateway["id"]
+        self.mark_changed("gatewayStock", code)
         return self._ok(_public(gateway), 201)
 
     def _op_list_gateways(self, call: _Call) -> httpx.Response:
@@ -647,7 +656,8 @@ class AbloySimulator(Simulator):
         gateway = self._get("gateways", call.params["gateway_device_id"], "gateway-device-id")
         del self.state["gateways"][gateway["id"]]
         self.state["gatewayStock"][gateway["_claimingCode"]]["gatewayId"] = None
-        self.mark_changed()
+        self.mark_changed("gateways", gateway["id"])
+        self.mark_changed("gatewayStock", gateway["_claimingCode"])
         self._delete_where("associations", lambda r: r["gatewayDeviceId"] == gateway["id"])
         return self._no_content()
 
@@ -680,7 +690,7 @@ class AbloySimulator(Simulator):
     def _op_delete_association(self, call: _Call) -> httpx.Response:
         association = self._get("associations", call.params["association_id"], "gateway-device-association-id")
         del self.state["associations"][association["id"]]
-        self.mark_changed()
+        self.mark_changed("associations", association["id"])
         return self._no_content()
 
     # --- audit log
@@ -699,13 +709,12 @@ class AbloySimulator(Simulator):
 
         def wanted(entry: dict[str, Any]) -> bool:
             return ((device_id is None or entry["lockingDeviceId"] == device_id)
-                    and (after is None or (parse_datetime(entry["occurrenceDatetime"]) or after) > after)
+                    and (after is None or _by_occurrence(entry)[0] > after.timestamp())
                     and (raw_seq is None or entry["sequenceNumber"] > int(raw_seq)))
 
         scope = f"locking-device-audit-log?{device_id}&{raw_after}&{raw_seq}&{direction}"
         items, next_token = paginate(
-            (e for e in self.state["auditLog"].values() if wanted(e)),
-            key=lambda e: (parse_datetime(e["occurrenceDatetime"]).timestamp(), e["id"]),  # type: ignore[union-attr]
+            self.view("auditLog", _by_occurrence, "occurrence"), where=wanted,
             limit=limit, token=call.query("next-page-token"), scope=scope, tokens=self._tokens,
             descending=direction == "DESC")
         body: dict[str, Any] = {"items": [_public(e) for e in items]}
@@ -742,6 +751,7 @@ class AbloySimulator(Simulator):
             if any(d["userId"] == invitation["userId"] for d in self.state["operatingDevices"].values()):
                 raise ValueError(f"user {invitation['userId']} already has an operating device")
             invitation["_status"] = "ACCEPTED"
+            self.mark_changed("invitations", invitation_id)
             device = self._insert("operatingDevices", {"userId": invitation["userId"], "_invitationId": invitation_id})
             return device["id"]
 
@@ -762,11 +772,10 @@ class AbloySimulator(Simulator):
                 manufacturingCertificate={"eligibleForReKeying": False, "revoked": False,
                                           "expirationDatetime": format_datetime(claimed + timedelta(days=3650))},
                 hardwareModel="PADLOCK", hardwareVersion="3", firmwareVersion="1.4.2")
-            self.mark_changed()
+            self.mark_changed("lockingDevices", device_id)
             return serial
 
     def expire_tokens(self) -> None:
         """Invalidate every token issued so far (the next call with one gets 401)."""
         with self.mutate():
-            self.state["tokenGeneration"] += 1
-            self.mark_changed()
+            self.state["tokenGeneration"] += 1     # a top-level scalar: written without a mark

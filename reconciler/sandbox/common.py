@@ -8,15 +8,17 @@ calls it for requests arriving over sockets. Nothing in the core imports this pa
 
 Subclasses must set their own attributes before calling `Simulator.__init__` (it builds or loads the
 state through `new_state`/`load_state`), must raise `SimulatorError` for refusals (rendered by their
-`render_error`), and must call `mark_changed()` whenever they mutate `self.state`, so that the store is
-written after the request.
+`render_error`), and must call `mark_changed(table, key)` (or `mark_appended(name)`) whenever they change
+`self.state`, so that the change is written after the request (see `Simulator`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import email.utils
+import fcntl
 import hashlib
 import hmac
 import json
@@ -120,49 +122,329 @@ def format_datetime(value: datetime) -> str:
 
 # -------------------------------------------------------------------------------------------- storage
 
-class JsonFile:
-    """A JSON document on disk, replaced atomically, that notices when another process rewrote it."""
+LOG_KIND = "reconciler-sandbox-log"
+LOG_VERSION = 1
+_MISSING = object()
 
-    def __init__(self, path: Path):
+Path_ = tuple[str, ...]
+
+
+def apply_ops(state: Any, ops: Iterable[Sequence[Any]]) -> Any:
+    """`state` after the logged operations `["set", path, value]`, `["del", path]` and `["add", path, item]`
+    (appends to the list at `path`); a path goes from the root, `[]` replaces the whole state, which is
+    then returned."""
+    for op in ops:
+        kind, path = op[0], op[1]
+        if not path:
+            state = op[2] if kind == "set" else {}
+            continue
+        parent = state
+        for name in path[:-1]:
+            parent = parent[name]
+        if kind == "set":
+            parent[path[-1]] = op[2]
+        elif kind == "add":
+            parent[path[-1]].append(op[2])
+        else:
+            parent.pop(path[-1], None)
+    return state
+
+
+class StoreError(ValueError):
+    """A store that is not this simulator's, or not a store at all."""
+
+
+class LogStore:
+    """A simulator's state on disk: an append-only log of JSON lines, shared between processes.
+
+    Line 1 is a header `{"kind": "reconciler-sandbox-log", "log": 1, "format": …, "version": …}`; each
+    further line is what one request changed, a JSON list of operations (`apply_ops`), written with one
+    `write()` after the request and before its answer. Nothing rewrites the whole store per write:
+    a write costs what it changed. Writes are flushed to the operating system, not fsync'd: they survive
+    the process being killed, not the machine losing power (a sandbox is not a vendor's durability).
+
+    - Processes: every request runs under an exclusive `flock` on the store file; first it reads the
+      lines other processes appended since (`refresh`), so separate CLI runs and `sandbox serve` see each
+      other's writes. A compaction replaces the file (tmp + `os.replace`): a process that finds its open
+      file no longer at the path reopens and reloads.
+    - A process killed mid-write leaves at most a torn last line (no newline): the request it carried was
+      never answered; the next process to take the lock cuts it off.
+    - A store written in the older one-document JSON format (same `format` and `version`) is converted
+      on first open; anything else is refused with `StoreError`.
+    - The log is compacted (rewritten as one snapshot line) when it holds many more operations than the
+      state has records.
+    """
+
+    def __init__(self, path: Path, store_format: str, store_version: int):
         self.path = Path(path)
-        self._signature: tuple[int, int, int] | None = None
+        self.format, self.version = store_format, store_version
+        self._fd: int | None = None
+        self._ino: tuple[int, int] | None = None
+        self._offset = 0          # bytes of the file already applied to the state we hold
+        self._depth = 0
+        self._ops_since_snapshot = 0
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def load(self) -> dict[str, Any] | None:
-        """The document, or None when the file does not exist yet."""
-        signature = self._stat()
-        if signature is None:
-            return None
-        with self.path.open("rb") as handle:
-            data = json.load(handle)
-        self._signature = signature
-        return data
-
-    def save(self, data: dict[str, Any]) -> None:
-        # tmp + os.replace in the same directory: a reader (another CLI run) sees the old or the new
-        # document, never half of one, even if this process dies mid-write.
+    # --- opening
+    def open(self, new_state: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The stored state; a new store from `new_state()` when there is none yet."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            fresh = new_state()
+            self._create(fresh)     # loses quietly to a concurrent creator; we read the winner's below
+        self._reopen()
+        self.lock()
+        try:
+            return self._load_all()
+        finally:
+            self.unlock()
+
+    def _header(self) -> bytes:
+        return (json.dumps({"kind": LOG_KIND, "log": LOG_VERSION, "format": self.format, "version": self.version},
+                           separators=(",", ":")) + "\n").encode()
+
+    def _snapshot_bytes(self, state: dict[str, Any]) -> bytes:
+        return self._header() + _line([["set", [], state]])
+
+    def _write_tmp(self, content: bytes) -> str:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, indent=1, sort_keys=False)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
                 handle.flush()
                 os.fsync(handle.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def _create(self, state: dict[str, Any]) -> None:
+        tmp = self._write_tmp(self._snapshot_bytes(state))
+        try:
+            os.link(tmp, self.path)     # atomic, and fails if another process created the store first
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+
+    def _reopen(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)      # releases a lock held on the replaced file
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        st = os.fstat(self._fd)
+        self._ino = (st.st_dev, st.st_ino)
+        self._offset = 0
+
+    # --- the lock
+    def lock(self) -> None:
+        """Take the store's inter-process lock (re-entrant); the caller then calls `refresh`."""
+        self._depth += 1
+        if self._depth > 1:
+            return
+        while True:
+            assert self._fd is not None
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == self._ino:
+                return
+            if st is None:          # deleted under us (to start over): keep serving what we hold
+                self._orphaned = True
+                return
+            self._reopen()          # replaced by a compaction elsewhere: the new file is the store
+
+    def unlock(self) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    _orphaned = False
+
+    # --- reading
+    def _read_from(self, offset: int) -> bytes:
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        chunks = []
+        while offset < size:
+            chunk = os.pread(self._fd, size - offset, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
+    def _complete_lines(self, data: bytes, start: int) -> list[bytes]:
+        """The complete lines of `data` (read from `start`); a torn tail is cut off the file."""
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            logger.warning("sandbox store %s: cutting off a torn last write (%d bytes)", self.path, len(data) - end)
+            assert self._fd is not None
+            os.ftruncate(self._fd, start + end)
+        self._offset = start + end
+        return data[:end].splitlines()
+
+    def _load_all(self) -> dict[str, Any]:
+        data = self._read_from(0)
+        first = data.split(b"\n", 1)[0]
+        try:
+            header = json.loads(first)
+        except ValueError:
+            header = None
+        if not (isinstance(header, dict) and header.get("kind") == LOG_KIND):
+            return self._migrate(data)
+        if header.get("log") != LOG_VERSION:
+            raise StoreError(f"store log version {header.get('log')!r} is not {LOG_VERSION}")
+        if header.get("format") != self.format or header.get("version") != self.version:
+            raise StoreError(f"not a {self.format} store (format {header.get('format')!r}, "
+                             f"version {header.get('version')!r})")
+        lines = self._complete_lines(data, 0)
+        state: Any = {}
+        for line in lines[1:]:
+            state = apply_ops(state, json.loads(line))
+        self._ops_since_snapshot = len(lines) - 2
+        return state
+
+    def _migrate(self, data: bytes) -> dict[str, Any]:
+        try:
+            document = json.loads(data)
+        except ValueError:
+            raise StoreError(f"{self.path} is not a sandbox store") from None
+        if not isinstance(document, dict) or document.get("format") != self.format \
+                or document.get("version") != self.version:
+            found = document if isinstance(document, dict) else {}
+            raise StoreError(f"not a {self.format} store (format {found.get('format')!r}, "
+                             f"version {found.get('version')!r})")
+        logger.info("sandbox store %s: converting from the one-document format to a log", self.path)
+        self.rewrite(document)
+        return document
+
+    def refresh(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """`state` with what other processes wrote since we last read (None: nothing new). Under `lock`."""
+        assert self._fd is not None
+        if self._orphaned:
+            return None
+        size = os.fstat(self._fd).st_size
+        if self._offset == 0:           # reopened after a compaction elsewhere
+            return self._load_all()
+        if size == self._offset:
+            return None
+        if size < self._offset:         # cut by hand: start over from what is there
+            return self._load_all()
+        start = self._offset
+        lines = self._complete_lines(self._read_from(start), start)
+        for line in lines:
+            state = apply_ops(state, json.loads(line))
+        self._ops_since_snapshot += len(lines)
+        logger.debug("sandbox store %s: applied %d writes of another process", self.path, len(lines))
+        return state
+
+    # --- writing
+    def append(self, ops: list[list[Any]]) -> None:
+        """Record one request's changes (under `lock`, after `refresh`)."""
+        if self._orphaned:
+            return
+        assert self._fd is not None
+        line = _line(ops)
+        written = os.write(self._fd, line)
+        while written < len(line):      # a regular file takes it whole; be exact anyway
+            written += os.write(self._fd, line[written:])
+        self._offset += len(line)
+        self._ops_since_snapshot += 1
+
+    def should_compact(self, records: int) -> bool:
+        return self._ops_since_snapshot > 2 * records + 1000
+
+    def rewrite(self, state: dict[str, Any]) -> None:
+        """Replace the log by one snapshot of `state` (under `lock`): compaction and full writes."""
+        tmp = self._write_tmp(self._snapshot_bytes(state))
+        try:
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        self._signature = self._stat()
+        self._orphaned = False
+        old = self._fd
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        st = os.fstat(self._fd)
+        self._ino = (st.st_dev, st.st_ino)
+        self._offset = st.st_size
+        self._ops_since_snapshot = 0
+        if self._depth > 0:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        if old is not None:
+            os.close(old)   # releases the old file's lock: a waiter there finds the new file and reopens
 
-    def changed_on_disk(self) -> bool:
-        """Whether someone else replaced the file since we last read or wrote it."""
-        return self._stat() != self._signature
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_store(path: Path) -> dict[str, Any]:
+    """The state a store file holds, read without locking or writing (tests, inspection)."""
+    lines = Path(path).read_bytes().split(b"\n")
+    header = json.loads(lines[0]) if lines[0].startswith(b"{\"") else None
+    if not (isinstance(header, dict) and header.get("kind") == LOG_KIND):
+        return json.loads(b"\n".join(lines))     # the one-document format
+    state: Any = {}
+    for line in lines[1:-1]:                      # the last is empty, or a torn write
+        state = apply_ops(state, json.loads(line))
+    return state
+
+
+def _line(ops: list[list[Any]]) -> bytes:
+    return (json.dumps(ops, separators=(",", ":")) + "\n").encode()
+
+
+class ChangeSet:
+    """What one request changed in a simulator's state, as paths from the root (in order of change).
+
+    Top-level scalars (`seq`, `tokenGeneration`) are compared by value and need no mark.
+    """
+
+    def __init__(self) -> None:
+        self.paths: dict[Path_, None] = {}
+        self.appended: dict[Path_, int] = {}   # list → index of its first item appended by this request
+        self.everything = False
+
+    def mark(self, path: Path_) -> None:
+        if not path:
+            self.everything = True
+        else:
+            self.paths[path] = None
+
+    def mark_appended(self, path: Path_, index: int) -> None:
+        self.appended.setdefault(path, index)
+
+    def __bool__(self) -> bool:
+        return self.everything or bool(self.paths) or bool(self.appended)
+
+    def ops(self, state: dict[str, Any]) -> list[list[Any]]:
+        ops: list[list[Any]] = []
+        for path in self.paths:
+            value: Any = state
+            for name in path:
+                value = value.get(name, _MISSING) if isinstance(value, dict) else _MISSING
+                if value is _MISSING:
+                    break
+            ops.append(["del", list(path)] if value is _MISSING else ["set", list(path), value])
+        for path, first in self.appended.items():
+            if path not in self.paths:      # a list written whole already holds its new items
+                target: Any = state
+                for name in path:
+                    target = target[name]
+                ops.extend(["add", list(path), item] for item in target[first:])
+        return ops
+
+    def clear(self) -> None:
+        self.paths.clear()
+        self.appended.clear()
+        self.everything = False
+
+
+def scalars(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if not isinstance(v, (dict, list))}
 
 
 # ---------------------------------------------------------------------------------------- pagination
@@ -222,19 +504,67 @@ def parse_limit(raw: str | None, *, default: int, maximum: int, name: str = "lim
     return int(raw)
 
 
-def paginate(items: Iterable[dict[str, Any]], *, key: Callable[[dict[str, Any]], tuple[Any, ...]],
-             limit: int, token: str | None, scope: str, tokens: PageTokens,
-             descending: bool = False) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of `items` (sorted by `key`, both ways) and the token for the next page, if any."""
-    ordered = sorted(items, key=key, reverse=descending)
-    if token is not None:
-        cursor = tokens.decode(scope, token)
-        try:
-            ordered = [i for i in ordered if (key(i) < cursor if descending else key(i) > cursor)]
-        except TypeError:  # a signed cursor from an older store layout; refuse rather than crash
-            raise SimulatorError(400, "Invalid next-page-token") from None
-    page = ordered[:limit]
-    next_token = tokens.encode(scope, key(page[-1])) if len(ordered) > limit else None
+SortKey = Callable[[dict[str, Any]], Any]
+
+
+class SortedView:
+    """The records of one table in the order of a sort key, built once and kept until the table changes.
+
+    A page is answered from it by bisection on the key and a walk of the page's length, instead of a sort
+    of the whole table per page (which made listing a large table quadratic). `Simulator.view` keeps one
+    per table and key, and rebuilds it when the table was marked changed.
+    """
+
+    def __init__(self, records: Iterable[dict[str, Any]], key: SortKey, stamp: Any = None):
+        self.key = key
+        self.stamp = stamp
+        self.records = sorted(records, key=key)
+        self.keys = [key(r) for r in self.records]
+        self._groups: dict[str, dict[Any, list[dict[str, Any]]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def page(self, *, after: Any = None, limit: int, descending: bool = False,
+             where: Callable[[dict[str, Any]], bool] | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """Up to `limit` records past the key `after` (in the order asked, kept by `where`) and whether
+        more follow. A cursor of another type than the keys raises TypeError."""
+        records, found = self.records, list[dict[str, Any]]()
+        if descending:
+            i = len(records) - 1 if after is None else bisect.bisect_left(self.keys, after) - 1
+            step, stop = -1, -1
+        else:
+            i = 0 if after is None else bisect.bisect_right(self.keys, after)
+            step, stop = 1, len(records)
+        while i != stop:
+            record = records[i]
+            if where is None or where(record):
+                if len(found) == limit:
+                    return found, True
+                found.append(record)
+            i += step
+        return found, False
+
+    def group(self, field: str) -> dict[Any, list[dict[str, Any]]]:
+        """The records by the value of `field`, each list in key order (built once per view)."""
+        if field not in self._groups:
+            by: dict[Any, list[dict[str, Any]]] = {}
+            for record in self.records:
+                by.setdefault(record.get(field), []).append(record)
+            self._groups[field] = by
+        return self._groups[field]
+
+
+def paginate(view: SortedView, *, limit: int, token: str | None, scope: str, tokens: PageTokens,
+             descending: bool = False, where: Callable[[dict[str, Any]], bool] | None = None,
+             ) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of `view` (both ways, filtered by `where`) and the token for the next page, if any."""
+    cursor = tokens.decode(scope, token) if token is not None else None
+    try:
+        page, more = view.page(after=cursor, limit=limit, descending=descending, where=where)
+    except TypeError:  # a signed cursor from an older store layout; refuse rather than crash
+        raise SimulatorError(400, "Invalid next-page-token") from None
+    next_token = tokens.encode(scope, view.key(page[-1])) if more else None
     return page, next_token
 
 
@@ -517,9 +847,15 @@ class Simulator:
     """The request workflow every vendor simulator shares.
 
     `handle(request)` is the seam: plug it into `httpx.MockTransport` or mount it in `sandbox.server`.
-    It logs the request, applies injected faults and the rate limit, then, holding the one store lock,
-    reloads the store if another process replaced it, calls the vendor's `dispatch`, and writes the
-    store if the request changed it.
+    It logs the request, applies injected faults and the rate limit, then, holding the one store lock
+    (and the store file's lock, for other processes), reads what other processes wrote meanwhile, calls
+    the vendor's `dispatch`, and appends what the request changed to the store (`LogStore`).
+
+    What changed is what the vendor code marks: `mark_changed(table, key)` after it inserts, replaces,
+    mutates or deletes `state[table][key]`, `mark_changed(name)` for a whole top-level entry;
+    `mark_changed()` alone rewrites the whole store (correct, and slow for large stores). Top-level scalars
+    (`seq`, `tokenGeneration`) are noticed without a mark. The marks also tell `view` which sorted views
+    to rebuild.
     """
 
     routes: ClassVar[tuple[Route, ...]] = ()
@@ -535,22 +871,24 @@ class Simulator:
         self._router = Router(self.routes, base_path)
         self._log = RequestLog()
         self._limiter = RateLimiter(rate_limit, monotonic=monotonic) if rate_limit else None
-        self._changed = False
+        self._changes = ChangeSet()
+        self._epoch = 0                                   # bumped when the whole state may have changed
+        self._generations: dict[str, int] = {}            # per table, bumped by `mark_changed(table, …)`
+        self._views: dict[tuple[str, str], SortedView] = {}
         self.faults = FaultInjector()
-        self._file = JsonFile(store_path) if store_path is not None else None
-        loaded = self._file.load() if self._file else None
-        if loaded is None:
+        self._store = LogStore(store_path, self.store_format, self.store_version) if store_path is not None else None
+        if self._store is None:
             self.state = self.new_state()
-            if self._file:
-                self._file.save(self.state)
         else:
-            self.state = self.load_state(self._checked(loaded))
+            created: list[dict[str, Any]] = []
 
-    def _checked(self, data: dict[str, Any]) -> dict[str, Any]:
-        if data.get("format") != self.store_format or data.get("version") != self.store_version:
-            raise ValueError(f"not a {self.store_format} store (format {data.get('format')!r}, "
-                             f"version {data.get('version')!r})")
-        return data
+            def fresh() -> dict[str, Any]:
+                created.append(self.new_state())
+                return created[0]
+
+            loaded = self._store.open(fresh)
+            self.state = created[0] if created and loaded == created[0] else self.load_state(loaded)
+        self._saved_scalars = scalars(self.state)
 
     # --- subclass hooks
     def new_state(self) -> dict[str, Any]:
@@ -602,21 +940,75 @@ class Simulator:
                    and (status is None or r.status == status))
 
     # --- persistence
-    def mark_changed(self) -> None:
-        self._changed = True
+    def mark_changed(self, *path: str) -> None:
+        """Note a change to `state[path[0]][path[1]]…` (a record, or with one name a top-level entry), to
+        be written after the request; no path: anything may have changed (the whole store is rewritten)."""
+        self._changes.mark(path)
+        if path:
+            self._generations[path[0]] = self._generations.get(path[0], 0) + 1
+        else:
+            self._epoch += 1
+
+    def mark_appended(self, name: str) -> None:
+        """Note that an item was appended to the top-level list `state[name]` (a log): only the new
+        items are written."""
+        self._changes.mark_appended((name,), len(self.state[name]) - 1)
+        self._generations[name] = self._generations.get(name, 0) + 1
+
+    def view(self, table: str, key: SortKey, name: str = "") -> SortedView:
+        """`state[table]` sorted by `key` (`name` tells keys of one table apart), rebuilt only after a
+        change to the table was marked."""
+        records = self.state[table]
+        stamp = (self._epoch, self._generations.get(table, 0), len(records))
+        cached = self._views.get((table, name))
+        if cached is None or cached.stamp != stamp:
+            cached = self._views[(table, name)] = SortedView(records.values(), key, stamp)
+        return cached
+
+    def _records(self) -> int:
+        return sum(len(v) for v in self.state.values() if isinstance(v, (dict, list)))
 
     def _save_if_changed(self) -> None:
-        if self._changed:
-            self._changed = False
-            if self._file:
-                self._file.save(self.state)
+        now_scalars = scalars(self.state)
+        scalar_ops = [["set", [k], v] for k, v in now_scalars.items() if self._saved_scalars.get(k, _MISSING) != v]
+        if not self._changes and not scalar_ops:
+            return
+        if self._store is not None:
+            if self._changes.everything or self._store.should_compact(self._records()):
+                self._store.rewrite(self.state)
+            else:
+                self._store.append(self._changes.ops(self.state) + scalar_ops)
+        self._changes.clear()
+        self._saved_scalars = now_scalars
 
-    def _reload_if_changed(self) -> None:
-        if self._file and self._file.changed_on_disk():
-            loaded = self._file.load()
-            if loaded is not None:
-                logger.debug("sandbox store reloaded path=%s", self._file.path)
-                self.state = self.load_state(self._checked(loaded))
+    def _enter(self) -> None:
+        """Take the store lock and catch up with other processes' writes."""
+        self._lock.acquire()
+        if self._store is None:
+            return
+        try:
+            self._store.lock()
+            try:
+                fresh = self._store.refresh(self.state)
+            except BaseException:
+                self._store.unlock()
+                raise
+        except BaseException:
+            self._lock.release()
+            raise
+        if fresh is not None:
+            logger.debug("sandbox store caught up path=%s", self._store.path)
+            self.state = self.load_state(fresh)
+            self._epoch += 1
+            self._saved_scalars = scalars(self.state)
+
+    def _exit(self) -> None:
+        try:
+            self._save_if_changed()
+        finally:
+            if self._store is not None:
+                self._store.unlock()
+            self._lock.release()
 
     def mutate(self) -> _Mutation:
         """`with sim.mutate():` for admin hooks: the store lock, a fresh read, and a write afterwards."""
@@ -643,14 +1035,13 @@ class Simulator:
                     429, "Rate limit exceeded", headers={"Retry-After": str(wait)}))
                 record.status = response.status_code
                 return response
-        with self._lock:
-            self._reload_if_changed()
-            try:
-                response = self.dispatch(request, match)
-            except SimulatorError as error:
-                response = self.render_error(error)
-            finally:
-                self._save_if_changed()
+        self._enter()
+        try:
+            response = self.dispatch(request, match)
+        except SimulatorError as error:
+            response = self.render_error(error)
+        finally:
+            self._exit()
         if fault is not None:
             logger.debug("sandbox committed then lost method=%s path=%s status=%s",
                          request.method, match.path, response.status_code)
@@ -678,12 +1069,8 @@ class _Mutation:
         self._sim = sim
 
     def __enter__(self) -> Simulator:
-        self._sim._lock.acquire()
-        self._sim._reload_if_changed()
+        self._sim._enter()
         return self._sim
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            self._sim._save_if_changed()
-        finally:
-            self._sim._lock.release()
+        self._sim._exit()

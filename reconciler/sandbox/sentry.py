@@ -406,7 +406,7 @@ class SentrySimulator(Simulator):
         keys = {k: v for k, v in user["_keys"].items() if v > self._now()}
         keys[base64.b64encode(raw).decode()] = expires.timestamp()
         user["_keys"] = keys
-        self.mark_changed()
+        self.mark_changed("users", call.caller)
         chain = [base64.b64encode(leaf.public_bytes(serialization.Encoding.DER)).decode(),
                  base64.b64encode(self._ca_der).decode()]
         return json_response(200, {"certificateChain": chain, "userId": call.caller})
@@ -442,7 +442,7 @@ class SentrySimulator(Simulator):
             raise SimulatorError(400, "colour must be a hex colour such as #57355D")
         assert call.caller is not None
         lock["_prefs"].setdefault(call.caller, {}).update(body)
-        self.mark_changed()
+        self.mark_changed("locks", lock["id"])
         return httpx.Response(204)
 
     def _op_lock_users(self, call: _Call) -> httpx.Response:
@@ -580,7 +580,7 @@ class SentrySimulator(Simulator):
             for user_id in dict.fromkeys(ids):
                 if lock["_users"].pop(user_id, None) is not None:
                     self._audit(lock, "LOCK_REVOKED", call.caller, user_id)
-            self.mark_changed()
+            self.mark_changed("locks", lock["id"])
             return httpx.Response(200)
         if kind == "MUTATE_SETTING":
             body = _object(operation, {"type", "unlockDuration"})
@@ -588,7 +588,7 @@ class SentrySimulator(Simulator):
             if isinstance(duration, bool) or not isinstance(duration, int) or not 1 <= duration <= 3600:
                 raise SimulatorError(400, "unlockDuration must be whole seconds between 1 and 3600")
             lock["settings"]["unlockTime"] = duration
-            self.mark_changed()
+            self.mark_changed("locks", lock["id"])
             return httpx.Response(200)
         raise SimulatorError(400, "operation.type must be one of ADD_USER, BATCH_ADD_USER, REMOVE_USER, MUTATE_SETTING")
 
@@ -620,12 +620,12 @@ class SentrySimulator(Simulator):
                 self._audit(lock, "LOCK_SHARED", caller, user_id)
             elif before["role"] != member["role"]:
                 self._audit(lock, "USER_PROMOTED" if member["role"] == "ADMIN" else "USER_DEMOTED", caller, user_id)
-        self.mark_changed()
+        self.mark_changed("locks", lock["id"])
 
     def _audit(self, lock: dict[str, Any], kind: str, issuer: str | None, subject: str | None) -> None:
         self.state["log"].append({"deviceId": lock["id"], "timestamp": round(self._now(), 3), "type": kind,
                                   "issuer": issuer, "subject": subject, "rejected": False, "rejectionReason": None})
-        self.mark_changed()
+        self.mark_appended("log")
 
     def _verify(self, content: bytes, lock_id: str, caller: str | None) -> dict[str, Any]:
         """The claims of a signed operation, once its chain, key, signature, claims and freshness hold."""
@@ -682,7 +682,7 @@ class SentrySimulator(Simulator):
             raise SimulatorError(409, "This jti has already been used")
         spent[claims["jti"]] = claims["exp"]
         self.state["jtis"] = spent
-        self.mark_changed()
+        self.mark_changed("jtis")
         return claims
 
     def _check_chain(self, chain: Any) -> x509.Certificate:
@@ -717,6 +717,7 @@ class SentrySimulator(Simulator):
         with self.mutate():
             lock = self.state["locks"][lock_id]
             lock["connected"] = not offline
+            self.mark_changed("locks", lock_id)
             self._audit(lock, "DEVICE_DISCONNECTED" if offline else "DEVICE_CONNECTED", None, None)
 
     def registered_keys(self, user_id: str = OPERATOR_ID) -> list[Ed25519PublicKey]:
@@ -738,19 +739,19 @@ class SentrySimulator(Simulator):
             user_id = next(u["id"] for u in self.state["users"].values() if u["email"] == email)
             lock = self.state["locks"][lock_id]
             lock["_users"][user_id] = {"role": role, "start": start, "end": end}
+            self.mark_changed("locks", lock_id)
             self._audit(lock, "LOCK_SHARED", None, user_id)
 
     def require_secondary_auth(self, required: bool = True, user_id: str = OPERATOR_ID) -> None:
         """The account must pass secondary authentication before `/auth/certificate` certifies a key (423)."""
         with self.mutate():
             self.state["users"][user_id]["_secondaryAuth"] = required
-            self.mark_changed()
+            self.mark_changed("users", user_id)
 
     def expire_tokens(self) -> None:
         """Invalidate every auth token issued so far (the next call with one gets 401)."""
         with self.mutate():
-            self.state["tokenGeneration"] += 1
-            self.mark_changed()
+            self.state["tokenGeneration"] += 1     # a top-level scalar: written without a mark
 
     @property
     def ca_certificate(self) -> bytes:

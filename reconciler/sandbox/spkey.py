@@ -194,7 +194,7 @@ def _known_fields(schema: dict[str, Any], body: dict[str, Any]) -> dict[str, Any
 class SpkeySimulator(Simulator):
     """SmartphoneKey's temp-key API, in memory, optionally persisted to `store_path`.
 
-    - `store_path`: JSON store, loaded when it exists (seeded only when new), written after each change.
+    - `store_path`: the store (`common.LogStore`), loaded when it exists (seeded only when new); each change is appended.
     - `clock`: the vendor's time (key status, timestamps). `rate_limit`: requests per rolling second
       before 429 with Retry-After; None = unlimited. `base_path`: the prefix before the API's paths.
 
@@ -333,13 +333,14 @@ class SpkeySimulator(Simulator):
         return json_response(200, {"success": True, "aggregateId": lock["uuid"], "version": lock["version"],
                                    "event": event, **extra})
 
-    def _bump(self, lock: dict[str, Any]) -> None:
+    def _bump(self, lock: dict[str, Any], key_uuid: str) -> None:
+        """A write to one of the lock's temp keys: the lock's aggregate version moves on."""
         lock["version"] += 1
-        self.mark_changed()
+        self.mark_changed("locks", str(lock["lockId"]))
+        self.mark_changed("tempKeys", key_uuid)
 
     def _op_list_temp_keys(self, lock: dict[str, Any]) -> httpx.Response:
-        keys = sorted((k for k in self.state["tempKeys"].values() if k["lockId"] == lock["lockId"]),
-                      key=lambda k: (k["createdAt"], k["uuid"]))
+        keys = self.view("tempKeys", _by_creation, "created").group("lockId").get(lock["lockId"], [])
         return json_response(200, {"tempKeys": [self._public(k) for k in keys]})
 
     def _op_create_temp_key(self, lock: dict[str, Any], body: dict[str, Any], org: str) -> httpx.Response:
@@ -356,7 +357,7 @@ class SpkeySimulator(Simulator):
         if key_uuid in self.state["tempKeys"]:
             raise SimulatorError(400, f"Temporary key {key_uuid} already exists")
         self.state["tempKeys"][key_uuid] = key
-        self._bump(lock)
+        self._bump(lock, key_uuid)
         data = {k: key[k] for k in ("lockId", "lockUuid", "accessMode", "allowedUserIds", "validFrom",
                                     "validUntil", "maxUses", "createdBy")}
         event = {"type": "TempKeyCreated", "data": {"tempKeyUuid": key_uuid, **data, "timestamp": key["createdAt"]}}
@@ -379,7 +380,7 @@ class SpkeySimulator(Simulator):
         if not changes:
             return self._envelope(lock, None)
         key.update(changes)
-        self._bump(lock)
+        self._bump(lock, key["uuid"])
         event = {"type": "TempKeyUpdated", "data": {"tempKeyUuid": key["uuid"], "lockId": lock["lockId"],
                                                     "lockUuid": lock["uuid"], "changes": changes,
                                                     "updatedBy": f"org:{org}", "timestamp": self._stamp()}}
@@ -388,7 +389,7 @@ class SpkeySimulator(Simulator):
     def _op_delete_temp_key(self, lock: dict[str, Any], body: dict[str, Any], org: str) -> httpx.Response:
         key = self._key_on(lock, body["tempKeyUuid"])
         del self.state["tempKeys"][key["uuid"]]
-        self._bump(lock)
+        self._bump(lock, key["uuid"])
         event = {"type": "TempKeyDeleted", "data": {"tempKeyUuid": key["uuid"], "lockId": lock["lockId"],
                                                     "lockUuid": lock["uuid"], "deletedBy": f"org:{org}",
                                                     "timestamp": self._stamp()}}
@@ -404,7 +405,7 @@ class SpkeySimulator(Simulator):
         if user is not None and key["accessMode"] == "user-whitelist" and user not in key["allowedUserIds"]:
             raise SimulatorError(400, "This key opens only for the users on its whitelist")
         key["usedCount"] += 1
-        self._bump(lock)
+        self._bump(lock, key["uuid"])
         data = {"tempKeyUuid": key["uuid"], "lockId": lock["lockId"], "lockUuid": lock["uuid"],
                 "usedCount": key["usedCount"], "timestamp": self._stamp()}
         if user is not None:
@@ -435,7 +436,7 @@ class SpkeySimulator(Simulator):
         user_uuid = requested or str(uuid.uuid5(_NS, f"user/{wanted}"))
         user = {"uuid": user_uuid, "email": wanted, "created_at": self._stamp()}
         self.state["users"][user_uuid] = user
-        self.mark_changed()
+        self.mark_changed("users", user_uuid)
         return json_response(200, dict(user))
 
     # ------------------------------------------------------------------------------- admin hooks
@@ -459,7 +460,7 @@ class SpkeySimulator(Simulator):
             if user_id is not None and key["accessMode"] == "user-whitelist" and user_id not in key["allowedUserIds"]:
                 raise ValueError(f"temp key {temp_key_uuid} does not open for user {user_id}")
             key["usedCount"] += 1
-            self._bump(lock)
+            self._bump(lock, temp_key_uuid)
             return key["usedCount"]
 
     def add_temp_key(self, lock_id: int, **fields: Any) -> str:
@@ -478,7 +479,7 @@ class SpkeySimulator(Simulator):
             if fields:
                 raise TypeError(f"unknown temp key fields: {', '.join(sorted(fields))}")
             self.state["tempKeys"][key_uuid] = key
-            self._bump(lock)
+            self._bump(lock, key_uuid)
             return key_uuid
 
     def temp_keys(self, lock_id: int | None = None) -> list[dict[str, Any]]:
@@ -486,6 +487,10 @@ class SpkeySimulator(Simulator):
         with self.mutate():
             return [{**self._public(k), "description": k["_description"]} for k in self.state["tempKeys"].values()
                     if lock_id is None or k["lockId"] == lock_id]
+
+
+def _by_creation(key: dict[str, Any]) -> tuple[str, str]:
+    return (key["createdAt"], key["uuid"])
 
 
 def _count(value: Any) -> int | None:

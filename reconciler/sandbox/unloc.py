@@ -116,6 +116,14 @@ SEED_KEY_ID = _seed_id("key/former-caretaker")
 SEED_KEY_PHONE = "+523377360555"
 
 
+def _by_id(record: dict[str, Any]) -> str:
+    return record["id"]
+
+
+def _by_seq(record: dict[str, Any]) -> int:
+    return record["_seq"]
+
+
 def _public(record: dict[str, Any]) -> dict[str, Any]:
     """A stored record without the simulator's own bookkeeping (keys starting with `_`)."""
     return {k: v for k, v in record.items() if not k.startswith("_")}
@@ -205,7 +213,7 @@ def validate_recurrence(value: Any) -> dict[str, Any] | None:
 class UnlocSimulator(Simulator):
     """The Unloc Integrator API v1, in memory, optionally persisted to `store_path`.
 
-    - `store_path`: JSON store, loaded when it exists (seeded only when new), written after each change.
+    - `store_path`: the store (`common.LogStore`), loaded when it exists (seeded only when new); each change is appended.
     - `clock`: the vendor's time (token expiry, key creation, key expiry).
     - `rate_limit`: requests per rolling second before 429 with Retry-After; None = unlimited.
     - `token_ttl`: seconds a token lives (`expires_in`). `creation_delay`: how long a key stays `creating`.
@@ -292,7 +300,7 @@ class UnlocSimulator(Simulator):
             if state != key["state"]:
                 logger.debug("sandbox unloc key state key=%s from=%s to=%s", key["id"], key["state"], state)
                 key["state"] = state
-                self.mark_changed()
+                self.mark_changed("keys", key["id"])
         self._due = due
 
     # ------------------------------------------------------------------------------------ HTTP
@@ -394,19 +402,17 @@ class UnlocSimulator(Simulator):
         cursor = call.query("startAfterId")
         if cursor is not None and not UUID_TEXT.match(cursor):
             raise invalid("startAfterId must be a key id")
-        keys = sorted((k for k in self.state["keys"].values()
-                       if k["_lockHolderId"] == holder and k["_origin"] == "api"), key=lambda k: k["id"])
-        if cursor is not None:
-            keys = [k for k in keys if k["id"] > cursor.lower()]
-        page = keys[:limit]
+        page, more = self.view("keys", _by_id, "id").page(
+            after=None if cursor is None else cursor.lower(), limit=limit,
+            where=lambda k: k["_lockHolderId"] == holder and k["_origin"] == "api")
         body: dict[str, Any] = {"keys": [_public(k) for k in page]}
-        if len(keys) > limit:
+        if more:
             body["startAfterId"] = page[-1]["id"]
         return self._ok(body)
 
     def _op_list_lock_keys(self, call: _Call) -> httpx.Response:
         lock = self._find_lock(call)
-        keys = sorted((k for k in self.state["keys"].values() if k["lockId"] == lock["id"]), key=lambda k: k["_seq"])
+        keys = self.view("keys", _by_seq, "seq").group("lockId").get(lock["id"], [])
         return self._ok({"keys": [_public(k) for k in keys]})
 
     def _op_create_key(self, call: _Call) -> httpx.Response:
@@ -451,7 +457,7 @@ class UnlocSimulator(Simulator):
             key["recurrence"] = recurrence
         self.state["keys"][key_id] = key
         self._due = min(self._due, key["_settleAt"] if state == "creating" else now.timestamp())
-        self.mark_changed()
+        self.mark_changed("keys", key_id)
         return key
 
     def _op_update_key(self, call: _Call) -> httpx.Response:
@@ -467,7 +473,7 @@ class UnlocSimulator(Simulator):
         if key["state"] not in ("revoked", "expired"):
             key["state"] = "revoked"
             key.pop("errorDescription", None)
-            self.mark_changed()
+            self.mark_changed("keys", key["id"])
         return self._ok({"key": _public(key)})
 
     def _op_set_role(self, call: _Call) -> httpx.Response:
@@ -483,7 +489,7 @@ class UnlocSimulator(Simulator):
         role = {"lockId": lock["id"], "userId": user, "canShare": body["canShare"], **(
             {"userName": body["userName"]} if "userName" in body else {})}
         self.state["roles"][f"{lock['id']}/{user}"] = role
-        self.mark_changed()
+        self.mark_changed("roles", f"{lock['id']}/{user}")
         return self._ok({"role": role})
 
     # ------------------------------------------------------------------------------- admin hooks
@@ -496,7 +502,7 @@ class UnlocSimulator(Simulator):
         """Every key the vendor holds (all lock holders, all states, API or app), oldest first."""
         with self.mutate():
             self._maintain()
-            return [_public(k) for k in sorted(self.state["keys"].values(), key=lambda k: k["_seq"])]
+            return [_public(k) for k in self.view("keys", _by_seq, "seq").records]
 
     def fail_key(self, key_id: str, reason: str = "Lock could not be reached") -> None:
         """The vendor gives up making a key: it goes to `error` with `reason`."""
@@ -504,7 +510,7 @@ class UnlocSimulator(Simulator):
             key = self.state["keys"][key_id]
             key["state"] = "error"
             key["errorDescription"] = reason
-            self.mark_changed()
+            self.mark_changed("keys", key_id)
 
     def settle(self) -> None:
         """Every key still `creating` reaches its final state now, whatever the creation delay."""
@@ -513,9 +519,9 @@ class UnlocSimulator(Simulator):
             for key in self.state["keys"].values():
                 if key["state"] == "creating":
                     key["_settleAt"] = now
+                    self.mark_changed("keys", key["id"])
             self._due = float("-inf")
             self._maintain()
-            self.mark_changed()
 
     def add_key(self, lock_id: str, phone: str, *, start: datetime | None = None, end: datetime | None = None,
                 recurrence: dict[str, Any] | None = None, via: str = "app", state: str = "active") -> str:
@@ -531,8 +537,7 @@ class UnlocSimulator(Simulator):
     def expire_tokens(self) -> None:
         """Invalidate every token issued so far (the next call with one gets 401)."""
         with self.mutate():
-            self.state["tokenGeneration"] += 1
-            self.mark_changed()
+            self.state["tokenGeneration"] += 1     # a top-level scalar: written without a mark
 
 
 def _token_request(request: httpx.Request) -> dict[str, Any]:

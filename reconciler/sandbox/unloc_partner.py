@@ -119,6 +119,14 @@ class _Call:
     body: Any
 
 
+def _by_seq(record: dict[str, Any]) -> int:
+    return record["_seq"]
+
+
+def _by_time(event: dict[str, Any]) -> tuple[str, int]:
+    return (event["created"], event["_seq"])
+
+
 def _public(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if not k.startswith("_")}
 
@@ -126,7 +134,7 @@ def _public(record: dict[str, Any]) -> dict[str, Any]:
 class UnlocPartnerSimulator(Simulator):
     """The Unloc Partner API v1, in memory, optionally persisted to `store_path`.
 
-    - `store_path`: JSON store, loaded when it exists (seeded only when new), written after each change.
+    - `store_path`: the store (`common.LogStore`), loaded when it exists (seeded only when new); each change is appended.
     - `clock`: the vendor's time (key states follow it). `rate_limit`: requests per rolling second
       before 429 with Retry-After; None = unlimited. `base_path`: "" finds the prefix by itself.
 
@@ -170,7 +178,7 @@ class UnlocPartnerSimulator(Simulator):
         self.state["events"][event_id] = {
             "id": event_id, "keyId": key["id"], "action": action, "name": self.state["profiles"].get(key["msn"]),
             "msn": key["msn"], "created": vendor_time(self.now()), "_lockId": key["lockId"], "_seq": seq}
-        self.mark_changed()
+        self.mark_changed("events", event_id)
 
     def _key_state(self, key: dict[str, Any]) -> str:
         status = key["_status"]
@@ -184,8 +192,7 @@ class UnlocPartnerSimulator(Simulator):
         return "scheduled" if now < parse_datetime(key["start"]) else "active"  # type: ignore[operator]
 
     def _key_view(self, key: dict[str, Any]) -> dict[str, Any]:
-        events = sorted((e for e in self.state["events"].values() if e["keyId"] == key["id"]),
-                        key=lambda e: (e["created"], e["_seq"]))
+        events = self.view("events", _by_time, "time").group("keyId").get(key["id"], [])
         return {"id": key["id"], "lockId": key["lockId"], "state": self._key_state(key), "start": key["start"],
                 "end": key["end"], "events": [_public(e) for e in events]}
 
@@ -238,8 +245,7 @@ class UnlocPartnerSimulator(Simulator):
 
     def _op_list_events(self, call: _Call) -> httpx.Response:
         lock = self._partner_lock(call.params["lock_id"])
-        events = sorted((e for e in self.state["events"].values() if e["_lockId"] == lock["id"]),
-                        key=lambda e: (e["created"], e["_seq"]))
+        events = self.view("events", _by_time, "time").group("_lockId").get(lock["id"], [])
         return json_response(200, {"events": [_public(e) for e in events]})
 
     # --- keys
@@ -276,7 +282,7 @@ class UnlocPartnerSimulator(Simulator):
                "start": vendor_time(start), "end": None if end is None else vendor_time(end),
                "_status": PENDING if lock["_partnerAuth"] == OPT_IN else APPROVED, "_seq": seq}
         self.state["keys"][key["id"]] = key
-        self.mark_changed()
+        self.mark_changed("keys", key["id"])
         self._event(key, "created")
         logger.debug("sandbox unloc-partner key created id=%s lock=%s state=%s", key["id"], lock["id"], key["_status"])
         return json_response(202, {"id": key["id"]})
@@ -288,7 +294,7 @@ class UnlocPartnerSimulator(Simulator):
         key = self._key(call.params["key_id"])
         if key["_status"] != REVOKED:
             key["_status"] = REVOKED
-            self.mark_changed()
+            self.mark_changed("keys", key["id"])
             self._event(key, "revoked")
         return json_response(200, {"response": "OK"})
 
@@ -305,7 +311,7 @@ class UnlocPartnerSimulator(Simulator):
     def key_ids(self, lock_id: str | None = None, *, msn: str | None = None) -> list[str]:
         """Ids of every key issued (any state), oldest first, optionally for one lock and phone."""
         with self.mutate():
-            keys = sorted(self.state["keys"].values(), key=lambda k: k["_seq"])
+            keys = self.view("keys", _by_seq, "seq").records
             return [k["id"] for k in keys if (lock_id is None or k["lockId"] == lock_id)
                     and (msn is None or k["msn"] == msn)]
 
@@ -323,7 +329,7 @@ class UnlocPartnerSimulator(Simulator):
             if key["_status"] != PENDING:
                 raise ValueError(f"key {key_id} is not waiting for approval (state {self._key_state(key)})")
             key["_status"] = status
-            self.mark_changed()
+            self.mark_changed("keys", key["id"])
             self._event(key, action)
 
     def approve(self, key_id: str) -> None:
@@ -342,7 +348,7 @@ class UnlocPartnerSimulator(Simulator):
                 raise KeyError(f"no key {key_id}")
             if key["_status"] != REVOKED:
                 key["_status"] = REVOKED
-                self.mark_changed()
+                self.mark_changed("keys", key["id"])
                 self._event(key, "revoked")
 
     def use_key(self, key_id: str) -> None:
@@ -362,4 +368,4 @@ class UnlocPartnerSimulator(Simulator):
             raise ValueError("auth must be opt-in, opt-out or None")
         with self.mutate():
             self.state["locks"][lock_id]["_partnerAuth"] = auth
-            self.mark_changed()
+            self.mark_changed("locks", lock_id)
