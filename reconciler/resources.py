@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, TypedDict, cast
 
 
 class Kind(StrEnum):
@@ -147,13 +147,56 @@ def on_change(name: str, *schemas: KindSchema) -> OnChange:
     return max((s.on_change(name) for s in schemas), key=_ON_CHANGE_ORDER.index, default=OnChange.UPDATE)
 
 
+class Meta(TypedDict, total=False):
+    """What a resource carries besides its compared attributes: shown, or read by another layer, never
+    compared. Every key any layer writes is declared here, so that a misspelt key is a type error."""
+
+    # The policy (expand) → plans, access reviews, providers.
+    via: tuple[str, ...]          # how a person came to a grant: `user`, `group:<name>`
+    reason: str                   # the permission's `reason:`
+    notify: bool                  # a grant attribute that is sent but never compared (`Attribute.compared`)
+    phone: str                    # who receives a grant, on vendors that address people by phone …
+    email: str | None             # … or by email (also the email a vendor returned for an account)
+    claiming_code: str            # a gateway to claim
+    # Providers → the planner.
+    uncertain: str                # why a create whose answer was lost cannot be proven ours
+    candidates: list[str]         # the vendor ids it might be
+    pending: str                  # what the vendor is still doing (shown instead of a change)
+    expires: str                  # when a pending invitation lapses (then it is sent again)
+    state: str | None             # the vendor's state of a pending object, shown in its note
+    # Providers → export, access reviews and notes.
+    serial_number: str | None
+    claiming_status: str | None
+    activation_status: str | None
+    status: str | None            # a temporary key's status at the vendor (`expired`, `used-up`)
+    uses: int | None
+    lock: Any                     # the vendor lock behind a grant or temporary key
+    device: str
+    created_by: str | None
+    # Read back by the provider that wrote them.
+    operating_device: str
+    lock_id: str
+    role: str | None
+    batch_sharing: Any
+    auth: Any
+    data: Any
+    # A constructor shorthand folded into `Resource.schema` (never kept).
+    create_only: tuple[str, ...]
+
+
+def compact(meta: Meta) -> Meta:
+    """`meta` without its empty values (a vendor field that was not sent)."""
+    return cast(Meta, {k: v for k, v in meta.items() if v})
+
+
 @dataclass(frozen=True)
 class Resource:
     """A thing in a vendor system, desired or live.
 
     - `name`: the part of the address after the kind: `alice`, `lobby/front-gate`, `alice/front-gate/OPEN`.
     - `attributes`: the comparable part; desired and live must use the same keys and value formats.
-    - `meta`: shown but never compared (serial numbers, vendor states, expiry of a pending invitation).
+    - `meta`: shown but never compared (serial numbers, vendor states, expiry of a pending invitation); its
+      keys are declared, with who writes and reads them, in `Meta`.
     - `id`: the vendor's id where known.
     - `managed`: live only; whether this object belongs to the policy (known through state or policy),
       which decides between revoking/deleting it and only listing it.
@@ -172,7 +215,7 @@ class Resource:
     attributes: Mapping[str, Any] = field(default_factory=dict)
     id: str | None = None
     status: Status = Status.PRESENT
-    meta: Mapping[str, Any] = field(default_factory=dict)
+    meta: Meta = field(default_factory=lambda: Meta())
     managed: bool = True
     depends_on: tuple[str, ...] = ()
     source: str | None = None
@@ -180,7 +223,7 @@ class Resource:
     schema: KindSchema = field(default=NO_SCHEMA, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        meta = dict(self.meta)
+        meta = cast(Meta, dict(self.meta))
         schema = self.schema
         if self.replace_on_change and not schema.immutable:
             schema = KindSchema(schema.attributes, immutable=True)

@@ -6,6 +6,7 @@ support it; these tests add one without touching `reconciler/`."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from reconciler.resources import (
     Capabilities,
     Kind,
     KindSchema,
+    Meta,
     OnChange,
     Resource,
     Status,
@@ -228,3 +230,17 @@ def test_pending_status_is_untouched_by_the_schema() -> None:
     pending = Resource("c", Kind.KEY, "a/b", {"end": None}, status=Status.PENDING, schema=UNLOC.grant_schema)
     result = plan([dataclasses.replace(pending, status=Status.PRESENT, id=None)], [pending], now=NOW)
     assert not result.changes and [n.address for n in result.pending] == ["c/key/a/b"]
+
+
+# ------------------------------------------------------------------------------------------- typed meta
+
+def test_every_meta_key_read_in_the_package_is_declared() -> None:
+    """mypy checks the keys written into `Meta`; this checks the ones read (`meta.get("x")`, `meta["x"]`)."""
+    package = Path(__file__).resolve().parent.parent / "reconciler"
+    read = set()
+    for path in package.rglob("*.py"):
+        if "sandbox" in path.parts:
+            continue
+        read |= set(re.findall(r"\bmeta(?:\.get\(|\[)\"([a-z_]+)\"", path.read_text(encoding="utf-8")))
+    assert {"via", "uncertain", "phone", "email", "lock"} <= read        # the scan finds reads at all
+    assert read <= set(Meta.__annotations__), sorted(read - set(Meta.__annotations__))

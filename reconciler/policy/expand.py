@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from reconciler.errors import Diagnostic
-from reconciler.resources import WINDOW_MARK, Capabilities, Kind, Resource, Status, address_of
+from reconciler.resources import WINDOW_MARK, Capabilities, Kind, Meta, Resource, Status, address_of
 
 from .schema import DAYS, Declarations, Entry, PermissionModel, SpanModel, utc_text
 
@@ -156,7 +156,7 @@ def _gateways(declarations: Declarations, capabilities: Mapping[str, Capabilitie
         caps = capabilities_of(declarations, capabilities, gateway.system if gateway else None)
         if gateway is None or caps is None or not caps.gateways:
             continue
-        meta = {"claiming_code": gateway.claiming_code} if gateway.claiming_code else {}
+        meta: Meta = {"claiming_code": gateway.claiming_code} if gateway.claiming_code else {}
         resource = Resource(gateway.system, Kind.GATEWAY, name, {}, meta=meta, id=gateway.id,
                             status=Status.ABSENT if gateway.decommission else Status.PRESENT,
                             source=entry.place.source)
@@ -291,10 +291,10 @@ def _grants_for(declarations: Declarations, entry: Entry[PermissionModel], permi
             attributes[name] = value
         elif value is not None:
             sent[name] = value
-    meta: dict[str, Any] = {"via": _via(declarations, permission, user)}
+    meta: Meta = {"via": _via(declarations, permission, user)}
     if permission.reason is not None:
         meta["reason"] = permission.reason
-    meta.update(sent)
+    meta.update(cast(Meta, sent))     # keys the vendor's schema declares as sent, not compared
     # Who receives the grant: providers address people by phone (Unloc) or email (Sentry, SmartphoneKey).
     # Kept in meta, not attributes, so that live grants need not echo it to compare equal.
     person = declarations.users[user].model

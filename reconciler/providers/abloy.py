@@ -34,10 +34,12 @@ from reconciler.resources import (
     Capabilities,
     Kind,
     KindSchema,
+    Meta,
     OnChange,
     Resource,
     Status,
     address_of,
+    compact,
     duration_seconds,
     format_time,
     grant_parts,
@@ -192,14 +194,13 @@ class AbloyProvider(Provider):
                          managed=name is not None, schema=CAPABILITIES.schema(Kind.USER)))
         for did, item in devices.items():
             name = device_names.get(did)
-            meta = {k: v for k, v in (("claiming_status", item.get("claimingStatus")),
-                                      ("serial_number", item.get("serialNumber"))) if v}
+            meta = compact(Meta(claiming_status=item.get("claimingStatus"), serial_number=item.get("serialNumber")))
             add(Resource(self.name, Kind.DEVICE, name or unknown_name(did), {"name": item.get("name")}, id=did,
                          managed=name is not None, meta=meta))
         for gid, item in gateways.items():
             name = gateway_names.get(gid)
-            meta = {k: v for k, v in (("serial_number", item.get("serialNumber")),
-                                      ("activation_status", item.get("activationStatus"))) if v}
+            meta = compact(Meta(serial_number=item.get("serialNumber"),
+                                activation_status=item.get("activationStatus")))
             add(Resource(self.name, Kind.GATEWAY, name or unknown_name(gid), {}, id=gid,
                          managed=name is not None, meta=meta))
         for item in lists["associations"]:

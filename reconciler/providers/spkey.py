@@ -40,6 +40,7 @@ from reconciler.resources import (
     Capabilities,
     Kind,
     KindSchema,
+    Meta,
     OnChange,
     Resource,
     Status,
@@ -256,7 +257,7 @@ class SpkeyProvider(Provider):
 
     def _resource(self, name: str, item: dict[str, Any], lock: str, description: str | None, *,
                   known: bool) -> Resource:
-        meta = {"status": item.get("status"), "uses": item.get("usedCount"), "lock": lock,
+        meta: Meta = {"status": item.get("status"), "uses": item.get("usedCount"), "lock": lock,
                 "created_by": item.get("createdBy")}
         return Resource(self.name, Kind.TEMP_KEY, name, self._attributes(item, description, known=known),
                         id=str(item.get("uuid")), meta=meta, schema=CAPABILITIES.schema(Kind.TEMP_KEY))

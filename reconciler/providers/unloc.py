@@ -38,6 +38,7 @@ from reconciler.resources import (
     Capabilities,
     Kind,
     KindSchema,
+    Meta,
     Resource,
     Status,
     address_of,
@@ -199,7 +200,7 @@ class UnlocProvider(Provider):
                 continue
             working.add((phone, lock_id))
             user = people.get(phone) or unknown_name(phone)
-            meta: dict[str, Any] = {"state": state, "lock_id": lock_id}
+            meta: Meta = {"state": state, "lock_id": lock_id}
             status = Status.PRESENT
             if state == CREATING:
                 status = Status.PENDING

@@ -51,9 +51,11 @@ from reconciler.resources import (
     Capabilities,
     Kind,
     KindSchema,
+    Meta,
     Resource,
     Status,
     address_of,
+    compact,
     format_time,
     grant_parts,
     normalise_time,
@@ -172,7 +174,7 @@ class UnlocPartnerProvider(Provider):
                    if address.startswith(f"{self.name}/{Kind.DEVICE}/")}
         for lock_id, lock in self.locks.items():
             name = devices.get(lock_id)
-            meta = {k: v for k, v in (("auth", lock.get("auth")), ("data", lock.get("data"))) if v}
+            meta = compact(Meta(auth=lock.get("auth"), data=lock.get("data")))
             result.resources.append(Resource(self.name, Kind.DEVICE, name or unknown_name(lock_id),
                                              {"name": lock.get("name")}, id=lock_id, managed=name is not None,
                                              meta=meta))
@@ -235,7 +237,7 @@ class UnlocPartnerProvider(Provider):
                                             "for a new one", self.name, Kind.KEY))
             return None
         lock = key.get("lockId") or record.get("lock")
-        meta: dict[str, Any] = {"state": state, "lock": lock}
+        meta: Meta = {"state": state, "lock": lock}
         status = Status.PRESENT
         if state in PENDING_STATES:
             status = Status.PENDING
