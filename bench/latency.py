@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -69,7 +69,7 @@ class Served:
         assert self.process.stdout is not None
         self.info: dict[str, str] = json.loads(self.process.stdout.readline())
 
-    def __enter__(self) -> Served:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
