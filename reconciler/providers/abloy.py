@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -27,7 +26,7 @@ from typing import Any
 import jwt
 
 from reconciler.errors import VendorError
-from reconciler.providers.base import Event, Provider, ReadResult
+from reconciler.providers.base import CreateGate, Event, Provider, ReadResult
 from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, Redactor, json_error, token_lifetime
 from reconciler.resources import (
     Attribute,
@@ -122,7 +121,7 @@ class AbloyProvider(Provider):
         if seconds is None or not INVITATION_RANGE[0] <= seconds <= INVITATION_RANGE[1]:
             raise VendorError(f"{self.name}: `invitation_validity:` must be an ISO 8601 duration from PT1S to P365D")
         self._invitation_validity = timedelta(seconds=seconds)
-        self._create_locks = {kind: threading.Lock() for kind in ("user", "device", "gateway")}
+        self._create_gates = {kind: CreateGate() for kind in ("user", "device", "gateway")}
 
     def close(self) -> None:
         self.http.close()
@@ -436,19 +435,35 @@ class AbloyProvider(Provider):
 
     def _create(self, address: str, kind: str, find: Callable[[], str | None],
                 send: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """A create without a natural key: record the intent, then send; a lost answer is looked up.
+        """A create without a natural key: record the intent, then send; the id comes from the answer.
 
-        Creates of one kind run one at a time: the lookup tells our object from others only by being
-        the one new id, which holds only while no other create of that kind is in flight."""
-        with self._create_locks[kind]:
+        Creates of one kind run concurrently. A lost answer is looked up alone (`CreateGate`): the lookup
+        tells our object from others only by its being the one new unclaimed id, which holds only once no
+        other create of that kind is in flight and each answered one has claimed its id."""
+        gate = self._create_gates[kind]
+        with gate.sending():
             self.intend(address, sorted(self.live_ids.get(kind, set())))
             try:
-                created = self.create_checked(send, lambda: (lambda found: {"id": found} if found else None)(find()))
+                created = send()
             except VendorError as exc:
                 if not exc.ambiguous:
                     self.state.delete(address)    # refused outright: nothing to look for later
+                    raise
+                lost: VendorError | None = exc
+            else:
+                # Claimed before the gate is left, so a lookup never mistakes it for a lost create's object.
+                self.ids[address] = created["id"]
+                return created
+        with gate.recovering():
+            def look() -> dict[str, Any] | None:
+                found = find()
+                return {"id": found} if found else None
+            try:
+                created = self.create_checked(send, look, lost=lost)
+            except VendorError as exc:
+                if not exc.ambiguous:
+                    self.state.delete(address)
                 raise
-            # Claimed before the lock is released, so the next create's lookup cannot mistake it for its own.
             self.ids[address] = created["id"]
             return created
 

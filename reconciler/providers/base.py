@@ -17,10 +17,11 @@ A vendor subclass MUST NOT open its own HTTP client, print, or write state outsi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Protocol
@@ -65,6 +66,52 @@ class Event:
     detail: str = ""
 
 
+class CreateGate:
+    """Creates of one kind without a natural key: many may be in flight at once, but looking up a create
+    whose answer was lost needs them all settled.
+
+    The lookup tells the object a lost create made only by its being new and unclaimed; a create still
+    in flight would add a new, unclaimed object of its own. So `recovering()` waits until no create of
+    the kind is in flight (each has claimed its id from its answer, or lost its answer too) and lets no
+    new one start until the lookup, and any resend, is done. Plain untimed waits: each in-flight request
+    is bounded by the request timeout and the phase's deadline."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._sending = 0
+        self._recovering = False
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        """Around one create and the claiming of the id its answer holds."""
+        with self._cond:
+            while self._recovering:
+                self._cond.wait()
+            self._sending += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._sending -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def recovering(self) -> Iterator[None]:
+        """Alone: no other create of the kind in flight, none starting."""
+        with self._cond:
+            while self._recovering:
+                self._cond.wait()
+            self._recovering = True
+            while self._sending:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._recovering = False
+                self._cond.notify_all()
+
+
 class Provider:
     vendor: ClassVar[str]
     capabilities: ClassVar[Capabilities]
@@ -106,6 +153,14 @@ class Provider:
         if isinstance(http, HttpClient):
             # Real waiting, on the real monotonic clock (a test's stepped clock for token lifetimes is not it).
             http.start_phase(Deadline(self.deadline_seconds, renewing=phase == "apply"), self.stop)
+            http.before_write = self._make_durable
+
+    def _make_durable(self) -> None:
+        """Before a request that may change the vendor: what the state recorded so far (the changes the
+        vendor confirmed, the intent of the create about to go) is put on disk, in one go for all workers."""
+        sync = getattr(self.state, "sync", None)
+        if sync is not None:
+            sync()
 
     def read(self, desired: list[Resource]) -> ReadResult:
         self.start_phase("read")
@@ -209,11 +264,16 @@ class Provider:
         self.state.put(address, {"intent": "create", "known": sorted(known_ids),
                                  "at": self.clock().strftime("%Y-%m-%dT%H:%M:%SZ"), **extra})
 
-    def create_checked(self, send: Callable[[], Any], find: Callable[[], Any], *, attempts: int = 4) -> Any:
+    def create_checked(self, send: Callable[[], Any], find: Callable[[], Any], *, attempts: int = 4,
+                       lost: VendorError | None = None) -> Any:
         """Send a non-idempotent create; when its answer is lost, look it up, and send again only once
-        the lookup shows it did not land. Returns what `send` or `find` returned."""
+        the lookup shows it did not land. Returns what `send` or `find` returned. `lost`: the first send
+        was made already and its answer lost with this error: start with the lookup."""
         for attempt in range(1, attempts + 1):
             try:
+                if lost is not None:
+                    first, lost = lost, None
+                    raise first
                 return send()
             except VendorError as exc:
                 if not exc.ambiguous:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 NOT_PROCESSED = frozenset({429, 503})        # the vendor says it did nothing: safe to send again
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class Redactor:
@@ -126,6 +127,9 @@ class HttpClient:
         self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers or {},
                                    transport=transport, timeout=timeout)
         self.calls = 0
+        # Called before every request that may change something at the vendor: the state makes what it
+        # recorded durable first (`Provider.start_phase` sets it).
+        self.before_write: Callable[[], None] | None = None
         self.deadline: Deadline | None = None
         self.stop: threading.Event | None = None
 
@@ -177,6 +181,8 @@ class HttpClient:
             self._check_go(method, path)
             auth = self._auth() if authenticated else {}
             self._check_go(method, path)
+            if self.before_write is not None and method not in READ_METHODS:
+                self.before_write()
             try:
                 response = self.send_raw(method, path, json=json, params=params, content=content,
                                          headers={**(headers or {}), **auth})

@@ -1,8 +1,10 @@
 """Local JSON state file with a write-ahead journal and an exclusive lock.
 
 Called by the CLI (open, lock) and the applier (record every successful change). Each change is appended
-to `<state>.journal` and flushed to disk before the next request, so an apply killed at any point loses
-nothing; `save()` folds the journal into the snapshot with an atomic replace, keeping the snapshot it
+to `<state>.journal` and handed to the operating system at once, so an apply killed at any point loses
+nothing; `sync()` makes what was appended durable on disk (group commit: one fsync covers every entry
+written before it, from any thread), and providers call it before each request that changes a vendor, so
+every change a vendor confirmed is on disk before the next one is sent; `save()` folds the journal into the snapshot with an atomic replace, keeping the snapshot it
 replaces as `<state>.prev` so that a damaged file can be rolled back. A second apply on the same state
 fails at once on the lock instead of waiting. The state also records which vendor system each policy
 system name was applied to (`systems()`); `reconciler.state.guard` refuses a state of another system.
@@ -56,6 +58,9 @@ class LocalState:
         self._applied: dict[str, str] = {}   # address → digest of the desired attributes last applied
         self._mutex = threading.Lock()
         self._lock_fd: int | None = None
+        self._written = 0                # entries appended so far; `_synced` of them are on disk
+        self._synced = 0
+        self._sync_lock = threading.Lock()
         self._load()
 
     # -- reading -------------------------------------------------------------------------------------
@@ -217,12 +222,43 @@ class LocalState:
                        "`reconciler export SYSTEM`")
         return StateError(f"state {self.path} is unreadable ({why}); nothing was read or sent. {way_out}")
 
+    def sync(self) -> None:
+        """Make every entry appended so far durable: one fsync for all of them, whichever threads wrote
+        them. Concurrent callers share it: one syncs, the others find their entries already covered."""
+        with self._mutex:
+            wanted = self._written
+        if self._synced >= wanted:
+            return
+        with self._sync_lock:
+            if self._synced >= wanted:
+                return      # another caller's fsync covered these entries
+            with self._mutex:
+                upto = self._written
+                try:
+                    fd = os.open(self.journal_path, os.O_RDONLY)
+                except FileNotFoundError:
+                    self._synced = upto      # folded into the snapshot by save() meanwhile: on disk
+                    return
+                except OSError as exc:
+                    raise StateError(f"state journal {self.journal_path} could not be synced: {exc}") from None
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise StateError(f"state journal {self.journal_path} could not be written to disk: {exc}") from None
+            finally:
+                os.close(fd)
+            self._synced = upto
+
     def _append(self, entry: dict[str, Any]) -> None:
-        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.journal_path, "a", encoding="utf-8") as journal:
-            journal.write(json.dumps(entry, sort_keys=True) + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
+        """Called under `_mutex`: written and handed to the system, so it survives the process being
+        killed; `sync()` puts it on disk."""
+        try:
+            self.journal_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.journal_path, "a", encoding="utf-8") as journal:
+                journal.write(json.dumps(entry, sort_keys=True) + "\n")
+        except OSError as exc:
+            raise StateError(f"state journal {self.journal_path} could not be written: {exc}") from None
+        self._written += 1
 
     def _load(self) -> None:
         records: dict[str, dict[str, Any]] = {}
