@@ -240,13 +240,23 @@ def test_apply_killed_mid_run_is_finished_by_the_next_apply(tmp_path):
 
 
 def _adopt_uncertain_users(tmp_path, env):
-    """What an operator does after checking by hand that the one candidate is ours: adopt it by id."""
+    """What an operator does after checking by hand (here: nobody else creates users or claims gateways)
+    which candidates are ours: adopt one each by id. Creates of one kind run concurrently, so a kill may
+    leave several unsettled at once, each with every new object as a candidate; one whose create never
+    landed (no candidate left for it) is forgotten, and created again."""
     plan = subprocess.run([*_reconciler(), "plan", "--format", "json", "--now", NOW], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
+    taken = set()
     for note in json.loads(plan.stdout)["warnings"]:
         if not (note.get("uncertain") and note.get("candidates")):
             continue
-        [candidate] = note["candidates"]
+        free = [c for c in note["candidates"] if c not in taken]
+        if not free:
+            subprocess.run([*_reconciler(), "state", "forget", note["address"]], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, check=True)
+            continue
+        candidate = free[0]
+        taken.add(candidate)
         name = note["address"].split("/")[-1]
         for path in (tmp_path / "policies").glob("*.yaml"):
             text = path.read_text()
