@@ -456,12 +456,21 @@ class Runners:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def adopt_uncertain_users(self, which: int) -> None:
-        """What an operator does with an unprovable user create: adopt the one candidate by id, in the
-        policy every runner checks out."""
+        """What an operator does with unprovable user creates, once checked by hand (here: nobody else
+        creates users): adopt one candidate each by id, in the policy every runner checks out. Creates of
+        one kind run concurrently, so a kill may leave several unsettled, each with every new account as a
+        candidate; one left without a candidate never landed: it is forgotten, and created again."""
         plan = self.run(which, "plan", "--format", "json", "--now", CLI_NOW)
+        taken: set[str] = set()
         for note in json.loads(plan.stdout)["warnings"]:
             if note.get("uncertain") and note.get("kind") == "user" and note.get("candidates"):
-                [candidate] = note["candidates"]
+                free = [c for c in note["candidates"] if c not in taken]
+                if not free:
+                    forgot = self.run(which, "state", "forget", note["address"])
+                    assert forgot.returncode == 0, forgot.stderr
+                    continue
+                candidate = free[0]
+                taken.add(candidate)
                 user = note["address"].split("/")[-1]
                 for policy in (path for work in self.dirs for path in (work / "policies").glob("*.yaml")):
                     text = policy.read_text()
