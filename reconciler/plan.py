@@ -363,13 +363,18 @@ class Plan:
         return self._checksum
 
     @cached_property
+    def _change_dicts(self) -> list[dict[str, Any]]:
+        # A plan is immutable, and thousands of changes are not free to serialise: each is built once, for the
+        # checksum, the JSON and the templates alike.
+        return [c.to_dict() for c in self.changes]
+
+    @cached_property
     def _checksum(self) -> str:
-        # A plan is immutable, and serialising thousands of changes is not free: compute it once.
-        payload = json.dumps([c.to_dict() for c in self.changes], sort_keys=True, separators=(",", ":"),
-                             default=str)
+        payload = json.dumps(self._change_dicts, sort_keys=True, separators=(",", ":"), default=str)
         return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
-    def to_dict(self) -> dict[str, Any]:
+    @cached_property
+    def _dict(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
             "now": self.now,
@@ -377,9 +382,14 @@ class Plan:
             "digests": {"policy": self.policy_digest, "live": dict(sorted(self.live_digests.items()))},
             "summary": self.summary(),
             "effects": self.effects(),
-            "changes": [c.to_dict() for c in self.changes],
+            "changes": self._change_dicts,
             "pending": [n.to_dict() for n in self.pending],
             "unmanaged": [n.to_dict() for n in self.unmanaged],
             "warnings": [n.to_dict() for n in self.warnings],
             "guard": [g.to_dict() for g in self.guards],
         }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-able data, built once per plan: treat it as read-only (a caller that needs to
+        change it copies it)."""
+        return self._dict

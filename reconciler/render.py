@@ -18,6 +18,7 @@ from typing import Any
 import jinja2
 
 from reconciler.access import AccessRow, Admin
+from reconciler.bulk import paused_collection
 from reconciler.plan import Plan
 from reconciler.text import printable
 
@@ -29,8 +30,12 @@ _env = jinja2.Environment(loader=jinja2.PackageLoader("reconciler", "templates")
                           trim_blocks=True, lstrip_blocks=True)
 
 
+# One encoder for every attribute value of a text plan (json.dumps with options builds a new one per call).
+_VALUE = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
+
+
 def _value(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return _VALUE.encode(value)
 
 
 def _attribute_lines(change: dict[str, Any]) -> list[str]:
@@ -88,6 +93,7 @@ def _effect_label(change: dict[str, Any]) -> str:
 _env.globals.update(effect_label=_effect_label)
 
 
+@paused_collection
 def render_text(plan: Plan) -> str:
     data = plan.to_dict()
     return _text_env.get_template("plan.txt.j2").render(plan=data, effects=data["effects"])
@@ -253,6 +259,7 @@ def _access_lines(changes: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     return privilege + [line for _, drift, line in lines if not drift], [line for _, drift, line in lines if drift]
 
 
+@paused_collection
 def render_markdown(plan: Plan, *, limit: int = COMMENT_LIMIT, artifact: str = "plan.json") -> str:
     """A pull-request comment: totals, the mass-revoke guard, then access changes in words, then the rest
     folded; never longer than `limit` characters (lists are cut with counts and a pointer to the full plan)."""
@@ -333,5 +340,53 @@ def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("<", "&lt;")
 
 
+@paused_collection
 def render_json(plan: Plan) -> str:
-    return json.dumps(plan.to_dict(), indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    data = plan.to_dict()
+    try:
+        return _indented(data, 0) + "\n"
+    except _NotPlain:
+        return json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+
+
+class _NotPlain(Exception):
+    pass
+
+
+_string = json.encoder.encode_basestring     # the C function json.dumps(ensure_ascii=False) uses for strings
+
+
+def _indented(value: Any, level: int) -> str:
+    """Exactly `json.dumps(value, indent=2, ensure_ascii=False)`, in a fraction of the time: the standard library
+    encodes with its pure-Python encoder as soon as `indent` is given, a generator step per token. Anything
+    other than str keys and plain JSON values raises `_NotPlain` (the caller then uses `json.dumps`)."""
+    if isinstance(value, str):
+        return _string(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise _NotPlain
+        return float.__repr__(value)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "[]"
+        inner = "\n" + "  " * (level + 1)
+        return "[" + inner + ("," + inner).join([_indented(v, level + 1) for v in value]) + "\n" + "  " * level + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        inner = "\n" + "  " * (level + 1)
+        parts = []
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _NotPlain
+            parts.append(_string(key) + ": " + _indented(item, level + 1))
+        return "{" + inner + ("," + inner).join(parts) + "\n" + "  " * level + "}"
+    raise _NotPlain

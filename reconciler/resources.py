@@ -233,10 +233,14 @@ class Resource:
         object.__setattr__(self, "meta", MappingProxyType(meta))
         object.__setattr__(self, "schema", schema)
         object.__setattr__(self, "replace_on_change", schema.immutable)
+        # Planning, ordering and rendering ask for the address many times per resource: built once (the fields
+        # are frozen; `dataclasses.replace` makes a new resource, which builds its own).
+        self.__dict__["_address"] = address_of(self.system, self.kind, self.name)
 
     @property
     def address(self) -> str:
-        return address_of(self.system, self.kind, self.name)
+        address: str = self.__dict__["_address"]
+        return address
 
     @property
     def is_grant(self) -> bool:

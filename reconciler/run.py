@@ -19,6 +19,7 @@ from typing import Any
 from reconciler import planner
 from reconciler.access import AccessRow, Admin, rows_from_live, rows_from_policy, select
 from reconciler.applier import ApplyReport, apply_plan, check_mass_revoke
+from reconciler.bulk import paused_collection
 from reconciler.errors import PlanError, ReconcilerError, RefusedError, StateError
 from reconciler.plan import FORMAT_VERSION, Change, Note, Plan
 from reconciler.policy import Policy, load_policy
@@ -135,6 +136,7 @@ def read_live(policy: Policy, providers: Mapping[str, Provider],
     return reads
 
 
+@paused_collection
 def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider],
               applied: Mapping[str, str] | None = None, *, state: Any = None) -> Plan:
     """Read every system in bulk, all systems at once, then diff. With `state`, first refuse a state

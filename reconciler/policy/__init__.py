@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from reconciler.bulk import paused_collection
 from reconciler.errors import PolicyError
 from reconciler.resources import Capabilities
 
@@ -25,6 +26,7 @@ from .yamlio import read_documents
 __all__ = ["Policy", "SystemConfig", "load_policy"]
 
 
+@paused_collection
 def load_policy(path: Path, capabilities: Mapping[str, Capabilities], env: Mapping[str, str], *,
                 allowed_hosts: Iterable[str] = (), allowed_credentials: Iterable[str] = ()) -> Policy:
     """`allowed_hosts` and `allowed_credentials` come from the operator (options, the workflow's

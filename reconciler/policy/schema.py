@@ -14,6 +14,7 @@ import re
 import types
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from functools import cached_property, lru_cache
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
@@ -348,8 +349,9 @@ class Place:
             return locate(self.path, self.container, [self.key], at_key=True)
         return locate(self.path, self.container, [self.key, *keys], at_key=at_key)
 
-    @property
+    @cached_property
     def source(self) -> str:
+        # Every resource an entry expands to carries it: looked up once per entry.
         location = self.at()
         return f"{location.path}:{location.line}"
 
@@ -544,6 +546,7 @@ def _check_schedule(spans: list[SpanModel], place: Place) -> list[Diagnostic]:
     return problems
 
 
+@lru_cache(maxsize=4096)     # a permission's start and end, once per grant it expands to: formatted once
 def utc_text(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

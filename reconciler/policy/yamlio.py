@@ -261,10 +261,13 @@ def parse_text(text: str) -> Any:
         raise _Fallback           # a PyYAML built without libyaml: the pure-Python parser would be no faster
     if any(char in text for char in _DIFFERENT) or text.startswith("%") or "\n%" in text:
         raise _Fallback
+    composer = _composer()(text)
     try:
-        node = yaml.compose(text, Loader=yaml.CSafeLoader)
+        node = composer.get_single_node()
     except (yaml.YAMLError, RecursionError) as exc:
         raise _Fallback from exc
+    finally:
+        composer.dispose()
     if node is None:
         return None
     try:
@@ -273,6 +276,30 @@ def parse_text(text: str) -> Any:
         raise
     except Exception as exc:      # anything the fast path did not foresee: ruamel.yaml's answer is the reference
         raise _Fallback from exc
+
+
+_COMPOSER: Any = None
+
+
+def _composer() -> Any:
+    """libyaml's composer (PyYAML's `CParser`) without PyYAML's YAML 1.1 tag resolution, which would cost a
+    Python call per scalar: tags are resolved by the YAML 1.2 core schema above, explicit ones by ruamel.yaml."""
+    global _COMPOSER
+    if _COMPOSER is None:
+        from yaml._yaml import CParser
+
+        class Composer(CParser):  # type: ignore[misc]
+            def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
+                return ""
+
+            def descend_resolver(self, parent: Any, index: Any) -> None:
+                return None
+
+            def ascend_resolver(self) -> None:
+                return None
+
+        _COMPOSER = Composer
+    return _COMPOSER
 
 
 class _Builder:
