@@ -1,70 +1,160 @@
 """Benchmark: plan, apply and re-plan a large fleet against the in-process Abloy simulator.
 
+    python bench/fleet.py --size 10k            # 10,000 grants: 1,000 doors, 2,000 people, 5 doors each
+    python bench/fleet.py --size 100k --profile # 100,000 grants, and where the plan's time goes
+    python bench/fleet.py --size 100k --plan-only
     python bench/fleet.py [--doors 1000] [--users 2000] [--grants 5] [--state postgresql://…?schema=bench]
+    python bench/fleet.py --latency             # also bench/latency.py (apply over an injected latency)
 
-Prints wall time, peak memory and vendor request counts per phase. Figures, not assertions: the test
-suite never times anything.
+Prints one table: CPU and wall seconds, vendor requests and peak RSS for each phase (plan, rendering the plan
+as text and JSON, apply, re-plan), then the floor: the CPU PyYAML's C loader alone takes to read the same
+policy files, and the plan's CPU as a multiple of it (the target is at most 4x). CPU is the whole process, so
+apply and re-plan include the simulator answering in the same process. `--profile` adds a cProfile of one more
+plan (top 20 by cumulative time), taken apart from the measured one because profiling slows everything down.
+Figures, not assertions: the test suite never times anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import collections
 import importlib.util
+import io
+import pstats
 import resource
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
+import yaml
 
 from reconciler import run
+from reconciler.render import render_json, render_text
 from reconciler.sandbox.abloy import AbloySimulator
 
 ROOT = Path(__file__).resolve().parent.parent
+SIZES = {"10k": 10_000, "50k": 50_000, "100k": 100_000}
+GRANTS_PER_PERSON = 5
 
 
-def _generator():
+def _generator() -> Callable[[Path, int, int, int], None]:
     spec = importlib.util.spec_from_file_location("generate", ROOT / "examples" / "large-fleet" / "generate.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.generate
+    return module.generate  # type: ignore[no-any-return]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def c_loader_seconds(directory: Path) -> float:
+    """CPU seconds PyYAML's C loader (libyaml, `CSafeLoader`) takes to read every policy file: the floor."""
+    if not getattr(yaml, "__with_libyaml__", False):
+        raise SystemExit("PyYAML was built without libyaml: the C loader floor cannot be measured")
+    texts = [path.read_text(encoding="utf-8") for path in sorted(directory.rglob("*.yaml"))]
+    started = time.process_time()
+    for text in texts:
+        yaml.load(text, Loader=yaml.CSafeLoader)
+    return time.process_time() - started
+
+
+class Table:
+    def __init__(self, sim: AbloySimulator) -> None:
+        self.sim = sim
+        self.rows: list[tuple[str, float, float, int, float, str]] = []
+
+    def phase(self, name: str, func: Callable[[], Any]) -> Any:
+        self.sim.reset_log()
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = func()
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        calls = collections.Counter(
+            f"{r.method} {r.path.split('?')[0].rsplit('/', 1)[0] if r.method != 'POST' and r.path.count('/') > 1 else r.path}"
+            for r in self.sim.requests)
+        top = ", ".join(f"{k}={v}" for k, v in calls.most_common(3))
+        self.rows.append((name, cpu, wall, len(self.sim.requests), peak_rss_mib(), top))
+        return result
+
+    def print(self) -> None:
+        print(f"| {'phase':<12} | {'CPU s':>8} | {'wall s':>8} | {'requests':>8} | {'peak RSS MiB':>12} | requests by kind")
+        print(f"|{'-' * 14}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 14}|{'-' * 20}")
+        for name, cpu, wall, requests, rss, top in self.rows:
+            print(f"| {name:<12} | {cpu:8.2f} | {wall:8.2f} | {requests:8d} | {rss:12.0f} | {top}")
+
+
+def profile_plan(session: run.Session, limit: int = 20) -> str:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = run.plan(session)
+    render_text(result), render_json(result)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(limit)
+    return out.getvalue()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), help="grants in the fleet (sets --doors and --users)")
     parser.add_argument("--doors", type=int, default=1000)
     parser.add_argument("--users", type=int, default=2000)
-    parser.add_argument("--grants", type=int, default=5)
+    parser.add_argument("--grants", type=int, default=GRANTS_PER_PERSON, help="doors per person")
     parser.add_argument("--state", default=None, help="postgresql://… to measure the shared state (default: a file)")
+    parser.add_argument("--plan-only", action="store_true", help="plan and render only (no apply, no re-plan)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile (top 20, cumulative) of a plan")
+    parser.add_argument("--latency", action="store_true", help="also run bench/latency.py and print its table")
     args = parser.parse_args()
+    if args.size:
+        total = SIZES[args.size]
+        args.grants = GRANTS_PER_PERSON
+        args.users, args.doors = total // GRANTS_PER_PERSON, total // (2 * GRANTS_PER_PERSON)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         _generator()(work / "policies", args.doors, args.users, args.grants)
         sim = AbloySimulator()
-        session = run.Session(directory=work / "policies", state_path=work / "state.json", env={}, state_url=args.state,
-                              now=datetime(2026, 11, 22, 10, tzinfo=UTC),
+        session = run.Session(directory=work / "policies", state_path=work / "state.json", env={},
+                              state_url=args.state, now=datetime(2026, 11, 22, 10, tzinfo=UTC),
                               transports={"fleet": httpx.MockTransport(sim.handle)})
-        print(f"fleet: {args.doors} doors, {args.users} users, {args.users * args.grants} permissions")
-
-        def phase(name, func):
-            sim.reset_log()
-            started = time.perf_counter()
-            result = func()
-            elapsed = time.perf_counter() - started
-            calls = collections.Counter(f"{r.method} {r.path.split('?')[0].rsplit('/', 1)[0] if r.method != 'POST' and r.path.count('/') > 1 else r.path}"
-                                        for r in sim.requests)
-            top = ", ".join(f"{k}={v}" for k, v in calls.most_common(4))
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(f"{name:>8}: {elapsed:7.2f} s  requests={len(sim.requests):6d}  peak RSS {peak:6.0f} MiB  ({top})")
-            return result
-
-        first = phase("plan", lambda: run.plan(session))
-        print(f"          {len(first.changes)} changes")
-        phase("apply", lambda: run.apply(session, saved=None, approve=lambda plan: True))
-        again = phase("re-plan", lambda: run.plan(session))
-        print(f"          {len(again.changes)} changes after apply")
+        grants = args.users * args.grants
+        print(f"fleet: {args.doors} doors, {args.users} people, {grants} grants "
+              f"({', '.join(f'{p.name} {p.stat().st_size / 1e6:.1f} MB' for p in sorted(work.glob('policies/*')))})")
+        floor = c_loader_seconds(work / "policies")
+        table = Table(sim)
+        first = table.phase("plan", lambda: run.plan(session))
+        table.phase("render", lambda: (render_text(first), render_json(first)))
+        changes = len(first.changes)
+        again = None
+        if not args.plan_only:
+            table.phase("apply", lambda: run.apply(session, saved=None, approve=lambda plan: True))
+            again = table.phase("re-plan", lambda: run.plan(session))
+        print()
+        table.print()
+        plan_cpu = table.rows[0][1]
+        render_cpu = table.rows[1][1]
+        print(f"\n{changes} changes planned" + (f", {len(again.changes)} after apply" if again is not None else ""))
+        print(f"C loader alone (yaml.load, CSafeLoader) on the same files: {floor:.2f} s CPU")
+        print(f"plan CPU / C loader: {plan_cpu / floor:.1f}x (target <= 4x); "
+              f"with rendering text and JSON: {(plan_cpu + render_cpu) / floor:.1f}x")
+        if args.profile:
+            print("\ncProfile of one more plan with rendering (top 20, cumulative):")
+            print(profile_plan(session))
+    latency = ROOT / "bench" / "latency.py"
+    if args.latency:
+        if latency.exists():
+            print("\nbench/latency.py:")
+            sys.stdout.flush()
+            subprocess.run([sys.executable, str(latency)], check=False)
+        else:
+            print("\nbench/latency.py is not there yet: no latency table")
 
 
 if __name__ == "__main__":

@@ -22,17 +22,22 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from reconciler import __version__, run
+from reconciler import __version__
 from reconciler.errors import ApplyFailedError, Diagnostic, ExitCode, PolicyError, ReconcilerError, RefusedError
-from reconciler.plan import Change, Plan
-from reconciler.render import render_access, render_json, render_markdown, render_text
+from reconciler.lazy import lazy_module
 from reconciler.state import default_state_path, is_database_url
 from reconciler.terminal import ApplyProgress, ReadProgress, color_wanted, colorize_plan, is_terminal
 from reconciler.text import printable
+
+if TYPE_CHECKING:
+    from reconciler import render, run
+    from reconciler.plan import Change, Plan
+else:   # loaded when a command first uses them: `--help` needs neither (see reconciler/lazy.py)
+    run, render = lazy_module("reconciler.run"), lazy_module("reconciler.render")
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +279,8 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
     def body() -> int:
         result = run.plan(_reading(_session(directory, state, now, allow_host)))
         if out:
-            Path(out).write_text(render_json(result), encoding="utf-8")
-        renderers = {"json": render_json, "markdown": render_markdown, "text": render_text}
+            Path(out).write_text(render.render_json(result), encoding="utf-8")
+        renderers = {"json": render.render_json, "markdown": render.render_markdown, "text": render.render_text}
         text = renderers[fmt](result)
         click.echo(colorize_plan(text, _color()) if fmt == "text" else text, nl=False)
         if out and fmt == "text":
@@ -309,7 +314,7 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
         progress: list[ApplyProgress] = []
 
         def show(result: Plan) -> None:
-            click.echo(colorize_plan(render_text(result), color), nl=False)
+            click.echo(colorize_plan(render.render_text(result), color), nl=False)
 
         def approve(result: Plan) -> bool:
             if not auto_approve and not _ask_yes():
@@ -429,7 +434,7 @@ def access(directory: str, user: str | None, device: str | None, at: str | None,
         heading = " ".join(part for part in (
             "Live access" if live else "Access in the policy", f"of {user}" if user else "",
             f"to {device}" if device else "", f"open at {at}" if at else "") if part)
-        click.echo(render_access(rows, admins, fmt, heading=heading), nl=False)
+        click.echo(render.render_access(rows, admins, fmt, heading=heading), nl=False)
         return ExitCode.OK
     _guard(body)
 
