@@ -32,8 +32,8 @@ class AccessRow:
     end: str | None                        # None: no end
     via: str                               # "user" (named directly), "group:ops", "temp_key:cleaning" …
     source: str | None                     # `file:line` of the policy entry; None for live-only access
-    operations: tuple[str, ...] = ()       # Abloy operations; empty where the vendor has none
-    role: str | None = None                # Sentry share role
+    operations: tuple[str, ...] = ()       # operations; empty where the vendor has none
+    role: str | None = None                # share role, where the vendor has roles
     schedule: tuple[tuple[str, str, str], ...] | None = None   # (day, from, to) spans; None: any time
     live_only: bool = False                # found live, not declared in the policy
     status: str = "present"                # or "pending": the vendor has not finished it (cannot open yet)
@@ -49,7 +49,7 @@ class AccessRow:
 
 @dataclass(frozen=True)
 class Admin:
-    """An account that can grant itself any door of its system (Abloy `role: ADMIN`)."""
+    """An account that can grant itself any door of its system (an account with `role: ADMIN`)."""
 
     user: str
     system: str

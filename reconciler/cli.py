@@ -591,8 +591,7 @@ def serve(host: str, port: int, store: str, rate_limit: int | None, now: str | N
         click.echo("Sandbox credentials (test values of the simulators, not secrets):")
         for vendor, values in credentials.items():
             for key, value in sorted(values.items()):
-                variable = names.get((vendor, key)) or CONVENTIONAL_VARIABLES.get((vendor, key)) or \
-                    f"{vendor}_{key}".upper().replace("-", "_")
+                variable = names.get((vendor, key)) or conventional_variable(vendor, key)
                 click.echo(f"  export {variable}={value}")
         click.echo("Ready.")
         serve_http(host, port, mounts)
@@ -600,14 +599,15 @@ def serve(host: str, port: int, store: str, rate_limit: int | None, now: str | N
     _guard(body)
 
 
-# The variables the documented policies name (README, policies/, examples/), for vendors the policy does not use.
-CONVENTIONAL_VARIABLES = {
-    ("abloy-keyless", "user_id"): "ABLOY_USER_ID", ("abloy-keyless", "access_key"): "ABLOY_ACCESS_KEY",
-    ("abloy-keyless", "api_key"): "ABLOY_API_KEY", ("unloc", "client_id"): "UNLOC_CLIENT_ID",
-    ("unloc", "client_secret"): "UNLOC_CLIENT_SECRET", ("unloc-partner", "api_key"): "UNLOC_PARTNER_KEY",
-    ("spkey", "api_key"): "SPKEY_API_KEY", ("sentry", "email"): "SENTRY_EMAIL",
-    ("sentry", "password"): "SENTRY_PASSWORD",
-}
+def conventional_variable(vendor: str, key: str) -> str:
+    """The variable the documented policies name for a credential (the vendor declares it), for vendors
+    the policy does not use."""
+    from reconciler import vendors
+
+    declared = vendors.get(vendor)
+    return declared.credential_variable(key) if declared is not None else f"{vendor}_{key}".upper().replace("-", "_")
+
+
 _REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 

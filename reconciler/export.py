@@ -28,8 +28,8 @@ def export_system(session: run.Session, system: str) -> str:
     if system not in policy.systems:
         raise ReconcilerError(f"no system {system!r} in the policy (systems: {', '.join(sorted(policy.systems))})")
     config = policy.systems[system]
-    # Devices the policy already declares are read (a vendor without a lock list, like SmartphoneKey, can
-    # only be read through them) but not written again.
+    # Devices the policy already declares are read (a vendor without a lock list can only be
+    # read through them) but not written again.
     declared = [r for r in policy.resources if r.system == system and r.kind == Kind.DEVICE]
     state = run.open_state(session)
     providers = run.build_providers(session, policy, state)
@@ -109,7 +109,7 @@ def _person(token: str, users: CommentedMap, taken: set[str], meta: Any = None) 
         if isinstance(entry, dict) and entry.get(field) == value:
             return key
     key = _unique(_slug(value.split("@")[0] if field == "email" else f"phone-{value[-4:]}", "person"), taken)
-    # Known to the vendor by phone or email only: no account in account-based systems (Abloy).
+    # Known to the vendor by phone or email only: no account in account-based systems.
     users[key] = CommentedMap({field: value, "systems": _flow([])})
     return key
 

@@ -89,10 +89,10 @@ class Attribute:
       (compared: a schedule dropped from the policy must leave the vendor too); `NO_DEFAULT`: left out of the
       object, so that whatever the vendor holds satisfies it.
     - `on_change`: whether a change is made in place, forces replacement, or cannot be made.
-    - `required`: the policy must give it (Abloy grants need an end).
+    - `required`: the policy must give it (grants that need an end).
     - `choices`: the values the vendor accepts (empty: any of the type).
     - `compared`: False for a field that only travels with the request that creates the object and is
-      never read back (Unloc's per-grant `notify`): it goes to `meta`, not `attributes`.
+      never read back (a per-grant `notify`): it goes to `meta`, not `attributes`.
     """
 
     type: type | tuple[type, ...] = str

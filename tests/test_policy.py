@@ -251,7 +251,7 @@ def test_a_block_reference_is_plain_yaml_and_needs_no_rewrite(tmp_path: Path) ->
 @pytest.mark.parametrize("written", ["+47 900 00 001", "+47 900-00-001", " +47 (900) 00 001 ", "+4790000001"])
 def test_phone_numbers_are_accepted_as_people_write_them_and_kept_in_e164(tmp_path: Path, written: str) -> None:
     policy = tmp_path / "p.yaml"
-    policy.write_text("systems:\n  cabins: {vendor: unloc, url: sandbox, lock_holder_id: x}\n"
+    policy.write_text("systems:\n  cabins: {vendor: unloc, url: sandbox, lock_holder_id: 866b8a35-4184-44c5-8ffd-448a77e5a91c}\n"
                       f"users:\n  alice: {{phone: \"{written}\"}}\n"
                       "devices:\n  cabin: {system: cabins, id: 0634f1ba-e175-49e8-98bc-32b11505107b}\n"
                       "permissions:\n  - {users: [alice], devices: [cabin]}\n")

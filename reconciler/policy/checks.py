@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from reconciler import vendors
 from reconciler.errors import Diagnostic
 from reconciler.plan import RevokeThreshold
 from reconciler.resources import Capabilities, Kind, duration_seconds
@@ -29,6 +30,7 @@ from .schema import (
     Place,
     SystemConfig,
     SystemModel,
+    _validate,
     did_you_mean,
     grant_fields,
 )
@@ -79,21 +81,34 @@ def _threshold(entry: Entry[SystemModel]) -> RevokeThreshold:
 
 def _check_settings(entry: Entry[SystemModel], caps: Capabilities | None) -> list[Diagnostic]:
     problems = []
+    vendor = caps.vendor if caps is not None else ""
+    # The vendor's settings model (from the registry) states its keys; the registry completes `caps` with them,
+    # and capabilities built elsewhere (a provider's own, before registration) that name none take the model's.
+    model = vendors.settings_model(vendor) if caps is not None else None
+    fields = model.model_fields if model is not None else {}
+    settings, required = (caps.settings, caps.required_settings) if caps is not None else (frozenset(), frozenset())
+    if not settings and fields:
+        settings = frozenset(f.alias or k for k, f in fields.items())
+        required = frozenset(f.alias or k for k, f in fields.items() if f.is_required())
     for key, value in entry.settings.items():
-        if caps is not None and key not in caps.settings:
-            hint = did_you_mean(str(key), [*SYSTEM_KEYS, *caps.settings])
-            accepted = f"; it takes {', '.join(sorted(caps.settings))}" if caps.settings else ""
+        if caps is not None and key not in settings:
+            hint = did_you_mean(str(key), [*SYSTEM_KEYS, *settings])
+            accepted = f"; it takes {', '.join(sorted(settings))}" if settings else ""
             problems.append(Diagnostic(entry.place.at(key, at_key=True),
-                                       f"unknown key '{key}' for vendor {caps.vendor}{hint}{accepted}"))
+                                       f"unknown key '{key}' for vendor {vendor}{hint}{accepted}"))
         elif not isinstance(value, SCALARS):
             problems.append(Diagnostic(entry.place.at(key), f"expected a single value for '{key}'"))
         elif caps is not None and key in caps.setting_durations:
             problems += _check_duration(entry, key, value, *caps.setting_durations[key])
-    required = sorted(caps.required_settings) if caps is not None else []
-    vendor = caps.vendor if caps is not None else ""
-    for key in required:
+    for key in sorted(required):
         if entry.settings.get(key) in (None, ""):
             problems.append(Diagnostic(entry.place.at(), f"system '{entry.name}' ({vendor}) needs `{key}:`"))
+    if model is not None and not problems:
+        # The vendor's own settings model: formats and types (a lock holder id that is no UUID), located.
+        known = {k: v for k, v in entry.settings.items() if k in model.model_fields}
+        # A missing setting is the capabilities' to report (above), in their words.
+        problems += [p for p in _validate(model, known, entry.place, "system")[1]
+                     if not p.message.startswith("missing required key")]
     return problems
 
 
@@ -135,7 +150,7 @@ def _check_url(entry: Entry[SystemModel], caps: Capabilities | None, allowed: fr
 
 
 def credential_prefix(vendor: str) -> str:
-    """Variables a vendor's credentials may name start with this: the vendor's first word, ABLOY_, UNLOC_."""
+    """Variables a vendor's credentials may name start with this: the vendor's first word (`acme-cloud` → ACME_)."""
     return re.split(r"[^A-Za-z0-9]", vendor, maxsplit=1)[0].upper() + "_"
 
 
@@ -200,6 +215,15 @@ def _resolve_credentials(entry: Entry[SystemModel], system: SystemModel, caps: C
 
 
 # ------------------------------------------------------------------------------------------------- references
+
+def _numbered(pattern: str | None, number: str) -> bool:
+    """Whether a vendor numbers its devices: its id pattern takes a number and refuses it with a letter added."""
+    if not pattern:
+        return False
+    sample = next((s for s in (number, "1", "123456") if re.fullmatch(pattern, s)), None)
+    return sample is not None and not any(
+        re.fullmatch(pattern, text) for text in (f"{sample}a", f"a{sample}", f"{sample}A", f"A{sample}"))
+
 
 def check_references(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
     problems = [
@@ -279,8 +303,8 @@ def _check_devices(declarations: Declarations, capabilities: Mapping[str, Capabi
                                            f"of the existing one to adopt it"))
             continue
         device_id = str(device.id)
-        if isinstance(device.id, int) and caps.vendor != "spkey":
-            # Only SmartphoneKey numbers its locks; elsewhere a bare number is a typo for a quoted id.
+        if isinstance(device.id, int) and not _numbered(caps.device_id_pattern, device_id):
+            # A bare number is a vendor's id only where its ids are numbers; elsewhere it is a typo for a quoted id.
             problems.append(Diagnostic(entry.place.at("id"), f"device ids on {caps.vendor} are strings: quote it"))
         elif caps.device_id_pattern and not re.fullmatch(caps.device_id_pattern, device_id):
             problems.append(Diagnostic(entry.place.at("id"), f"'{device_id}' is not a valid device id on "

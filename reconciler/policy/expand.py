@@ -295,7 +295,7 @@ def _grants_for(declarations: Declarations, entry: Entry[PermissionModel], permi
     if permission.reason is not None:
         meta["reason"] = permission.reason
     meta.update(cast(Meta, sent))     # keys the vendor's schema declares as sent, not compared
-    # Who receives the grant: providers address people by phone (Unloc) or email (Sentry, SmartphoneKey).
+    # Who receives the grant: providers address people by phone or by email (`needs_phone`, `needs_email`).
     # Kept in meta, not attributes, so that live grants need not echo it to compare equal.
     person = declarations.users[user].model
     if caps.needs_phone and person is not None and person.phone:

@@ -3,9 +3,9 @@
 `reconciler schema` prints it; yaml-language-server (VS Code's YAML extension) uses it for completion and
 checks while typing, through a `# yaml-language-server: $schema=...` line or the editor's settings. It says
 what one file may hold: the sections, each entry's keys and types, names, and per vendor the system settings
-and credential keys it takes (from the providers' capabilities, passed in as `load_policy` gets them). Unknown
+and credential keys it takes (from the registered vendors' capabilities and settings models). Unknown
 keys are refused, as the loader refuses them. What needs the other files or the vendor's limits (references,
-open-ended access on Abloy, ...) stays with `reconciler validate`.
+open-ended access where a vendor needs an end, ...) stays with `reconciler validate`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from reconciler import vendors
 from reconciler.resources import Capabilities
 
 from .checks import ENV_REFERENCE
@@ -25,7 +26,6 @@ from .schema import (
     NAME_RE,
     SYSTEM_KEYS,
     TIME_RE,
-    VENDORS,
     DeviceModel,
     GatewayModel,
     PermissionModel,
@@ -84,10 +84,10 @@ def policy_json_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, An
             "systems": named("System", "vendor connections"),
             "users": named("User", "people"),
             "devices": named("Device", "locking devices"),
-            "gateways": named("Gateway", "gateways (abloy-keyless)"),
+            "gateways": named("Gateway", f"gateways{_on(capabilities, 'gateways')}"),
             "groups": named("Group", "groups of users and groups"),
-            "schedules": named("Schedule", "weekly schedules (unloc)"),
-            "temp_keys": named("TempKey", "temporary keys (spkey)"),
+            "schedules": named("Schedule", f"weekly schedules{_on(capabilities, 'schedules')}"),
+            "temp_keys": named("TempKey", f"temporary keys{_on(capabilities, 'temp_keys')}"),
             "permissions": {"type": ["array", "null"], "items": {"$ref": "#/$defs/Permission"},
                             "description": "who may open which devices, when"},
         },
@@ -95,15 +95,21 @@ def policy_json_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, An
     }
 
 
+def _on(capabilities: Mapping[str, Capabilities], flag: str) -> str:
+    """` (vendor, ...)`: the vendors that have a feature, for a section's description."""
+    having = sorted(name for name, caps in capabilities.items() if getattr(caps, flag))
+    return f" ({', '.join(having)})" if having else ""
+
+
 def _system_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, Any]:
-    """One branch per vendor: the common keys, that vendor's settings and credential keys, nothing else."""
+    """A union discriminated on `vendor`, one branch per vendor: the common keys, that vendor's settings (from
+    its settings model) and credential keys, nothing else."""
     common = SystemModel.model_json_schema(by_alias=True, mode="validation")["properties"]
     assert set(common) == set(SYSTEM_KEYS), "the schema of a system must follow SystemModel"
     branches = []
-    for vendor in VENDORS:
-        caps = capabilities.get(vendor)
-        if caps is None:
-            continue
+    for vendor, caps in capabilities.items():
+        model = vendors.settings_model(vendor)
+        typed = model.model_json_schema(by_alias=True, mode="validation").get("properties", {}) if model else {}
         accepted = sorted(frozenset().union(*(caps.credential_sets or (caps.credentials,))))
         reference = {"type": "string", "pattern": ENV_REFERENCE.pattern,
                      "description": 'an environment variable reference, quoted: "${NAME}"'}
@@ -112,10 +118,11 @@ def _system_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, Any]:
         properties["credentials"] = {"type": ["object", "null"], "additionalProperties": False,
                                      "properties": dict.fromkeys(accepted, reference)}
         for setting in sorted(caps.settings):
-            properties[setting] = dict(_SCALAR, description=f"{vendor} setting")
+            properties[setting] = {**(typed.get(setting) or _SCALAR), "description": f"{vendor} setting"}
+            properties[setting].pop("title", None)
         branches.append({"title": vendor, "type": "object", "required": ["vendor", *sorted(caps.required_settings)],
                          "properties": properties, "additionalProperties": False})
-    return {"description": "a vendor connection", "oneOf": branches}
+    return {"description": "a vendor connection", "oneOf": branches, "discriminator": {"propertyName": "vendor"}}
 
 
 def _constrain(prop: dict[str, Any], pattern: str) -> None:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails
 
+from reconciler import vendors
 from reconciler.errors import Diagnostic, Location
 from reconciler.plan import RevokeThreshold
 from reconciler.resources import Resource
@@ -28,7 +29,6 @@ from reconciler.secret import Secret
 
 from .yamlio import Document, Map, Seq, locate, plain
 
-VENDORS = ("abloy-keyless", "unloc", "unloc-partner", "spkey", "sentry")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 E164_RE = re.compile(r"^\+[1-9]\d{7,14}$")
@@ -36,7 +36,8 @@ EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 COLOUR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
 DURATION_RE = re.compile(r"^P(\d+)D$")
 TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
-# Keys of a system entry that every vendor has; any other key is a vendor setting checked against capabilities.
+# Keys of a system entry that every vendor has; any other key is a vendor setting, checked against the vendor's
+# capabilities and settings model (`checks._check_settings`): the entry is a union discriminated on `vendor`.
 SYSTEM_KEYS = ("vendor", "url", "credentials", "unmanaged", "concurrency", "deadline", "mass_revoke")
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -171,8 +172,9 @@ class SystemModel(_Model):
     @field_validator("vendor")
     @classmethod
     def _known_vendor(cls, value: str) -> str:
-        if value not in VENDORS:
-            raise ValueError(f"unknown vendor '{value}'{did_you_mean(value, VENDORS)}; use one of {', '.join(VENDORS)}")
+        known = vendors.names()     # the registered vendors (reconciler.vendors), read from the metadata only
+        if value not in known:
+            raise ValueError(f"unknown vendor '{value}'{did_you_mean(value, known)}; use one of {', '.join(known)}")
         return value
 
     @field_validator("url")
@@ -218,7 +220,7 @@ class DeviceModel(_Model):
     decommission: bool = False
     favourite: bool | None = None
     colour: str | None = None
-    unlock_duration: Annotated[int, Field(ge=1, le=3600)] | None = None   # sentry: seconds the lock stays open
+    unlock_duration: Annotated[int, Field(ge=1, le=3600)] | None = None   # seconds the lock stays open (where device_fields has it)
 
     @field_validator("id", mode="before")
     @classmethod
@@ -286,7 +288,7 @@ class PermissionModel(_Model):
     schedule: Annotated[str | None, GrantField("has no weekly schedules", "a schedule",
                                                " or use start and end")] = None
     role: Annotated[Role | None, GrantField("has no roles on grants", "a role")] = None
-    # unloc: tell the person about a new key (default: the system's notify)
+    # tell the person about a new key (default: the system's notify), where a vendor declares it
     notify: Annotated[bool | None, GrantField("cannot choose per grant whether the person is notified",
                                               "a choice to notify")] = None
 
@@ -536,7 +538,7 @@ def _check_schedule(spans: list[SpanModel], place: Place) -> list[Diagnostic]:
                                        "a span cannot cross midnight: end it at \"24:00\" and continue the next day"))
         for day_index, day in enumerate(span.days):
             if day in first_span_on:
-                # Vendors allow one recurrence span per weekday (Unloc), so two are refused rather than merged.
+                # Vendors allow one recurrence span per weekday, so two are refused rather than merged.
                 where = ("earlier in this span" if first_span_on[day] == index
                          else f"at {place.at(first_span_on[day])}")
                 problems.append(Diagnostic(place.at(index, "days", day_index),

@@ -18,16 +18,17 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import jwt
 
 from reconciler.errors import VendorError
 from reconciler.providers.base import CreateGate, Event, Provider, ReadResult
 from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, Redactor, json_error, token_lifetime
+from reconciler.providers.settings import VendorSettings
 from reconciler.resources import (
     Attribute,
     Capabilities,
@@ -85,7 +86,6 @@ CAPABILITIES = Capabilities(
     device_fields=frozenset({"name"}),
     device_id_pattern=UUID_PATTERN,
     mobile_key=True,
-    settings=frozenset({"invitation_validity"}),
     setting_durations={"invitation_validity": INVITATION_RANGE},
     credentials=frozenset({"user_id", "access_key", "api_key"}),
     several_windows=True,
@@ -102,10 +102,19 @@ CAPABILITIES = Capabilities(
 describe_problem = json_error("title", "detail")   # RFC 7807 problem+json
 
 
+class AbloySettings(VendorSettings):
+    # How long an SMS invitation stays valid; its range is `setting_durations` in the capabilities.
+    invitation_validity: str | None = None
+
+
 class AbloyProvider(Provider):
     vendor = "abloy-keyless"
     capabilities = CAPABILITIES
     default_url = "https://eu-api.keyless.assaabloy.com/administration"
+    settings_model = AbloySettings
+    simulator = "reconciler.sandbox.abloy:AbloySimulator"
+    credential_variables: ClassVar[Mapping[str, str]] = {
+        "user_id": "ABLOY_USER_ID", "access_key": "ABLOY_ACCESS_KEY", "api_key": "ABLOY_API_KEY"}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -113,9 +113,13 @@ class CreateGate:
 
 
 class Provider:
+    # The vendor's declaration, read by the registry (`reconciler.vendors`, which explains each part).
     vendor: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     default_url: ClassVar[str]
+    settings_model: ClassVar[Any] = None                     # a pydantic model of its system settings
+    simulator: ClassVar[str | None] = None                   # "module:Class" of its sandbox
+    credential_variables: ClassVar[Mapping[str, str]] = {}   # credential key → the documented variable
 
     def __init__(self, name: str, *, url: str | None, credentials: Mapping[str, Secret],
                  settings: Mapping[str, Any], state: StateStore,

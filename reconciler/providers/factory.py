@@ -1,15 +1,14 @@
 """Build providers for policy systems; the one place that wires `url: sandbox` to a simulator.
 
-Called by `reconciler.run`. A system with `url: sandbox` gets the embedded vendor simulator as its httpx
-transport, its state persisted under `<state dir>/sandbox/<system>.json` so that separate CLI runs see
-the same vendor, and the simulator's own credentials.
+Called by `reconciler.run`. Which class serves a vendor comes from the registry (`reconciler.vendors`, the
+entry-point group `reconciler.vendors`); nothing here names a vendor. A system with `url: sandbox` gets its
+vendor's simulator (imported then, not at start-up) as its httpx transport, its state persisted under
+`<state dir>/sandbox/<system>.json` so that separate CLI runs see the same vendor, and the simulator's own
+credentials.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import importlib.util
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -17,52 +16,31 @@ from typing import Any
 
 import httpx
 
+from reconciler import vendors
 from reconciler.errors import StateError
 from reconciler.providers.base import Provider, StateStore
 from reconciler.resources import Capabilities
 from reconciler.secret import Secret
 
-# vendor → (provider class, simulator class), as "module:Class". One line per vendor.
-VENDORS: dict[str, tuple[str, str]] = {
-    "abloy-keyless": ("reconciler.providers.abloy:AbloyProvider", "reconciler.sandbox.abloy:AbloySimulator"),
-    "unloc": ("reconciler.providers.unloc:UnlocProvider", "reconciler.sandbox.unloc:UnlocSimulator"),
-    "unloc-partner": ("reconciler.providers.unloc_partner:UnlocPartnerProvider",
-                      "reconciler.sandbox.unloc_partner:UnlocPartnerSimulator"),
-    "spkey": ("reconciler.providers.spkey:SpkeyProvider", "reconciler.sandbox.spkey:SpkeySimulator"),
-    "sentry": ("reconciler.providers.sentry:SentryProvider", "reconciler.sandbox.sentry:SentrySimulator"),
-}
 SANDBOX_BASE = "https://sandbox.invalid"
 
 
-def _load(target: str) -> Any:
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def _available() -> dict[str, tuple[str, str]]:
-    return {vendor: pair for vendor, pair in VENDORS.items()
-            if all(importlib.util.find_spec(target.partition(":")[0]) is not None for target in pair)}
-
-
-PROVIDERS: dict[str, type[Provider]] = {vendor: _load(pair[0]) for vendor, pair in _available().items()}
-SIMULATORS: dict[str, Callable[..., Any]] = {vendor: _load(pair[1]) for vendor, pair in _available().items()}
-
-
 def capabilities() -> dict[str, Capabilities]:
-    return {vendor: dataclasses.replace(cls.capabilities, production_url=cls.default_url)
-            for vendor, cls in PROVIDERS.items()}
+    """vendor → what it can express (with its production URL), for the policy checks."""
+    return vendors.capabilities()
 
 
 def build_provider(system: Any, state: StateStore, *, sandbox_dir: Path, clock: Callable[[], datetime],
                    transport: httpx.BaseTransport | None = None, **options: Any) -> Provider:
     """`system` is a policy `SystemConfig` (name, vendor, url, credentials, settings). `clock` is the
     session's: the provider and an embedded simulator both run on it, so `--now` moves the vendor too."""
-    cls = PROVIDERS[system.vendor]
+    vendor = vendors.vendors()[system.vendor]
+    cls: type[Provider] = vendor.provider
     url, credentials = system.url, dict(system.credentials)
     if url == "sandbox":
         store = sandbox_dir / f"{system.name}.json"
         try:
-            simulator = SIMULATORS[system.vendor](store_path=store, clock=clock)
+            simulator = vendor.load_simulator()(store_path=store, clock=clock)
         except ValueError as exc:   # the store of another vendor's system of the same name (a shared --state)
             raise StateError(f"the sandbox store {store} is not this system's ({exc}): another policy with a "
                              f"system named '{system.name}' shares this state; give each policy directory its own "
@@ -82,10 +60,12 @@ def sandbox_mounts(directory: Path, *, rate_limit: int | None = None, clock: Cal
     mounts: dict[str, Any] = {}
     credentials: dict[str, Mapping[str, str]] = {}
     options: dict[str, Any] = {"clock": clock} if clock is not None else {}
-    for vendor, factory in SIMULATORS.items():
-        simulator = factory(store_path=directory / f"{vendor}.json", rate_limit=rate_limit, **options)
-        mounts[f"/{vendor}"] = simulator.handle
-        credentials[vendor] = simulator.credentials
+    for name, vendor in vendors.vendors().items():
+        if vendor.simulator is None:
+            continue
+        simulator = vendor.load_simulator()(store_path=directory / f"{name}.json", rate_limit=rate_limit, **options)
+        mounts[f"/{name}"] = simulator.handle
+        credentials[name] = simulator.credentials
     return mounts, credentials
 
 

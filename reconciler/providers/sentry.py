@@ -20,10 +20,10 @@ import math
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import jwt
@@ -115,6 +115,8 @@ class SentryProvider(Provider):
     vendor = "sentry"
     capabilities = CAPABILITIES
     default_url = "https://api.doordeck.com"
+    simulator = "reconciler.sandbox.sentry:SentrySimulator"
+    credential_variables: ClassVar[Mapping[str, str]] = {"email": "SENTRY_EMAIL", "password": "SENTRY_PASSWORD"}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -115,6 +115,8 @@ class SpkeyProvider(Provider):
     vendor = "spkey"
     capabilities = CAPABILITIES
     default_url = "https://api.spkey.co"
+    simulator = "reconciler.sandbox.spkey:SpkeySimulator"
+    credential_variables: ClassVar[Mapping[str, str]] = {"api_key": "SPKEY_API_KEY"}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

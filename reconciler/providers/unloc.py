@@ -26,13 +26,16 @@ import logging
 import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlencode
+
+from pydantic import field_validator
 
 from reconciler.errors import VendorError
 from reconciler.plan import Note
 from reconciler.providers.base import Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor, json_error
+from reconciler.providers.settings import VendorSettings
 from reconciler.resources import (
     Attribute,
     Capabilities,
@@ -78,8 +81,6 @@ CAPABILITIES = Capabilities(
     creates_devices=False,
     device_fields=frozenset(),
     device_id_pattern=UUID_PATTERN,
-    settings=frozenset({"lock_holder_id", "notify"}),
-    required_settings=frozenset({"lock_holder_id"}),
     credentials=frozenset({"client_id", "client_secret"}),
     several_windows=True,
     attributes={
@@ -95,10 +96,27 @@ CAPABILITIES = Capabilities(
 describe_error = json_error("error", "errorDescription")
 
 
+class UnlocSettings(VendorSettings):
+    lock_holder_id: str                # the lock holder whose locks the keys open
+    notify: bool = True                # false: keys are created without the SMS/push invitation
+
+    @field_validator("lock_holder_id")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        if not re.fullmatch(UUID_PATTERN, value):
+            raise ValueError(f"'{value}' is not a UUID: lock_holder_id is the id of the lock holder, "
+                             "e.g. 866b8a35-4184-44c5-8ffd-448a77e5a91c")
+        return value
+
+
 class UnlocProvider(Provider):
     vendor = "unloc"
     capabilities = CAPABILITIES
     default_url = "https://api.unloc.app"
+    settings_model = UnlocSettings
+    simulator = "reconciler.sandbox.unloc:UnlocSimulator"
+    credential_variables: ClassVar[Mapping[str, str]] = {"client_id": "UNLOC_CLIENT_ID",
+                                                         "client_secret": "UNLOC_CLIENT_SECRET"}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

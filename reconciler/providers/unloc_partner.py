@@ -39,13 +39,16 @@ import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
+
+from pydantic import field_validator
 
 from reconciler.errors import VendorError
 from reconciler.plan import Note
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.http import HttpClient, Redactor, json_error
+from reconciler.providers.settings import VendorSettings
 from reconciler.resources import (
     Attribute,
     Capabilities,
@@ -90,8 +93,6 @@ CAPABILITIES = Capabilities(
     creates_devices=False,
     device_fields=frozenset(),
     device_id_pattern=r"[A-Za-z0-9][A-Za-z0-9:._-]*",   # `danalock-00:00:00:00:00:01`, UUIDs
-    settings=frozenset({"partner_id"}),
-    required_settings=frozenset({"partner_id"}),
     credentials=frozenset({"api_key"}),
     several_windows=True,
     attributes={
@@ -108,10 +109,24 @@ def _segment(value: str) -> str:
     return quote(value, safe=":@")
 
 
+class UnlocPartnerSettings(VendorSettings):
+    partner_id: str                    # the partner id Unloc gave you
+
+    @field_validator("partner_id")
+    @classmethod
+    def _partner(cls, value: str) -> str:
+        if not PARTNER_ID_PATTERN.match(value):
+            raise ValueError(f"'{value}' is not a partner id: letters, digits and . _ ~ - only")
+        return value
+
+
 class UnlocPartnerProvider(Provider):
     vendor = "unloc-partner"
     capabilities = CAPABILITIES
     default_url = "https://api.unloc.app"
+    settings_model = UnlocPartnerSettings
+    simulator = "reconciler.sandbox.unloc_partner:UnlocPartnerSimulator"
+    credential_variables: ClassVar[Mapping[str, str]] = {"api_key": "UNLOC_PARTNER_KEY"}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
