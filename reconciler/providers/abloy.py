@@ -23,8 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-import jwt
-
 from reconciler.errors import VendorError
 from reconciler.providers.base import CreateGate, Event, Provider, ReadResult
 from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, Redactor, json_error, token_lifetime
@@ -147,6 +145,8 @@ class AbloyProvider(Provider):
                               status=exc.status, temporary=exc.temporary) from None
         token = response.json().get("token", "")
         self.redactor.add(token)
+        import jwt  # here, not at the top: JWT pulls in cryptography, which validate and --help do not need
+
         try:
             claims = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
         except jwt.PyJWTError:

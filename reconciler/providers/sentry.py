@@ -26,9 +26,6 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import httpx
-import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Change
@@ -111,6 +108,16 @@ def _utc(seconds: Any) -> str | None:
     return format_time(datetime.fromtimestamp(float(seconds), UTC))
 
 
+def __getattr__(name: str) -> Any:
+    """`Ed25519PrivateKey` on first use: cryptography is imported where a Sentry provider is built, not by
+    validate or --help."""
+    if name == "Ed25519PrivateKey":
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return Ed25519PrivateKey
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class SentryProvider(Provider):
     vendor = "sentry"
     capabilities = CAPABILITIES
@@ -128,7 +135,10 @@ class SentryProvider(Provider):
         self.http = HttpClient(self.url, system=self.name, transport=self.transport, redactor=self.redactor,
                                headers={"Accept": "application/json"}, authenticate=self._login,
                                describe=describe_error, sleep=self.sleep, monotonic=self.monotonic)
-        # Generated per run and held only here: never serialised, logged or written anywhere.
+        # Generated per run and held only here: never serialised, logged or written anywhere. (cryptography and JWT
+        # are imported where a Sentry provider is built, not by validate or --help.)
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         self._signing_key = Ed25519PrivateKey.generate()
         self._certificate: tuple[list[str], str] | None = None     # (x5c chain, acting user id)
         self._certificate_lock = threading.Lock()
@@ -156,6 +166,8 @@ class SentryProvider(Provider):
             token = answer.get("authToken", "")
             self.redactor.add(token)
             self.redactor.add(answer.get("refreshToken"))
+        import jwt
+
         try:
             claims = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError:
@@ -166,6 +178,8 @@ class SentryProvider(Provider):
 
     def _ensure_certificate(self) -> tuple[list[str], str]:
         """Register this run's public key once; the answer is the chain for `x5c` and who we act as."""
+        from cryptography.hazmat.primitives import serialization
+
         with self._certificate_lock:
             if self._certificate is None:
                 public = self._signing_key.public_key().public_bytes(serialization.Encoding.Raw,
@@ -187,6 +201,8 @@ class SentryProvider(Provider):
             return self._certificate
 
     def _sign(self, lock_id: str, operation: dict[str, Any]) -> str:
+        import jwt
+
         chain, user_id = self._ensure_certificate()
         # The platform checks the window against its own clock, so it is taken from the platform's answers
         # (their `Date`); the session's clock only where the platform sends none.
