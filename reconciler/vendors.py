@@ -15,8 +15,8 @@ declaration (`reconciler.providers.base.Provider`):
 - `credential_variables`: the environment variables the documentation names for its credentials.
 
 Nothing here imports a provider statically (the policy checks read this module, and `policy` may not import
-`providers`): the entries are read from the installed metadata when first asked for, and a provider module is
-imported only then. The core reads `Vendor`s and `Capabilities`; it never names a vendor.
+`providers`): the names come from the installed metadata, and a vendor's provider module is imported when that
+vendor is first asked for, so validating a policy loads the providers of the vendors it names and no other. The core reads `Vendor`s and `Capabilities`; it never names a vendor.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import dataclasses
 import importlib
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from reconciler.errors import ReconcilerError
@@ -68,43 +68,67 @@ def load_object(target: str) -> Any:
 
 
 _lock = threading.Lock()
-_names: tuple[str, ...] | None = None
-_vendors: dict[str, Vendor] | None = None
+_entries: dict[str, EntryPoint] | None = None
+_loaded: dict[str, Vendor] = {}
+
+
+def _registered() -> dict[str, EntryPoint]:
+    """name → entry point, from the installed metadata only."""
+    global _entries
+    if _entries is None:
+        found: dict[str, EntryPoint] = {}
+        for entry in sorted(entry_points(group=GROUP), key=lambda e: (e.name, e.value)):
+            if entry.name in found and found[entry.name].value != entry.value:
+                raise RegistryError(f"vendor {entry.name} is registered twice ({found[entry.name].value} and "
+                                    f"{entry.value}); uninstall one of the packages")
+            found[entry.name] = entry
+        if not found:
+            raise RegistryError(f"no vendor is registered (entry-point group {GROUP}): reinstall reconciler, "
+                                "e.g. `pip install -e .` in a checkout")
+        _entries = found
+    return _entries
 
 
 def names() -> tuple[str, ...]:
     """The registered vendor names, sorted; reads only the metadata (no provider is imported)."""
-    global _names
-    if _names is None:
-        _names = tuple(sorted({entry.name for entry in entry_points(group=GROUP)}))
-    return _names
-
-
-def vendors() -> dict[str, Vendor]:
-    """Every registered vendor by name; the provider modules are imported on the first call."""
-    global _vendors
-    with _lock:
-        if _vendors is None:
-            found: dict[str, Vendor] = {}
-            for entry in sorted(entry_points(group=GROUP), key=lambda e: (e.name, e.value)):
-                if entry.name in found:
-                    raise RegistryError(f"vendor {entry.name} is registered twice ({entry.value}); "
-                                        "uninstall one of the packages")
-                found[entry.name] = declaration(entry.name, entry.load())
-            if not found:
-                raise RegistryError(f"no vendor is registered (entry-point group {GROUP}): reinstall "
-                                    "reconciler, e.g. `pip install -e .` in a checkout")
-            _vendors = found
-        return dict(_vendors)
+    return tuple(_registered())
 
 
 def get(name: str) -> Vendor | None:
-    return vendors().get(name) if name in names() else None
+    """One vendor's declaration; its provider module is imported on first use, and only its own."""
+    entry = _registered().get(name)
+    if entry is None:
+        return None
+    with _lock:
+        if name not in _loaded:
+            _loaded[name] = declaration(name, entry.load())
+        return _loaded[name]
 
 
-def capabilities() -> dict[str, Capabilities]:
+def vendors() -> dict[str, Vendor]:
+    """Every registered vendor by name (imports every provider module: `sandbox serve`, the JSON Schema)."""
+    return {name: vendor for name in names() if (vendor := get(name)) is not None}
+
+
+class _Capabilities(Mapping[str, Capabilities]):
+    """vendor name → `Capabilities`, loading a vendor only when the policy names it."""
+
+    def __getitem__(self, name: str) -> Capabilities:
+        vendor = get(name)
+        if vendor is None:
+            raise KeyError(name)
+        return vendor.capabilities
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(names())
+
+    def __len__(self) -> int:
+        return len(names())
+
+
+def capabilities() -> Mapping[str, Capabilities]:
     """vendor name → `Capabilities`, what the policy checks read."""
-    return {name: vendor.capabilities for name, vendor in vendors().items()}
+    return _Capabilities()
 
 
 def settings_model(name: str) -> Any:
@@ -138,6 +162,7 @@ def declaration(name: str, cls: Any) -> Vendor:
 
 def reset() -> None:
     """Forget what was read (tests that install a vendor at run time)."""
-    global _names, _vendors
+    global _entries
     with _lock:
-        _names, _vendors = None, None
+        _entries = None
+        _loaded.clear()

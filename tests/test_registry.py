@@ -94,6 +94,19 @@ def test_validating_a_policy_without_sandbox_systems_loads_no_simulator(tmp_path
     assert result.stdout.strip().splitlines()[-1] == "0 []", result.stdout + result.stderr
 
 
+def test_validating_loads_only_the_providers_of_the_vendors_the_policy_names(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(f"systems:\n  cabins: {{vendor: unloc, url: sandbox, lock_holder_id: {LOCK_HOLDER}}}\n")
+    code = ("import sys; from reconciler.cli import main\n"
+            "try:\n    main([\"validate\", \"-d\", sys.argv[1]])\nexcept SystemExit as exit:\n    code = exit.code\n"
+            "print(code, sorted(m for m in sys.modules if m.startswith('reconciler.providers.')))")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+
+    status, loaded = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    vendor_modules = {f"'reconciler.providers.{m}'" for m in ("abloy", "sentry", "spkey", "unloc", "unloc_partner")}
+    assert status == "0"
+    assert {m for m in loaded.strip("[]").split(", ") if m in vendor_modules} == {"'reconciler.providers.unloc'"}
+
+
 def _vendor_words() -> re.Pattern[str]:
     words = {part for name in vendors.names() for part in re.split(r"[^a-z0-9]+", name) if len(part) > 2}
     words.discard("partner")

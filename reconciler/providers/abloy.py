@@ -106,8 +106,8 @@ class AbloySettings(VendorSettings):
 
 
 class AbloyProvider(Provider):
-    vendor = "abloy-keyless"
     capabilities = CAPABILITIES
+    vendor = CAPABILITIES.vendor       # its name, stated once here; registered under it in pyproject.toml
     default_url = "https://eu-api.keyless.assaabloy.com/administration"
     settings_model = AbloySettings
     simulator = "reconciler.sandbox.abloy:AbloySimulator"

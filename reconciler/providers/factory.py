@@ -25,7 +25,7 @@ from reconciler.secret import Secret
 SANDBOX_BASE = "https://sandbox.invalid"
 
 
-def capabilities() -> dict[str, Capabilities]:
+def capabilities() -> Mapping[str, Capabilities]:
     """vendor → what it can express (with its production URL), for the policy checks."""
     return vendors.capabilities()
 
@@ -34,7 +34,9 @@ def build_provider(system: Any, state: StateStore, *, sandbox_dir: Path, clock: 
                    transport: httpx.BaseTransport | None = None, **options: Any) -> Provider:
     """`system` is a policy `SystemConfig` (name, vendor, url, credentials, settings). `clock` is the
     session's: the provider and an embedded simulator both run on it, so `--now` moves the vendor too."""
-    vendor = vendors.vendors()[system.vendor]
+    vendor = vendors.get(system.vendor)
+    if vendor is None:
+        raise vendors.RegistryError(f"vendor {system.vendor} is not registered")   # validate says so first
     cls: type[Provider] = vendor.provider
     url, credentials = system.url, dict(system.credentials)
     if url == "sandbox":

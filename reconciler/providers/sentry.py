@@ -119,8 +119,8 @@ def __getattr__(name: str) -> Any:
 
 
 class SentryProvider(Provider):
-    vendor = "sentry"
     capabilities = CAPABILITIES
+    vendor = CAPABILITIES.vendor       # its name, stated once here; registered under it in pyproject.toml
     default_url = "https://api.doordeck.com"
     simulator = "reconciler.sandbox.sentry:SentrySimulator"
     credential_variables: ClassVar[Mapping[str, str]] = {"email": "SENTRY_EMAIL", "password": "SENTRY_PASSWORD"}

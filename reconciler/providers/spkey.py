@@ -112,8 +112,8 @@ def describe_error(response: httpx.Response) -> str:
 
 
 class SpkeyProvider(Provider):
-    vendor = "spkey"
     capabilities = CAPABILITIES
+    vendor = CAPABILITIES.vendor       # its name, stated once here; registered under it in pyproject.toml
     default_url = "https://api.spkey.co"
     simulator = "reconciler.sandbox.spkey:SpkeySimulator"
     credential_variables: ClassVar[Mapping[str, str]] = {"api_key": "SPKEY_API_KEY"}

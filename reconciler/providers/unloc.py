@@ -110,8 +110,8 @@ class UnlocSettings(VendorSettings):
 
 
 class UnlocProvider(Provider):
-    vendor = "unloc"
     capabilities = CAPABILITIES
+    vendor = CAPABILITIES.vendor       # its name, stated once here; registered under it in pyproject.toml
     default_url = "https://api.unloc.app"
     settings_model = UnlocSettings
     simulator = "reconciler.sandbox.unloc:UnlocSimulator"

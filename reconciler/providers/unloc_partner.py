@@ -121,8 +121,8 @@ class UnlocPartnerSettings(VendorSettings):
 
 
 class UnlocPartnerProvider(Provider):
-    vendor = "unloc-partner"
     capabilities = CAPABILITIES
+    vendor = CAPABILITIES.vendor       # its name, stated once here; registered under it in pyproject.toml
     default_url = "https://api.unloc.app"
     settings_model = UnlocPartnerSettings
     simulator = "reconciler.sandbox.unloc_partner:UnlocPartnerSimulator"

@@ -44,10 +44,10 @@ class ToySettings(VendorSettings):
 
 
 class ToyProvider(Provider):
-    vendor = "toy"
     capabilities = Capabilities(vendor="toy", grant_kind=Kind.KEY, needs_email=True, open_ended=True,
                                 immutable_grants=True, creates_devices=False, device_fields=frozenset(),
                                 device_id_pattern=r"lock-[0-9]+", credentials=frozenset({"token"}))
+    vendor = capabilities.vendor
     default_url = "https://api.toy.invalid"
     settings_model = ToySettings
     simulator = "toy_vendor:ToySimulator"
