@@ -1,9 +1,9 @@
 """Read policy YAML files with positions, and find the `file:line:col` of any node in them.
 
 `load_policy` calls `read_documents` on a directory (every `*.yaml`/`*.yml` below it, recursively, in sorted
-order) or on a single file. A file is composed by PyYAML's C parser (libyaml), which keeps the line and column
-of every node, and the tree is built from those nodes with the YAML 1.2 core schema ruamel.yaml applies in
-round-trip mode: `Map` and `Seq` are a dict and a list that remember where each key, value and item sits.
+order) or on a single file. A file is read from the event stream of PyYAML's C parser (libyaml), whose events
+carry the line and column of every node, and the tree is built from those events with the YAML 1.2 core schema
+ruamel.yaml applies in round-trip mode: `Map` and `Seq` are a dict and a list that remember where each key, value and item sits.
 A file the fast path does not handle exactly as ruamel.yaml would (any syntax error, a tag, an anchor or
 alias, a merge key, a duplicate key, a complex key, nesting beyond the bound, tabs, YAML 1.1 line breaks) is
 parsed again with ruamel.yaml, whose result and messages are the reference; only such files pay for it.
@@ -254,102 +254,105 @@ _CONSTRUCT = {"bool": _bool, "float": _float, "int": _int, "null": lambda value:
 
 
 def parse_text(text: str) -> Any:
-    """The tree of one YAML document, through libyaml; `_Fallback` when ruamel.yaml must judge the file."""
+    """The tree of one YAML document, read from libyaml's event stream (never holding a node tree: a node and
+    two marks per scalar would cost more memory than the tree itself); `_Fallback` when ruamel.yaml must judge
+    the file."""
     import yaml
 
     if not getattr(yaml, "__with_libyaml__", False):
         raise _Fallback           # a PyYAML built without libyaml: the pure-Python parser would be no faster
     if any(char in text for char in _DIFFERENT) or text.startswith("%") or "\n%" in text:
         raise _Fallback
-    composer = _composer()(text)
+    from yaml._yaml import CParser
+
+    parser = CParser(text)
     try:
-        node = composer.get_single_node()
-    except (yaml.YAMLError, RecursionError) as exc:
-        raise _Fallback from exc
-    finally:
-        composer.dispose()
-    if node is None:
-        return None
-    try:
-        return _Builder(text).build(node, 1)
+        return _build(parser)
     except _Fallback:
         raise
-    except Exception as exc:      # anything the fast path did not foresee: ruamel.yaml's answer is the reference
+    except Exception as exc:      # a syntax error, or anything the fast path did not foresee: ruamel.yaml judges
         raise _Fallback from exc
+    finally:
+        parser.dispose()
 
 
-_COMPOSER: Any = None
+_NO_KEY = object()
 
 
-def _composer() -> Any:
-    """libyaml's composer (PyYAML's `CParser`) without PyYAML's YAML 1.1 tag resolution, which would cost a
-    Python call per scalar: tags are resolved by the YAML 1.2 core schema above, explicit ones by ruamel.yaml."""
-    global _COMPOSER
-    if _COMPOSER is None:
-        from yaml._yaml import CParser
+def _build(parser: Any) -> Any:
+    """Build `Map`/`Seq`/scalars from the events of one document, refusing (`_Fallback`) what only ruamel.yaml
+    judges: tags, anchors and aliases, complex or duplicate keys, merge keys, nesting beyond the bound, a second
+    document."""
+    from yaml.events import (
+        DocumentEndEvent,
+        DocumentStartEvent,
+        MappingEndEvent,
+        MappingStartEvent,
+        ScalarEvent,
+        SequenceEndEvent,
+        SequenceStartEvent,
+        StreamEndEvent,
+        StreamStartEvent,
+    )
 
-        class Composer(CParser):  # type: ignore[misc]
-            def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
-                return ""
-
-            def descend_resolver(self, parent: Any, index: Any) -> None:
-                return None
-
-            def ascend_resolver(self) -> None:
-                return None
-
-        _COMPOSER = Composer
-    return _COMPOSER
-
-
-class _Builder:
-    """Builds `Map`/`Seq`/scalars from composed nodes, refusing (`_Fallback`) what only ruamel.yaml judges."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.scalars: dict[str, Any] = {}
-
-    def scalar(self, node: Any) -> Any:
-        if node.style:                        # quoted or block (libyaml gives "" for plain): a string
-            return node.value
-        value = node.value
-        try:
-            return self.scalars[value]
-        except KeyError:
-            built = self.scalars[value] = plain_scalar(value)
-            return built
-
-    def build(self, node: Any, depth: int) -> Any:
-        mark = node.start_mark
-        if self.text[mark.index:mark.index + 1] in ("!", "&", "*"):   # a tag, an anchor or an alias
+    scalars: dict[str, Any] = {}
+    # Open collections: [container, key waiting for its value (or _NO_KEY), that key's position].
+    stack: list[list[Any]] = []
+    root: Any = None
+    documents = 0
+    get_event = parser.get_event
+    while True:
+        event = get_event()
+        kind = type(event)
+        if kind is ScalarEvent:
+            if event.anchor is not None or event.tag is not None:
+                raise _Fallback
+            value: Any = event.value
+            if not event.style:                    # plain (libyaml gives "" for plain): resolve by the schema
+                try:
+                    value = scalars[value]
+                except KeyError:
+                    value = scalars[value] = plain_scalar(value)
+            container = None
+        elif kind is MappingStartEvent or kind is SequenceStartEvent:
+            if event.anchor is not None or event.tag is not None or len(stack) >= bounds.MAX_DEPTH:
+                raise _Fallback
+            mark = event.start_mark
+            container = value = (Map if kind is MappingStartEvent else Seq)(mark.line, mark.column)
+        elif kind is MappingEndEvent or kind is SequenceEndEvent:
+            stack.pop()
+            continue
+        elif kind is DocumentStartEvent:
+            documents += 1
+            if documents > 1:
+                raise _Fallback                    # several documents: ruamel.yaml says so
+            continue
+        elif kind is StreamEndEvent:
+            return root
+        elif kind is StreamStartEvent or kind is DocumentEndEvent:
+            continue
+        else:                                      # an alias
             raise _Fallback
-        kind = node.id
-        if kind == "scalar":
-            return self.scalar(node)
-        if depth > bounds.MAX_DEPTH:
-            raise _Fallback
-        text = self.text
-        if kind == "mapping":
-            mapping = Map(mark.line, mark.column)
-            places = mapping.places
-            for key_node, value_node in node.value:
-                key_mark = key_node.start_mark
-                if key_node.id != "scalar" or text[key_mark.index:key_mark.index + 1] in ("!", "&", "*", "<"):
-                    raise _Fallback
-                key = self.scalar(key_node)
-                if key in mapping:
-                    raise _Fallback              # a duplicate key: ruamel.yaml says it, with its place
-                value_mark = value_node.start_mark
-                mapping[key] = self.build(value_node, depth + 1)
-                places[key] = ((key_mark.line, key_mark.column), (value_mark.line, value_mark.column))
-            return mapping
-        sequence = Seq(mark.line, mark.column)
-        item_places = sequence.places
-        for item in node.value:
-            item_mark = item.start_mark
-            sequence.append(self.build(item, depth + 1))
-            item_places.append((item_mark.line, item_mark.column))
-        return sequence
+        mark = event.start_mark
+        if not stack:
+            root = value
+        else:
+            top = stack[-1]
+            parent = top[0]
+            if type(parent) is Seq:
+                parent.append(value)
+                parent.places.append((mark.line, mark.column))
+            elif top[1] is _NO_KEY:
+                if container is not None or value in parent or (type(value) is str and value.startswith("<")):
+                    raise _Fallback                # a complex, duplicate or merge-like key
+                top[1], top[2] = value, (mark.line, mark.column)
+            else:
+                key = top[1]
+                parent[key] = value
+                parent.places[key] = (top[2], (mark.line, mark.column))
+                top[1] = _NO_KEY
+        if container is not None:
+            stack.append([container, _NO_KEY, None])
 
 
 # -------------------------------------------------------------------------------------- the reference path
