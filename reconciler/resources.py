@@ -263,7 +263,8 @@ class Capabilities:
     max_associations: int = 0
     temp_keys: bool = False
     creates_devices: bool = False                      # False: a device entry needs `id` (adopt)
-    device_fields: frozenset[str] = frozenset({"name"})  # optional device fields besides system/id
+    device_fields: frozenset[str] = frozenset({"name"})  # optional device fields besides system/id (shorthand
+                                                         # for the device schema, read from it when declared)
     device_id_pattern: str | None = None               # regex an adopted id must match
     mobile_key: bool = False
     needs_phone: bool = False                          # grants go to the user's phone
@@ -289,6 +290,12 @@ class Capabilities:
 
     def __post_init__(self) -> None:
         schemas = dict(self.attributes)
+        if Kind.DEVICE in schemas:
+            object.__setattr__(self, "device_fields", frozenset(schemas[Kind.DEVICE].attributes))
+        else:
+            order = [*(f for f in DEVICE_FIELD_TYPES if f in self.device_fields),
+                     *sorted(self.device_fields - DEVICE_FIELD_TYPES.keys())]
+            schemas[Kind.DEVICE] = KindSchema({f: Attribute(DEVICE_FIELD_TYPES.get(f, str)) for f in order})
         if self.grant_kind != Kind.TEMP_KEY:
             grant = schemas.get(self.grant_kind)
             if grant is None:
@@ -334,6 +341,8 @@ class Capabilities:
 # The defaults the shorthand flags give (explicit schemas state their own).
 DEFAULT_KEY_VALIDITY = "P8D"
 DEFAULT_ROLE = "USER"
+# The types of the device fields `device_fields` may name, in the order a device's attributes are built.
+DEVICE_FIELD_TYPES: dict[str, type] = {"name": str, "favourite": bool, "colour": str, "unlock_duration": int}
 
 
 def digest(value: Any) -> str:

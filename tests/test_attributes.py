@@ -153,6 +153,23 @@ def test_a_new_field_is_diffed_replaced_rendered_and_exported(tmp_path: Path, pi
     assert [e.get("pin_required") for e in entries] == [None, True]
 
 
+def test_device_fields_come_from_the_device_schema(tmp_path: Path) -> None:
+    """A device field is accepted where the vendor's device schema declares it, and expanded from it."""
+    cabins = dataclasses.replace(UNLOC_PARTNER, attributes={
+        **UNLOC_PARTNER.attributes, Kind.DEVICE: KindSchema({"favourite": Attribute(bool, default=False)})})
+    assert cabins.device_fields == frozenset({"favourite"}) and not UNLOC_PARTNER.device_fields
+    (tmp_path / "systems.yaml").write_text(SYSTEMS.replace('id: "danalock-00:00:00:00:00:01"}',
+                                                           'id: "danalock-00:00:00:00:00:01", favourite: true}'))
+    capabilities = {c.vendor: c for c in (SentryProvider.capabilities, cabins)}
+    devices = {r.name: r for r in load_policy(tmp_path, capabilities, {}).resources if r.kind == Kind.DEVICE}
+    assert dict(devices["cabin"].attributes) == {"favourite": True}
+    assert dict(devices["front"].attributes) == {}          # adopted, nothing given: nothing to compare
+    with pytest.raises(PolicyError) as caught:
+        load_policy(tmp_path, {c.vendor: c for c in (SentryProvider.capabilities, UNLOC_PARTNER)}, {})
+    [line] = caught.value.lines()
+    assert line.endswith("systems.yaml:13:61: unloc-partner devices have no 'favourite'"), line
+
+
 # ------------------------------------------------------------------ one mechanism for "cannot change in place"
 
 def test_unloc_keys_are_immutable_so_any_change_replaces() -> None:

@@ -31,6 +31,7 @@ from .schema import (
     SystemConfig,
     SystemModel,
     _validate,
+    device_fields,
     did_you_mean,
     grant_fields,
 )
@@ -293,8 +294,9 @@ def _check_devices(declarations: Declarations, capabilities: Mapping[str, Capabi
         caps = capabilities_of(declarations, capabilities, device.system)
         if caps is None:
             continue
-        for key in ("name", "favourite", "colour", "unlock_duration"):
-            if entry.given(key) and key not in caps.device_fields:
+        schema = caps.schema(Kind.DEVICE)
+        for key in device_fields():
+            if entry.given(key) and key not in schema:
                 problems.append(Diagnostic(entry.place.at(key, at_key=True),
                                            f"{caps.vendor} devices have no '{key}'"))
         if device.id is None:

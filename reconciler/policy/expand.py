@@ -131,12 +131,13 @@ def _devices(declarations: Declarations, capabilities: Mapping[str, Capabilities
             attributes["name"] = device.name
         elif adopted is None:
             attributes["name"] = name  # a created device is named after its key; an adopted one keeps its name
-        if device.favourite is not None:
-            attributes["favourite"] = device.favourite
-        if device.colour is not None:
-            attributes["colour"] = device.colour.lower()
-        if device.unlock_duration is not None:
-            attributes["unlock_duration"] = device.unlock_duration
+        # The other fields the vendor's device schema declares: the policy's value, else its default.
+        for field, attribute in caps.schema(Kind.DEVICE).attributes.items():
+            value = getattr(device, field, None) if field != "name" else None
+            if value is None and attribute.has_default:
+                value = attribute.default
+            if value is not None:
+                attributes[field] = value
         resources.append(Resource(device.system, Kind.DEVICE, name, attributes, id=adopted,
                                   status=Status.ABSENT if device.decommission else Status.PRESENT,
                                   source=entry.place.source, schema=caps.schema(Kind.DEVICE)))

@@ -213,14 +213,24 @@ class UserModel(_Model):
         return normalise_phone(value)
 
 
+@dataclass(frozen=True)
+class DeviceField:
+    """Marks a device field that becomes an attribute of the device on vendors whose device schema
+    (`Capabilities.schema("device")`) declares it; elsewhere giving it is an error at its key."""
+
+
+DEVICE_FIELD = DeviceField()
+
+
 class DeviceModel(_Model):
     system: str
-    name: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    name: Annotated[str | None, Field(min_length=1, max_length=255), DEVICE_FIELD] = None
     id: str | int | None = None
     decommission: bool = False
-    favourite: bool | None = None
-    colour: str | None = None
-    unlock_duration: Annotated[int, Field(ge=1, le=3600)] | None = None   # seconds the lock stays open (where device_fields has it)
+    favourite: Annotated[bool | None, DEVICE_FIELD] = None
+    colour: Annotated[str | None, DEVICE_FIELD] = None
+    # seconds the lock stays open
+    unlock_duration: Annotated[int | None, Field(ge=1, le=3600), DEVICE_FIELD] = None
 
     @field_validator("id", mode="before")
     @classmethod
@@ -238,7 +248,7 @@ class DeviceModel(_Model):
             raise ValueError('colour is empty: quote it, e.g. "#2266aa" (unquoted, # starts a YAML comment)')
         if isinstance(value, str) and not COLOUR_RE.match(value):
             raise ValueError(f"'{value}' is not a colour: write #rrggbb")
-        return value
+        return value.lower() if isinstance(value, str) else value
 
 
 class GatewayModel(_Model):
@@ -321,6 +331,12 @@ class TempKeyModel(_Model):
     @classmethod
     def _instants(cls, value: Any, info: ValidationInfo) -> Any:
         return _instant(value, info.field_name or "")
+
+
+def device_fields() -> tuple[str, ...]:
+    """The device fields that become device attributes, in declaration order."""
+    return tuple(name for name, info in DeviceModel.model_fields.items()
+                 if any(isinstance(mark, DeviceField) for mark in info.metadata))
 
 
 def grant_fields() -> dict[str, GrantField]:
