@@ -43,12 +43,12 @@ def export_system(session: run.Session, system: str) -> str:
             raise ReconcilerError("; ".join(second.errors))
         live = second.resources
         fields = provider.capabilities.device_fields
-        grant_schema = provider.capabilities.grant_schema
+        schemas = provider.capabilities.grant_schema, provider.capabilities.schema(Kind.TEMP_KEY)
     finally:
         for each in providers.values():
             each.close()
     return _to_yaml(system, config.vendor, [r for r in adopted if r.address not in known], keys, live, fields,
-                    grant_schema)
+                    *schemas)
 
 
 def _flow(items: Any) -> CommentedSeq:
@@ -115,7 +115,7 @@ def _person(token: str, users: CommentedMap, taken: set[str], meta: Any = None) 
 
 
 def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, str], live: list[Resource],
-             device_fields: frozenset[str], grant_schema: KindSchema) -> str:
+             device_fields: frozenset[str], grant_schema: KindSchema, temp_key_schema: KindSchema) -> str:
     users, devices, gateways = CommentedMap(), CommentedMap(), CommentedMap()
     taken = {r.name for r in adopted}
     for resource in sorted(adopted, key=lambda r: r.name):
@@ -152,7 +152,7 @@ def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, 
     grants = [r for r in live if r.kind in GRANT_KINDS and r.kind != Kind.TEMP_KEY]
     permissions, groups, schedules = _permissions(grants, users, taken, grant_schema)
     device_of = {r.id: r.name for r in live if r.kind == Kind.DEVICE and r.id}
-    temp_keys = _temp_keys([r for r in live if r.kind == Kind.TEMP_KEY], users, taken, device_of)
+    temp_keys = _temp_keys([r for r in live if r.kind == Kind.TEMP_KEY], users, taken, device_of, temp_key_schema)
     document = CommentedMap()
     for name, section in (("users", users), ("groups", groups), ("devices", devices), ("gateways", gateways),
                           ("schedules", schedules), ("permissions", permissions), ("temp_keys", temp_keys)):
@@ -239,7 +239,8 @@ def _schedule_spans(schedule: list[dict[str, str]]) -> CommentedSeq:
     return spans
 
 
-def _temp_keys(keys: list[Resource], users: CommentedMap, taken: set[str], device_of: dict[str, str]
+def _temp_keys(keys: list[Resource], users: CommentedMap, taken: set[str], device_of: dict[str, str],
+               schema: KindSchema
                ) -> CommentedMap:
     section = CommentedMap()
     emails = {v.get("email"): k for k, v in users.items() if isinstance(v, dict) and v.get("email")}
@@ -256,8 +257,8 @@ def _temp_keys(keys: list[Resource], users: CommentedMap, taken: set[str], devic
             holders.append(emails[email])
         if holders:
             entry["users"] = _flow(holders)
-        for field in ("start", "end", "max_uses", "description"):
-            if attrs.get(field) is not None:
+        for field, attribute in schema.attributes.items():     # what the vendor's temp keys have, in order
+            if field not in ("access", "users") and attribute.compared and attrs.get(field) is not None:
                 entry[field] = attrs[field]
         section[key.name if not key.name.startswith("id:") else _unique(f"key-{key.name[3:11]}", taken)] = entry
     return section

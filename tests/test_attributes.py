@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
+from ruamel.yaml.comments import CommentedMap
 
 from reconciler.errors import PolicyError
-from reconciler.export import _permissions
+from reconciler.export import _permissions, _temp_keys
 from reconciler.plan import Action
 from reconciler.planner import plan
 from reconciler.policy import load_policy, schema
@@ -168,6 +169,29 @@ def test_device_fields_come_from_the_device_schema(tmp_path: Path) -> None:
         load_policy(tmp_path, {c.vendor: c for c in (SentryProvider.capabilities, UNLOC_PARTNER)}, {})
     [line] = caught.value.lines()
     assert line.endswith("systems.yaml:13:61: unloc-partner devices have no 'favourite'"), line
+
+
+def test_export_leaves_out_each_vendors_defaults() -> None:
+    def exported(schema_: KindSchema, kind: str, **attributes: Any) -> dict[str, Any]:
+        grant = Resource("s", kind, "alice/front", {"start": None, "end": "2027-01-01T00:00:00Z", **attributes})
+        [entry] = _permissions([grant], {}, set(), schema_)[0]
+        return {k: v for k, v in entry.items() if k not in ("users", "devices")}
+    end = {"end": "2027-01-01T00:00:00Z"}
+    assert exported(ABLOY.grant_schema, Kind.PERMISSION, key_validity="P8D") == end
+    assert exported(ABLOY.grant_schema, Kind.PERMISSION, key_validity="P3D") == {**end, "key_validity": "P3D"}
+    sentry = SentryProvider.capabilities.grant_schema
+    assert exported(sentry, Kind.SHARE, role="USER") == end
+    assert exported(sentry, Kind.SHARE, role="ADMIN") == {**end, "role": "ADMIN"}
+
+
+def test_export_writes_the_temp_key_fields_of_the_schema_in_its_order() -> None:
+    key = Resource("s", Kind.TEMP_KEY, "guest", {"access": "public", "users": [], "start": "2026-12-01T00:00:00Z",
+                                                 "end": "2026-12-02T00:00:00Z", "max_uses": None,
+                                                 "description": "Door"}, meta={"device": "front"})
+    section = _temp_keys([key], CommentedMap(), set(), {}, SPKEY.schema(Kind.TEMP_KEY))
+    assert list(section["guest"].items()) == [("device", "front"), ("access", "public"),
+                                              ("start", "2026-12-01T00:00:00Z"), ("end", "2026-12-02T00:00:00Z"),
+                                              ("description", "Door")]
 
 
 # ------------------------------------------------------------------ one mechanism for "cannot change in place"
