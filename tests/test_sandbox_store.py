@@ -348,3 +348,37 @@ def test_the_unloc_key_list_pages_by_id_from_the_index(tmp_path: Path) -> None:
             params["startAfterId"] = body["startAfterId"]
     api_keys = sorted(k["id"] for k in sim.state["keys"].values() if k["_origin"] == "api")
     assert seen == api_keys and set(made) <= set(seen)
+
+
+def test_unloc_keys_move_on_by_the_clock_from_an_agenda_not_a_scan() -> None:
+    from datetime import timedelta
+
+    clock = [NOW]
+    sim = UnlocSimulator(clock=lambda: clock[0])
+    lock = next(iter(sim.state["locks"]))
+    rng = random.Random(7)
+    made = {}
+    for n in range(300):
+        start = NOW + timedelta(seconds=rng.randrange(-50, 400))
+        end = None if n % 5 == 0 else start + timedelta(seconds=rng.randrange(1, 400))
+        made[sim.add_key(lock, f"+4791{n:06d}", start=start, end=end, via="api", state="creating")] = (start, end)
+    revoked = set(list(made)[::17])
+    for key_id in revoked:
+        sim.state["keys"][key_id]["state"] = "revoked"
+        sim.mark_changed("keys", key_id)
+    settle = NOW + sim.creation_delay
+
+    def expected(key_id: str, at) -> str:
+        start, end = made[key_id]
+        if key_id in revoked:
+            return "revoked"
+        if at < settle:
+            return "creating"
+        if at < start:
+            return "scheduled"
+        return "expired" if end is not None and at >= end else "active"
+
+    for step in range(0, 900, 7):
+        clock[0] = NOW + timedelta(seconds=step)
+        states = {k["id"]: k["state"] for k in sim.keys() if k["id"] in made}
+        assert states == {key_id: expected(key_id, clock[0]) for key_id in made}, step

@@ -36,6 +36,7 @@ Where the vendor documents are silent, this module decides (and the clients must
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import logging
 import re
@@ -114,6 +115,26 @@ SEED_LOCKS: dict[str, str] = {
 # A key nobody's policy declares (made by an earlier integration), so the first plan has one to revoke.
 SEED_KEY_ID = _seed_id("key/former-caretaker")
 SEED_KEY_PHONE = "+523377360555"
+
+
+def _state_at(key: dict[str, Any], now: float) -> str:
+    """The state a key has reached by `now` on its own (creating → scheduled → active → expired)."""
+    state = key["state"]
+    if state == "creating":
+        if now < key["_settleAt"]:
+            return state
+        state = "scheduled"
+    if state == "scheduled" and now >= key["_startTs"]:
+        state = "active"
+    if state == "active" and key["_endTs"] is not None and now >= key["_endTs"]:
+        state = "expired"
+    return state
+
+
+def _next_change(key: dict[str, Any]) -> float | None:
+    """When the key may next change state on its own; None: never (revoked, expired, error, no end)."""
+    return {"creating": key["_settleAt"], "scheduled": key["_startTs"],
+            "active": key["_endTs"]}.get(key["state"])
 
 
 def _by_id(record: dict[str, Any]) -> str:
@@ -235,7 +256,10 @@ class UnlocSimulator(Simulator):
         self.token_ttl = token_ttl
         self.creation_delay = creation_delay
         self._seed = seed
-        self._due = float("-inf")     # the earliest moment a key may change state by itself
+        # When each key may next change state by itself: a heap of (moment, key id), and the moment each
+        # key is due (entries that disagree with it are stale). None: rebuilt from the keys when needed.
+        self._agenda: list[tuple[float, str]] | None = None
+        self._due_at: dict[str, float] = {}
         super().__init__(store_path, clock=clock, rate_limit=rate_limit, base_path=base_path,
                          monotonic=monotonic)
 
@@ -264,7 +288,7 @@ class UnlocSimulator(Simulator):
         return state
 
     def load_state(self, data: dict[str, Any]) -> dict[str, Any]:
-        self._due = float("-inf")     # another process may have written keys
+        self._agenda = None           # another process may have written keys
         return data
 
     def _next_id(self, table: str) -> tuple[str, int]:
@@ -275,33 +299,36 @@ class UnlocSimulator(Simulator):
 
     def _maintain(self) -> None:
         """Keys move on by themselves (creating → scheduled → active → expired), by the simulator clock.
-        Done lazily before each request; the scan runs only once something may be due."""
+        Done lazily before each request, for the keys that are due only (an agenda, not a scan of every key)."""
         now = self.now().timestamp()
-        if now < self._due:
-            return
-        due = float("inf")
-        for key in self.state["keys"].values():
-            state = key["state"]
-            if state == "creating":
-                if now < key["_settleAt"]:
-                    due = min(due, key["_settleAt"])
-                    continue
-                state = "scheduled"
-            if state == "scheduled":
-                if now < key["_startTs"]:
-                    due = min(due, key["_startTs"])
-                else:
-                    state = "active"
-            if state == "active":
-                if key["_endTs"] is not None and now >= key["_endTs"]:
-                    state = "expired"
-                elif key["_endTs"] is not None:
-                    due = min(due, key["_endTs"])
+        if self._agenda is None:
+            self._due_at = {}
+            self._agenda = []
+            for key in self.state["keys"].values():
+                due = _next_change(key)
+                if due is not None:
+                    self._due_at[key["id"]] = due
+                    self._agenda.append((due, key["id"]))
+            heapq.heapify(self._agenda)
+        agenda = self._agenda
+        while agenda and agenda[0][0] <= now:
+            due, key_id = heapq.heappop(agenda)
+            key = self.state["keys"].get(key_id)
+            if key is None or self._due_at.get(key_id) != due:
+                continue                # deleted, or rescheduled since
+            del self._due_at[key_id]
+            state = _state_at(key, now)
             if state != key["state"]:
                 logger.debug("sandbox unloc key state key=%s from=%s to=%s", key["id"], key["state"], state)
                 key["state"] = state
                 self.mark_changed("keys", key["id"])
-        self._due = due
+            self._schedule(key_id, _next_change(key))
+
+    def _schedule(self, key_id: str, due: float | None) -> None:
+        if due is None or self._agenda is None or self._due_at.get(key_id) == due:
+            return
+        self._due_at[key_id] = due
+        heapq.heappush(self._agenda, (due, key_id))
 
     # ------------------------------------------------------------------------------------ HTTP
     def render_error(self, error: SimulatorError) -> httpx.Response:
@@ -456,7 +483,7 @@ class UnlocSimulator(Simulator):
         if recurrence is not None:
             key["recurrence"] = recurrence
         self.state["keys"][key_id] = key
-        self._due = min(self._due, key["_settleAt"] if state == "creating" else now.timestamp())
+        self._schedule(key_id, key["_settleAt"] if state == "creating" else now.timestamp())
         self.mark_changed("keys", key_id)
         return key
 
@@ -520,7 +547,7 @@ class UnlocSimulator(Simulator):
                 if key["state"] == "creating":
                     key["_settleAt"] = now
                     self.mark_changed("keys", key["id"])
-            self._due = float("-inf")
+            self._agenda = None
             self._maintain()
 
     def add_key(self, lock_id: str, phone: str, *, start: datetime | None = None, end: datetime | None = None,
