@@ -380,6 +380,12 @@ class LogStore:
             os.close(self._fd)
             self._fd = None
 
+    def __del__(self) -> None:      # a raw descriptor: nothing else would close it
+        try:
+            self.close()
+        except OSError:
+            pass
+
 
 def read_store(path: Path) -> dict[str, Any]:
     """The state a store file holds, read without locking or writing (tests, inspection)."""
