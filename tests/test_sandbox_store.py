@@ -382,3 +382,24 @@ def test_unloc_keys_move_on_by_the_clock_from_an_agenda_not_a_scan() -> None:
         clock[0] = NOW + timedelta(seconds=step)
         states = {k["id"]: k["state"] for k in sim.keys() if k["id"] in made}
         assert states == {key_id: expected(key_id, clock[0]) for key_id in made}, step
+
+
+def test_sandbox_serve_restarted_serves_what_it_held_and_more(tmp_path: Path) -> None:
+    from conftest import serve_sandboxes
+
+    @contextlib.contextmanager
+    def served_client(url: str, credentials: dict[str, str]) -> Iterator[httpx.Client]:
+        with httpx.Client(base_url=f"{url}/abloy-keyless",
+                          headers={"X-Api-Key": credentials["ABLOY_API_KEY"], "Accept": MEDIA_TYPE}) as client:
+            token = client.post("/login", json={"userId": credentials["ABLOY_USER_ID"],
+                                                "accessKey": credentials["ABLOY_ACCESS_KEY"]}).json()["token"]
+            client.headers["Authorization"] = f"Bearer {token}"
+            yield client
+
+    with serve_sandboxes(tmp_path) as served, served_client(*served) as client:
+        before = all_ids(client, "/user")
+        made = [client.post("/user", json={"role": "USER"}).json()["id"] for _ in range(3)]
+    with serve_sandboxes(tmp_path) as served, served_client(*served) as client:
+        assert all_ids(client, "/user") == before + made
+        more = client.post("/user", json={"role": "USER"}).json()["id"]
+        assert all_ids(client, "/user") == before + made + [more]
