@@ -204,6 +204,11 @@ class SpkeySimulator(Simulator):
 
     routes: ClassVar[tuple[Route, ...]] = ROUTES
     store_format, store_version = STORE_FORMAT, STORE_VERSION
+    _emails: dict[str, str] | None = None   # email → user uuid, built from the users when first needed
+
+    def load_state(self, data: dict[str, Any]) -> dict[str, Any]:
+        self._emails = None                 # another process may have added users
+        return data
 
     # ------------------------------------------------------------------------------------ store
     def new_state(self) -> dict[str, Any]:
@@ -425,7 +430,11 @@ class SpkeySimulator(Simulator):
         if search_only not in ("true", "false"):
             return json_response(400, {"error": "Query parameter searchOnly must be true or false"})
         wanted = email.lower()
-        found = next((u for u in self.state["users"].values() if u["email"] == wanted), None)
+        if self._emails is None:
+            self._emails = {}
+            for known in self.state["users"].values():
+                self._emails.setdefault(known["email"], known["uuid"])
+        found = self.state["users"].get(self._emails.get(wanted, ""))
         if found is not None:
             return json_response(200, dict(found))
         if search_only == "true":
@@ -437,6 +446,7 @@ class SpkeySimulator(Simulator):
         user = {"uuid": user_uuid, "email": wanted, "created_at": self._stamp()}
         self.state["users"][user_uuid] = user
         self.mark_changed("users", user_uuid)
+        self._emails[wanted] = user_uuid
         return json_response(200, dict(user))
 
     # ------------------------------------------------------------------------------- admin hooks
