@@ -257,6 +257,18 @@ def test_a_deleted_store_is_written_again_on_the_next_start(tmp_path: Path) -> N
     assert SpkeySimulator(store, clock=lambda: NOW).state == read_store(store)
 
 
+def test_a_store_deleted_under_a_running_simulator_is_written_whole_on_its_next_change(tmp_path: Path) -> None:
+    store = tmp_path / "hq.json"
+    sim = AbloySimulator(store, clock=lambda: NOW)
+    with client_for(sim) as client:
+        kept = client.post("/user", json={"role": "USER"}).json()["id"]
+        store.unlink()
+        assert client.get(f"/user/{kept}").status_code == 200          # still served from memory
+        added = client.post("/user", json={"role": "USER"}).json()["id"]
+    assert {kept, added} <= set(AbloySimulator(store, clock=lambda: NOW).state["users"])
+    assert read_store(store) == json.loads(json.dumps(sim.state))
+
+
 def test_log_store_creation_is_atomic(tmp_path: Path) -> None:
     path = tmp_path / "x.json"
     first = LogStore(path, "f", 1).open(lambda: {"n": 1})

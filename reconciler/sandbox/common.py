@@ -247,10 +247,8 @@ class LogStore:
                 st = os.stat(self.path)
             except FileNotFoundError:
                 st = None
-            if st is not None and (st.st_dev, st.st_ino) == self._ino:
-                return
-            if st is None:          # deleted under us (to start over): keep serving what we hold
-                self._orphaned = True
+            self._orphaned = st is None     # deleted under us: the next write puts back what we hold
+            if st is None or (st.st_dev, st.st_ino) == self._ino:
                 return
             self._reopen()          # replaced by a compaction elsewhere: the new file is the store
 
@@ -260,6 +258,11 @@ class LogStore:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     _orphaned = False
+
+    @property
+    def orphaned(self) -> bool:
+        """Whether the file was deleted under us (found by `lock`): write it whole again."""
+        return self._orphaned
 
     # --- reading
     def _read_from(self, offset: int) -> bytes:
@@ -980,7 +983,7 @@ class Simulator:
         if not self._changes and not scalar_ops:
             return
         if self._store is not None:
-            if self._changes.everything or self._store.should_compact(self._records()):
+            if self._changes.everything or self._store.orphaned or self._store.should_compact(self._records()):
                 self._store.rewrite(self.state)
             else:
                 self._store.append(self._changes.ops(self.state) + scalar_ops)
