@@ -2,7 +2,7 @@
 
 Every `<Vendor>Simulator` subclasses `Simulator`, which owns the request workflow: routing against the
 vendor's one endpoint table, the request log, fault injection, the rate limit, one lock around the store
-and persistence to a JSON file. The vendor module keeps its endpoint table, its authentication, its error
+and persistence to an append-only log (`LogStore`), with sorted views for paging (`SortedView`). The vendor module keeps its endpoint table, its authentication, its error
 format and its handlers. Tests call `Simulator.handle` through `httpx.MockTransport`; `sandbox.server`
 calls it for requests arriving over sockets. Nothing in the core imports this package.
 
