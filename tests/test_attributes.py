@@ -280,7 +280,7 @@ def test_every_meta_key_read_in_the_package_is_declared() -> None:
     package = Path(__file__).resolve().parent.parent / "reconciler"
     read = set()
     for path in package.rglob("*.py"):
-        if "sandbox" in path.parts:
+        if "sandbox" in path.relative_to(package).parts:
             continue
         read |= set(re.findall(r"\bmeta(?:\.get\(|\[)\"([a-z_]+)\"", path.read_text(encoding="utf-8")))
     assert {"via", "uncertain", "phone", "email", "lock"} <= read        # the scan finds reads at all
