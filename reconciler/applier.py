@@ -10,6 +10,11 @@ dependants wait like those of a failed change.
 Interrupting: when `stop` is set (the CLI sets it on Ctrl-C), no new change starts; the ones in flight
 finish (their requests are bounded by the request timeout) and are journaled as usual, and the report
 lists what was applied, what is uncertain and what was not attempted.
+
+A programming error (a `KeyError`, a `TypeError`: anything but the tool's own `ReconcilerError`s) is not
+a vendor's failure: it stops the apply like an interrupt (nothing new is sent; what is in flight finishes
+and is journaled) and is reported with the change's address in `ApplyReport.internal`; the CLI says so in
+one line, with its own exit code, and re-raises it under `RECONCILER_DEBUG=1`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from reconciler.errors import RefusedError, StateError, VendorError
+from reconciler.errors import ReconcilerError, RefusedError, StateError, VendorError
 from reconciler.plan import Action, Change, Plan
 
 log = logging.getLogger(__name__)
@@ -48,18 +53,21 @@ class ApplyReport:
     failed: list[tuple[Change, str]] = field(default_factory=list)
     skipped: list[tuple[Change, str]] = field(default_factory=list)
     uncertain: list[tuple[Change, str]] = field(default_factory=list)   # may or may not have happened
+    internal: list[tuple[Change, BaseException]] = field(default_factory=list)   # a bug stopped the apply here
     interrupted: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.skipped and not self.uncertain and not self.interrupted
+        return not (self.failed or self.skipped or self.uncertain or self.internal or self.interrupted)
 
     def lines(self) -> list[str]:
         return [f"{c.address}: {_PAST[c.action]}" for c in self.done] + self.remaining()
 
     def remaining(self) -> list[str]:
         """What was not applied, and why: the work a re-run will do."""
-        lines = [f"{c.address}: UNCERTAIN whether it was {_PAST[c.action]}: {why}" for c, why in self.uncertain]
+        lines = [f"{c.address}: INTERNAL ERROR (a bug in reconciler) while trying to {c.action}: "
+                 f"{type(exc).__name__}: {exc}" for c, exc in self.internal]
+        lines += [f"{c.address}: UNCERTAIN whether it was {_PAST[c.action]}: {why}" for c, why in self.uncertain]
         lines += [f"{c.address}: FAILED to {c.action}: {why}" for c, why in self.failed]
         lines += [f"{c.address}: not applied ({why})" for c, why in self.skipped]
         return lines
@@ -68,6 +76,7 @@ class ApplyReport:
         if self.ok:
             return f"{len(self.done)} applied"
         return (("interrupted: " if self.interrupted else "")
+                + ("stopped by an internal error: " if self.internal else "")
                 + f"{len(self.done)} applied, {len(self.uncertain)} uncertain, {len(self.failed)} failed, "
                 f"{len(self.skipped)} not attempted; run apply again to finish what remains"
                 + ("; it looks up what is uncertain before sending anything" if self.uncertain else ""))
@@ -108,8 +117,16 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
                                         thread_name_prefix=f"apply-{system}") for system in providers}
     def guarded(provider: Applies, batch: list[Change]) -> bool:
         if stop.is_set() or halted:
-            return False    # interrupted, or the state failed: nothing new is sent
-        provider.apply_batch(batch)
+            return False    # interrupted, the state failed or a bug was hit: nothing new is sent
+        try:
+            provider.apply_batch(batch)
+        except ReconcilerError:
+            raise
+        except Exception as exc:
+            # A bug: stop at once (not when the loop below reaches this unit), so that no other worker
+            # starts anything new.
+            halted.append(f"apply stopped by an internal error at {batch[0].address}: {type(exc).__name__}")
+            raise
         return True
 
     try:
@@ -144,7 +161,7 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
                         if on_change:
                             on_change(change, f"uncertain: {exc}")
                     continue
-                except Exception as exc:  # a failed change is reported, never lost
+                except ReconcilerError as exc:  # the tool's own errors: a failed change is reported, never lost
                     uncertain = is_uncertain(exc)
                     for change in batch:
                         (report.uncertain if uncertain else report.failed).append((change, str(exc)))
@@ -153,6 +170,15 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
                                     change.address, exc)
                         if on_change:
                             on_change(change, str(exc))
+                    continue
+                except Exception as exc:    # a programming error, not the vendor's: `guarded` stopped the apply
+                    for change in batch:
+                        report.internal.append((change, exc))
+                        broken.add(change.address)
+                        log.error("internal error; apply stops address=%s error=%s: %s", change.address,
+                                  type(exc).__name__, exc)
+                        if on_change:
+                            on_change(change, f"internal error: {type(exc).__name__}: {exc}")
                     continue
                 if not started:
                     why = INTERRUPTED if stop.is_set() or not halted else f"not attempted: {halted[0]}"

@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from reconciler import __version__
-from reconciler.errors import ApplyFailedError, Diagnostic, ExitCode, PolicyError, ReconcilerError, RefusedError
+from reconciler.errors import (
+    ApplyFailedError,
+    Diagnostic,
+    ExitCode,
+    InternalError,
+    PolicyError,
+    ReconcilerError,
+    RefusedError,
+)
 from reconciler.lazy import lazy_module
 from reconciler.state import default_state_path, is_database_url
 from reconciler.terminal import ApplyProgress, ReadProgress, color_wanted, colorize_plan, is_terminal
@@ -116,9 +124,9 @@ def _guard(func: Callable[[], int]) -> None:
     except Exception as exc:  # an internal error still gets one line, not a traceback
         if os.environ.get("RECONCILER_DEBUG"):
             raise
-        click.echo(f"internal error: {type(exc).__name__}: {exc} (set RECONCILER_DEBUG=1 for a traceback)",
-                   err=True)
-        code = ExitCode.ERROR
+        click.echo(printable(f"internal error: {type(exc).__name__}: {exc} (a bug in reconciler; set "
+                             "RECONCILER_DEBUG=1 for a traceback)"), err=True)
+        code = ExitCode.INTERNAL
     sys.exit(int(code))
 
 
@@ -364,6 +372,11 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
                                        "resolve them as each says, then run apply again",
                                        [f"remains: {n.address}: {n.message}" for n in uncertain])
             return ExitCode.OK
+        if report.internal:
+            change, error = report.internal[0]
+            if os.environ.get("RECONCILER_DEBUG"):
+                raise error     # with its traceback, from the worker that hit it
+            raise InternalError(change.address, error, [f"not applied: {line}" for line in report.remaining()])
         if not report.ok or uncertain:
             raise ApplyFailedError(f"apply incomplete: {report.summary()}",
                                    [f"not applied: {line}" for line in report.remaining()]

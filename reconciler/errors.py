@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     OK = 0
     ERROR = 1
     CHANGES = 2
+    INTERNAL = 3    # a bug in reconciler, not a policy or vendor problem
 
 
 @dataclass(frozen=True, order=True)
@@ -107,6 +108,24 @@ class ApplyFailedError(ReconcilerError):
     def __init__(self, message: str, report_lines: list[str]):
         self.report_lines = report_lines
         super().__init__(message)
+
+    def lines(self) -> list[str]:
+        return [*self.report_lines, str(self)]
+
+
+class InternalError(ReconcilerError):
+    """A programming error (a `KeyError`, say) stopped an apply at `address`: a bug, not a vendor's failure.
+    What was in flight finished and is journaled; `RECONCILER_DEBUG=1` re-raises `error` instead."""
+
+    exit_code = ExitCode.INTERNAL
+
+    def __init__(self, address: str, error: BaseException, report_lines: list[str]):
+        self.address = address
+        self.error = error
+        self.report_lines = report_lines
+        super().__init__(f"internal error at {address}: {type(error).__name__}: {error}; this is a bug in "
+                         "reconciler, not a vendor failure: the apply stopped and what was in flight is journaled "
+                         "(run with RECONCILER_DEBUG=1 for its traceback)")
 
     def lines(self) -> list[str]:
         return [*self.report_lines, str(self)]
