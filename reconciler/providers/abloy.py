@@ -23,9 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
+import httpx
+
 from reconciler.errors import VendorError
-from reconciler.providers.base import CreateGate, Event, Provider, ReadResult
-from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, Redactor, json_error, token_lifetime
+from reconciler.plan import Action
+from reconciler.providers.base import CreateGate, Event, HandlerTable, Provider, ReadResult
+from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, json_error, token_lifetime
 from reconciler.providers.settings import VendorSettings
 from reconciler.resources import (
     Attribute,
@@ -117,11 +120,6 @@ class AbloyProvider(Provider):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._secret = {k: v.reveal() for k, v in self.credentials.items()}
-        self.redactor = Redactor(self._secret.values())
-        self.http = HttpClient(
-            self.url, system=self.name, transport=self.transport, redactor=self.redactor,
-            headers={"Accept": MEDIA_TYPE, "X-Api-Key": self._secret["api_key"]},
-            authenticate=self._login, describe=describe_problem, sleep=self.sleep, monotonic=self.monotonic)
         self.live_ids: dict[str, set[str]] = {}
         self.invitation_validity = str(self.settings.get("invitation_validity") or INVITATION_VALIDITY)
         seconds = duration_seconds(self.invitation_validity)
@@ -130,8 +128,11 @@ class AbloyProvider(Provider):
         self._invitation_validity = timedelta(seconds=seconds)
         self._create_gates = {kind: CreateGate() for kind in ("user", "device", "gateway")}
 
-    def close(self) -> None:
-        self.http.close()
+    def http_headers(self) -> dict[str, str]:
+        return {"Accept": MEDIA_TYPE, "X-Api-Key": self.credentials["api_key"].reveal()}
+
+    def describe_error(self, response: httpx.Response) -> str:
+        return describe_problem(response)
 
     # -- auth ----------------------------------------------------------------------------------------
     def _login(self, http: HttpClient) -> tuple[dict[str, str], float | None]:
@@ -489,6 +490,18 @@ class AbloyProvider(Provider):
         raise VendorError(f"{self.name}: the answer to creating {kind} {name} was lost and {len(candidates)} "
                           f"new {kind}(s) appeared since; none can be proven ours, so none is adopted and it is "
                           "not sent again; the next plan says how to resolve it", temporary=True, ambiguous=True)
+
+    handlers: ClassVar[HandlerTable] = {
+        (Action.CREATE, Kind.USER): create_user, (Action.DELETE, Kind.USER): delete_user,
+        (Action.CREATE, Kind.DEVICE): create_device, (Action.UPDATE, Kind.DEVICE): update_device,
+        (Action.DELETE, Kind.DEVICE): delete_device,
+        (Action.CREATE, Kind.GATEWAY): create_gateway, (Action.DELETE, Kind.GATEWAY): delete_gateway,
+        (Action.CREATE, Kind.ASSOCIATION): create_association, (Action.DELETE, Kind.ASSOCIATION): delete_association,
+        (Action.CREATE, Kind.PERMISSION): create_permission, (Action.UPDATE, Kind.PERMISSION): update_permission,
+        (Action.DELETE, Kind.PERMISSION): delete_permission,
+        (Action.CREATE, Kind.INVITATION): create_invitation, (Action.UPDATE, Kind.INVITATION): update_invitation,
+        (Action.DELETE, Kind.INVITATION): delete_invitation,
+    }
 
 
 _DURATION = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$")

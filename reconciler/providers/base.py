@@ -8,8 +8,15 @@ A vendor subclass MUST:
   live attributes use exactly the keys and formats the policy expansion produces;
 - implement `read_live(desired)` with bulk list calls only (no GET per resource where a list exists),
   marking each live resource `managed` when policy or state knows it;
-- implement `create_<kind>` (returning the state record to remember, at least `{"id": ...}`), and
-  `update_<kind>` / `delete_<kind>` for the kinds it manages;
+- declare `handlers`, its apply table: `(Action.CREATE, kind)` → a method returning the state record to
+  remember (at least `{"id": ...}`) or None, `(Action.UPDATE, kind)` → `(want, live, changed)`,
+  `(Action.DELETE, kind)` → `(live)`; it is checked when the class is defined (`__init_subclass__`). A
+  class that declares none gets one from its `create_<kind>`/`update_<kind>`/`delete_<kind>` methods,
+  built and checked then too;
+- fill the HTTP client's hooks: `http_headers()` (sent on every request), `_login(http)` when the vendor
+  has a login (returns the auth headers and their lifetime), `describe_error(response)` (an error body in
+  one line) and `secrets()` (what the redactor hides; every credential by default). The base class builds
+  `self.http` and `self.redactor` from them and closes the client in `close()`;
 - make every non-idempotent create safe against a lost answer: record an intent with
   `self.intend()` before sending, and on an ambiguous error look the object up before giving up.
 A vendor subclass MUST NOT open its own HTTP client, print, or write state outside these helpers.
@@ -18,10 +25,11 @@ A vendor subclass MUST NOT open its own HTTP client, print, or write state outsi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Protocol
@@ -30,13 +38,16 @@ import httpx
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Change, Note
-from reconciler.providers.http import Deadline, HttpClient
-from reconciler.resources import Capabilities, Resource, digest
+from reconciler.providers.http import Deadline, HttpClient, Redactor, describe_plain
+from reconciler.resources import Capabilities, Kind, Resource, digest
 from reconciler.secret import Secret
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE = 120.0   # seconds: reads of one system, and apply without any answer from it
+
+HandlerTable = Mapping[tuple[Action, str], Callable[..., Any]]
+VERBS = {Action.CREATE: ("create", 1), Action.UPDATE: ("update", 3), Action.DELETE: ("delete", 1)}   # arity
 
 # Credential and setting names that say which account or tenant a system is (never a rotating key).
 ACCOUNT_NAMES = ("user_id", "email", "client_id", "lock_holder_id", "partner_id")
@@ -120,6 +131,36 @@ class Provider:
     settings_model: ClassVar[Any] = None                     # a pydantic model of its system settings
     simulator: ClassVar[str | None] = None                   # "module:Class" of its sandbox
     credential_variables: ClassVar[Mapping[str, str]] = {}   # credential key → the documented variable
+    handlers: ClassVar[HandlerTable] = {}          # what apply calls, by action and kind (see the module doc)
+    _dispatch: ClassVar[dict[tuple[Action, str], str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check the apply table when the class is defined: a wrong verb, a missing method or a handler
+        that takes the wrong arguments fails at import, not in the middle of an apply."""
+        super().__init_subclass__(**kwargs)
+        table: Mapping[tuple[Action, str], Any] | None = cls.__dict__.get("handlers")
+        if table is None and not cls._dispatch:
+            table = {(action, kind): getattr(cls, f"{verb}_{kind}") for action, (verb, _) in VERBS.items()
+                     for kind in Kind if callable(getattr(cls, f"{verb}_{kind}", None))}
+        if table is None:
+            return      # inherited from a vendor class
+        dispatch: dict[tuple[Action, str], str] = {}
+        for key, handler in table.items():
+            action, kind = key
+            if action not in VERBS or not isinstance(kind, str) or not kind:
+                raise TypeError(f"{cls.__name__}.handlers: {key!r} is not (Action.CREATE/UPDATE/DELETE, kind)")
+            name = getattr(handler, "__name__", "")
+            if not inspect.isfunction(handler) or getattr(cls, name, None) is not handler:
+                raise TypeError(f"{cls.__name__}.handlers[{action.value}, {kind}]: {handler!r} is not a method "
+                                f"of {cls.__name__}")
+            parameters = list(inspect.signature(table[key]).parameters.values())[1:]
+            positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if len(positional) != VERBS[action][1]:
+                raise TypeError(f"{cls.__name__}.{name}: a {action.value} handler takes "
+                                f"{VERBS[action][1]} argument(s) besides self, not {len(positional)}")
+            # By name on the instance at call time, so that a subclass's override is the one called.
+            dispatch[(action, str(kind))] = name
+        cls._dispatch = dispatch
 
     def __init__(self, name: str, *, url: str | None, credentials: Mapping[str, Secret],
                  settings: Mapping[str, Any], state: StateStore,
@@ -148,16 +189,50 @@ class Provider:
         self._resolved: dict[str, dict[str, Any] | None] = {}   # intents settled by the last read
         self.uncertain: dict[str, str] = {}        # address → why its lost create cannot be settled
         self.candidates: dict[str, list[str]] = {}  # address → the ids it might be
+        self.redactor = Redactor(self.secrets())
+        self._http: HttpClient | None = None
+        self._http_lock = threading.Lock()
+
+    # -- the HTTP client, built from the vendor's hooks ----------------------------------------------
+    @property
+    def http(self) -> HttpClient:
+        """The one client of this system, shared by its workers; built on first use from the hooks below
+        (after the vendor's `__init__` has read its settings)."""
+        if self._http is None:
+            with self._http_lock:
+                if self._http is None:
+                    logs_in = type(self)._login is not Provider._login
+                    self._http = HttpClient(self.url, system=self.name, transport=self.transport,
+                                            redactor=self.redactor, headers=self.http_headers(),
+                                            authenticate=self._login if logs_in else None,
+                                            describe=self.describe_error, sleep=self.sleep,
+                                            monotonic=self.monotonic)
+        return self._http
+
+    def secrets(self) -> Iterable[str]:
+        """What never appears in a message or log: every credential, unless the vendor says otherwise."""
+        return [secret.reveal() for secret in self.credentials.values()]
+
+    def http_headers(self) -> dict[str, str]:
+        """Headers on every request (an API key, the media type)."""
+        return {}
+
+    def _login(self, http: HttpClient) -> tuple[dict[str, str], float | None]:
+        """A vendor with a login overrides this: log in through `http.request(..., authenticated=False)`
+        and return the auth headers and how long they stay valid (None: until a 401)."""
+        raise NotImplementedError
+
+    def describe_error(self, response: httpx.Response) -> str:
+        """A vendor's error answer in one line."""
+        return describe_plain(response)
 
     # -- workflow ------------------------------------------------------------------------------------
     def start_phase(self, phase: str) -> None:
         """Reads get one overall deadline; apply a deadline renewed by every answer (a long apply that
         keeps being answered is not hung). A failed login is shared within a phase, not repeated."""
-        http = getattr(self, "http", None)
-        if isinstance(http, HttpClient):
-            # Real waiting, on the real monotonic clock (a test's stepped clock for token lifetimes is not it).
-            http.start_phase(Deadline(self.deadline_seconds, renewing=phase == "apply"), self.stop)
-            http.before_write = self._make_durable
+        # Real waiting, on the real monotonic clock (a test's stepped clock for token lifetimes is not it).
+        self.http.start_phase(Deadline(self.deadline_seconds, renewing=phase == "apply"), self.stop)
+        self.http.before_write = self._make_durable
 
     def _make_durable(self) -> None:
         """Before a request that may change the vendor: what the state recorded so far (the changes the
@@ -212,15 +287,15 @@ class Provider:
         kind = change.kind
         if change.action in (Action.DELETE, Action.REPLACE):
             assert change.live is not None
-            self._hook("delete", kind)(change.live)
+            self._handler(Action.DELETE, kind)(change.live)
             self.forget(change.address)
         if change.action in (Action.CREATE, Action.REPLACE):
             assert change.desired is not None
-            record = self._hook("create", kind)(change.desired)
+            record = self._handler(Action.CREATE, kind)(change.desired)
             self.remember(change.address, record)
         elif change.action is Action.UPDATE:
             assert change.desired is not None and change.live is not None
-            self._hook("update", kind)(change.desired, change.live, change.changed)
+            self._handler(Action.UPDATE, kind)(change.desired, change.live, change.changed)
 
     def batches(self, changes: list[Change]) -> list[list[Change]]:
         """Group one phase's changes of this system into units of work; each unit runs on one worker.
@@ -238,17 +313,20 @@ class Provider:
         raise VendorError(f"{self.name}: {self.vendor} has no event log that reconciler can read")
 
     def close(self) -> None:
-        pass
+        with self._http_lock:
+            if self._http is not None:
+                self._http.close()
 
     # -- hooks for subclasses ------------------------------------------------------------------------
     def read_live(self, desired: list[Resource]) -> ReadResult:
         raise NotImplementedError
 
-    def _hook(self, verb: str, kind: str) -> Callable[..., Any]:
-        hook = getattr(self, f"{verb}_{kind}", None)
-        if hook is None:
-            raise VendorError(f"{self.name}: {self.vendor} cannot {verb} a {kind}")
-        return hook
+    def _handler(self, action: Action, kind: str) -> Callable[..., Any]:
+        name = self._dispatch.get((action, kind))
+        if name is None:
+            raise VendorError(f"{self.name}: {self.vendor} cannot {VERBS[action][0]} a {kind}")
+        handler: Callable[..., Any] = getattr(self, name)
+        return handler
 
     # -- state helpers -------------------------------------------------------------------------------
     def remember(self, address: str, record: Mapping[str, Any] | None) -> None:

@@ -4,6 +4,11 @@ Providers call `HttpClient.request()`; it adds the vendor's headers and token, a
 what it says about the request:
 - 429 and 503 mean *not processed*: retried for any method, with capped exponential backoff and jitter,
   honouring `Retry-After`; so are connection errors before anything was sent.
+- A rate limit is honoured by all workers together, without a storm of 429s: while one worker waits out
+  a 429's `Retry-After`, the others send nothing; and each 429 halves how many requests may be in flight
+  at once, which then grows back by one for every window of answers without one (additive increase,
+  multiplicative decrease, as TCP does), up to just below where the limit was met; that level is tried
+  again only after `PROBE_AFTER` answers. The vendors document no rate headers but `Retry-After`.
 - 502, 504, timeouts and connections lost after sending mean *uncertain*: a repeatable request (GET, PUT,
   DELETE) is retried; a create is never repeated here: it raises `VendorError(ambiguous=True)` so that
   the provider looks up whether it landed.
@@ -37,6 +42,8 @@ from reconciler.text import printable
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+UNLIMITED = 1 << 30      # requests in flight before any 429: as many as there are workers
+PROBE_AFTER = 64         # answers without a 429 before trying again the level that met the limit
 NOT_PROCESSED = frozenset({429, 503})        # the vendor says it did nothing: safe to send again
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -127,6 +134,15 @@ class HttpClient:
         self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers or {},
                                    transport=transport, timeout=timeout)
         self.calls = 0
+        # Flow control across the worker threads (see the module doc). Plain untimed waits on `_flow`:
+        # whoever holds the gate or a slot lets go within a request timeout or a Retry-After.
+        self._flow = threading.Condition()
+        self._in_flight = 0
+        self._allowed = UNLIMITED
+        self._answered = 0           # answers without a 429 since `_allowed` last changed
+        self._ceiling: int | None = None     # how many were in flight when the last 429 came
+        self._holds = 0              # workers waiting out a 429's Retry-After: nobody else sends meanwhile
+        self.limited = 0             # 429s seen
         # Called before every request that may change something at the vendor: the state makes what it
         # recorded durable first (`Provider.start_phase` sets it).
         self.before_write: Callable[[], None] | None = None
@@ -180,13 +196,23 @@ class HttpClient:
             attempt += 1
             self._check_go(method, path)
             auth = self._auth() if authenticated else {}
-            self._check_go(method, path)
-            if self.before_write is not None and method not in READ_METHODS:
-                self.before_write()
+            self._enter()
+            limited = False
             try:
+                self._check_go(method, path)
+                if self.before_write is not None and method not in READ_METHODS:
+                    self.before_write()
                 response = self.send_raw(method, path, json=json, params=params, content=content,
                                          headers={**(headers or {}), **auth})
-            except httpx.TransportError as exc:
+                limited = response.status_code == 429
+            except httpx.TransportError as lost:
+                transport_error: httpx.TransportError | None = lost
+            else:
+                transport_error = None
+            finally:
+                self._leave(limited)
+            if transport_error is not None:
+                exc = transport_error
                 permanent = _permanent_transport_error(exc, self.client.base_url.host)
                 if permanent:
                     raise VendorError(self._line(method, path, permanent)) from None
@@ -221,7 +247,8 @@ class HttpClient:
                                                  + "; the request may have taken effect"),
                                       status=status, temporary=True, ambiguous=True)
                 if attempt < self.max_attempts:
-                    self._backoff(attempt, response.headers.get("Retry-After"), method, path, str(status))
+                    self._backoff(attempt, response.headers.get("Retry-After"), method, path, str(status),
+                                  hold=status == 429)
                     continue
                 raise VendorError(self._line(method, path, self._describe(response)), status=status,
                                   temporary=True)
@@ -277,7 +304,52 @@ class HttpClient:
         return DeadlineExceeded(self.redact(f"{self.system}: the vendor did not answer within "
                                             f"{self.deadline.seconds:g} s{last}"), temporary=True)
 
-    def _backoff(self, attempt: int, retry_after: str | None, method: str, path: str, why: str) -> None:
+    # -- flow control ----------------------------------------------------------------------------------
+    def _enter(self) -> None:
+        """Wait until no worker is waiting out a Retry-After and a slot is free; take the slot."""
+        with self._flow:
+            while self._holds or self._in_flight >= self._allowed:
+                self._flow.wait()
+            self._in_flight += 1
+
+    def _leave(self, limited: bool) -> None:
+        with self._flow:
+            self._in_flight -= 1
+            if limited:
+                self.limited += 1
+                # Halve what may be in flight (counting this request), never below one; remember where the
+                # limit was met, and probe at that level again only rarely.
+                level = min(self._allowed, self._in_flight + 1)
+                self._ceiling = level if self._ceiling is None else min(self._ceiling, level)
+                self._allowed = max(1, level // 2)
+                self._answered = 0
+                log.info("rate limited system=%s in_flight_allowed=%d", self.system, self._allowed)
+            elif self._allowed < UNLIMITED:
+                self._answered += 1
+                below = self._ceiling is None or self._allowed + 1 < self._ceiling
+                if self._answered >= (self._allowed if below else PROBE_AFTER):
+                    self._answered = 0
+                    if not below:
+                        self._ceiling = None    # the limit may have been raised: find it again
+                    self._allowed = self._allowed + 1 if self._allowed < 64 else UNLIMITED
+            self._flow.notify_all()
+
+    def _backoff(self, attempt: int, retry_after: str | None, method: str, path: str, why: str, *,
+                 hold: bool = False) -> None:
+        """Wait before trying again; with `hold` (a 429), no other worker sends until the wait is over."""
+        if not hold:
+            self._wait_before_retry(attempt, retry_after, method, path, why)
+            return
+        with self._flow:
+            self._holds += 1
+        try:
+            self._wait_before_retry(attempt, retry_after, method, path, why)
+        finally:
+            with self._flow:
+                self._holds -= 1
+                self._flow.notify_all()
+
+    def _wait_before_retry(self, attempt: int, retry_after: str | None, method: str, path: str, why: str) -> None:
         delay = min(self.max_backoff, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
         if retry_after:
             with contextlib.suppress(ValueError):
@@ -331,6 +403,11 @@ def json_error(title: str, detail: str) -> Callable[[httpx.Response], str]:
             return f"{response.status_code} {body.get(title) or response.reason_phrase}" + (f": {text}" if text else "")
         return _describe_plain(response, body=False)
     return describe
+
+
+def describe_plain(response: httpx.Response) -> str:
+    """`HTTP 404: <the body's first 200 characters>`: for vendors whose errors are plain text."""
+    return _describe_plain(response)
 
 
 def _describe_plain(response: httpx.Response, *, body: bool = True) -> str:

@@ -29,8 +29,8 @@ import httpx
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Change
-from reconciler.providers.base import Event, Provider, ReadResult
-from reconciler.providers.http import HttpClient, Redactor, token_lifetime
+from reconciler.providers.base import Event, HandlerTable, Provider, ReadResult
+from reconciler.providers.http import HttpClient, token_lifetime
 from reconciler.resources import (
     Attribute,
     Capabilities,
@@ -131,10 +131,6 @@ class SentryProvider(Provider):
         self._token = secret.get("token")
         self._email = secret.get("email")
         self._password = secret.get("password")
-        self.redactor = Redactor([s for s in (self._token, self._password) if s])
-        self.http = HttpClient(self.url, system=self.name, transport=self.transport, redactor=self.redactor,
-                               headers={"Accept": "application/json"}, authenticate=self._login,
-                               describe=describe_error, sleep=self.sleep, monotonic=self.monotonic)
         # Generated per run and held only here: never serialised, logged or written anywhere. (cryptography and JWT
         # are imported where a Sentry provider is built, not by validate or --help.)
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -146,8 +142,14 @@ class SentryProvider(Provider):
         self.locks: dict[str, dict[str, Any]] = {}                  # lock id → lock, from the last read
         self.directory: dict[str, dict[str, Any]] = {}              # lower-case email → {id, publicKey}
 
-    def close(self) -> None:
-        self.http.close()
+    def secrets(self) -> list[str]:
+        return [self.credentials[n].reveal() for n in ("token", "password") if n in self.credentials]
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Accept": "application/json"}
+
+    def describe_error(self, response: httpx.Response) -> str:
+        return describe_error(response)
 
     # -- auth ----------------------------------------------------------------------------------------
     def _login(self, http: HttpClient) -> tuple[dict[str, str], float | None]:
@@ -485,6 +487,12 @@ class SentryProvider(Provider):
             rows.append(Event(time=_utc(entry.get("timestamp")) or "", action=str(entry.get("type", "")),
                               person=who(entry.get("issuer")), detail="; ".join(detail)))
         return rows
+
+    handlers: ClassVar[HandlerTable] = {
+        (Action.UPDATE, Kind.DEVICE): update_device,
+        (Action.CREATE, Kind.SHARE): create_share, (Action.UPDATE, Kind.SHARE): update_share,
+        (Action.DELETE, Kind.SHARE): delete_share,
+    }
 
 
 def _batch(lock: dict[str, Any]) -> bool:

@@ -32,9 +32,8 @@ from typing import Any, ClassVar
 import httpx
 
 from reconciler.errors import VendorError
-from reconciler.plan import Note
-from reconciler.providers.base import Provider, ReadResult
-from reconciler.providers.http import HttpClient, Redactor
+from reconciler.plan import Action, Note
+from reconciler.providers.base import HandlerTable, Provider, ReadResult
 from reconciler.resources import (
     Attribute,
     Capabilities,
@@ -120,16 +119,17 @@ class SpkeyProvider(Provider):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        api_key = self.credentials["api_key"].reveal()
-        self.redactor = Redactor([api_key])
-        self.http = HttpClient(self.url, system=self.name, transport=self.transport, redactor=self.redactor,
-                               headers={"X-API-Key": api_key, "Accept": "application/json"},
-                               describe=describe_error, sleep=self.sleep, monotonic=self.monotonic)
         self.user_ids: dict[str, str] = {}    # email (as the policy writes it) → SmartphoneKey user uuid
         self.emails: dict[str, str] = {}      # user uuid → email
 
-    def close(self) -> None:
-        self.http.close()
+    def secrets(self) -> list[str]:
+        return [self.credentials["api_key"].reveal()]
+
+    def http_headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.credentials["api_key"].reveal(), "Accept": "application/json"}
+
+    def describe_error(self, response: httpx.Response) -> str:
+        return describe_error(response)
 
     # -- reading -------------------------------------------------------------------------------------
     def read_live(self, desired: list[Resource]) -> ReadResult:
@@ -332,6 +332,11 @@ class SpkeyProvider(Provider):
         # 404: already gone (an earlier answer was lost, or someone deleted it meanwhile).
         self.http.request("POST", PATHS["delete"].format(id=live.meta["lock"]), json={"tempKeyUuid": live.id},
                           idempotent=True, expect=(404,))
+
+    handlers: ClassVar[HandlerTable] = {
+        (Action.CREATE, Kind.TEMP_KEY): create_temp_key, (Action.UPDATE, Kind.TEMP_KEY): update_temp_key,
+        (Action.DELETE, Kind.TEMP_KEY): delete_temp_key,
+    }
 
 
 def _time(text: Any) -> Any:

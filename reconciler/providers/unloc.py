@@ -29,12 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
+import httpx
 from pydantic import field_validator
 
 from reconciler.errors import VendorError
-from reconciler.plan import Note
-from reconciler.providers.base import Provider, ReadResult
-from reconciler.providers.http import HttpClient, Redactor, json_error
+from reconciler.plan import Action, Note
+from reconciler.providers.base import HandlerTable, Provider, ReadResult
+from reconciler.providers.http import HttpClient, json_error
 from reconciler.providers.settings import VendorSettings
 from reconciler.resources import (
     Attribute,
@@ -130,17 +131,16 @@ class UnlocProvider(Provider):
             raise VendorError(f"{self.name}: `notify:` must be true or false")
         self.notify = notify
         self._secret = {k: v.reveal() for k, v in self.credentials.items()}
-        self.redactor = Redactor(self._secret.values())
-        self.http = HttpClient(self.url, system=self.name, transport=self.transport, redactor=self.redactor,
-                               headers={"Accept": "application/json"}, authenticate=self._token,
-                               describe=describe_error, sleep=self.sleep, monotonic=self.monotonic)
         self._seen: set[str] = set()     # key ids the last read saw: never "found" as a lost create's result
 
-    def close(self) -> None:
-        self.http.close()
+    def http_headers(self) -> dict[str, str]:
+        return {"Accept": "application/json"}
+
+    def describe_error(self, response: httpx.Response) -> str:
+        return describe_error(response)
 
     # -- auth ----------------------------------------------------------------------------------------
-    def _token(self, http: HttpClient) -> tuple[dict[str, str], float | None]:
+    def _login(self, http: HttpClient) -> tuple[dict[str, str], float | None]:
         # The standard OAuth2 form body (RFC 6749 §4.4.2, scope space-delimited): document 004 does not say
         # which body the token endpoint takes, and a form is what every OAuth2 token endpoint accepts.
         form = urlencode({"grant_type": "client_credentials", "client_id": self._secret["client_id"],
@@ -301,6 +301,8 @@ class UnlocProvider(Provider):
         if not lock_id:
             raise VendorError(f"{self.name}: device {device} has no lock id (unloc adopts locks by `id:`)")
         return lock_id.lower()
+
+    handlers: ClassVar[HandlerTable] = {(Action.CREATE, Kind.KEY): create_key, (Action.DELETE, Kind.KEY): delete_key}
 
 
 # -- field mapping -----------------------------------------------------------------------------------------

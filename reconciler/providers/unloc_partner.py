@@ -42,12 +42,13 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+import httpx
 from pydantic import field_validator
 
 from reconciler.errors import VendorError
-from reconciler.plan import Note
-from reconciler.providers.base import Event, Provider, ReadResult
-from reconciler.providers.http import HttpClient, Redactor, json_error
+from reconciler.plan import Action, Note
+from reconciler.providers.base import Event, HandlerTable, Provider, ReadResult
+from reconciler.providers.http import json_error
 from reconciler.providers.settings import VendorSettings
 from reconciler.resources import (
     Attribute,
@@ -134,19 +135,19 @@ class UnlocPartnerProvider(Provider):
         if not isinstance(partner, str) or not PARTNER_ID_PATTERN.match(partner):
             raise VendorError(f"{self.name}: unloc-partner needs `partner_id:` (the partner id Unloc gave you)")
         self.partner = partner
-        api_key = self.credentials["api_key"].reveal()
-        self.redactor = Redactor([api_key])
-        self.http = HttpClient(
-            self.url, system=self.name, transport=self.transport, redactor=self.redactor,
-            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
-            describe=describe_error, sleep=self.sleep, monotonic=self.monotonic)
         self.locks: dict[str, dict[str, Any]] = {}          # lock id → lock, from the last read
         self._settled: dict[str, dict[str, Any] | None] = {}  # state records the last read settled
         self._guard = threading.Lock()
         self._serial: dict[tuple[str, str], threading.Lock] = {}
 
-    def close(self) -> None:
-        self.http.close()
+    def secrets(self) -> list[str]:
+        return [self.credentials["api_key"].reveal()]
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.credentials['api_key'].reveal()}", "Accept": "application/json"}
+
+    def describe_error(self, response: httpx.Response) -> str:
+        return describe_error(response)
 
     def _path(self, endpoint: str, **ids: str) -> str:
         return PATHS[endpoint].format(partner=_segment(self.partner), **{k: _segment(v) for k, v in ids.items()})
@@ -371,6 +372,8 @@ class UnlocPartnerProvider(Provider):
     def _serial_lock(self, lock: str, phone: str) -> threading.Lock:
         with self._guard:
             return self._serial.setdefault((lock, phone), threading.Lock())
+
+    handlers: ClassVar[HandlerTable] = {(Action.CREATE, Kind.KEY): create_key, (Action.DELETE, Kind.KEY): delete_key}
 
 
 def _new_keys(events: Iterable[Mapping[str, Any]], phone: str, since: str | None, claimed: set[str]) -> list[str]:
