@@ -24,7 +24,6 @@ import httpx
 from pydantic import field_validator
 
 from reconciler.providers.base import Provider, ReadResult
-from reconciler.providers.http import HttpClient, Redactor
 from reconciler.providers.settings import VendorSettings
 from reconciler.resources import Capabilities, Kind, Resource, address_of, unknown_name
 
@@ -55,14 +54,10 @@ class ToyProvider(Provider):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        token = self.credentials["token"].reveal()
         self.site = str(self.settings["site"])
-        self.http = HttpClient(self.url, system=self.name, transport=self.transport, redactor=Redactor([token]),
-                               headers={"Authorization": f"Bearer {token}"}, sleep=self.sleep,
-                               monotonic=self.monotonic)
 
-    def close(self) -> None:
-        self.http.close()
+    def http_headers(self) -> dict[str, str]:     # the base class builds, shares and closes the client
+        return {"Authorization": f"Bearer {self.credentials['token'].reveal()}"}
 
     def read_live(self, desired: list[Resource]) -> ReadResult:
         result = ReadResult()
