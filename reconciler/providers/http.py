@@ -6,9 +6,10 @@ what it says about the request:
   honouring `Retry-After`; so are connection errors before anything was sent.
 - A rate limit is honoured by all workers together, without a storm of 429s: while one worker waits out
   a 429's `Retry-After`, the others send nothing; and each 429 halves how many requests may be in flight
-  at once, which then grows back by one for every window of answers without one (additive increase,
-  multiplicative decrease, as TCP does), up to just below where the limit was met; that level is tried
-  again only after `PROBE_AFTER` answers. The vendors document no rate headers but `Retry-After`.
+  at once (once per round: the 429s of requests sent before the cut count as one), which then grows
+  back by one for every window of answers without one (additive increase, multiplicative decrease, as
+  TCP does), up to just below where the limit was met; that level is tried again only after
+  `PROBE_AFTER` answers. The vendors document no rate headers but `Retry-After`.
 - 502, 504, timeouts and connections lost after sending mean *uncertain*: a repeatable request (GET, PUT,
   DELETE) is retried; a create is never repeated here: it raises `VendorError(ambiguous=True)` so that
   the provider looks up whether it landed.
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 UNLIMITED = 1 << 30      # requests in flight before any 429: as many as there are workers
-PROBE_AFTER = 64         # answers without a 429 before trying again the level that met the limit
+PROBE_AFTER = 256        # answers without a 429 before trying again the level that met the limit
 NOT_PROCESSED = frozenset({429, 503})        # the vendor says it did nothing: safe to send again
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -141,6 +142,7 @@ class HttpClient:
         self._allowed = UNLIMITED
         self._answered = 0           # answers without a 429 since `_allowed` last changed
         self._ceiling: int | None = None     # how many were in flight when the last 429 came
+        self._round = 0              # bumped at each cut: a 429 to a request sent before it is not news
         self._holds = 0              # workers waiting out a 429's Retry-After: nobody else sends meanwhile
         self.limited = 0             # 429s seen
         # Called before every request that may change something at the vendor: the state makes what it
@@ -196,7 +198,7 @@ class HttpClient:
             attempt += 1
             self._check_go(method, path)
             auth = self._auth() if authenticated else {}
-            self._enter()
+            sent_in = self._enter()
             limited = False
             try:
                 self._check_go(method, path)
@@ -210,7 +212,7 @@ class HttpClient:
             else:
                 transport_error = None
             finally:
-                self._leave(limited)
+                self._leave(limited, sent_in)
             if transport_error is not None:
                 exc = transport_error
                 permanent = _permanent_transport_error(exc, self.client.base_url.host)
@@ -305,26 +307,30 @@ class HttpClient:
                                             f"{self.deadline.seconds:g} s{last}"), temporary=True)
 
     # -- flow control ----------------------------------------------------------------------------------
-    def _enter(self) -> None:
-        """Wait until no worker is waiting out a Retry-After and a slot is free; take the slot."""
+    def _enter(self) -> int:
+        """Wait until no worker is waiting out a Retry-After and a slot is free; take the slot. Returns
+        the round it was taken in."""
         with self._flow:
             while self._holds or self._in_flight >= self._allowed:
                 self._flow.wait()
             self._in_flight += 1
+            return self._round
 
-    def _leave(self, limited: bool) -> None:
+    def _leave(self, limited: bool, sent_in: int) -> None:
         with self._flow:
             self._in_flight -= 1
             if limited:
                 self.limited += 1
+            if limited and sent_in == self._round:
+                self._round += 1
                 # Halve what may be in flight (counting this request), never below one; remember where the
                 # limit was met, and probe at that level again only rarely.
                 level = min(self._allowed, self._in_flight + 1)
-                self._ceiling = level if self._ceiling is None else min(self._ceiling, level)
+                self._ceiling = level
                 self._allowed = max(1, level // 2)
                 self._answered = 0
                 log.info("rate limited system=%s in_flight_allowed=%d", self.system, self._allowed)
-            elif self._allowed < UNLIMITED:
+            elif not limited and self._allowed < UNLIMITED:
                 self._answered += 1
                 below = self._ceiling is None or self._allowed + 1 < self._ceiling
                 if self._answered >= (self._allowed if below else PROBE_AFTER):
