@@ -223,19 +223,24 @@ class Resource:
     schema: KindSchema = field(default=NO_SCHEMA, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        meta = cast(Meta, dict(self.meta))
+        meta = dict(self.meta)
+        if self.replace_on_change is not self.schema.immutable or "create_only" in meta:
+            self._fold_shorthands(meta)
+        object.__setattr__(self, "attributes", MappingProxyType(dict(self.attributes)))
+        object.__setattr__(self, "meta", MappingProxyType(meta))
+        # Planning, ordering and rendering ask for the address many times per resource: built once (the fields
+        # are frozen; `dataclasses.replace` makes a new resource, which builds its own).
+        self.__dict__["_address"] = address_of(self.system, self.kind, self.name)
+
+    def _fold_shorthands(self, meta: dict[str, Any]) -> None:
+        """`replace_on_change=True` → an immutable schema; `meta["create_only"]` → those attributes `FIXED`."""
         schema = self.schema
         if self.replace_on_change and not schema.immutable:
             schema = KindSchema(schema.attributes, immutable=True)
         if "create_only" in meta:
             schema = schema.fixing(meta.pop("create_only"))
-        object.__setattr__(self, "attributes", MappingProxyType(dict(self.attributes)))
-        object.__setattr__(self, "meta", MappingProxyType(meta))
         object.__setattr__(self, "schema", schema)
         object.__setattr__(self, "replace_on_change", schema.immutable)
-        # Planning, ordering and rendering ask for the address many times per resource: built once (the fields
-        # are frozen; `dataclasses.replace` makes a new resource, which builds its own).
-        self.__dict__["_address"] = address_of(self.system, self.kind, self.name)
 
     @property
     def address(self) -> str:
