@@ -312,6 +312,7 @@ class AbloySimulator(Simulator):
                  base_path: str = "", monotonic: Callable[[], float] = time.monotonic):
         self.token_ttl = token_ttl
         self._purge_floor = float("-inf")   # unknown until the first scan
+        self._verified: dict[str, dict[str, Any]] = {}   # token → its claims, once its signature checked
         self._seed = seed
         super().__init__(store_path, clock=clock, rate_limit=rate_limit, base_path=base_path,
                          monotonic=monotonic)
@@ -333,6 +334,7 @@ class AbloySimulator(Simulator):
 
     def load_state(self, data: dict[str, Any]) -> dict[str, Any]:
         self._tokens = PageTokens(bytes.fromhex(data["secret"]))
+        self._verified = {}                 # a store started over has another secret
         self._purge_floor = float("-inf")   # another process may have written permissions
         return data
 
@@ -467,14 +469,20 @@ class AbloySimulator(Simulator):
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise SimulatorError(401, "Missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        try:
-            claims = jwt.decode(token.strip(), bytes.fromhex(self.state["secret"]), algorithms=["HS256"],
-                                issuer=TOKEN_ISSUER,
-                                # expiry is judged by the simulator clock below, not the host's
-                                options={"verify_exp": False, "verify_iat": False,
-                                         "require": ["sub", "iat", "exp"]})
-        except jwt.PyJWTError:
-            raise SimulatorError(401, "Invalid token", headers={"WWW-Authenticate": "Bearer"}) from None
+        # A token's signature is verified once (its claims kept); generation, user and expiry every time.
+        claims = self._verified.get(token.strip())
+        if claims is None:
+            try:
+                claims = jwt.decode(token.strip(), bytes.fromhex(self.state["secret"]), algorithms=["HS256"],
+                                    issuer=TOKEN_ISSUER,
+                                    # expiry is judged by the simulator clock below, not the host's
+                                    options={"verify_exp": False, "verify_iat": False,
+                                             "require": ["sub", "iat", "exp"]})
+            except jwt.PyJWTError:
+                raise SimulatorError(401, "Invalid token", headers={"WWW-Authenticate": "Bearer"}) from None
+            if len(self._verified) >= 256:
+                self._verified.clear()
+            self._verified[token.strip()] = claims
         if claims.get("gen") != self.state["tokenGeneration"] or claims["sub"] not in self.state["users"]:
             raise SimulatorError(401, "Invalid token", headers={"WWW-Authenticate": "Bearer"})
         if self.now().timestamp() >= claims["exp"]:
