@@ -598,34 +598,47 @@ class RequestRecord:
 
     `path` is relative to the simulator's base (`/permission/…` whatever prefix it is served under),
     `full_path` is the path as received (`/administration/permission/…`); `status` is None when the
-    response was lost; `fault` names an injected fault (`"503"`, `"lost"`).
+    response was lost; `fault` names an injected fault (`"503"`, `"lost"`). `body` is the parsed JSON
+    body (redacted), or `"<N bytes>"` for another body; it is kept as compact JSON text and parsed when
+    read, which keeps a fleet's request log several times smaller.
     """
 
     method: str
     path: str
     query: dict[str, str]
     headers: dict[str, str]
-    body: Any = None
+    body_text: str | None = None        # the redacted body as JSON text; None: no body
     status: int | None = None
     fault: str | None = None
     full_path: str = ""
+
+    @property
+    def body(self) -> Any:
+        return None if self.body_text is None else json.loads(self.body_text)
 
 
 class RequestLog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._records: list[RequestRecord] = []
+        self._strings: dict[str, str] = {}     # one copy of each header name and value seen often
+
+    def _shared(self, text: str) -> str:
+        if len(self._strings) < 4096:
+            return self._strings.setdefault(text, text)
+        return self._strings.get(text, text)
 
     def start(self, request: httpx.Request, path: str) -> RequestRecord:
-        headers = {k: REDACTED if _is_secret_name(k) else v for k, v in request.headers.items()}
-        body: Any = None
+        headers = {self._shared(k): REDACTED if _is_secret_name(k) else self._shared(v)
+                   for k, v in request.headers.items()}
+        body_text: str | None = None
         if request.content:
             try:
-                body = redact(json.loads(request.content))
+                body_text = json.dumps(redact(json.loads(request.content)), separators=(",", ":"))
             except (ValueError, UnicodeDecodeError):
-                body = f"<{len(request.content)} bytes>"
+                body_text = json.dumps(f"<{len(request.content)} bytes>")
         record = RequestRecord(method=request.method, path=path, query=dict(request.url.params),
-                               headers=headers, body=body, full_path=request.url.path)
+                               headers=headers, body_text=body_text, full_path=request.url.path)
         with self._lock:
             self._records.append(record)
         return record
