@@ -6,7 +6,9 @@ what it says about the request:
   honouring `Retry-After`; so are connection errors before anything was sent.
 - A rate limit is honoured by all workers together, without a storm of 429s: while one worker waits out
   a 429's `Retry-After`, the others send nothing; and each 429 halves how many requests may be in flight
-  at once (once per round: the 429s of requests sent before the cut count as one), which then grows
+  at once, or cuts it to what the answers of the last second show the limit sustains (their count times
+  the time an answer takes), whichever is less (once per round: the 429s of requests sent before the cut
+  count as one); that number then grows
   back by one for every window of answers without one (additive increase, multiplicative decrease, as
   TCP does), up to just below where the limit was met; that level is tried again only after
   `PROBE_AFTER` answers. The vendors document no rate headers but `Retry-After`.
@@ -32,6 +34,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -143,6 +146,8 @@ class HttpClient:
         self._answered = 0           # answers without a 429 since `_allowed` last changed
         self._ceiling: int | None = None     # how many were in flight when the last 429 came
         self._round = 0              # bumped at each cut: a 429 to a request sent before it is not news
+        self._answers: deque[float] = deque()    # when the answers of the last second came (monotonic)
+        self._latency: float | None = None       # a moving average of how long an answer takes
         self._holds = 0              # workers waiting out a 429's Retry-After: nobody else sends meanwhile
         self.limited = 0             # 429s seen
         # Called before every request that may change something at the vendor: the state makes what it
@@ -199,6 +204,7 @@ class HttpClient:
             self._check_go(method, path)
             auth = self._auth() if authenticated else {}
             sent_in = self._enter()
+            sent_at = self.monotonic()
             limited = False
             try:
                 self._check_go(method, path)
@@ -212,7 +218,7 @@ class HttpClient:
             else:
                 transport_error = None
             finally:
-                self._leave(limited, sent_in)
+                self._leave(limited, sent_in, sent_at)
             if transport_error is not None:
                 exc = transport_error
                 permanent = _permanent_transport_error(exc, self.client.base_url.host)
@@ -316,9 +322,16 @@ class HttpClient:
             self._in_flight += 1
             return self._round
 
-    def _leave(self, limited: bool, sent_in: int) -> None:
+    def _leave(self, limited: bool, sent_in: int, sent_at: float) -> None:
+        now = self.monotonic()
         with self._flow:
             self._in_flight -= 1
+            if not limited:
+                took = max(0.0, now - sent_at)
+                self._latency = took if self._latency is None else 0.9 * self._latency + 0.1 * took
+                self._answers.append(now)
+            while self._answers and self._answers[0] < now - 1.0:
+                self._answers.popleft()
             if limited:
                 self.limited += 1
             if limited and sent_in == self._round:
@@ -326,8 +339,11 @@ class HttpClient:
                 # Halve what may be in flight (counting this request), never below one; remember where the
                 # limit was met, and probe at that level again only rarely.
                 level = min(self._allowed, self._in_flight + 1)
-                self._ceiling = level
-                self._allowed = max(1, level // 2)
+                # What the limit lets through, as seen in the last second, times how long an answer takes:
+                # the number in flight that keeps to it (Little's law), when that is below the halving.
+                sustained = int(len(self._answers) * self._latency) if self._latency is not None else level
+                self._allowed = max(1, min(level // 2, sustained))
+                self._ceiling = min(level, self._allowed + 1)
                 self._answered = 0
                 log.info("rate limited system=%s in_flight_allowed=%d", self.system, self._allowed)
             elif not limited and self._allowed < UNLIMITED:
