@@ -46,10 +46,6 @@ def serve(latency: float, rate_limit: int | None) -> None:
     from reconciler.sandbox import server as served
     from reconciler.sandbox.abloy import AbloySimulator
 
-    # The handler writes the head and the body of an answer separately; with Nagle's algorithm on, the body
-    # waits for the client's delayed ACK (40 ms on Linux), which no vendor's link adds. Off, as most servers do.
-    served._RequestHandler.disable_nagle_algorithm = True
-
     sim = AbloySimulator(rate_limit=rate_limit)
 
     def slow(request: httpx.Request) -> httpx.Response:

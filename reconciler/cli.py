@@ -286,11 +286,17 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
     """Show what apply would change."""
     def body() -> int:
         result = run.plan(_reading(_session(directory, state, now, allow_host)))
+        # Written as it is rendered: a plan of 100,000 changes is never held as one string.
         if out:
-            Path(out).write_text(render.render_json(result), encoding="utf-8")
-        renderers = {"json": render.render_json, "markdown": render.render_markdown, "text": render.render_text}
-        text = renderers[fmt](result)
-        click.echo(colorize_plan(text, _color()) if fmt == "text" else text, nl=False)
+            with open(out, "w", encoding="utf-8") as handle:
+                render.write_json(result, handle.write)
+        if fmt == "text":
+            color = _color()
+            render.write_text(result, lambda text: click.echo(colorize_plan(text, color), nl=False))
+        elif fmt == "json":
+            render.write_json(result, lambda text: click.echo(text, nl=False))
+        else:
+            click.echo(render.render_markdown(result), nl=False)
         if out and fmt == "text":
             click.echo(f"\nSaved the plan to {out}; run `reconciler apply --plan {out}` to apply exactly it.")
         # Something uncertain (a create that cannot be proven ours) is not "the system matches the policy".
@@ -322,7 +328,7 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
         progress: list[ApplyProgress] = []
 
         def show(result: Plan) -> None:
-            click.echo(colorize_plan(render.render_text(result), color), nl=False)
+            render.write_text(result, lambda text: click.echo(colorize_plan(text, color), nl=False))
 
         def approve(result: Plan) -> bool:
             if not auto_approve and not _ask_yes():

@@ -370,8 +370,17 @@ class Plan:
 
     @cached_property
     def _checksum(self) -> str:
-        payload = json.dumps(self._change_dicts, sort_keys=True, separators=(",", ":"), default=str)
-        return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
+        # The SHA-256 of json.dumps(changes, sort_keys=True, separators=(",", ":"), default=str), fed one change at
+        # a time (the same bytes: a compact list is "[" + items joined by "," + "]") so that the whole payload is
+        # never held at once.
+        encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+        digest = hashlib.sha256(b"[")
+        for n, change in enumerate(self._change_dicts):
+            if n:
+                digest.update(b",")
+            digest.update(encode(change).encode())
+        digest.update(b"]")
+        return "sha256:" + digest.hexdigest()
 
     @cached_property
     def _dict(self) -> dict[str, Any]:

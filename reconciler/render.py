@@ -13,6 +13,7 @@ import html
 import io
 import json
 import re
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jinja2
@@ -97,6 +98,40 @@ _env.globals.update(effect_label=_effect_label)
 def render_text(plan: Plan) -> str:
     data = plan.to_dict()
     return _text_env.get_template("plan.txt.j2").render(plan=data, effects=data["effects"])
+
+
+WRITE_BATCH = 1 << 16      # characters handed to `write` at a time by the streaming renderers
+
+
+@paused_collection
+def write_text(plan: Plan, write: Callable[[str], object]) -> None:
+    """`render_text(plan)`, handed to `write` in batches of whole lines: a plan of 100,000 changes is never one
+    string (nor the template's list of pieces that makes it)."""
+    data = plan.to_dict()
+    _batched(_text_env.get_template("plan.txt.j2").generate(plan=data, effects=data["effects"]), write)
+
+
+@paused_collection
+def write_json(plan: Plan, write: Callable[[str], object]) -> None:
+    """`render_json(plan)`, the same characters, handed to `write` in batches of whole lines."""
+    _batched(_json_chunks(plan.to_dict()), write)
+
+
+def _batched(chunks: Iterable[str], write: Callable[[str], object]) -> None:
+    pending: list[str] = []
+    size = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= WRITE_BATCH:
+            text = "".join(pending)
+            cut = text.rfind("\n") + 1
+            if cut:
+                write(text[:cut])
+                text = text[cut:]
+            pending, size = [text], len(text)
+    if size:
+        write("".join(pending))
 
 
 # -- markdown (pull-request comments) --------------------------------------------------------------------
@@ -342,11 +377,35 @@ def _md(text: str) -> str:
 
 @paused_collection
 def render_json(plan: Plan) -> str:
-    data = plan.to_dict()
+    return "".join(_json_chunks(plan.to_dict()))
+
+
+def _json_chunks(data: dict[str, Any]) -> Iterator[str]:
+    """`json.dumps(data, indent=2, ensure_ascii=False) + "\\n"`, in pieces: one per top-level entry, and one per
+    item of a top-level list (a plan's changes), so that it can be written without ever being one string."""
+    if not data or not all(isinstance(key, str) for key in data):
+        yield json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+        return
+    yield "{"
+    for n, (key, item) in enumerate(data.items()):
+        yield ("," if n else "") + "\n  " + _string(key) + ": "
+        if isinstance(item, list) and item:
+            yield "["
+            for i, element in enumerate(item):
+                yield ("," if i else "") + "\n    " + _piece(element, 2)
+            yield "\n  ]"
+        else:
+            yield _piece(item, 1)
+    yield "\n}\n"
+
+
+def _piece(value: Any, level: int) -> str:
+    """One value of the document at nesting `level`, as `json.dumps(indent=2)` writes it there."""
     try:
-        return _indented(data, 0) + "\n"
+        return _indented(value, level)
     except _NotPlain:
-        return json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+        # json.dumps escapes every newline inside strings, so each raw newline starts a line to indent.
+        return json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False).replace("\n", "\n" + "  " * level)
 
 
 class _NotPlain(Exception):

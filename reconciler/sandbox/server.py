@@ -93,6 +93,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # keep-alive, as real clients expect; every response has a length
     server: SandboxHTTPServer
     timeout = 30                    # a stalled client must not hold a server thread forever
+    # An answer's head and body go out as two writes: with Nagle on, the body waits for the client's delayed ACK
+    # (about 40 ms an answer on Linux), which a vendor's server does not add.
+    disable_nagle_algorithm = True
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
