@@ -46,7 +46,49 @@ def default_state_path(env: Mapping[str, str] | None = None) -> Path:
     return Path(spec if spec and not is_database_url(spec) else ".reconciler/state.json")
 
 
-class LocalState:
+class StateRecords:
+    """What every state backend holds in memory and how it is read: the records (by address), the digests
+    last applied and each system's identity, under `_mutex`. A backend fills them and writes them through."""
+
+    _records: dict[str, dict[str, Any]]
+    _systems: dict[str, dict[str, str]]    # system name → identity it was applied to
+    _applied: dict[str, str]               # address → digest of the desired attributes last applied
+    _mutex: threading.Lock
+
+    def get(self, address: str) -> dict[str, Any] | None:
+        with self._mutex:
+            record = self._records.get(address)
+            return dict(record) if record is not None else None
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+        with self._mutex:
+            snapshot = [(a, dict(r)) for a, r in self._records.items() if a.startswith(prefix)]
+        return iter(sorted(snapshot))
+
+    def id_of(self, address: str) -> str | None:
+        record = self.get(address)
+        return record.get("id") if record else None
+
+    def applied(self) -> dict[str, str]:
+        """What apply last made each address look like (digests): lets a plan tell drift, changes made
+        outside git, from changes in the policy."""
+        with self._mutex:
+            return dict(self._applied)
+
+    def systems(self) -> dict[str, dict[str, str]]:
+        """The identity (vendor, endpoint, account) each system name was last applied to."""
+        with self._mutex:
+            return {name: dict(identity) for name, identity in self._systems.items()}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state as the snapshot file holds it (what `state pull` writes)."""
+        with self._mutex:
+            return {"version": STATE_VERSION, "systems": dict(sorted(self._systems.items())),
+                    "resources": dict(sorted(self._records.items())),
+                    "applied": dict(sorted(self._applied.items()))}
+
+
+class LocalState(StateRecords):
     def __init__(self, path: Path, *, lock_timeout: float = 0.0):
         self.path = Path(path)
         self.lock_timeout = lock_timeout
@@ -64,34 +106,15 @@ class LocalState:
         self._load()
 
     # -- reading -------------------------------------------------------------------------------------
-    def get(self, address: str) -> dict[str, Any] | None:
-        with self._mutex:
-            record = self._records.get(address)
-            return dict(record) if record is not None else None
-
-    def items(self, prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-        with self._mutex:
-            snapshot = [(a, dict(r)) for a, r in self._records.items() if a.startswith(prefix)]
-        return iter(sorted(snapshot))
-
     @property
     def location(self) -> str:
         return str(self.path)
-
-    def systems(self) -> dict[str, dict[str, str]]:
-        """The identity (vendor, endpoint, account) each system name was last applied to."""
-        with self._mutex:
-            return {name: dict(identity) for name, identity in self._systems.items()}
 
     def set_system(self, name: str, identity: Mapping[str, str]) -> None:
         with self._mutex:
             if self._systems.get(name) != dict(identity):
                 self._systems[name] = dict(identity)
                 self._append({"op": "system", "name": name, "identity": dict(identity)})
-
-    def id_of(self, address: str) -> str | None:
-        record = self.get(address)
-        return record.get("id") if record else None
 
     # -- writing (journaled) -------------------------------------------------------------------------
     def put(self, address: str, record: Mapping[str, Any]) -> None:
@@ -104,12 +127,6 @@ class LocalState:
             if self._records.pop(address, None) is not None:
                 self._append({"op": "delete", "address": address})
 
-    def applied(self) -> dict[str, str]:
-        """What apply last made each address look like (digests): lets a plan tell drift, changes made
-        outside git, from changes in the policy."""
-        with self._mutex:
-            return dict(self._applied)
-
     def mark_applied(self, address: str, attributes_digest: str | None) -> None:
         with self._mutex:
             if attributes_digest is None:
@@ -118,13 +135,6 @@ class LocalState:
             elif self._applied.get(address) != attributes_digest:
                 self._applied[address] = attributes_digest
                 self._append({"op": "applied", "address": address, "digest": attributes_digest})
-
-    def snapshot(self) -> dict[str, Any]:
-        """The whole state as the snapshot file holds it (what `state pull` writes)."""
-        with self._mutex:
-            return {"version": STATE_VERSION, "systems": dict(sorted(self._systems.items())),
-                    "resources": dict(sorted(self._records.items())),
-                    "applied": dict(sorted(self._applied.items()))}
 
     def save(self) -> None:
         """Fold the journal into the snapshot (atomic replace), then empty the journal. The snapshot it

@@ -29,7 +29,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -39,7 +39,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from reconciler.errors import LockedError, StateError
-from reconciler.state.local import pause
+from reconciler.state.local import StateRecords, pause
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def ensure_schema(conn: psycopg.Connection[Any], location: StateLocation, target
     return max(version, target)
 
 
-class PostgresState:
+class PostgresState(StateRecords):
     """The state store of `LocalState`'s interface, kept in a PostgreSQL schema shared by many runners."""
 
     def __init__(self, url: str, *, lock_timeout: float = 0.0, sleep: Callable[[float], None] = pause):
@@ -213,37 +213,6 @@ class PostgresState:
 
     def __str__(self) -> str:
         return self.display
-
-    # -- reading -------------------------------------------------------------------------------------
-    def get(self, address: str) -> dict[str, Any] | None:
-        with self._mutex:
-            record = self._records.get(address)
-            return dict(record) if record is not None else None
-
-    def items(self, prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-        with self._mutex:
-            snapshot = [(a, dict(r)) for a, r in self._records.items() if a.startswith(prefix)]
-        return iter(sorted(snapshot))
-
-    def id_of(self, address: str) -> str | None:
-        record = self.get(address)
-        return record.get("id") if record else None
-
-    def applied(self) -> dict[str, str]:
-        with self._mutex:
-            return dict(self._applied)
-
-    def systems(self) -> dict[str, dict[str, str]]:
-        """The identity (vendor, endpoint, account) each system name was last applied to."""
-        with self._mutex:
-            return {name: dict(identity) for name, identity in self._systems.items()}
-
-    def snapshot(self) -> dict[str, Any]:
-        """The whole state in the local file's format (what `state pull` writes)."""
-        from reconciler.state.local import STATE_VERSION
-        with self._mutex:
-            return {"version": STATE_VERSION, "systems": dict(sorted(self._systems.items())),
-                    "resources": dict(sorted(self._records.items())), "applied": dict(sorted(self._applied.items()))}
 
     # -- writing: each call is committed before it returns ----------------------------------------------
     def put(self, address: str, record: Mapping[str, Any]) -> None:
