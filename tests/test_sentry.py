@@ -33,7 +33,6 @@ from cryptography.x509.oid import NameOID
 from reconciler import run
 from reconciler.errors import PlanError, PolicyError
 from reconciler.policy import load_policy
-from reconciler.providers import sentry as sentry_provider
 from reconciler.providers.factory import capabilities
 from reconciler.render import render_json, render_markdown, render_text
 from reconciler.sandbox.common import read_store
@@ -289,13 +288,13 @@ def test_every_signed_operation_verifies_with_the_registered_key_and_no_jti_repe
 
 def test_no_private_key_token_or_password_in_any_output(h, monkeypatch, caplog):
     generated: list[Ed25519PrivateKey] = []
-    real = sentry_provider.Ed25519PrivateKey.generate
+    real = Ed25519PrivateKey.generate
 
     def capture() -> Ed25519PrivateKey:
         key = real()
         generated.append(key)
         return key
-    monkeypatch.setattr(sentry_provider.Ed25519PrivateKey, "generate", staticmethod(capture))
+    monkeypatch.setattr(Ed25519PrivateKey, "generate", staticmethod(capture))
     caplog.set_level(logging.DEBUG)
     h.write(staff_policy("meeting-room", MEETING, STAFF[:5]))
     outputs = []

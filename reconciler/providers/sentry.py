@@ -108,16 +108,6 @@ def _utc(seconds: Any) -> str | None:
     return format_time(datetime.fromtimestamp(float(seconds), UTC))
 
 
-def __getattr__(name: str) -> Any:
-    """`Ed25519PrivateKey` on first use: cryptography is imported where a Sentry provider is built, not by
-    validate or --help."""
-    if name == "Ed25519PrivateKey":
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        return Ed25519PrivateKey
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class SentryProvider(Provider):
     capabilities = CAPABILITIES
     vendor = CAPABILITIES.vendor       # its name, stated once here; registered under it in pyproject.toml
