@@ -35,6 +35,9 @@ from .schema import (
     UserModel,
 )
 
+# An ISO 8601 duration of days and time, as `resources.duration_seconds` reads it (no months or years; not `P`
+# or `PT` alone).
+ISO_DURATION = r"^P(?!$)(?:\d+D)?(?:T(?=\d)(?:\d+H)?(?:\d+M)?(?:\d+S)?)?$"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_ID = "https://reconciler.invalid/schema/policy-v1.json"
 
@@ -64,7 +67,12 @@ def policy_json_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, An
     defs = _rename_refs(defs)
     for def_name, key, pattern in _PATTERNS:
         _constrain(defs[def_name]["properties"][key], pattern)
-    defs["System"] = _system_schema(capabilities)
+    defs["System"], system_defs = _system_schema(capabilities)
+    defs.update(system_defs)
+    operations = sorted(frozenset().union(*(caps.operations for caps in capabilities.values())))
+    if operations:
+        _enumerate(defs["Permission"]["properties"]["operations"], operations,
+                   f"what the grant allows (by vendor: {_operations_by_vendor(capabilities)})")
 
     def named(ref: str, what: str) -> dict[str, Any]:
         return {"type": ["object", "null"], "description": f"{what}, by name",
@@ -91,7 +99,7 @@ def policy_json_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, An
             "permissions": {"type": ["array", "null"], "items": {"$ref": "#/$defs/Permission"},
                             "description": "who may open which devices, when"},
         },
-        "$defs": dict(sorted(defs.items())),
+        "$defs": _range_keywords(dict(sorted(defs.items()))),
     }
 
 
@@ -101,10 +109,14 @@ def _on(capabilities: Mapping[str, Capabilities], flag: str) -> str:
     return f" ({', '.join(having)})" if having else ""
 
 
-def _system_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, Any]:
+def _system_schema(capabilities: Mapping[str, Capabilities]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A union discriminated on `vendor`, one branch per vendor: the common keys, that vendor's settings (from
-    its settings model) and credential keys, nothing else."""
-    common = SystemModel.model_json_schema(by_alias=True, mode="validation")["properties"]
+    its settings model) and credential keys, nothing else; and the definitions the common keys refer to
+    (`MassRevoke`), which must travel with them or the references dangle."""
+    system = _rename_refs(SystemModel.model_json_schema(ref_template="#/$defs/{model}", by_alias=True,
+                                                        mode="validation"))
+    common = system["properties"]
+    system_defs = {_def_name(name): body for name, body in system.get("$defs", {}).items()}
     assert set(common) == set(SYSTEM_KEYS), "the schema of a system must follow SystemModel"
     branches = []
     for vendor, caps in capabilities.items():
@@ -120,9 +132,50 @@ def _system_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, Any]:
         for setting in sorted(caps.settings):
             properties[setting] = {**(typed.get(setting) or _SCALAR), "description": f"{vendor} setting"}
             properties[setting].pop("title", None)
+            if setting in caps.setting_durations:
+                low, high = caps.setting_durations[setting]
+                _constrain(properties[setting], ISO_DURATION)
+                properties[setting]["description"] = (f"{vendor} setting: an ISO 8601 duration of days and time "
+                                                      f"(P7D, PT24H), {low} to {high} seconds")
         branches.append({"title": vendor, "type": "object", "required": ["vendor", *sorted(caps.required_settings)],
                          "properties": properties, "additionalProperties": False})
-    return {"description": "a vendor connection", "oneOf": branches, "discriminator": {"propertyName": "vendor"}}
+    return ({"description": "a vendor connection", "oneOf": branches, "discriminator": {"propertyName": "vendor"}},
+            system_defs)
+
+
+def _operations_by_vendor(capabilities: Mapping[str, Capabilities]) -> str:
+    return "; ".join(f"{name}: {', '.join(sorted(caps.operations))}" for name, caps in sorted(capabilities.items())
+                     if caps.operations)
+
+
+def _enumerate(prop: dict[str, Any], values: list[str], description: str) -> None:
+    """A list of strings whose items are one of `values` (the union over vendors; `validate` checks the vendor)."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") == "array":
+            branch["items"] = {"enum": values}
+    prop["description"] = description
+
+
+# pydantic writes the bounds of a union (`float | int` with ge/le) in its own words; JSON Schema's are these.
+_RANGE_WORDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _range_keywords(node: Any) -> Any:
+    """Every schema object's `ge`/`le`/`gt`/`lt` as `minimum`/`maximum`/`exclusive…` (a validator ignores the
+    former; they would be no check at all). Property names (under `properties`) are left as they are."""
+    if isinstance(node, list):
+        return [_range_keywords(value) for value in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("properties", "$defs", "patternProperties") and isinstance(value, dict):
+            out[key] = {name: _range_keywords(sub) for name, sub in value.items()}
+        elif key in _RANGE_WORDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[_RANGE_WORDS[key]] = value
+        else:
+            out[key] = _range_keywords(value)
+    return out
 
 
 def _constrain(prop: dict[str, Any], pattern: str) -> None:
