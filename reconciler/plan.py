@@ -211,20 +211,41 @@ class Change:
             "action": str(self.action), "effect": str(self.effect),
             "before": before, "after": after, "source": self.source,
         }
-        if self.grants and self.revokes:
-            data["access"] = ["grant", "revoke"]
-        if self.privilege:
-            data["privilege"] = True
-        if self.changed:
-            data["changed"] = list(self.changed)
-        if self.origin:
-            data["origin"] = self.origin
         meta = self.desired.meta if self.desired else {}
-        if meta.get("reason"):
-            data["reason"] = meta["reason"]
-        if meta.get("via"):
-            data["via"] = list(meta["via"])
+        # Every key on every change, null when it does not apply (schema/plan.schema.json); the checksum
+        # leaves the nulls out (`checksum_form`), so it is the same as when they were omitted.
+        data["access"] = ["grant", "revoke"] if self.grants and self.revokes else None
+        data["privilege"] = True if self.privilege else None
+        data["changed"] = list(self.changed) if self.changed else None
+        data["origin"] = self.origin or None
+        data["reason"] = meta.get("reason") or None
+        data["via"] = list(meta["via"]) if meta.get("via") else None
         return data
+
+
+OPTIONAL_CHANGE_KEYS = ("access", "privilege", "changed", "origin", "reason", "via")
+
+
+def checksum_form(change: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A change as the checksum hashes it: the optional keys only where they are not null."""
+    if all(change.get(key) is not None for key in OPTIONAL_CHANGE_KEYS):
+        return change
+    return {key: value for key, value in change.items() if value is not None or key not in OPTIONAL_CHANGE_KEYS}
+
+
+def changes_checksum(changes: Any) -> str:
+    """The SHA-256 of json.dumps([checksum_form(c) for c in changes], sort_keys=True, separators=(",", ":"),
+    default=str), fed one change at a time (the same bytes: a compact list is "[" + items joined by "," + "]")
+    so that the whole payload is never held at once. A saved plan's changes give its checksum back unless
+    they were edited."""
+    encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+    digest = hashlib.sha256(b"[")
+    for n, change in enumerate(changes):
+        if n:
+            digest.update(b",")
+        digest.update(encode(checksum_form(change)).encode())
+    digest.update(b"]")
+    return "sha256:" + digest.hexdigest()
 
 
 def _side(resource: Resource | None) -> dict[str, Any] | None:
@@ -274,6 +295,10 @@ class Guard:
         share = f"{self.revoking / self.managed:.0%}" if self.managed else "all"
         limit = f"more than {self.threshold.percent:g} % of at least {self.threshold.minimum}"
         head = f"{self.system}: the plan revokes {self.revoking} of {self.managed} managed grants ({share}, {limit})"
+        if not self.trips:
+            # The message agrees with `trips`/`refuses`: under the limit, the guard lets apply through.
+            return (f"{self.system}: the plan revokes {self.revoking} of {self.managed} managed grants ({share}); "
+                    f"within the mass-revoke guard ({limit} stops): apply proceeds")
         if self.acknowledged:
             return f"{head}; acknowledged in the policy ({self.threshold.source}): apply proceeds"
         how = (f"after review, acknowledge it in the policy with `mass_revoke: {{acknowledge: {self.token}}}` "
@@ -370,17 +395,7 @@ class Plan:
 
     @cached_property
     def _checksum(self) -> str:
-        # The SHA-256 of json.dumps(changes, sort_keys=True, separators=(",", ":"), default=str), fed one change at
-        # a time (the same bytes: a compact list is "[" + items joined by "," + "]") so that the whole payload is
-        # never held at once.
-        encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
-        digest = hashlib.sha256(b"[")
-        for n, change in enumerate(self._change_dicts):
-            if n:
-                digest.update(b",")
-            digest.update(encode(change).encode())
-        digest.update(b"]")
-        return "sha256:" + digest.hexdigest()
+        return changes_checksum(self._change_dicts)
 
     @cached_property
     def _dict(self) -> dict[str, Any]:

@@ -185,7 +185,7 @@ def _person(name: str) -> str:
 
 
 def _via(change: dict[str, Any]) -> str:
-    groups = [v.split(":", 1)[1] for v in change.get("via", []) if v.startswith("group:")]
+    groups = [v.split(":", 1)[1] for v in (change.get("via") or []) if v.startswith("group:")]
     if not groups:
         return ""
     return " through group" + ("s " if len(groups) > 1 else " ") + ", ".join(f"`{code(g)}`" for g in groups)
@@ -246,8 +246,8 @@ def _group_line(change: dict[str, Any]) -> tuple[Any, ...] | None:
     change is told on its own (privilege, updates, direct grants, several groups)."""
     if change["kind"] not in ("permission", "key", "share") or change["action"] != "create" or change.get("privilege"):
         return None
-    groups = [v.split(":", 1)[1] for v in change.get("via", []) if v.startswith("group:")]
-    if len(groups) != 1 or "user" in change.get("via", []):
+    groups = [v.split(":", 1)[1] for v in (change.get("via") or []) if v.startswith("group:")]
+    if len(groups) != 1 or "user" in (change.get("via") or []):
         return None
     _user, _device, *operation = change["address"].split("/", 2)[2].split("/")
     window = _window(change["after"])

@@ -6,6 +6,7 @@ other front ends (CI jobs) run the same workflow without click.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from reconciler.access import AccessRow, Admin, rows_from_live, rows_from_policy
 from reconciler.applier import ApplyReport, apply_plan, check_mass_revoke
 from reconciler.bulk import paused_collection
 from reconciler.errors import PlanError, ReconcilerError, RefusedError, StateError
-from reconciler.plan import FORMAT_VERSION, Change, Note, Plan
+from reconciler.plan import FORMAT_VERSION, OPTIONAL_CHANGE_KEYS, Change, Note, Plan, changes_checksum
 from reconciler.policy import Policy, load_policy
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.factory import build_provider, capabilities
@@ -280,6 +281,47 @@ def push_state(session: Session, source: Path, *, force: bool = False) -> int:
 def pull_state(session: Session) -> dict[str, Any]:
     """The whole state in the local file's format, from whichever store the session names."""
     return open_state(session).snapshot()
+
+
+class SavedPlan:
+    """A plan read back from its JSON (`plan --out`): what the renderers need of a `Plan` (its `to_dict()`),
+    for `reconciler show`."""
+
+    def __init__(self, data: dict[str, Any]):
+        self._data = data
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._data
+
+
+def load_saved(path: Path) -> dict[str, Any]:
+    """A saved plan, checked before anything else is done with it: readable, a plan of the format this version
+    reads, and not edited by hand (its changes still give its checksum). An edit is refused, never dropped
+    silently: apply runs what the checksum names, so an edited file would not run as the user meant."""
+    name = path.name
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RefusedError(f"refused: cannot read plan {path}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("changes"), list) \
+            or not all(isinstance(c, dict) for c in data["changes"]):
+        raise RefusedError(f"refused: {path} is not a reconciler plan (made by `reconciler plan --out`)")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise RefusedError(f"refused: {name} has format_version {data.get('format_version')!r}; this version reads "
+                           f"{FORMAT_VERSION}; run plan again")
+    found = changes_checksum(data["changes"])
+    if found != data.get("checksum"):
+        counted = sum(v for v in (data.get("summary") or {}).values() if isinstance(v, int))
+        listed = len(data["changes"])
+        what = (f"it lists {listed} changes where its summary counts {counted}" if counted != listed
+                else "its changes do not match its checksum")
+        raise RefusedError(f"refused: {name} was edited: {what} ({found} from the changes, "
+                           f"{data.get('checksum')} recorded); an edited plan is never applied. Nothing was sent; "
+                           "run plan again")
+    for change in data["changes"]:
+        for key in OPTIONAL_CHANGE_KEYS:     # a plan saved before every key was written
+            change.setdefault(key, None)
+    return data
 
 
 def check_saved(saved: Mapping[str, Any], fresh: Plan) -> None:

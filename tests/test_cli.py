@@ -91,7 +91,9 @@ def test_json_plan_is_the_contract_and_out_matches(cli, tmp_path):
     assert change == {"address": "hq/permission/alice/gym/OPEN", "system": "hq", "kind": "permission",
                       "action": "create", "effect": "grant", "before": None,
                       "after": {"start": "2026-01-01T00:00:00Z", "end": "2027-12-31T23:59:59Z", "key_validity": "P8D"},
-                      "source": "policies/p.yaml:10", "reason": "FAC-1", "origin": "policy", "via": ["user"]}
+                      "source": "policies/p.yaml:10", "reason": "FAC-1", "origin": "policy", "via": ["user"],
+                      # every key on every change, null where it does not apply (schema/plan.schema.json)
+                      "access": None, "privilege": None, "changed": None}
 
 
 def test_saved_plan_applies_exactly_or_is_refused_when_stale(cli, tmp_path):
