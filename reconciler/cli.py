@@ -1,7 +1,8 @@
 """Command line: parse options, call one function of `reconciler.run`, print, exit with its code.
 
-Exit codes: 0 success or no changes; 1 error (policy, vendor, refused plan); 2 changes present
-(`plan --detailed-exitcode`). Errors print one line per problem, never a traceback.
+Exit codes, one meaning each: 0 success or no changes; 1 any error (policy, vendor, refused plan, a declined
+apply, a usage error such as an unknown option); 2 only "changes present" (`plan --detailed-exitcode`); 3 a bug in
+reconciler. Errors print one line per problem, never a traceback.
 
 Every command accepts `-v/--verbose` and `--no-color` wherever they are written (`ReconcilerGroup` adds them to
 each command it registers, so a new command gets them too), and the commands that read a policy take it the same
@@ -22,7 +23,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
@@ -32,6 +33,7 @@ from reconciler.errors import (
     Diagnostic,
     ExitCode,
     InternalError,
+    Location,
     PolicyError,
     ReconcilerError,
     RefusedError,
@@ -166,8 +168,24 @@ def shared_options() -> list[click.Option]:
     ]
 
 
+# Terraform's single-dash options, and what reconciler spells instead.
+TERRAFORM_HABITS = {
+    "json": "use --format json",
+    "target": "reconciler has no -target: plan one policy file or directory (DIR) instead",
+    "var": "reconciler has no -var: credentials come from ${VAR} references in the policy",
+    "var-file": "reconciler has no -var-file: credentials come from ${VAR} references in the policy",
+    "input": "reconciler has no -input: apply asks only on a terminal; pass --auto-approve",
+    "chdir": "use -d/--directory DIR",
+    "destroy": "reconciler has no -destroy: remove the entries from the policy and apply",
+}
+
+
 class ReconcilerGroup(click.Group):
-    """A group whose every command, registered now or later, accepts the shared options."""
+    """A group whose every command, registered now or later, accepts the shared options.
+
+    Exit codes have one meaning each: a usage error (a typo'd option, a bad `--now`, an unknown command)
+    exits 1 like every other error, never 2, which only `plan --detailed-exitcode` uses for "changes present".
+    """
 
     group_class = type   # subgroups are ReconcilerGroups too
 
@@ -175,6 +193,48 @@ class ReconcilerGroup(click.Group):
         present = {opt for param in cmd.params for opt in getattr(param, "opts", [])}
         cmd.params.extend(option for option in shared_options() if not present & set(option.opts))
         super().add_command(cmd, name)
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            if parent is None:
+                _refuse_single_dash(self, args)
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            exc.exit_code = int(ExitCode.ERROR)   # type: ignore[misc]  # click: 2; ours: 1 (see the docstring)
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            exc.exit_code = int(ExitCode.ERROR)   # type: ignore[misc]  # click: 2; ours: 1 (see the docstring)
+            raise
+
+
+def _long_options(command: click.Command) -> set[str]:
+    names = {opt[2:] for param in command.params for opt in getattr(param, "opts", []) if opt.startswith("--")}
+    for sub in getattr(command, "commands", {}).values():
+        names |= _long_options(sub)
+    return names
+
+
+def _refuse_single_dash(group: click.Group, args: list[str]) -> None:
+    """`-out plan.json`, `-auto-approve`, `-json`: Terraform's habits get a hint (`use --out`), not click's
+    "No such option: -o" (or worse, `-d` taking "etailed-exitcode" as its value)."""
+    known = _long_options(group)
+    for arg in args:
+        if arg == "--":
+            return
+        match = re.fullmatch(r"-([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(=.*)?", arg)
+        if match is None or len(match.group(1)) < 2 or set(match.group(1)) <= {"v"}:
+            continue
+        name = match.group(1)
+        if name in known:
+            raise click.UsageError(f"{arg.split('=', 1)[0]} is not an option: use --{name} "
+                                   "(reconciler's options take two dashes)")
+        if name in TERRAFORM_HABITS:
+            raise click.UsageError(f"{arg.split('=', 1)[0]} is a Terraform option: {TERRAFORM_HABITS[name]}")
 
 
 def _color() -> bool:
@@ -228,8 +288,9 @@ main.params.extend(shared_options())
 
 @main.command()
 @policy_directory
-@click.option("--format", "fmt", type=click.Choice(["text", "github"]), default="text", show_default=True,
-              help="github: workflow-command annotations on the policy lines, for pull requests.")
+@click.option("--format", "fmt", type=click.Choice(["text", "github", "json"]), default="text", show_default=True,
+              help="github: workflow-command annotations on the policy lines, for pull requests; json: "
+                   "{valid, error_count, diagnostics: [{severity, file, line, column, message}]} for programs.")
 @allow_host_option
 def validate(directory: str, fmt: str, allow_host: tuple[str, ...]) -> None:
     """Check the policy without contacting any vendor."""
@@ -237,12 +298,20 @@ def validate(directory: str, fmt: str, allow_host: tuple[str, ...]) -> None:
         try:
             policy = run.validate(_session(directory, None, None, allow_host))
         except PolicyError as exc:
+            if fmt == "json":
+                return _validate_json([("error", d) for d in exc.diagnostics])
             if fmt != "github":
                 raise
             for diagnostic in exc.diagnostics:
                 click.echo(_annotation("error", diagnostic))
             click.echo(f"{len(exc.diagnostics)} problem(s) in the policy", err=True)
             return ExitCode.ERROR
+        except ReconcilerError as exc:
+            if fmt != "json":
+                raise
+            return _validate_json([("error", Diagnostic(Location(""), line)) for line in exc.lines()])
+        if fmt == "json":
+            return _validate_json([("warning", w) for w in policy.warnings])
         for warning in policy.warnings:
             click.echo(_annotation("warning", warning) if fmt == "github" else printable(f"warning: {warning}"),
                        err=fmt != "github")
@@ -250,6 +319,18 @@ def validate(directory: str, fmt: str, allow_host: tuple[str, ...]) -> None:
                    f"{_count(len(policy.resources), 'resource')}.")
         return ExitCode.OK
     _guard(body)
+
+
+def _validate_json(found: list[tuple[str, Diagnostic]]) -> int:
+    """`validate --format json` (Terraform's `validate -json`): one object on standard output; the exit code
+    is 1 when there is any error. `file`, `line` and `column` are null where a problem has no place."""
+    diagnostics = [{"severity": severity, "file": d.location.path or None, "line": d.location.line or None,
+                    "column": (d.location.col or 1) if d.location.line else None, "message": d.message}
+                   for severity, d in found]
+    errors = sum(1 for severity, _ in found if severity == "error")
+    click.echo(json.dumps({"valid": not errors, "error_count": errors, "warning_count": len(found) - errors,
+                           "diagnostics": diagnostics}, indent=2, ensure_ascii=False))
+    return ExitCode.ERROR if errors else ExitCode.OK
 
 
 def _count(number: int, noun: str) -> str:
@@ -377,7 +458,8 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
                 raise ApplyFailedError(f"apply incomplete: {len(uncertain)} uncertain (see the warnings above); "
                                        "resolve them as each says, then run apply again",
                                        [f"remains: {n.address}: {n.message}" for n in uncertain])
-            return ExitCode.OK
+            # Declined: Terraform exits 1 too; a script must not take "not applied" for "applied".
+            return ExitCode.ERROR if result.has_changes else ExitCode.OK
         if report.internal:
             change, error = report.internal[0]
             if os.environ.get("RECONCILER_DEBUG"):
@@ -412,13 +494,8 @@ def _ask_yes() -> bool:
 
 
 def _read_plan(path: str) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RefusedError(f"refused: cannot read plan {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise RefusedError(f"refused: {path} is not a reconciler plan")
-    return data
+    """A saved plan, refused before anything is read or sent when it is not one or was edited by hand."""
+    return run.load_saved(Path(path))
 
 
 def _parse_at(value: str | None) -> datetime | None:
@@ -432,6 +509,28 @@ def _parse_at(value: str | None) -> datetime | None:
     if moment.tzinfo is None:
         raise click.BadParameter(f"{value!r} needs a timezone, e.g. {value}Z")
     return moment
+
+
+@main.command()
+@click.argument("plan_file", metavar="PLAN.json", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True,
+              help="text for people, markdown for a pull request comment, json for programs.")
+def show(plan_file: str, fmt: str) -> None:
+    """Show a saved plan (`plan --out`) as `plan` showed it, without reading any system.
+
+    A plan edited by hand is refused, as `apply --plan` refuses it.
+    """
+    def body() -> int:
+        saved = cast("Plan", run.SavedPlan(run.load_saved(Path(plan_file))))
+        if fmt == "text":
+            color = _color()
+            render.write_text(saved, lambda text: click.echo(colorize_plan(text, color), nl=False))
+        elif fmt == "json":
+            render.write_json(saved, lambda text: click.echo(text, nl=False))
+        else:
+            click.echo(render.render_markdown(saved), nl=False)
+        return ExitCode.OK
+    _guard(body)
 
 
 @main.command()
@@ -604,16 +703,20 @@ def serve(host: str, port: int, store: str, rate_limit: int | None, now: str | N
         clock = run.running_clock(start) if start is not None else None
         mounts, credentials = sandbox_mounts(Path(store), rate_limit=rate_limit, clock=clock)
         names = _credential_variables(Path(directory))
-        click.echo(f"Serving vendor sandboxes on http://{host}:{port} (Ctrl-C to stop):")
-        for prefix in mounts:
-            click.echo(f"  {prefix[1:]}: url http://{host}:{port}{prefix}")
-        click.echo("Sandbox credentials (test values of the simulators, not secrets):")
-        for vendor, values in credentials.items():
-            for key, value in sorted(values.items()):
-                variable = names.get((vendor, key)) or conventional_variable(vendor, key)
-                click.echo(f"  export {variable}={value}")
-        click.echo("Ready.")
-        serve_http(host, port, mounts)
+
+        def announce(base: str) -> None:
+            # Printed once the socket is bound: with --port 0 the URLs name the port the system chose.
+            click.echo(f"Serving vendor sandboxes on {base} (Ctrl-C to stop):")
+            for prefix in mounts:
+                click.echo(f"  {prefix[1:]}: url {base}{prefix}")
+            click.echo("Sandbox credentials (test values of the simulators, not secrets):")
+            for vendor, values in credentials.items():
+                for key, value in sorted(values.items()):
+                    variable = names.get((vendor, key)) or conventional_variable(vendor, key)
+                    click.echo(f"  export {variable}={value}")
+            click.echo("Ready.")
+
+        serve_http(host, port, mounts, on_bound=announce)
         return ExitCode.OK
     _guard(body)
 

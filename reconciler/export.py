@@ -159,6 +159,8 @@ def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, 
         if section:
             document[name] = section
     document.yaml_set_start_comment(
+        # First, as in the shipped policies: the editor schema (yaml-language-server) for the file.
+        "yaml-language-server: $schema=../schema/policy.schema.json\n"
         f"Exported from system '{system}' ({vendor}) by `reconciler export`.\n"
         "Existing objects are adopted by vendor id; review the names, then commit.")
     yaml = YAML()

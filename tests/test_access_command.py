@@ -133,4 +133,4 @@ def test_live_answers_from_the_sandboxes_with_live_only_access_marked(cli):
 def test_bad_at_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["access", "--at", "2026-12-07T10:00:00"])
-    assert result.exit_code == 2 and "needs a timezone" in result.output
+    assert result.exit_code == 1 and "needs a timezone" in result.output

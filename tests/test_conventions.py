@@ -123,7 +123,7 @@ def test_directory_as_argument_or_option_is_the_same(cli, tmp_path):
     assert by_argument.exit_code == by_option.exit_code == 0
     assert by_argument.output == by_option.output
     clash = cli("plan", "qs", "--directory", "policies")
-    assert clash.exit_code == 2 and "two policy directories" in clash.output
+    assert clash.exit_code == 1 and "two policy directories" in clash.output
 
 
 def test_counts_read_as_english(cli, tmp_path):
@@ -141,7 +141,7 @@ def test_apply_asks_for_the_word_yes(cli, tmp_path, monkeypatch):
 
     for answer in ("y", "Y", "yes please", ""):
         declined = cli("apply", "--now", NOW, input=f"{answer}\n")
-        assert declined.exit_code == 0, declined.output
+        assert declined.exit_code == 1, declined.output
         assert "Only 'yes' will be accepted" in declined.output and "Apply cancelled" in declined.output
         assert cli("plan", "--detailed-exitcode", "--now", NOW).exit_code == 2
 

@@ -574,4 +574,4 @@ def test_state_push_and_pull_on_the_command_line(pg_url, tmp_path, monkeypatch):
     to_file = runner.invoke(main, ["state", "push", "state.json", "--state", str(tmp_path / "other.json")])
     assert to_file.exit_code == 1 and "give --state postgresql://" in to_file.output
     bad = runner.invoke(main, ["apply", "--lock-timeout", "soon"], env=env)
-    assert bad.exit_code == 2 and "not a duration" in bad.output
+    assert bad.exit_code == 1 and "not a duration" in bad.output

@@ -71,7 +71,7 @@ def sandbox_mounts(directory: Path, *, rate_limit: int | None = None, clock: Cal
     return mounts, credentials
 
 
-def serve(host: str, port: int, mounts: dict[str, Any], ready: Any = None) -> None:
+def serve(host: str, port: int, mounts: dict[str, Any], ready: Any = None, on_bound: Any = None) -> None:
     from reconciler.sandbox.server import serve as serve_http
 
-    serve_http(host, port, mounts, ready=ready)
+    serve_http(host, port, mounts, ready=ready, on_bound=on_bound)

@@ -168,11 +168,14 @@ def make_server(host: str, port: int, mounts: Mapping[str, Handler], *,
 
 
 def serve(host: str, port: int, mounts: Mapping[str, Handler], ready: threading.Event | None = None, *,
-          allow_remote: bool = False) -> None:
-    """Serve until interrupted (blocking). `ready` is set once the socket is bound."""
+          allow_remote: bool = False, on_bound: Callable[[str], None] | None = None) -> None:
+    """Serve until interrupted (blocking). `ready` is set once the socket is bound; `on_bound` is then given the
+    base URL with the port actually bound (port 0 asks for any free one)."""
     server = make_server(host, port, mounts, allow_remote=allow_remote)
     for prefix, url in server.urls().items():
         logger.info("sandbox serving mount=%s url=%s", prefix or "/", url)
+    if on_bound is not None:
+        on_bound(server.base_url)
     if ready is not None:
         ready.set()
     try:
