@@ -40,7 +40,7 @@ def test_new_admin_account_is_a_granting_privilege_change_in_text_markdown_and_j
     data = json.loads(render_json(result))
     by_address = {c["address"]: c for c in data["changes"]}
     assert by_address["hq/user/kari"]["effect"] == "grant" and by_address["hq/user/kari"]["privilege"] is True
-    assert by_address["hq/user/lars"]["effect"] == "none" and "privilege" not in by_address["hq/user/lars"]
+    assert by_address["hq/user/lars"]["effect"] == "none" and by_address["hq/user/lars"]["privilege"] is None
     assert data["effects"] == {"grant": 1, "revoke": 0}
     text = render_text(result)
     assert "+ hq/user/kari  [grant, privilege]" in text
