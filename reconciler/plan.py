@@ -228,9 +228,13 @@ OPTIONAL_CHANGE_KEYS = ("access", "privilege", "changed", "origin", "reason", "v
 
 def checksum_form(change: Mapping[str, Any]) -> Mapping[str, Any]:
     """A change as the checksum hashes it: the optional keys only where they are not null."""
-    if all(change.get(key) is not None for key in OPTIONAL_CHANGE_KEYS):
+    drop = [key for key in OPTIONAL_CHANGE_KEYS if key in change and change[key] is None]
+    if not drop:
         return change
-    return {key: value for key, value in change.items() if value is not None or key not in OPTIONAL_CHANGE_KEYS}
+    form = dict(change)       # a C-level copy, then a few deletions: this runs once per change of every plan
+    for key in drop:
+        del form[key]
+    return form
 
 
 def changes_checksum(changes: Any) -> str:

@@ -370,3 +370,34 @@ def test_the_drift_issue_is_opened_only_on_exit_2_after_a_successful_plan():
     assert report["needs"] == "drift" and "if" not in report     # a failed plan (exit 1 or 3) skips the report
     create = script.index("issues.create")
     assert script.rindex('process.env.EXITCODE === "2"', 0, create) >= 0
+
+
+def test_validate_json_reports_warnings_and_stays_valid(cli, tmp_path):
+    (tmp_path / "policies" / "p.yaml").write_text(
+        SMALL.replace("annex: {system: hq, name: Annex}", "annex: {system: hq, name: Annex, decommission: true}"))
+    result = cli("validate", "--format", "json")
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["valid"] is True and data["error_count"] == 0 and data["warning_count"] >= 1
+    warning = data["diagnostics"][0]
+    assert warning["severity"] == "warning" and "decommissioned" in warning["message"]
+    assert warning["file"].endswith("p.yaml") and warning["line"] == 11 and warning["column"] >= 1
+
+
+# -- the pre-commit example names a release tag ------------------------------------------------------------------
+
+def test_the_pre_commit_example_names_the_release_tag_of_this_version():
+    from reconciler import __version__
+
+    tag = f"v{__version__}"
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("To validate on every commit with [pre-commit]", 1)[1].split("```", 2)[1]
+    revs = re.findall(r"rev: (\S+)", example)
+    hooks = re.findall(r"rev: (\S+)", (ROOT / ".pre-commit-hooks.yaml").read_text())
+
+    assert revs == [tag] and hooks == [tag]
+    assert "tagged `v<version>`" in (ROOT / "CHANGELOG.md").read_text()
+    # the hook the example names exists
+    assert "reconciler-validate" in example
+    assert [h["id"] for h in yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())] == ["reconciler-validate"]
