@@ -362,11 +362,18 @@ def _escape_property(text: str) -> str:
 @now_option
 @state_option
 @allow_host_option
+@click.option("--revision", envvar="RECONCILER_REVISION", metavar="COMMIT[@TIME]",
+              help="The policy's revision when the directory is not its git work tree (RECONCILER_REVISION).")
 def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now: str | None,
-         state: str | None, allow_host: tuple[str, ...]) -> None:
+         state: str | None, allow_host: tuple[str, ...], revision: str | None) -> None:
     """Show what apply would change."""
     def body() -> int:
-        result = run.plan(_reading(_session(directory, state, now, allow_host)))
+        session = _session(directory, state, now, allow_host)
+        session.revision = revision
+        notice = run.revision_notice(session)
+        if notice:
+            click.echo(f"note: {notice}", err=True)
+        result = run.plan(_reading(session))
         # Written as it is rendered: a plan of 100,000 changes is never held as one string.
         if out:
             with open(out, "w", encoding="utf-8") as handle:
@@ -397,8 +404,13 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
 @state_option
 @allow_host_option
 @lock_timeout_option
+@click.option("--revision", envvar="RECONCILER_REVISION", metavar="COMMIT[@TIME]",
+              help="The policy's revision when the directory is not its git work tree (RECONCILER_REVISION).")
+@click.option("--allow-older-revision", is_flag=True,
+              help="Apply even a revision older than the one applied last (a deliberate revert).")
 def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_revoke: bool,
-          now: str | None, state: str | None, allow_host: tuple[str, ...], lock_timeout: str) -> None:
+          now: str | None, state: str | None, allow_host: tuple[str, ...], lock_timeout: str,
+          revision: str | None, allow_older_revision: bool) -> None:
     """Make the live systems match the policy."""
     def body() -> int:
         saved = _read_plan(plan_file) if plan_file else None
@@ -441,7 +453,9 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
 
         previous = signal.getsignal(signal.SIGINT)
         try:
-            result, report = run.apply(_reading(_session(directory, state, now, allow_host, lock_timeout)),
+            session = _session(directory, state, now, allow_host, lock_timeout)
+            session.revision = revision
+            result, report = run.apply(_reading(session), allow_older_revision=allow_older_revision,
                                        saved=saved, approve=approve, allow_mass_revoke=allow_mass_revoke,
                                        on_plan=show, on_change=on_change,
                                        stop=stop)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,6 +26,99 @@ class Action(StrEnum):
     UPDATE = "update"
     DELETE = "delete"
     REPLACE = "replace"
+
+
+@dataclass(frozen=True)
+class Rename:
+    """`previously:` on a user, device or gateway: `old` is now `new` on `system`."""
+
+    system: str
+    kind: str          # user, device or gateway
+    old: str
+    new: str
+
+    @property
+    def before(self) -> str:
+        return f"{self.system}/{self.kind}/{self.old}"
+
+    @property
+    def after(self) -> str:
+        return f"{self.system}/{self.kind}/{self.new}"
+
+
+def _bare(part: str) -> str:
+    """A name part without its window or vendor-id suffix (`roof@2026-…` → `roof`)."""
+    return part.split("#", 1)[0].split("@", 1)[0]
+
+
+def owners(address: str) -> list[str]:
+    """The users, devices and gateways an address belongs to: itself for those, the person and the door of
+    a grant, the person of an invitation, the gateway and the door of an association."""
+    system, kind, name = ([*address.split("/", 2), "", ""])[:3]
+    parts = name.split("/")
+    if kind in ("user", "device", "gateway"):
+        return [address]
+    if kind == "invitation":
+        return [f"{system}/user/{name}"]
+    if kind in GRANT_KINDS and kind != Kind.TEMP_KEY and len(parts) >= 2:
+        return [f"{system}/user/{parts[0]}", f"{system}/device/{_bare(parts[1])}"]
+    if kind == "association" and len(parts) == 2:
+        return [f"{system}/gateway/{parts[0]}", f"{system}/device/{parts[1]}"]
+    return []
+
+
+def renamed_address(address: str, renames: list[Rename]) -> str | None:
+    """Where `address` lives after `renames` (every part naming a renamed user, device or gateway is
+    changed), or None when none of them touches it."""
+    system, kind, name = ([*address.split("/", 2), "", ""])[:3]
+    parts = name.split("/")
+    touched = False
+    for r in renames:
+        if r.system != system:
+            continue
+        if kind == r.kind or (kind == "invitation" and r.kind == "user"):
+            if name == r.old:
+                parts, touched = [r.new], True
+            continue
+        slot = {("user", True): 0, ("device", True): 1, ("gateway", False): 0, ("device", False): 1}.get(
+            (r.kind, kind in GRANT_KINDS and kind != Kind.TEMP_KEY))
+        if slot is None or not (kind == "association" or (kind in GRANT_KINDS and kind != Kind.TEMP_KEY)):
+            continue
+        if kind == "association" and r.kind == "user":
+            continue
+        if kind != "association" and r.kind == "gateway":
+            continue
+        if len(parts) > slot and _bare(parts[slot]) == r.old:
+            parts[slot] = r.new + parts[slot][len(_bare(parts[slot])):]
+            touched = True
+    return f"{system}/{kind}/{'/'.join(parts)}" if touched else None
+
+
+def matches(address: str, pattern: str) -> bool:
+    """An `ignore:` pattern: `*` is any text within one part of an address (between `/`), `**` any text."""
+    return _pattern(pattern).fullmatch(address) is not None
+
+
+_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def _pattern(pattern: str) -> re.Pattern[str]:
+    compiled = _PATTERNS.get(pattern)
+    if compiled is None:
+        text = "".join(".*" if part == "**" else "[^/]*" if part == "*" else re.escape(part)
+                       for part in re.split(r"(\*\*|\*)", pattern))
+        compiled = _PATTERNS[pattern] = re.compile(text)
+    return compiled
+
+
+def ignored_by(address: str, patterns: tuple[str, ...]) -> str | None:
+    """The pattern that ignores `address`: one matching it, or one of its owners (a user's grants go with
+    the user)."""
+    for candidate in (address, *owners(address)):
+        for pattern in patterns:
+            if matches(candidate, pattern):
+                return pattern
+    return None
 
 
 class Effect(StrEnum):
@@ -150,6 +244,7 @@ class Change:
     changed: tuple[str, ...] = ()
     origin: str | None = None     # "policy": the YAML changed; "drift": the live system changed outside git
     effects: frozenset[Effect] | None = None    # judged by access at plan time; None: by the verb alone
+    looks_like: str | None = None    # "looks like a rename of bob (same phone)": a suspected rename
 
     @property
     def resource(self) -> Resource:
@@ -220,10 +315,11 @@ class Change:
         data["origin"] = self.origin or None
         data["reason"] = meta.get("reason") or None
         data["via"] = list(meta["via"]) if meta.get("via") else None
+        data["looks_like"] = self.looks_like or None
         return data
 
 
-OPTIONAL_CHANGE_KEYS = ("access", "privilege", "changed", "origin", "reason", "via")
+OPTIONAL_CHANGE_KEYS = ("access", "privilege", "changed", "origin", "reason", "via", "looks_like")
 
 
 def checksum_form(change: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -329,6 +425,75 @@ def revocation_token(changes: list[Change]) -> str:
 
 
 @dataclass(frozen=True)
+class Suspect:
+    """A delete and a create on one system that look like one user, device or gateway renamed without
+    `previously:` (same email, phone, id or name): apply refuses them unless the policy says which it is."""
+
+    system: str
+    kind: str
+    old: str          # address of what the plan deletes (or leaves)
+    new: str          # address of what the plan creates
+    why: str          # "same phone"
+
+    @property
+    def old_name(self) -> str:
+        return self.old.split("/", 2)[2]
+
+    @property
+    def new_name(self) -> str:
+        return self.new.split("/", 2)[2]
+
+
+@dataclass(frozen=True)
+class Acknowledgement:
+    """`offboarding: {acknowledge: offboard-…}` under a system: the suspected renames of exactly that token
+    are really one person (device, gateway) leaving and another arriving."""
+
+    token: str | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class RenameGuard:
+    """The suspected renames of one system, as judged for a plan: shown in the plan, enforced by apply."""
+
+    system: str
+    suspects: tuple[Suspect, ...]
+    acknowledgement: Acknowledgement = Acknowledgement()
+
+    @property
+    def token(self) -> str:
+        text = json.dumps(sorted([s.old, s.new] for s in self.suspects), separators=(",", ":"))
+        return "offboard-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def acknowledged(self) -> bool:
+        return bool(self.acknowledgement.token) and self.acknowledgement.token == self.token
+
+    @property
+    def refuses(self) -> bool:
+        return not self.acknowledged
+
+    def message(self) -> str:
+        pairs = "; ".join(f"{s.new} looks like a rename of {s.old_name} ({s.why})" for s in self.suspects)
+        if self.acknowledged:
+            return (f"{self.system}: {pairs}; acknowledged as offboarding in the policy "
+                    f"({self.acknowledgement.source}): apply proceeds")
+        fix = ", ".join(f"`previously: [{s.old_name}]` on {s.kind}s.{s.new_name}" for s in self.suspects)
+        how = (f"if it is a rename, add {fix}; if it really is someone leaving and someone arriving, acknowledge "
+               f"it with `offboarding: {{acknowledge: {self.token}}}` under systems.{self.system}")
+        if self.acknowledgement.token:
+            how = (f"the acknowledgement {self.acknowledgement.token} ({self.acknowledgement.source}) is for "
+                   f"other pairs; {how}")
+        return f"{self.system}: {pairs}: apply will refuse it; {how}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"system": self.system, "token": self.token, "acknowledged": self.acknowledged,
+                "refuses": self.refuses, "message": self.message(),
+                "pairs": [{"from": s.old, "to": s.new, "kind": s.kind, "why": s.why} for s in self.suspects]}
+
+
+@dataclass(frozen=True)
 class Note:
     """A line of a plan that is not a change: pending, unmanaged, or a warning."""
 
@@ -359,10 +524,13 @@ class Plan:
     guards: tuple[Guard, ...] = ()   # per system with revocations: the mass-revoke guard as judged for this plan
     policy_digest: str = ""          # of the desired resources: a saved plan is refused when it changes
     live_digests: Mapping[str, str] = field(default_factory=dict)   # of the live side of each change
+    renamed: tuple[Note, ...] = ()   # `previously:`: state records moved, nothing sent
+    ignored: tuple[Note, ...] = ()   # live objects `ignore:` covers: never changed, never revoked
+    renames: tuple[RenameGuard, ...] = ()    # per system with suspected renames
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "changes", tuple(sorted(self.changes, key=lambda c: (c.address, c.action))))
-        for name in ("pending", "unmanaged", "warnings"):
+        for name in ("pending", "unmanaged", "warnings", "renamed", "ignored"):
             object.__setattr__(self, name, tuple(sorted(getattr(self, name), key=lambda n: (n.address, n.message))))
 
     @property
@@ -387,6 +555,10 @@ class Plan:
     @property
     def refused_by(self) -> tuple[Guard, ...]:
         return tuple(g for g in self.guards if g.refuses)
+
+    @property
+    def refused_renames(self) -> tuple[RenameGuard, ...]:
+        return tuple(g for g in self.renames if g.refuses)
 
     def checksum(self) -> str:
         return self._checksum
@@ -415,7 +587,19 @@ class Plan:
             "unmanaged": [n.to_dict() for n in self.unmanaged],
             "warnings": [n.to_dict() for n in self.warnings],
             "guard": [g.to_dict() for g in self.guards],
-        }
+        } | self._additions()
+
+    def _additions(self) -> dict[str, Any]:
+        """Sections added after format 1 was published: present only when they have something, so that a
+        plan without them reads exactly as before."""
+        data: dict[str, Any] = {}
+        if self.renamed:
+            data["renamed"] = [n.to_dict() for n in self.renamed]
+        if self.renames:
+            data["rename_guard"] = [g.to_dict() for g in self.renames]
+        if self.ignored:
+            data["ignored"] = [n.to_dict() for n in self.ignored]
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-able data, built once per plan: treat it as read-only (a caller that needs to

@@ -15,7 +15,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
 
-from reconciler.plan import Action, Change, Effect, Guard, Note, Plan, RevokeThreshold, classify, revocation_token
+from reconciler.plan import (
+    Acknowledgement,
+    Action,
+    Change,
+    Effect,
+    Guard,
+    Note,
+    Plan,
+    RenameGuard,
+    RevokeThreshold,
+    Suspect,
+    classify,
+    ignored_by,
+    revocation_token,
+)
 from reconciler.resources import (
     GRANT_KINDS,
     Kind,
@@ -34,15 +48,36 @@ REVOKE, REPORT = "revoke", "report"
 
 def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime,
          unmanaged_modes: Mapping[str, str] | None = None, warnings: Iterable[Note] = (),
-         applied: Mapping[str, str] | None = None, thresholds: Mapping[str, RevokeThreshold] | None = None) -> Plan:
+         applied: Mapping[str, str] | None = None, thresholds: Mapping[str, RevokeThreshold] | None = None,
+         renamed: Iterable[tuple[str, str]] = (), ignore: tuple[str, ...] = (),
+         evidence: Mapping[str, Mapping[str, str]] | None = None,
+         acknowledgements: Mapping[str, Acknowledgement] | None = None) -> Plan:
     """`applied` (address → digest of the attributes apply last set, from state) lets the plan tell
     drift, a live change made outside git, from a change of the policy. `thresholds` are the systems'
-    mass-revoke guards (default 25 % of at least 10 managed grants)."""
+    mass-revoke guards (default 25 % of at least 10 managed grants).
+
+    `renamed`: the (old, new) addresses of users, devices and gateways `previously:` moved in the state (shown,
+    nothing sent). `ignore`: `ignore:` patterns; a live object they cover (or whose person, door or gateway
+    they cover) is listed once and left as it is. `evidence`: what identifies a user, device or gateway
+    (digests of email and phone, id, name, claiming code), for the desired ones and the ones the state knew:
+    a delete and a create sharing one are a suspected rename, which apply refuses unless `acknowledgements`
+    (per system) quotes its token."""
     modes = unmanaged_modes or {}
     desired = list(desired)
     now_text = format_time(now)
     wanted = {r.address: r for r in desired}
     found = _index_live(live, wanted, now_text)
+    ignored: list[Note] = []
+    if ignore:
+        for address in [a for a in found if a not in wanted]:
+            pattern = ignored_by(address, ignore)
+            if pattern is not None:
+                gone = found.pop(address)
+                known = gone.managed if not gone.is_grant else address in (applied or {})
+                word = "released" if known else "ignored"
+                details = (("id", gone.id),) if gone.id else ()
+                ignored.append(Note(address, f"{word}: left as it is (ignore: {pattern})", gone.system, gone.kind,
+                                    (("ignored", pattern), *details)))
     uncertain = {a for a, r in found.items() if r.meta.get("uncertain")}
 
     changes: list[Change] = []
@@ -108,12 +143,65 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
     applied_systems = {address.split("/", 1)[0] for address in (applied or {})}
     changes = [replace(c, origin=_origin(c, applied or {}, applied_systems), effects=_effects(c, now_text))
                for c in changes]
+    suspects = _suspects(changes, unmanaged, found, wanted, evidence or {})
+    if suspects:
+        remarks: dict[str, str] = {}
+        for suspect in suspects:
+            remarks[suspect.new] = f"looks like a rename of {suspect.old_name} ({suspect.why})"
+            remarks.setdefault(suspect.old, f"looks like a rename to {suspect.new_name} ({suspect.why})")
+        changes = [replace(c, looks_like=remarks[c.address]) if c.address in remarks else c for c in changes]
+    by_system: dict[str, list[Suspect]] = defaultdict(list)
+    for suspect in suspects:
+        by_system[suspect.system].append(suspect)
+    rename_guards = tuple(RenameGuard(system, tuple(found_), (acknowledgements or {}).get(system, Acknowledgement()))
+                          for system, found_ in sorted(by_system.items()))
+    moved = tuple(Note(new, f"{old} → {new} (renamed)", new.split("/", 1)[0], new.split("/")[1],
+                       (("previously", old),)) for old, new in renamed)
     guards = _guards(changes, managed, thresholds or {})
     live_digests = {c.address: _live_digest(c.live) for c in changes if c.live is not None}
     policy_digest = digest(sorted((r.address, dict(r.attributes), str(r.status), r.id) for r in desired))
     return Plan(now=now_text, changes=tuple(changes), pending=tuple(pending), unmanaged=tuple(unmanaged),
                 warnings=tuple(notes), managed_grants=len(managed), guards=guards, policy_digest=policy_digest,
-                live_digests=live_digests)
+                live_digests=live_digests, renamed=moved, ignored=tuple(ignored), renames=rename_guards)
+
+
+WHY = {"email": "same email", "phone": "same phone", "id": "same id", "name": "same name",
+       "claiming_code": "same claiming code"}
+
+
+def _suspects(changes: list[Change], unmanaged: list[Note], found: Mapping[str, Resource],
+              wanted: Mapping[str, Resource], evidence: Mapping[str, Mapping[str, str]]) -> list[Suspect]:
+    """Pairs of (a user, device or gateway leaving, one arriving) on one system that share what identifies
+    them: a rename without `previously:`. A user leaving is a delete; a device or gateway leaving is one the
+    state knew that the policy no longer declares (never deleted, but its grants go)."""
+    kinds = (Kind.USER, Kind.DEVICE, Kind.GATEWAY)
+    leaving = [c.address for c in changes if c.action is Action.DELETE and c.desired is None and c.kind == Kind.USER]
+    leaving += [n.address for n in unmanaged if n.kind in (Kind.DEVICE, Kind.GATEWAY)
+                and found.get(n.address) is not None and found[n.address].managed]
+    leaving += [a for a, r in found.items() if r.kind in (Kind.DEVICE, Kind.GATEWAY) and r.managed
+                and a not in wanted and a not in leaving]
+    arriving = [c.address for c in changes if c.action is Action.CREATE and c.kind in kinds]
+    suspects: list[Suspect] = []
+    taken: set[str] = set()
+    for new in sorted(arriving):
+        want = wanted.get(new)
+        mine = dict(evidence.get(new, {}))
+        if want is not None and want.kind == Kind.DEVICE and want.attributes.get("name"):
+            mine.setdefault("name", str(want.attributes["name"]))
+        for old in sorted(leaving):
+            if old in taken or old.split("/")[:2] != new.split("/")[:2]:
+                continue
+            have = found.get(old)
+            theirs = dict(evidence.get(old, {}))
+            if have is not None and have.kind == Kind.DEVICE and have.attributes.get("name"):
+                theirs.setdefault("name", str(have.attributes["name"]))
+            same = [k for k in WHY if mine.get(k) and mine.get(k) == theirs.get(k)]
+            if same:
+                suspects.append(Suspect(new.split("/", 1)[0], new.split("/")[1], old, new,
+                                        " and ".join(WHY[k] for k in same)))
+                taken.add(old)
+                break
+    return suspects
 
 
 def _changed(want: Resource, have: Resource, now_text: str, applied: str | None = None) -> tuple[str, ...]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,7 +24,7 @@ from reconciler.access import AccessRow, Admin, rows_from_live, rows_from_policy
 from reconciler.applier import ApplyReport, apply_plan, check_mass_revoke
 from reconciler.bulk import paused_collection
 from reconciler.errors import PlanError, ReconcilerError, RefusedError, StateError
-from reconciler.plan import FORMAT_VERSION, OPTIONAL_CHANGE_KEYS, Change, Note, Plan, changes_checksum
+from reconciler.plan import FORMAT_VERSION, OPTIONAL_CHANGE_KEYS, Change, Note, Plan, changes_checksum, renamed_address
 from reconciler.policy import Policy, load_policy
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.factory import build_provider, capabilities
@@ -61,6 +63,9 @@ class Session:
     allowed_credentials: tuple[str, ...] = ()
     # Reading progress: (None, 0, systems) when the reads start, then (system, objects read, systems) as each ends.
     on_read: Callable[[str | None, int, int], None] | None = None
+    # The revision being applied (`--revision`/RECONCILER_REVISION): COMMIT, or COMMIT@TIME (Unix seconds or
+    # ISO 8601) where the policy directory is not a git work tree holding that commit.
+    revision: str | None = None
     _started: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -139,20 +144,64 @@ def read_live(policy: Policy, providers: Mapping[str, Provider],
 
 @paused_collection
 def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider],
-              applied: Mapping[str, str] | None = None, *, state: Any = None) -> Plan:
+              applied: Mapping[str, str] | None = None, *, state: Any = None,
+              renamed: list[tuple[str, str]] | None = None) -> Plan:
     """Read every system in bulk, all systems at once, then diff. With `state`, first refuse a state
     that belongs to another system or was lost (`state.guard`)."""
     desired = policy.resources
+    if renamed is None:
+        renamed = _renamed(state, policy) if state is not None else []
     reads = read_live(policy, providers, session.on_read)
     live = [r for result in reads.values() for r in result.resources]
     if state is not None:
         check_state(state, {name: p.identity() for name, p in providers.items()}, desired, live)
+        applied = state.applied()
     notes = [Note(str(d.location), d.message) for d in policy.warnings]
     notes += [n for result in reads.values() for n in result.warnings]
     modes = {name: system.unmanaged for name, system in policy.systems.items()}
     thresholds = {name: system.mass_revoke for name, system in policy.systems.items()}
     return planner.plan(desired, live, now=session.at, unmanaged_modes=modes, warnings=notes, applied=applied,
-                        thresholds=thresholds)
+                        thresholds=thresholds, renamed=renamed, ignore=policy.ignore,
+                        evidence=_evidence(state, policy, live),
+                        acknowledgements={name: system.offboarding for name, system in policy.systems.items()})
+
+
+ENTITIES = ("user", "device", "gateway")
+
+
+def _renamed(state: Any, policy: Policy, *, persist: bool = False) -> list[tuple[str, str]]:
+    """Move what the state holds under each `previously:` key to its new key (records, applied digests):
+    in memory for a plan, written through for an apply. Returns the users, devices and gateways moved."""
+    if not policy.renames or not hasattr(state, "moved"):
+        return []
+    pairs = state.moved(lambda address: renamed_address(address, policy.renames))
+    if pairs:
+        state.move(pairs, persist=persist)
+    return [(old, new) for old, new in pairs if old.split("/")[1] in ENTITIES]
+
+
+def _evidence(state: Any, policy: Policy, live: list[Any]) -> dict[str, dict[str, str]]:
+    """What identifies each user, device and gateway: the policy's own, and for the ones the state knew, what
+    the last apply recorded (the note `evidence`), the phone of an invitation it sent, an email a vendor gives."""
+    from reconciler.resources import digest
+
+    known: dict[str, dict[str, str]] = {}
+    recorded = state.note("evidence") if state is not None and hasattr(state, "note") else None
+    for address, clues in (recorded or {}).items():
+        if isinstance(clues, dict):
+            known[str(address)] = {str(k): str(v) for k, v in clues.items()}
+    if state is not None:
+        for address, record in state.items():
+            system, kind, name = ([*address.split("/", 2), "", ""])[:3]
+            if kind == "invitation" and record.get("phone"):
+                known.setdefault(f"{system}/user/{name}", {}).setdefault("phone", digest(str(record["phone"])))
+    for resource in live:
+        if resource.kind == "user" and resource.meta.get("email"):
+            known.setdefault(resource.address, {}).setdefault(
+                "email", digest(str(resource.meta["email"]).strip().lower()))
+    for address, clues in policy.evidence.items():
+        known[address] = dict(clues)
+    return known
 
 
 def plan(session: Session) -> Plan:
@@ -166,40 +215,164 @@ def plan(session: Session) -> Plan:
 
 
 def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callable[[Plan], bool],
-          allow_mass_revoke: bool = False, on_plan: Callable[[Plan], None] | None = None,
+          allow_mass_revoke: bool = False, allow_older_revision: bool = False,
+          on_plan: Callable[[Plan], None] | None = None,
           on_change: Callable[[Change, str | None], None] | None = None,
           stop: threading.Event | None = None) -> tuple[Plan, ApplyReport | None]:
     """Plan under the state lock, check it against a saved plan, ask, execute. Returns the report, or
     None when there was nothing to do or approval was declined. Setting `stop` (Ctrl-C) sends nothing
     new; the report then says what was applied, what is uncertain and what remains."""
     policy = validate(session)
+    current = revision(session)
     state = open_state(session)
     with state:
+        check_revision(state, current, session.directory, allow_older=allow_older_revision)
+        renamed = _renamed(state, policy, persist=True)
         providers = build_providers(session, policy, state)
         if stop is not None:
             for provider in providers.values():
                 provider.stop = stop
         try:
-            fresh = make_plan(session, policy, providers, state.applied(), state=state)
+            fresh = make_plan(session, policy, providers, state.applied(), state=state, renamed=renamed)
             for name, provider in providers.items():
                 state.set_system(name, provider.identity())
             if saved is not None:
                 check_saved(saved, fresh)
             if on_plan:
                 on_plan(fresh)
+            if fresh.refused_renames:
+                raise RefusedError("refused: " + "; ".join(g.message() for g in fresh.refused_renames)
+                                   + ". Nothing was sent")
             if not fresh.has_changes:
                 for provider in providers.values():
                     provider.commit_reads()
+                _record(state, policy, current)
                 return fresh, None
             check_mass_revoke(fresh, allow_mass_revoke)
             if not approve(fresh):
                 return fresh, None
+            _record(state, policy, current)
             report = apply_plan(fresh, providers, allow_mass_revoke=allow_mass_revoke,
                                 concurrency={n: s.concurrency for n, s in policy.systems.items()},
                                 on_change=on_change, stop=stop)
             return fresh, report
         finally:
             _close(providers)
+
+
+def _record(state: Any, policy: Policy, current: Revision | None) -> None:
+    """What this apply came from: its revision (the revision guard of the next one) and what identified the
+    policy's users, devices and gateways (the next plan's clue to a rename)."""
+    if not hasattr(state, "set_note"):
+        return
+    state.set_note("evidence", policy.evidence)
+    if current is not None:
+        state.set_note("revision", {"commit": current.commit, "time": current.time})
+
+
+# ------------------------------------------------------------------------------------------ revision guard
+
+@dataclass(frozen=True)
+class Revision:
+    """The policy's revision: a git commit and its commit time (Unix seconds; None when unknown)."""
+
+    commit: str
+    time: int | None
+
+    def describe(self) -> str:
+        when = datetime.fromtimestamp(self.time, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if self.time is not None \
+            else "an unknown time"
+        return f"{self.commit[:12]}… at {when}"
+
+
+def _git(directory: Path, *args: str) -> str | None:
+    """One git command in the policy directory; None when git is missing, fails, or this is no work tree.
+    The only place the product runs git."""
+    try:
+        done = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True,
+                              env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _parse_time(text: str) -> int | None:
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return int(moment.timestamp()) if moment.tzinfo is not None else None
+
+
+def revision(session: Session) -> Revision | None:
+    """The revision this run comes from: `session.revision` (COMMIT or COMMIT@TIME), else the HEAD commit of
+    the policy directory's git work tree; None outside git (the guard is then off)."""
+    given = (session.revision or "").strip()
+    if given:
+        commit, _, when = given.partition("@")
+        if not commit:
+            raise ReconcilerError(f"--revision {given!r}: expected COMMIT or COMMIT@TIME")
+        stamp = _parse_time(when) if when else None
+        if when and stamp is None:
+            raise ReconcilerError(f"--revision {given!r}: the time after @ must be Unix seconds or ISO 8601 with "
+                                  "a timezone")
+        if stamp is None:
+            found = _git(session.directory, "show", "-s", "--format=%ct", f"{commit}^{{commit}}")
+            stamp = int(found) if found and found.isdigit() else None
+        return Revision(commit, stamp)
+    found = _git(session.directory, "log", "-1", "--format=%H %ct")
+    if not found or " " not in found:
+        return None
+    commit, seconds = found.split(" ", 1)
+    return Revision(commit, int(seconds) if seconds.isdigit() else None)
+
+
+def revision_notice(session: Session) -> str | None:
+    """What `plan` says once about the revision guard: off outside git, or that apply would refuse."""
+    current = revision(session)
+    if current is None:
+        return ("the policy directory is not in a git work tree and no --revision was given: the revision guard "
+                "(which refuses to apply an older revision over a newer one) is off")
+    try:
+        state = open_state(session)
+        older = _older(state.note("revision") if hasattr(state, "note") else None, current, session.directory)
+    except ReconcilerError:
+        return None
+    return older
+
+
+def check_revision(state: Any, current: Revision | None, directory: Path, *, allow_older: bool) -> None:
+    """Refuse to apply a revision older than the one the state says was applied last (by ancestry when both
+    commits are in this repository, else by commit time), unless `allow_older`."""
+    if current is None or allow_older or not hasattr(state, "note"):
+        return
+    older = _older(state.note("revision"), current, directory)
+    if older:
+        raise RefusedError(f"refused: {older}. Nothing was sent; update the checkout (git pull) and plan again, "
+                           "or pass --allow-older-revision if reverting is intended")
+
+
+def _older(last: Any, current: Revision, directory: Path) -> str | None:
+    if not isinstance(last, dict) or not last.get("commit"):
+        return None
+    before = Revision(str(last["commit"]), int(last["time"]) if isinstance(last.get("time"), int) else None)
+    if before.commit == current.commit:
+        return None
+    has_both = all(_git(directory, "cat-file", "-e", f"{c}^{{commit}}") is not None
+                   for c in (before.commit, current.commit))
+    if has_both:
+        if _git(directory, "merge-base", "--is-ancestor", before.commit, current.commit) is not None:
+            return None
+        how = ("older" if _git(directory, "merge-base", "--is-ancestor", current.commit, before.commit) is not None
+               else "not a descendant of it")
+    elif before.time is not None and current.time is not None and current.time < before.time:
+        how = "older"
+    else:
+        return None
+    return (f"last applied from {before.describe()}; this checkout is {current.describe()}, {how}: "
+            "refusing to revert it")
 
 
 def forget(session: Session, address: str) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from reconciler.bulk import paused_collection
 from reconciler.errors import PolicyError
 from reconciler.resources import Capabilities
 
-from .checks import check_references, check_systems
-from .expand import expand
+from .checks import check_ignore, check_references, check_systems
+from .expand import evidence, expand, renames
 from .schema import Policy, SystemConfig, parse
 from .yamlio import read_documents
 
@@ -41,9 +41,12 @@ def load_policy(path: Path, capabilities: Mapping[str, Capabilities], env: Mappi
     diagnostics += check_references(declarations, capabilities)
     resources, warnings, problems = expand(declarations, capabilities)
     diagnostics += problems
+    diagnostics += check_ignore(declarations, resources)
     if diagnostics:
         # One problem can be found by two routes (a permission listing two devices on one vendor); say it once.
         raise PolicyError(sorted(set(diagnostics)))
     emails = {entry.model.email: name for name, entry in sorted(declarations.users.items())
               if entry.model is not None and entry.model.email}
-    return Policy(systems=systems, resources=resources, warnings=warnings, files=declarations.files, emails=emails)
+    return Policy(systems=systems, resources=resources, warnings=warnings, files=declarations.files, emails=emails,
+                  renames=renames(declarations), ignore=tuple(dict.fromkeys(p for p, _ in declarations.ignore)),
+                  evidence=evidence(declarations, resources))

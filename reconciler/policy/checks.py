@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 from reconciler import vendors
 from reconciler.errors import Diagnostic
-from reconciler.plan import RevokeThreshold
-from reconciler.resources import Capabilities, Kind, duration_seconds
+from reconciler.plan import Acknowledgement, RevokeThreshold, ignored_by
+from reconciler.resources import Capabilities, Kind, Resource, duration_seconds
 from reconciler.secret import Secret
 from reconciler.text import printable
 
@@ -67,8 +67,17 @@ def check_systems(declarations: Declarations, capabilities: Mapping[str, Capabil
                                          credentials=credentials, unmanaged=entry.model.unmanaged,
                                          settings=dict(entry.settings), concurrency=entry.model.concurrency,
                                          deadline=entry.model.deadline,
-                                         source=entry.place.at(), mass_revoke=_threshold(entry))
+                                         source=entry.place.at(), mass_revoke=_threshold(entry),
+                                         offboarding=_offboarding(entry))
     return systems, problems
+
+
+def _offboarding(entry: Entry[SystemModel]) -> Acknowledgement:
+    given = entry.model.offboarding if entry.model is not None else None
+    if given is None:
+        return Acknowledgement()
+    where = entry.place.at("offboarding", "acknowledge")
+    return Acknowledgement(given.acknowledge, f"{where.path}:{where.line}")
 
 
 def _threshold(entry: Entry[SystemModel]) -> RevokeThreshold:
@@ -234,8 +243,44 @@ def check_references(declarations: Declarations, capabilities: Mapping[str, Capa
         *_check_groups(declarations),
         *_check_permissions(declarations, capabilities),
         *_check_temp_keys(declarations, capabilities),
+        *_check_previously(declarations),
     ]
     return sorted(set(problems))
+
+
+def _check_previously(declarations: Declarations) -> list[Diagnostic]:
+    """`previously:` names earlier keys of an entry: one still declared would be two entries with one state
+    record; one claimed by two entries could go to either."""
+    problems: list[Diagnostic] = []
+    for section, noun in (("users", "user"), ("devices", "device"), ("gateways", "gateway")):
+        entries: dict[str, Entry[Any]] = getattr(declarations, section)
+        claimed: dict[str, str] = {}
+        for name, entry in entries.items():
+            for index, old in enumerate(getattr(entry.model, "previously", None) or ()):
+                where = entry.place.at("previously", index)
+                if old in entries:
+                    problems.append(Diagnostic(where, f"{noun} '{old}' is still declared (at {entries[old].place.at()}); "
+                                               f"`previously:` names a key that is gone: remove {section}.{old} "
+                                               "or this line"))
+                elif old in claimed:
+                    problems.append(Diagnostic(where, f"{noun} '{old}' is already named in `previously:` of "
+                                               f"{section}.{claimed[old]}"))
+                else:
+                    claimed[old] = name
+    return problems
+
+
+def check_ignore(declarations: Declarations, resources: list[Resource]) -> list[Diagnostic]:
+    """An `ignore:` pattern that covers something the policy declares: the policy would manage what it also
+    says never to touch."""
+    problems: list[Diagnostic] = []
+    for pattern, place in declarations.ignore:
+        hit = next((r.address for r in resources if ignored_by(r.address, (pattern,)) is not None), None)
+        if hit is not None:
+            problems.append(Diagnostic(place.at(), f"ignore pattern '{pattern}' matches {hit}, which the policy "
+                                       "declares: remove the entry from the policy (a hand-over) or narrow the "
+                                       "pattern"))
+    return problems
 
 
 def _unknown(kind: str, name: str, known: Any) -> str:

@@ -20,7 +20,8 @@ from datetime import datetime
 from typing import Any, cast
 
 from reconciler.errors import Diagnostic
-from reconciler.resources import WINDOW_MARK, Capabilities, Kind, Meta, Resource, Status, address_of
+from reconciler.plan import Rename
+from reconciler.resources import WINDOW_MARK, Capabilities, Kind, Meta, Resource, Status, address_of, digest
 
 from .schema import DAYS, Declarations, Entry, PermissionModel, SpanModel, utc_text
 
@@ -371,3 +372,45 @@ def _temp_keys(declarations: Declarations, capabilities: Mapping[str, Capabiliti
                                   depends_on=(address_of(system, Kind.DEVICE, key.device),),
                                   source=entry.place.source, schema=caps.schema(Kind.TEMP_KEY)))
     return resources
+
+
+# ------------------------------------------------------------------------------------ renames and evidence
+
+def renames(declarations: Declarations) -> list[Rename]:
+    """`previously:` as renames per system: a user's on every system it has an account on."""
+    found: list[Rename] = []
+    for name, entry in declarations.users.items():
+        for old in (entry.model.previously or ()) if entry.model is not None else ():
+            found += [Rename(system, Kind.USER, old, name) for system in declarations.systems
+                      if has_account(declarations, name, system)]
+    for section, kind in (("devices", Kind.DEVICE), ("gateways", Kind.GATEWAY)):
+        for name, entry in getattr(declarations, section).items():
+            model = entry.model
+            for old in (model.previously or ()) if model is not None else ():
+                found.append(Rename(model.system, kind, old, name))
+    return found
+
+
+def evidence(declarations: Declarations, resources: list[Resource]) -> dict[str, dict[str, str]]:
+    """What identifies each declared user, device and gateway besides its key (digests of people's email and
+    phone, a gateway's claiming code; a device's id and name): the planner's clue to a rename, and what the
+    state keeps of the last applied policy."""
+    found: dict[str, dict[str, str]] = {}
+    for resource in resources:
+        clues: dict[str, str] = {}
+        if resource.kind == Kind.USER:
+            model = declarations.users[resource.name].model if resource.name in declarations.users else None
+            if model is not None and model.email:
+                clues["email"] = digest(model.email.strip().lower())
+            if model is not None and model.phone:
+                clues["phone"] = digest(model.phone)
+        elif resource.kind == Kind.DEVICE:
+            if resource.attributes.get("name"):
+                clues["name"] = str(resource.attributes["name"])
+        elif resource.kind == Kind.GATEWAY and resource.meta.get("claiming_code"):
+            clues["claiming_code"] = digest(str(resource.meta["claiming_code"]))
+        if resource.kind in (Kind.USER, Kind.DEVICE, Kind.GATEWAY) and resource.id:
+            clues["id"] = str(resource.id)
+        if clues:
+            found[resource.address] = clues
+    return found

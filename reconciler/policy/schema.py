@@ -23,7 +23,7 @@ from pydantic_core import ErrorDetails
 
 from reconciler import vendors
 from reconciler.errors import Diagnostic, Location
-from reconciler.plan import RevokeThreshold
+from reconciler.plan import Acknowledgement, Rename, RevokeThreshold
 from reconciler.resources import Resource
 from reconciler.secret import Secret
 
@@ -38,7 +38,7 @@ DURATION_RE = re.compile(r"^P(\d+)D$")
 TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 # Keys of a system entry that every vendor has; any other key is a vendor setting, checked against the vendor's
 # capabilities and settings model (`checks._check_settings`): the entry is a union discriminated on `vendor`.
-SYSTEM_KEYS = ("vendor", "url", "credentials", "unmanaged", "concurrency", "deadline", "mass_revoke")
+SYSTEM_KEYS = ("vendor", "url", "credentials", "unmanaged", "concurrency", "deadline", "mass_revoke", "offboarding")
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 Role = Literal["USER", "ADMIN"]
@@ -60,6 +60,7 @@ class SystemConfig:
     deadline: int = 120                  # seconds: reads, and apply without any answer, give up after it
     source: Location = Location("")
     mass_revoke: RevokeThreshold = RevokeThreshold()
+    offboarding: Acknowledgement = Acknowledgement()
 
     @property
     def is_sandbox(self) -> bool:
@@ -75,6 +76,9 @@ class Policy:
     warnings: list[Diagnostic]
     files: list[str]
     emails: dict[str, str] = field(default_factory=dict)     # email → user name, to name people vendors know by email
+    renames: list[Rename] = field(default_factory=list)      # `previously:`, per system the entry exists on
+    ignore: tuple[str, ...] = ()                             # `ignore:` patterns
+    evidence: dict[str, dict[str, str]] = field(default_factory=dict)   # address → what identifies it (digests)
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -160,6 +164,13 @@ class MassRevokeModel(_Model):
     acknowledge: Annotated[str, Field(pattern=r"^revoke-[0-9a-f]{16}$")] | None = None
 
 
+class OffboardingModel(_Model):
+    """Suspected renames (a user leaving, another with the same email or phone arriving) that really are one
+    leaving and one arriving: `acknowledge` quotes the token the plan shows for exactly those pairs."""
+
+    acknowledge: Annotated[str, Field(pattern=r"^offboard-[0-9a-f]{16}$")]
+
+
 class SystemModel(_Model):
     vendor: str
     url: str | None = None
@@ -168,6 +179,7 @@ class SystemModel(_Model):
     concurrency: Annotated[int, Field(ge=1)] = 8
     deadline: Annotated[int, Field(ge=1, le=3600)] = 120
     mass_revoke: MassRevokeModel | None = None
+    offboarding: OffboardingModel | None = None
 
     @field_validator("vendor")
     @classmethod
@@ -199,6 +211,7 @@ class UserModel(_Model):
     mobile_key: bool | None = None     # None: operating devices are left alone; false removes one
     systems: list[str] | None = None
     ids: dict[str, Annotated[str, Field(min_length=1)]] | None = None   # adopt existing accounts: system → vendor id
+    previously: list[Annotated[str, Field(pattern=NAME_RE.pattern)]] | None = None   # earlier keys: a rename
 
     @field_validator("email")
     @classmethod
@@ -231,6 +244,7 @@ class DeviceModel(_Model):
     colour: Annotated[str | None, DEVICE_FIELD] = None
     # seconds the lock stays open
     unlock_duration: Annotated[int | None, Field(ge=1, le=3600), DEVICE_FIELD] = None
+    previously: list[Annotated[str, Field(pattern=NAME_RE.pattern)]] | None = None   # earlier keys: a rename
 
     @field_validator("id", mode="before")
     @classmethod
@@ -257,6 +271,7 @@ class GatewayModel(_Model):
     id: Annotated[str, Field(min_length=1)] | None = None              # adopt an already claimed gateway
     devices: list[str] = []
     decommission: bool = False
+    previously: list[Annotated[str, Field(pattern=NAME_RE.pattern)]] | None = None   # earlier keys: a rename
 
 
 class SpanModel(_Model):
@@ -408,6 +423,7 @@ class Declarations:
     schedules: dict[str, Entry[list[SpanModel]]] = field(default_factory=dict)
     temp_keys: dict[str, Entry[TempKeyModel]] = field(default_factory=dict)
     permissions: list[Entry[PermissionModel]] = field(default_factory=list)
+    ignore: list[tuple[str, Place]] = field(default_factory=list)     # `ignore:` patterns, where each is written
 
 
 # Named sections: the model that validates one entry, and the word messages use for it.
@@ -420,7 +436,10 @@ NAMED_SECTIONS: dict[str, tuple[Any, str]] = {
     "schedules": (ScheduleModel, "schedule"),
     "temp_keys": (TempKeyModel, "temp key"),
 }
-SECTIONS = (*NAMED_SECTIONS, "permissions")
+SECTIONS = (*NAMED_SECTIONS, "permissions", "ignore")
+# An `ignore:` item: an address (`system/kind/name`) whose parts may hold `*` (within a part) or `**`.
+IGNORE_RE = re.compile(r"^[a-z0-9*][a-z0-9._*-]*/(user|device|gateway|association|invitation|permission|key|share|"
+                       r"temp_key|\*)/[^\s]+$")
 
 
 def parse(documents: list[Document]) -> tuple[Declarations, list[Diagnostic]]:
@@ -446,6 +465,8 @@ def parse(documents: list[Document]) -> tuple[Declarations, list[Diagnostic]]:
                 continue
             if section == "permissions":
                 diagnostics += _parse_permissions(place, body, declarations)
+            elif section == "ignore":
+                diagnostics += _parse_ignore(place, body, declarations)
             else:
                 diagnostics += _parse_section(section, place, body, declarations)
     return declarations, diagnostics
@@ -506,6 +527,24 @@ def _parse_permissions(place: Place, body: Any, declarations: Declarations) -> l
         location = entry_place.at()
         declarations.permissions.append(Entry(f"{location.path}:{location.line}", entry_place, parsed,
                                               dropped=dropped))
+    return diagnostics
+
+
+def _parse_ignore(place: Place, body: Any, declarations: Declarations) -> list[Diagnostic]:
+    if not isinstance(body, Seq):
+        return [Diagnostic(place.at(), "expected a list of addresses or patterns (each item starts with -), "
+                           "e.g. - hq/device/roof-*")]
+    diagnostics: list[Diagnostic] = []
+    for index in range(len(body)):
+        item_place = Place(place.path, body, index)
+        value = plain(body[index])
+        if not isinstance(value, str) or not IGNORE_RE.match(value):
+            diagnostics.append(Diagnostic(item_place.at(), "an ignore item is an address or pattern "
+                                          "SYSTEM/KIND/NAME, e.g. hq/user/id:1234, hq/device/roof-*, "
+                                          "hq/permission/*/archive/* (kinds: user, device, gateway, association, "
+                                          "invitation, permission, key, share, temp_key)"))
+            continue
+        declarations.ignore.append((value, item_place))
     return diagnostics
 
 

@@ -19,7 +19,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -53,7 +53,18 @@ class StateRecords:
     _records: dict[str, dict[str, Any]]
     _systems: dict[str, dict[str, str]]    # system name → identity it was applied to
     _applied: dict[str, str]               # address → digest of the desired attributes last applied
+    _notes: dict[str, Any]                 # small named values: the revision last applied, evidence of names
     _mutex: threading.Lock
+
+    # Written through by each backend.
+    def put(self, address: str, record: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def delete(self, address: str) -> None:
+        raise NotImplementedError
+
+    def mark_applied(self, address: str, attributes_digest: str | None) -> None:
+        raise NotImplementedError
 
     def get(self, address: str) -> dict[str, Any] | None:
         with self._mutex:
@@ -80,12 +91,54 @@ class StateRecords:
         with self._mutex:
             return {name: dict(identity) for name, identity in self._systems.items()}
 
+    def note(self, key: str) -> Any:
+        """A small named value the state keeps besides the records (`revision`: what the last apply came
+        from; `evidence`: what identified each user, device and gateway when it was last applied)."""
+        with self._mutex:
+            return self._notes.get(key)
+
+    def moved(self, rename: Callable[[str], str | None]) -> list[tuple[str, str]]:
+        """The records and applied digests a rename would move: (old address, new address) for every
+        address `rename` maps elsewhere, unless the new address is taken already."""
+        with self._mutex:
+            known = set(self._records) | set(self._applied)
+        pairs = []
+        for address in sorted(known):
+            target = rename(address)
+            if target is not None and target != address and target not in known:
+                pairs.append((address, target))
+        return pairs
+
+    def move(self, pairs: list[tuple[str, str]], *, persist: bool) -> None:
+        """Move records and applied digests (`moved()`'s pairs). `persist=False` moves them in memory only,
+        for a plan; `persist=True` writes them through (apply, under the lock)."""
+        for old, new in pairs:
+            with self._mutex:
+                record = self._records.get(old)
+                applied = self._applied.get(old)
+            if not persist:
+                with self._mutex:
+                    if record is not None:
+                        self._records[new] = self._records.pop(old)
+                    if applied is not None:
+                        self._applied[new] = self._applied.pop(old)
+                continue
+            if record is not None:
+                self.put(new, record)
+                self.delete(old)
+            if applied is not None:
+                self.mark_applied(new, applied)
+                self.mark_applied(old, None)
+
     def snapshot(self) -> dict[str, Any]:
         """The whole state as the snapshot file holds it (what `state pull` writes)."""
         with self._mutex:
-            return {"version": STATE_VERSION, "systems": dict(sorted(self._systems.items())),
+            data = {"version": STATE_VERSION, "systems": dict(sorted(self._systems.items())),
                     "resources": dict(sorted(self._records.items())),
                     "applied": dict(sorted(self._applied.items()))}
+            if self._notes:
+                data["notes"] = dict(sorted(self._notes.items()))
+            return data
 
 
 class LocalState(StateRecords):
@@ -98,6 +151,7 @@ class LocalState(StateRecords):
         self._records: dict[str, dict[str, Any]] = {}
         self._systems: dict[str, dict[str, str]] = {}   # system name → identity it was applied to
         self._applied: dict[str, str] = {}   # address → digest of the desired attributes last applied
+        self._notes: dict[str, Any] = {}
         self._mutex = threading.Lock()
         self._lock_fd: int | None = None
         self._written = 0                # entries appended so far; `_synced` of them are on disk
@@ -117,6 +171,12 @@ class LocalState(StateRecords):
                 self._append({"op": "system", "name": name, "identity": dict(identity)})
 
     # -- writing (journaled) -------------------------------------------------------------------------
+    def set_note(self, key: str, value: Any) -> None:
+        with self._mutex:
+            if self._notes.get(key) != value:
+                self._notes[key] = value
+                self._append({"op": "note", "key": key, "value": value})
+
     def put(self, address: str, record: Mapping[str, Any]) -> None:
         with self._mutex:
             self._records[address] = dict(record)
@@ -274,6 +334,7 @@ class LocalState(StateRecords):
         records: dict[str, dict[str, Any]] = {}
         applied: dict[str, str] = {}
         systems: dict[str, dict[str, str]] = {}
+        notes: dict[str, Any] = {}
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -286,6 +347,7 @@ class LocalState(StateRecords):
                 applied = {str(a): str(d) for a, d in data.get("applied", {}).items()}
                 systems = {str(n): {str(k): str(v) for k, v in i.items()}
                            for n, i in data.get("systems", {}).items()}
+                notes = {str(k): v for k, v in data.get("notes", {}).items()}
             except (AttributeError, TypeError, ValueError) as exc:
                 raise self._unreadable(f"malformed content: {exc}") from None
         if self.journal_path.exists():
@@ -306,7 +368,10 @@ class LocalState(StateRecords):
                     applied.pop(entry["address"], None)
                 elif entry.get("op") == "system":
                     systems[entry["name"]] = entry["identity"]
+                elif entry.get("op") == "note":
+                    notes[entry["key"]] = entry["value"]
         with self._mutex:
+            self._notes = notes
             self._records = records
             self._applied = applied
             self._systems = systems

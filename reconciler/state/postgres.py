@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 DEFAULT_SCHEMA = "reconciler"
+NOTE = "note:"                # `meta` keys holding the state's notes (`StateRecords.note`)
 RECONNECT_SECONDS = 30.0      # how long a lost connection is tried again before the apply stops
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -192,6 +194,7 @@ class PostgresState(StateRecords):
         self._records: dict[str, dict[str, Any]] = {}
         self._applied: dict[str, str] = {}
         self._systems: dict[str, dict[str, str]] = {}   # system name → identity it was applied to
+        self._notes: dict[str, Any] = {}
         self._mutex = threading.Lock()         # the in-memory copy
         self._conn_mutex = threading.RLock()   # the connection: one statement at a time, reconnects
         self._conn: psycopg.Connection[Any] | None = None
@@ -241,6 +244,16 @@ class PostgresState(StateRecords):
                     "ON CONFLICT (name) DO UPDATE SET identity = EXCLUDED.identity", (name, Jsonb(identity)))
         with self._mutex:
             self._systems[name] = identity
+
+    def set_note(self, key: str, value: Any) -> None:
+        """Kept in `meta` as `note:<key>` (JSON text): no new table, no schema migration."""
+        with self._mutex:
+            if self._notes.get(key) == value:
+                return
+        self._write("INSERT INTO {s}.meta (key, value) VALUES (%s, %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (NOTE + key, json.dumps(value)))
+        with self._mutex:
+            self._notes[key] = value
 
     def mark_applied(self, address: str, attributes_digest: str | None) -> None:
         with self._mutex:
@@ -457,12 +470,15 @@ class PostgresState(StateRecords):
                 records = {a: dict(r) for a, r in conn.execute(_q("SELECT address, record FROM {s}.resources", s))}
                 applied = dict(conn.execute(_q("SELECT address, digest FROM {s}.applied", s)))
                 systems = {n: dict(i) for n, i in conn.execute(_q("SELECT name, identity FROM {s}.systems", s))}
+                notes = {k[len(NOTE):]: json.loads(v) for k, v in
+                         conn.execute(_q("SELECT key, value FROM {s}.meta WHERE key LIKE 'note:%%'", s))}
         except psycopg.Error as exc:
             raise StateUnavailableError(f"cannot read state {self.display}: {self.server.reason(exc)}") from None
         with self._mutex:
             self._records = records
             self._applied = applied
             self._systems = systems
+            self._notes = notes
 
 
 class _Borrowed:
