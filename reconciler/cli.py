@@ -370,9 +370,6 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
     def body() -> int:
         session = _session(directory, state, now, allow_host)
         session.revision = revision
-        notice = run.revision_notice(session)
-        if notice:
-            click.echo(f"note: {notice}", err=True)
         result = run.plan(_reading(session))
         # Written as it is rendered: a plan of 100,000 changes is never held as one string.
         if out:
@@ -389,6 +386,9 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
             click.echo(f"\nSaved the plan to {out}; run `reconciler apply --plan {out}` to apply exactly it.")
         # Something uncertain (a create that cannot be proven ours) is not "the system matches the policy".
         uncertain = any(dict(w.details).get("uncertain") for w in result.warnings)
+        notice = run.revision_notice(session) if fmt == "text" else None
+        if notice:
+            click.echo(f"\nnote: {notice}", err=True)
         return ExitCode.CHANGES if detailed_exitcode and (result.has_changes or uncertain) else ExitCode.OK
     _guard(body)
 
