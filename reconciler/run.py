@@ -153,10 +153,13 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
         renamed = _renamed(state, policy) if state is not None else []
     reads = read_live(policy, providers, session.on_read)
     live = [r for result in reads.values() for r in result.resources]
+    accepted: list[str] = []
     if state is not None:
-        check_state(state, {name: p.identity() for name, p in providers.items()}, desired, live)
+        accepted = check_state(state, {name: p.identity() for name, p in providers.items()}, desired, live,
+                               by_secret=[name for name, p in providers.items() if p.identified_by_secret()])
         applied = state.applied()
-    notes = [Note(str(d.location), d.message) for d in policy.warnings]
+    notes = [Note(text.split(":", 1)[0], text.split(": ", 1)[1]) for text in accepted]
+    notes += [Note(str(d.location), d.message) for d in policy.warnings]
     notes += [n for result in reads.values() for n in result.warnings]
     modes = {name: system.unmanaged for name, system in policy.systems.items()}
     thresholds = {name: system.mass_revoke for name, system in policy.systems.items()}

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_abloy_provider import POLICY
+from test_state_postgres import pg_server, pg_url  # noqa: F401 - fixtures
 
 from reconciler import run
 from reconciler.errors import RefusedError
-from test_abloy_provider import POLICY
-from test_state_postgres import pg_server, pg_url  # noqa: F401 - fixtures
 
 SYSTEMS = textwrap.dedent("""\
     systems:

@@ -26,19 +26,32 @@ SHOWN = 5
 
 
 def check_state(state: Any, identities: Mapping[str, Mapping[str, str]], desired: Iterable[Resource],
-                live: Iterable[Resource]) -> None:
-    """Raise `RefusedError` (one line per system) when the state is another system's or lost."""
+                live: Iterable[Resource], *, by_secret: Iterable[str] = ()) -> list[str]:
+    """Raise `RefusedError` (one line per system) when the state is another system's or lost. `by_secret`:
+    systems whose identity is only a digest of their key; a changed digest there (a rotated key) is accepted
+    when the live system holds the objects the state recorded. Returns what was accepted so, in words."""
     recorded: Mapping[str, Mapping[str, str]] = state.systems() if hasattr(state, "systems") else {}
     where = getattr(state, "location", "the state")
     desired, live = list(desired), list(live)
     problems: list[str] = []
+    accepted: list[str] = []
+    rotatable = set(by_secret)
     for name, identity in sorted(identities.items()):
         before = recorded.get(name)
         if before is not None:
-            if dict(before) != dict(identity):
+            evidence = _evidence(name, state, live) if name in rotatable and dict(before) != dict(identity) \
+                and all(before.get(k) == identity.get(k) for k in ("vendor", "url")) else None
+            if evidence is not None and evidence[0] and evidence[0] * 2 >= evidence[1]:
+                accepted.append(f"{name}: the key changed (identity {before.get('account')} → "
+                                f"{identity.get('account')}); accepted on evidence: the live system holds "
+                                f"{evidence[0]} of the {evidence[1]} objects the state recorded (found "
+                                f"{evidence[0]} of {evidence[1]}); apply records the new identity")
+            elif dict(before) != dict(identity):
+                found = (f" (found {evidence[0]} of the {evidence[1]} objects the state recorded)"
+                         if evidence is not None else "")
                 problems.append(
                     f"{name}: the state {where} belongs to {_describe(before)}, but the policy's {name} is "
-                    f"{_describe(identity)}; refusing to use another system's state. Point --state at the "
+                    f"{_describe(identity)}{found}; refusing to use another system's state. Point --state at the "
                     f"state of this system, or use a new state file and adopt what it holds with "
                     f"`reconciler export {name}`")
             stranger = _another_policy(name, state, desired)
@@ -61,6 +74,14 @@ def check_state(state: Any, identities: Mapping[str, Mapping[str, str]], desired
                 f"or adopt what exists with `reconciler export {name}` and plan again")
     if problems:
         raise RefusedError("\n".join(problems))
+    return accepted
+
+
+def _evidence(name: str, state: Any, live: list[Resource]) -> tuple[int, int]:
+    """How many of the vendor ids the state recorded for `name` the live system holds, of how many."""
+    recorded = {str(record["id"]) for _, record in state.items(f"{name}/") if record.get("id")}
+    held = {str(r.id) for r in live if r.system == name and r.id is not None}
+    return len(recorded & held), len(recorded)
 
 
 def _another_policy(name: str, state: Any, desired: list[Resource]) -> str | None:
