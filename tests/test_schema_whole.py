@@ -164,6 +164,7 @@ systems:
     concurrency: 4
     deadline: 60
     mass_revoke: {percent: 12.5, minimum: 20, acknowledge: revoke-3f2a9c1b4d5e6f70}
+    offboarding: {acknowledge: offboard-3f2a9c1b4d5e6f70}
     invitation_validity: P1DT12H
   cabins:
     vendor: unloc
@@ -183,13 +184,14 @@ users:
     mobile_key: true
     systems: [hq, office]
     ids: {hq: 5869ca5a-9423-48f5-8d5f-4a2945a203ec}
+    previously: [alice.hansen]
 devices:
-  front-gate: {system: hq, name: Front Gate}
+  front-gate: {system: hq, name: Front Gate, previously: [main-gate]}
   old-door: {system: hq, id: 210c8aec-6872-549e-bdbf-e92afae32322, decommission: true}
   meeting-room: {system: office, id: 3f1c9a52, name: Meeting Room, favourite: true, colour: "#2266aa",
                  unlock_duration: 7}
 gateways:
-  lobby: {system: hq, claiming_code: 2K7H-ASR3, devices: [front-gate]}
+  lobby: {system: hq, claiming_code: 2K7H-ASR3, devices: [front-gate], previously: [hall]}
   annex: {system: hq, id: c78afb03-a06e-4da9-afca-edce82ffad9f, decommission: false}
 groups:
   staff: [alice]
@@ -233,6 +235,7 @@ def _used_keys(document: dict[str, Any]) -> dict[str, set[str]]:
     used["Permission"] = set().union(*(set(p) for p in document["permissions"]))
     used["Span"] = set().union(*(set(s) for spans in document["schedules"].values() for s in spans))
     used["MassRevoke"] = set().union(*(set(s.get("mass_revoke") or {}) for s in document["systems"].values()))
+    used["Offboarding"] = set().union(*(set(s.get("offboarding") or {}) for s in document["systems"].values()))
     for system in document["systems"].values():
         used.setdefault(system["vendor"], set()).update(system)
         used.setdefault(system["vendor"] + "/credentials", set()).update(system.get("credentials") or {})
