@@ -161,3 +161,24 @@ def test_an_ignore_pattern_overlapping_a_declared_entry_is_an_error_at_its_line(
     line = POLICY.count("\n") + 3
     assert f"policy.yaml:{line}:" in text and f"ignore pattern '{pattern}' matches" in text
     assert "nobody" not in text
+
+
+@pytest.mark.parametrize("item", ["hq/lock/x", "bob", "hq/user/`rm -rf`", "{a: 1}"])
+def test_an_ignore_item_that_is_no_address_is_an_error_at_its_line(harness, item):
+    harness.write(POLICY + f"ignore:\n  - {item}\n")
+    with pytest.raises(PolicyError) as error:
+        harness.plan()
+    assert f"policy.yaml:{POLICY.count(chr(10)) + 2}:" in str(error.value)
+    assert "an ignore item is an address or pattern" in str(error.value)
+
+
+def test_a_hand_over_is_not_counted_by_the_mass_revoke_guard_and_report_mode_lists_it_as_ignored(applied):
+    h = applied
+    handed = POLICY.replace('  bob: {phone: "+4790000002"}\n', "").replace("staff: [alice, bob]", "staff: [alice]")
+    h.write(handed + "ignore:\n  - hq/user/bob\n", system_extra="unmanaged: report\nmass_revoke: {minimum: 1}\n")
+    plan = h.plan()
+    assert not plan.guards and not [n for n in plan.unmanaged if "bob" in n.address]
+    # alice, bob and carol on entrance and annex, alice's two on the gym: 8 grants, of which bob's 2 are handed over
+    assert len([n for n in plan.ignored if n.address.startswith("hq/permission/bob/")]) == 2
+    assert plan.managed_grants == 8 - 2
+    assert {n.address for n in plan.ignored} >= {"hq/user/bob"}

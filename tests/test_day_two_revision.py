@@ -146,3 +146,17 @@ def test_plan_says_once_that_the_guard_is_off_outside_git(tmp_path, monkeypatch)
     given = CliRunner().invoke(main, ["plan", "--now", "2026-11-22T10:00:00Z"],
                                env={"RECONCILER_REVISION": "abc@2026-11-22T09:00:00Z"}, catch_exceptions=False)
     assert "the revision guard" not in given.output
+
+
+def test_state_push_and_pull_carry_the_revision_and_evidence(tmp_path, pg_url):  # noqa: F811
+    from reconciler.state import LocalState, open_state
+
+    local = LocalState(tmp_path / "state.json")
+    local.set_note("revision", {"commit": "abc", "time": 1763632800})
+    local.set_note("evidence", {"hq/user/bob": {"phone": "sha256:x"}})
+    local.save()
+    with open_state(pg_url) as shared:
+        shared.replace(LocalState(tmp_path / "state.json").snapshot())
+    again = open_state(pg_url)
+    assert again.note("revision") == {"commit": "abc", "time": 1763632800}
+    assert again.snapshot()["notes"]["evidence"] == {"hq/user/bob": {"phone": "sha256:x"}}

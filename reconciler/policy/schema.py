@@ -439,7 +439,7 @@ NAMED_SECTIONS: dict[str, tuple[Any, str]] = {
 SECTIONS = (*NAMED_SECTIONS, "permissions", "ignore")
 # An `ignore:` item: an address (`system/kind/name`) whose parts may hold `*` (within a part) or `**`.
 IGNORE_RE = re.compile(r"^[a-z0-9*][a-z0-9._*-]*/(user|device|gateway|association|invitation|permission|key|share|"
-                       r"temp_key|\*)/[^\s]+$")
+                       r"temp_key|\*)/[A-Za-z0-9._:@#*+=/-]+$")
 
 
 def parse(documents: list[Document]) -> tuple[Declarations, list[Diagnostic]]:

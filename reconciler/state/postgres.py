@@ -278,6 +278,7 @@ class PostgresState(StateRecords):
         resources = {str(a): dict(r) for a, r in (snapshot.get("resources") or {}).items()}
         applied = {str(a): str(d) for a, d in (snapshot.get("applied") or {}).items()}
         systems = {str(n): {str(k): str(v) for k, v in i.items()} for n, i in (snapshot.get("systems") or {}).items()}
+        notes = {str(k): v for k, v in (snapshot.get("notes") or {}).items()}
         s = self.server.schema
         with self._conn_mutex:
             conn = self._require_conn()
@@ -286,6 +287,7 @@ class PostgresState(StateRecords):
                     conn.execute(_q("DELETE FROM {s}.resources", s))
                     conn.execute(_q("DELETE FROM {s}.applied", s))
                     conn.execute(_q("DELETE FROM {s}.systems", s))
+                    conn.execute(_q("DELETE FROM {s}.meta WHERE key LIKE 'note:%%'", s))
                     with conn.cursor() as cur:
                         cur.executemany(_q("INSERT INTO {s}.resources (address, record, written_by, written_at) "
                                            "VALUES (%s, %s, %s, now())", s),
@@ -294,11 +296,13 @@ class PostgresState(StateRecords):
                                         sorted(applied.items()))
                         cur.executemany(_q("INSERT INTO {s}.systems (name, identity) VALUES (%s, %s)", s),
                                         [(n, Jsonb(i)) for n, i in sorted(systems.items())])
+                        cur.executemany(_q("INSERT INTO {s}.meta (key, value) VALUES (%s, %s)", s),
+                                        [(NOTE + k, json.dumps(v)) for k, v in sorted(notes.items())])
             except psycopg.Error as exc:
                 raise StateUnavailableError(f"state {self.display}: the push was not written: "
                                             f"{self.server.reason(exc)}") from None
         with self._mutex:
-            self._records, self._applied, self._systems = resources, applied, systems
+            self._records, self._applied, self._systems, self._notes = resources, applied, systems, notes
 
     # -- locking -------------------------------------------------------------------------------------
     def lock(self) -> None:
