@@ -545,20 +545,20 @@ def test_token_refusals(sim):
         assert answer.json()["token_type"] == "bearer" and answer.json()["expires_in"] == 3600
 
 
-def test_token_takes_the_oauth2_form_body_at_its_exact_path(sim):
-    form = {"grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
-            "scope": f"lockHolder.admin:{LOCK_HOLDER_ID}"}
+def test_token_takes_the_documented_json_body_at_its_exact_path_and_refuses_a_form(sim):
+    # Unloc's documentation shows a JSON body with `scope` an array; a form body is answered 415.
+    body = {"grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+            "scope": [f"lockHolder.admin:{LOCK_HOLDER_ID}"]}
     with httpx.Client(transport=httpx.MockTransport(sim.handle), base_url=BASE) as c:
-        answer = c.post("/auth/v1/token/", data=form)
+        answer = c.post("/auth/v1/token/", json=body)
         assert answer.status_code == 200, answer.text
         token = answer.json()["access_token"]
         assert c.get(f"{LH}/locks", headers={"Authorization": f"Bearer {token}"}).status_code == 200
-        refusal(c.post("/auth/v1/token/", data={**form, "client_secret": "nope"}), 401, "invalid_client")
-        refusal(c.post("/auth/v1/token/", data={**form, "scope": "admin"}), 400, "invalid_scope")
-        refusal(c.post("/auth/v1/token/", content=b"grant_type=client_credentials&grant_type=password",
-                       headers={"Content-Type": "application/x-www-form-urlencoded"}), 400, "invalid_request")
+        refusal(c.post("/auth/v1/token/", json={**body, "client_secret": "nope"}), 401, "invalid_client")
+        refusal(c.post("/auth/v1/token/", json={**body, "scope": ["admin"]}), 400, "invalid_scope")
+        refusal(c.post("/auth/v1/token/", data={**body, "scope": body["scope"][0]}), 415)
         refusal(c.post("/auth/v1/token/", content=b"<token/>", headers={"Content-Type": "text/xml"}), 415)
-        refusal(c.post("/auth/v1/token", data=form), 404, "NotFound")     # the path ends with a slash [doc]
+        refusal(c.post("/auth/v1/token", json=body), 404, "NotFound")     # the path ends with a slash [doc]
         refusal(c.get(f"{LH}/locks/", headers={"Authorization": f"Bearer {token}"}), 404, "NotFound")
         refusal(c.get(f"{LH}/locks/{CABIN7}/keys", headers={"Authorization": f"Bearer {token}"}), 404)
 

@@ -3,7 +3,7 @@
 Endpoints, field mapping and capabilities only; the workflow is `Provider`'s. The CLI builds it through
 `providers.factory` for every policy system with `vendor: unloc`.
 
-- Auth: OAuth2 client credentials (`POST /auth/v1/token/`, a form body) scoped to one lock holder
+- Auth: OAuth2 client credentials (`POST /auth/v1/token/`, a JSON body, `scope` an array) scoped to one lock holder
   (`lockHolder.admin:<lock_holder_id>`, the system setting `lock_holder_id`). The token is kept until its
   `expires_in` runs out and requested again when the vendor answers 401 (`JWT expired`).
 - Locks cannot be created: devices adopt an existing lock by `id`. A permission on a lock becomes one key
@@ -27,7 +27,6 @@ import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
-from urllib.parse import urlencode
 
 import httpx
 from pydantic import field_validator
@@ -54,7 +53,6 @@ from reconciler.resources import (
 
 log = logging.getLogger(__name__)
 
-FORM = "application/x-www-form-urlencoded"
 PAGE_SIZE = 500                 # the largest page the key list allows (API-SURFACE §2)
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 WEEK = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")   # the policy's order of days, for comparison
@@ -141,15 +139,13 @@ class UnlocProvider(Provider):
 
     # -- auth ----------------------------------------------------------------------------------------
     def _login(self, http: HttpClient) -> tuple[dict[str, str], float | None]:
-        # The standard OAuth2 form body (RFC 6749 §4.4.2, scope space-delimited): document 004 does not say
-        # which body the token endpoint takes, and a form is what every OAuth2 token endpoint accepts.
-        form = urlencode({"grant_type": "client_credentials", "client_id": self._secret["client_id"],
-                          "client_secret": self._secret["client_secret"],
-                          "scope": f"lockHolder.admin:{self.lock_holder}"})
+        # The documented JSON body, `scope` an array (Unloc's "Getting an access token", Integrator; API-SURFACE
+        # §2 [doc]): the vendor answers a form body with 415.
+        body = {"grant_type": "client_credentials", "client_id": self._secret["client_id"],
+                "client_secret": self._secret["client_secret"], "scope": [f"lockHolder.admin:{self.lock_holder}"]}
         try:
             # Asking for a token twice is harmless: safe to repeat after a lost answer.
-            response = http.request("POST", PATHS["token"], content=form.encode(), headers={"Content-Type": FORM},
-                                    idempotent=True, authenticated=False)
+            response = http.request("POST", PATHS["token"], json=body, idempotent=True, authenticated=False)
         except VendorError as exc:
             message = str(exc).removeprefix(f"{self.name}: ")
             raise VendorError(f"{self.name}: token request failed: {message}", status=exc.status,

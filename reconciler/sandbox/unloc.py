@@ -12,8 +12,8 @@ Where the vendor documents are silent, this module decides (and the clients must
   lock holder in the path (403), Content-Type (415), body (400), lock and key ids (404).
 - Paths are exact, with the trailing slash the document shows (`/auth/v1/token/`, `/locks/{id}/keys/`,
   `/roles/{userId}/`); without it, or with one added elsewhere, a path is 404.
-- The token request is the OAuth2 form (RFC 6749 §4.4.2: `scope` space-delimited, a repeated field 400)
-  or the JSON body API-SURFACE records (`scope` a list); any other Content-Type is 415.
+- The token request is the documented JSON body (`scope` a list, API-SURFACE §2 [doc]); any other
+  Content-Type, the OAuth2 form included, is 415.
 - Token errors follow OAuth2 names: an unknown client or wrong secret is 401 `invalid_client`, a scope the
   client may not have is 403 `invalid_scope`, a malformed request 400 `invalid_request`. Other errors are
   named `ValidationError` (400), `UnauthorizedError` (401, no token), `JsonWebTokenError` (401, bad or
@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl
 
 import httpx
 import jwt
@@ -67,12 +66,11 @@ from reconciler.sandbox.common import (
 logger = logging.getLogger(__name__)
 
 JSON = "application/json"
-FORM = "application/x-www-form-urlencoded"
 _LH = "/integrators/v1/lock-holders/{lock_holder_id}"
 
 # The one endpoint table. `handler` names the `_op_<handler>` method below.
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/auth/v1/token/", "token", auth=False),     # form (RFC 6749) or JSON: see _op_token
+    Route("POST", "/auth/v1/token/", "token", auth=False),     # JSON only [doc]: see _token_request
     Route("GET", _LH + "/locks", "list_locks"),
     Route("GET", _LH + "/keys", "list_keys"),
     Route("GET", _LH + "/locks/{lock_id}/keys/", "list_lock_keys"),
@@ -390,8 +388,7 @@ class UnlocSimulator(Simulator):
             raise refusal(401, "invalid_client", "Client authentication failed")
         scope = body.get("scope")
         if not isinstance(scope, list) or not scope or not all(isinstance(s, str) for s in scope):
-            raise refusal(400, "invalid_request", 'scope is required: "lockHolder.admin:<id>" (a form field) '
-                          'or ["lockHolder.admin:<id>"] (JSON)')
+            raise refusal(400, "invalid_request", 'scope is required: ["lockHolder.admin:<id>"]')
         for item in scope:
             match = SCOPE.match(item)
             if match is None:
@@ -568,29 +565,16 @@ class UnlocSimulator(Simulator):
 
 
 def _token_request(request: httpx.Request) -> dict[str, Any]:
-    """The token request's fields. RFC 6749 §4.4.2 makes it a form body, which every OAuth2 server takes;
-    API-SURFACE §2 records a JSON body with `scope` as a list, so that is accepted too. Anything else: 400
-    (`invalid_request`); a repeated form field is refused, as RFC 6749 §3.1 says."""
+    """The token request's fields. Unloc's documentation ("Getting an access token", Integrator) shows a JSON
+    body `{grant_type, client_id, client_secret, scope: [...]}` (API-SURFACE §2 [doc]); the vendor answers
+    any other body, a form included, with 415."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == FORM:
-        try:
-            text = request.content.decode("ascii")
-        except UnicodeDecodeError:
-            raise refusal(400, "invalid_request", "The form body is not URL-encoded ASCII") from None
-        pairs = parse_qsl(text, keep_blank_values=True)
-        names = [name for name, _ in pairs]
-        if len(names) != len(set(names)):
-            raise refusal(400, "invalid_request", "A form parameter is repeated")
-        fields: dict[str, Any] = dict(pairs)
-        if "scope" in fields:
-            fields["scope"] = fields["scope"].split(" ")    # RFC 6749 §3.3: space-delimited
-        return fields
-    if content_type == JSON:
-        body = read_json_body(request, JSON)
-        if not isinstance(body, dict):
-            raise refusal(400, "invalid_request", "The request body must be a JSON object")
-        return body
-    raise refusal(415, "invalid_request", f"Content-Type must be {FORM} (or {JSON})")
+    if content_type != JSON:
+        raise refusal(415, "invalid_request", f"Content-Type must be {JSON}")
+    body = read_json_body(request, JSON)
+    if not isinstance(body, dict):
+        raise refusal(400, "invalid_request", "The request body must be a JSON object")
+    return body
 
 
 def _canonical_scope(scope: str) -> str:
