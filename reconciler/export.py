@@ -21,6 +21,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from reconciler import run
 from reconciler.errors import ReconcilerError
 from reconciler.resources import GRANT_KINDS, Kind, KindSchema, Resource
+from reconciler.text import printable
 
 
 def export_system(session: run.Session, system: str) -> str:
@@ -49,6 +50,12 @@ def export_system(session: run.Session, system: str) -> str:
             each.close()
     return _to_yaml(system, config.vendor, [r for r in adopted if r.address not in known], keys, live, fields,
                     *schemas)
+
+
+def _comment(text: str) -> str:
+    """Vendor text fit for a YAML comment: one line, control characters escaped (`printable`). Every other
+    vendor string goes into the document as a scalar, which the YAML library quotes and escapes."""
+    return printable(str(text))[:200]
 
 
 def _flow(items: Any) -> CommentedSeq:
@@ -137,13 +144,13 @@ def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, 
                 f"'{name}'" if name and "name" not in device_fields else "",
                 f"serial {serial}" if serial else "", status.lower() if status else "") if x)
             if note:
-                devices.yaml_add_eol_comment(note, resource.name)
+                devices.yaml_add_eol_comment(_comment(note), resource.name)
         elif resource.kind == Kind.GATEWAY:
             gateways[resource.name] = CommentedMap({"system": system, "id": resource.id,
                                                     "devices": _flow([])})
             serial = resource.meta.get("serial_number")
             if serial:
-                gateways.yaml_add_eol_comment(f"serial {serial}", resource.name)
+                gateways.yaml_add_eol_comment(_comment(f"serial {serial}"), resource.name)
     for resource in live:
         if resource.kind == Kind.ASSOCIATION:
             gateway, device = resource.name.split("/", 1)
@@ -161,7 +168,7 @@ def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, 
     document.yaml_set_start_comment(
         # First, as in the shipped policies: the editor schema (yaml-language-server) for the file.
         "yaml-language-server: $schema=../schema/policy.schema.json\n"
-        f"Exported from system '{system}' ({vendor}) by `reconciler export`.\n"
+        f"Exported from system {_comment(repr(system))} ({_comment(vendor)}) by `reconciler export`.\n"
         "Existing objects are adopted by vendor id; review the names, then commit.")
     yaml = YAML()
     yaml.indent(mapping=2, sequence=4, offset=2)

@@ -21,12 +21,15 @@ import re
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NotRequired
 
 import httpx
+from pydantic import ConfigDict, TypeAdapter
+from typing_extensions import TypedDict
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action
+from reconciler.providers.answers import MAX_PAGES, Id, VendorFault, parse, unique
 from reconciler.providers.base import CreateGate, Event, HandlerTable, Provider, ReadResult
 from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, json_error, token_lifetime
 from reconciler.providers.settings import VendorSettings
@@ -47,6 +50,7 @@ from reconciler.resources import (
     normalise_time,
     unknown_name,
 )
+from reconciler.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,44 @@ CAPABILITIES = Capabilities(
 
 
 describe_problem = json_error("title", "detail")   # RFC 7807 problem+json
+
+LENIENT = ConfigDict(extra="allow")   # fields the tool does not use are kept and ignored
+
+
+# The answers' shapes: strict on what the tool relies on, lenient on the rest.
+class _Item(TypedDict):
+    __pydantic_config__ = LENIENT   # type: ignore[misc]
+    id: Id
+
+
+class _Permission(_Item):
+    userId: Id
+    lockingDeviceId: Id
+    operationType: str
+
+
+class _Association(_Item):
+    gatewayDeviceId: Id
+    lockingDeviceId: Id
+
+
+class _Page(TypedDict):
+    __pydantic_config__ = LENIENT   # type: ignore[misc]
+    items: list[_Item]
+    nextPageToken: NotRequired[str | None]
+
+
+class _Permissions(_Page):
+    items: list[_Permission]     # type: ignore[misc]
+
+
+class _Associations(_Page):
+    items: list[_Association]    # type: ignore[misc]
+
+
+PAGES: dict[str, TypeAdapter[Any]] = {"permissions": TypeAdapter(_Permissions),
+                                       "associations": TypeAdapter(_Associations)}
+PAGE: TypeAdapter[Any] = TypeAdapter(_Page)
 
 
 class AbloySettings(VendorSettings):
@@ -159,12 +201,21 @@ class AbloyProvider(Provider):
         """Every item of a list endpoint: `limit=100`, following `nextPageToken` to the end."""
         items: list[dict[str, Any]] = []
         query: dict[str, Any] = {**params, "limit": PAGE_SIZE}
+        adapter = PAGES.get(key, PAGE)
+        tokens: set[str] = set()
         while True:
-            body = self.http.request("GET", PATHS[key], params=query).json()
-            items.extend(body.get("items") or [])
+            body = parse(self.http.request("GET", PATHS[key], params=query), adapter, self.name)
+            items.extend(body["items"])
             token = body.get("nextPageToken")
             if not token:
-                return items
+                return unique(items, system=self.name, what=f"GET {PATHS[key]}")
+            if token in tokens:
+                raise VendorFault(f"{self.name}: GET {PATHS[key]}: the vendor sent page token "
+                                  f"{printable(token)[:60]} twice; refusing to page in a loop")
+            if len(tokens) >= MAX_PAGES:
+                raise VendorFault(f"{self.name}: GET {PATHS[key]}: more than {MAX_PAGES} pages; refusing to "
+                                  "page on")
+            tokens.add(token)
             query = {**params, "limit": PAGE_SIZE, "next-page-token": token}
 
     def read_live(self, desired: list[Resource]) -> ReadResult:

@@ -38,6 +38,7 @@ import httpx
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Change, Note
+from reconciler.providers.answers import check_not_emptied, recorded_ids
 from reconciler.providers.http import Deadline, HttpClient, Redactor, describe_plain
 from reconciler.resources import Capabilities, Kind, Resource, digest
 from reconciler.secret import Secret
@@ -251,7 +252,20 @@ class Provider:
         for resource in self.desired.values():
             if resource.id:
                 self.ids[resource.address] = resource.id
-        return self.read_live(list(self.desired.values()))
+        result = self.read_live(list(self.desired.values()))
+        self.check_listing(result)
+        return result
+
+    CHECKED_KINDS: ClassVar[tuple[str, ...]] = (Kind.USER, Kind.DEVICE, Kind.GATEWAY, Kind.PERMISSION)
+
+    def check_listing(self, result: ReadResult) -> None:
+        """Refuse a read that lost most of what the state recorded as existing (`answers.check_not_emptied`):
+        per kind, the ids the state holds against the ids the vendor listed."""
+        for kind in self.CHECKED_KINDS:
+            recorded = recorded_ids(self.state.items(f"{self.name}/{kind}/"))
+            if recorded:
+                check_not_emptied(self.name, kind, recorded,
+                                  (r.id for r in result.resources if r.kind == kind and r.id))
 
     def identity(self) -> dict[str, str]:
         """Which vendor system this is: vendor, endpoint and a digest of the account (the account's

@@ -41,6 +41,7 @@ from typing import Any
 import httpx
 
 from reconciler.errors import VendorError
+from reconciler.providers.answers import loads
 from reconciler.text import printable
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ class HttpClient:
             if status in expect or status < 300:
                 if self.deadline is not None:
                     self.deadline.answered()
-                return response
+                return self._checked(response)
             if status < 400:
                 where = printable(response.headers.get("Location", "")[:200]) or "nowhere"
                 raise VendorError(self._line(method, path, f"HTTP {status} redirect to {where}; redirects are "
@@ -261,6 +262,13 @@ class HttpClient:
                 raise VendorError(self._line(method, path, self._describe(response)), status=status,
                                   temporary=True)
             raise VendorError(self._line(method, path, self._describe(response)), status=status)
+
+    def _checked(self, response: httpx.Response) -> httpx.Response:
+        """The answer, with `.json()` reading it as input: a body that is not JSON is the vendor's fault
+        (`VendorFault`, naming the system, method and path), never a bug of ours."""
+        system = self.system
+        setattr(response, "json", lambda **_: loads(response, system))   # noqa: B010
+        return response
 
     def send_raw(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request, no retry, no auth added: for login calls and the retry loop. Its timeout is

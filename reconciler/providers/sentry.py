@@ -26,9 +26,12 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import httpx
+from pydantic import ConfigDict, TypeAdapter
+from typing_extensions import TypedDict
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Change
+from reconciler.providers.answers import Id, parse, unique
 from reconciler.providers.base import Event, HandlerTable, Provider, ReadResult
 from reconciler.providers.http import HttpClient, token_lifetime
 from reconciler.resources import (
@@ -44,6 +47,21 @@ from reconciler.resources import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# The answers' shapes: strict on what the tool relies on, lenient on the rest.
+class _Lock(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="allow")   # type: ignore[misc]
+    id: Id
+
+
+class _Member(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="allow")   # type: ignore[misc]
+    userId: Id
+
+
+LOCKS: TypeAdapter[Any] = TypeAdapter(list[_Lock])
+MEMBERS: TypeAdapter[Any] = TypeAdapter(list[_Member])
 
 MEDIA_V2 = "application/vnd.doordeck.api-v2+json"
 JWT_MEDIA = "application/jwt"
@@ -252,7 +270,9 @@ class SentryProvider(Provider):
     # -- reading -------------------------------------------------------------------------------------
     def read_live(self, desired: list[Resource]) -> ReadResult:
         result = ReadResult()
-        locks = {lock["id"].lower(): lock for lock in self.http.request("GET", PATHS["locks"]).json()}
+        listed = unique(parse(self.http.request("GET", PATHS["locks"]), LOCKS, self.name), system=self.name,
+                        what=f"GET {PATHS['locks']}", fold=True)
+        locks = {lock["id"].lower(): lock for lock in listed}
         self.locks = locks
         if not self._operator_ids and not self._email:
             # An opaque operator token names nobody; the key registration says who we act as, so that
@@ -300,7 +320,9 @@ class SentryProvider(Provider):
         return {**response.json(), "email": email}
 
     def _lock_users(self, lock_id: str) -> list[dict[str, Any]]:
-        return self.http.request("GET", PATHS["lock_users"].format(id=lock_id)).json()
+        path = PATHS["lock_users"].format(id=lock_id)
+        return unique(parse(self.http.request("GET", path), MEMBERS, self.name), system=self.name,
+                      what=f"GET {path}", key="userId", fold=True)
 
     def _names(self, kind: str) -> dict[str, str]:
         prefix = f"{self.name}/{kind}/"

@@ -33,6 +33,7 @@ import httpx
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Note
+from reconciler.providers.answers import listing
 from reconciler.providers.base import HandlerTable, Provider, ReadResult
 from reconciler.resources import (
     Attribute,
@@ -224,7 +225,7 @@ class SpkeyProvider(Provider):
             return "missing", []
         if response.status_code == 403:
             return "forbidden", []
-        return "ok", list(response.json().get("tempKeys") or [])
+        return "ok", listing(response, "tempKeys", self.name, key="uuid", fold=True)
 
     def _find_user(self, email: str) -> str | None:
         # searchOnly=true: without it the vendor creates an account for an unknown email.

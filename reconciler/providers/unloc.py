@@ -33,6 +33,7 @@ from pydantic import field_validator
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Note
+from reconciler.providers.answers import MAX_PAGES, VendorFault, listing, page_of, parse, unique
 from reconciler.providers.base import HandlerTable, Provider, ReadResult
 from reconciler.providers.http import HttpClient, json_error
 from reconciler.providers.settings import VendorSettings
@@ -50,6 +51,7 @@ from reconciler.resources import (
     normalise_time,
     unknown_name,
 )
+from reconciler.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -169,19 +171,28 @@ class UnlocProvider(Provider):
         return PATHS[endpoint].format(lh=self.lock_holder, **ids)
 
     def list_locks(self) -> list[dict[str, Any]]:
-        return list(self.http.request("GET", self._path("locks")).json().get("locks") or [])
+        return listing(self.http.request("GET", self._path("locks")), "locks", self.name, fold=True)
 
     def list_keys(self) -> list[dict[str, Any]]:
         """Every key of the lock holder: `limit=500`, following `startAfterId` to the end."""
         keys: list[dict[str, Any]] = []
         params: dict[str, Any] = {"limit": PAGE_SIZE}
+        adapter = page_of("keys", extra={"startAfterId": str | None})
+        cursors: set[str] = set()
+        path = self._path("keys")
         while True:
-            body = self.http.request("GET", self._path("keys"), params=params).json()
-            page = body.get("keys") or []
+            body = parse(self.http.request("GET", path, params=params), adapter, self.name)
+            page = body["keys"]
             keys.extend(page)
             cursor = body.get("startAfterId")
-            if not cursor or not page or cursor == params.get("startAfterId"):
-                return keys
+            if not cursor or not page:
+                return unique(keys, system=self.name, what=f"GET {path}", fold=True)
+            if cursor in cursors:
+                raise VendorFault(f"{self.name}: GET {path}: the vendor sent page token {printable(cursor)[:60]} "
+                                  "twice; refusing to page in a loop")
+            if len(cursors) >= MAX_PAGES:
+                raise VendorFault(f"{self.name}: GET {path}: more than {MAX_PAGES} pages; refusing to page on")
+            cursors.add(cursor)
             params = {"limit": PAGE_SIZE, "startAfterId": cursor}
 
     def read_live(self, desired: list[Resource]) -> ReadResult:

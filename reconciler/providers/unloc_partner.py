@@ -47,6 +47,7 @@ from pydantic import field_validator
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Note
+from reconciler.providers.answers import listing
 from reconciler.providers.base import Event, HandlerTable, Provider, ReadResult
 from reconciler.providers.http import json_error
 from reconciler.providers.settings import VendorSettings
@@ -154,7 +155,7 @@ class UnlocPartnerProvider(Provider):
 
     # -- reading -------------------------------------------------------------------------------------
     def _list_locks(self) -> list[dict[str, Any]]:
-        return list(self.http.request("GET", self._path("locks")).json().get("locks") or [])
+        return listing(self.http.request("GET", self._path("locks")), "locks", self.name, fold=True)
 
     def _lock_events(self, lock: str) -> list[dict[str, Any]]:
         return list(self.http.request("GET", self._path("events", lock=lock)).json().get("events") or [])
