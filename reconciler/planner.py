@@ -246,6 +246,8 @@ def _origin(change: Change, applied: Mapping[str, str], applied_systems: set[str
     applied); `policy` when the YAML asks for something new; `unmanaged` for access found on a system
     reconciler has never applied to (the first plan): not in the policy, but not drift either."""
     last = applied.get(change.address)
+    if change.live is not None and change.live.meta.get("not_in_effect"):
+        return "not in effect"      # an acknowledged revocation that did not take effect: not drift
     if change.desired is None or change.desired.status is Status.ABSENT:
         # Undeclared live objects: ours once (removed from the policy) or never (made outside git).
         if last is not None or change.desired is not None or not change.resource.is_grant:

@@ -223,7 +223,8 @@ def access_sentence(change: dict[str, Any]) -> str | None:
         return f"{_person(user)} gains {what}{where}, {md(_window(change['after']))}{via}{source}"
     if action == "delete":
         why = {"drift": " — granted outside git, not in the policy",
-               "unmanaged": " — not in the policy"}.get(change.get("origin") or "", " — no longer in the policy")
+               "unmanaged": " — not in the policy",
+               "not in effect": " — an earlier revocation was acknowledged but did not take effect"}.get(change.get("origin") or "", " — no longer in the policy")
         return f"{_person(user)} loses {what}{where}{why}"
     before, after = change["before"] or {}, change["after"] or {}
     keys = change.get("changed") or sorted(k for k in after if before.get(k) != after.get(k))

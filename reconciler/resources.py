@@ -160,6 +160,7 @@ class Meta(TypedDict, total=False):
     claiming_code: str            # a gateway to claim
     # Providers → the planner.
     uncertain: str                # why a create whose answer was lost cannot be proven ours
+    not_in_effect: str            # a revocation the vendor acknowledged that did not take effect (when)
     candidates: list[str]         # the vendor ids it might be
     pending: str                  # what the vendor is still doing (shown instead of a change)
     expires: str                  # when a pending invitation lapses (then it is sent again)

@@ -233,6 +233,7 @@ ABLOY_TABLE = [
     Operation("grant permission", "POST", "/permission", A_AUTH, body=PERMISSION_BODY, fields=PERMISSION_FIELDS),
     Operation("update permission", "PUT", "/permission/{id:uuid}", A_AUTH, body=PERMISSION_BODY, fields=PERMISSION_FIELDS),
     Operation("revoke permission", "DELETE", "/permission/{id:uuid}", A_AUTH),
+    Operation("get permission", "GET", "/permission/{id:uuid}", A_AUTH),   # reading a revocation back
     Operation("claim gateway", "POST", "/gateway-device", A_AUTH, body=(JSON, frozenset({"claimingCode"}), frozenset())),
     Operation("list gateways", "GET", "/gateway-device", A_AUTH, query=PAGE),
     Operation("delete gateway", "DELETE", "/gateway-device/{id:uuid}", A_AUTH),
@@ -292,9 +293,11 @@ U_AUTH = {"authorization": r"^Bearer \S+$"}
 LH = "/integrators/v1/lock-holders/{lh:uuid}"
 
 
-def _token_form(body: Any) -> None:
+def _token_json(body: Any) -> None:
+    # Unloc's documentation: a JSON body, `scope` an array (API-SURFACE §2 [doc]).
     assert body["grant_type"] == "client_credentials"
-    assert re.fullmatch(r"lockHolder\.admin:" + UUID, body["scope"]), body["scope"]
+    assert isinstance(body["scope"], list) and len(body["scope"]) == 1, body["scope"]
+    assert re.fullmatch(r"lockHolder\.admin:" + UUID, body["scope"][0]), body["scope"]
 
 
 def _recurrence(value: Any) -> bool:
@@ -310,8 +313,8 @@ def _recurrence(value: Any) -> bool:
 
 UNLOC_TABLE = [
     Operation("token", "POST", "/auth/v1/token/", absent=frozenset({"authorization"}),
-              body=("application/x-www-form-urlencoded", frozenset({"grant_type", "client_id", "client_secret", "scope"}),
-                    frozenset()), check=_token_form),
+              body=(JSON, frozenset({"grant_type", "client_id", "client_secret", "scope"}),
+                    frozenset()), check=_token_json),
     Operation("list locks", "GET", LH + "/locks", U_AUTH),
     Operation("list keys", "GET", LH + "/keys", U_AUTH,
               query={"limit": lambda v: v.isdigit() and 1 <= int(v) <= 500, "startAfterId": is_uuid}),

@@ -181,3 +181,35 @@ def test_export_writes_vendor_text_as_scalars_and_escaped_comments(harness):
     (harness.policy_dir / "hq.yaml").write_text(text)
     plan = harness.plan()
     assert not [c for c in plan.changes if c.action in (Action.DELETE, Action.REPLACE)]
+
+
+def test_a_revocation_the_vendor_does_not_carry_out_is_not_in_effect(harness):
+    # Finding 8: a vendor that answered 204 to a DELETE and kept the permission: apply said "delete done",
+    # exit 0, on every run; the next plan called the survivor drift.
+    harness.write(POLICY)
+    harness.converge()
+    narrowed = POLICY[:POLICY.index("  - users: [alice]\n    devices: [gym]")]
+    harness.write(narrowed)
+
+    ignored = []
+    honest = harness.sim.handle
+
+    def handle(request):
+        if request.method == "DELETE" and "/permission/" in request.url.path:
+            ignored.append(request.url.path)
+            return httpx.Response(204)        # acknowledged, and not done
+        return honest(request)
+    harness.sim.handle = handle
+    plan, report = harness.apply()
+    deletes = [c for c in plan.changes if c.action is Action.DELETE and c.kind == "permission"]
+    assert deletes and ignored
+    assert not report.ok and not report.done
+    assert all("not in effect" in why for _, why in report.failed), report.failed
+    again = harness.plan()
+    survivors = [c for c in again.changes if c.action is Action.DELETE and c.kind == "permission"]
+    assert survivors and all(c.origin == "not in effect" for c in survivors)
+    assert any("not in effect" in n.message for n in again.warnings)
+    # Once the vendor does carry it out, the mark goes.
+    harness.sim.handle = honest
+    harness.converge()
+    assert not harness.plan().has_changes

@@ -432,6 +432,12 @@ class AbloyProvider(Provider):
     def delete_permission(self, live: Resource) -> None:
         self.http.request("DELETE", PATHS["permission"].format(id=live.id), expect=(404,))
 
+    def revoked_still_there(self, live: Resource) -> bool | None:
+        if live.kind != Kind.PERMISSION:
+            return None
+        response = self.http.request("GET", PATHS["permission"].format(id=live.id), expect=(404,))
+        return response.status_code != 404
+
     # -- operating-device invitations ----------------------------------------------------------------
     def create_invitation(self, want: Resource) -> dict[str, Any]:
         """Intent first, then the SMS: a restart after a kill or a lost answer finds the intent and sends

@@ -45,6 +45,10 @@ class VendorFault(VendorError):
     objects, a listing that lost most of what exists): the vendor's fault, exit 1, nothing is applied."""
 
 
+class NotInEffect(VendorError):
+    """The vendor acknowledged a revocation, but reading the object back shows it is still there."""
+
+
 def where(response: httpx.Response) -> tuple[str, str]:
     request = response.request
     return request.method, printable(request.url.path)[:200]

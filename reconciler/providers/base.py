@@ -25,6 +25,7 @@ A vendor subclass MUST NOT open its own HTTP client, print, or write state outsi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import threading
@@ -38,7 +39,7 @@ import httpx
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Change, Note
-from reconciler.providers.answers import check_not_emptied, recorded_ids
+from reconciler.providers.answers import NotInEffect, check_not_emptied, recorded_ids
 from reconciler.providers.http import Deadline, HttpClient, Redactor, describe_plain
 from reconciler.resources import Capabilities, Kind, Resource, digest
 from reconciler.secret import Secret
@@ -254,7 +255,48 @@ class Provider:
                 self.ids[resource.address] = resource.id
         result = self.read_live(list(self.desired.values()))
         self.check_listing(result)
+        self._mark_not_in_effect(result)
         return result
+
+    def _mark_not_in_effect(self, result: ReadResult) -> None:
+        """A live object whose revocation the vendor acknowledged before, without effect, says so: the plan
+        shows it as "not in effect", not as drift. Once it is gone, the mark is dropped at the next apply."""
+        marks = {address: record for address, record in self.state.items(f"{self.name}/")
+                 if record.get("not_in_effect")}
+        if not marks:
+            return
+        seen = set()
+        for i, resource in enumerate(result.resources):
+            record = marks.get(resource.address)
+            if record is not None and resource.id and str(resource.id).lower() == str(record.get("id", "")).lower():
+                seen.add(resource.address)
+                why = (f"the vendor acknowledged its revocation at {record['not_in_effect']}, but it is still "
+                       "there: not in effect")
+                result.resources[i] = dataclasses.replace(resource, meta={**resource.meta, "not_in_effect": why})
+                result.warnings.append(Note(resource.address, f"not in effect: {why}", self.name, resource.kind))
+        for address in marks.keys() - seen:
+            self._resolved[address] = None      # gone now: the revocation took effect after all
+
+    def revoked_still_there(self, live: Resource) -> bool | None:
+        """After the vendor acknowledged revoking `live`: read it back (one GET, or its listing). True when
+        it is still there, False when gone, None when this vendor cannot tell. Vendors override it."""
+        return None
+
+    def confirm_revoked(self, change: Change, still: bool | None = None) -> None:
+        """Report a revocation done only once reading back shows it gone (`still`: what the caller read
+        back already); one still there is recorded as "not in effect" (the next plan says so) and fails the
+        change (apply exits 1)."""
+        live = change.live
+        if live is None or not live.is_grant:
+            return
+        if still is None:
+            still = self.revoked_still_there(live)
+        if still is not True:
+            return
+        at = self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.state.put(change.address, {"id": live.id, "not_in_effect": at})
+        raise NotInEffect(self.redactor(f"{self.name}: {change.address}: the vendor acknowledged the revocation, "
+                                        "but reading it back shows it still there: not in effect"))
 
     CHECKED_KINDS: ClassVar[tuple[str, ...]] = (Kind.USER, Kind.DEVICE, Kind.GATEWAY, Kind.PERMISSION)
 
@@ -308,6 +350,7 @@ class Provider:
         if change.action in (Action.DELETE, Action.REPLACE):
             assert change.live is not None
             self._handler(Action.DELETE, kind)(change.live)
+            self.confirm_revoked(change)
             self.forget(change.address)
         if change.action in (Action.CREATE, Action.REPLACE):
             assert change.desired is not None

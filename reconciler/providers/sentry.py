@@ -411,8 +411,14 @@ class SentryProvider(Provider):
         lock_id = self._share_lock(batch[0].resource)
         if batch[0].action is Action.DELETE:
             self._revoke(lock_id, [c.live for c in batch if c.live is not None])
+            # Read back once for the whole lock: the members still there were not revoked.
+            members = {str(m.get("userId", "")).lower() for m in self._lock_users(lock_id)}
+            survivors = [c for c in batch if c.live is not None and str(c.live.id).lower() in members]
             for change in batch:
-                self.forget(change.address)
+                if change not in survivors:
+                    self.forget(change.address)
+            for change in survivors:
+                self.confirm_revoked(change, still=True)
             return
         self._grant(lock_id, [c.desired for c in batch if c.desired is not None])
 
@@ -421,6 +427,12 @@ class SentryProvider(Provider):
 
     def update_share(self, want: Resource, live: Resource, changed: tuple[str, ...]) -> None:
         self._grant(self._share_lock(want), [want])    # ADD_USER replaces role and window
+
+    def revoked_still_there(self, live: Resource) -> bool | None:
+        if live.kind != Kind.SHARE or not live.id:
+            return None
+        members = self._lock_users(self._share_lock(live))
+        return any(str(m.get("userId", "")).lower() == str(live.id).lower() for m in members)
 
     def delete_share(self, live: Resource) -> None:
         self._revoke(self._share_lock(live), [live])

@@ -329,6 +329,12 @@ class SpkeyProvider(Provider):
         self.http.request("POST", PATHS["update"].format(id=lock), json={"tempKeyUuid": key_uuid, **fields},
                           idempotent=True)
 
+    def revoked_still_there(self, live: Resource) -> bool | None:
+        if live.kind != Kind.TEMP_KEY or not live.id:
+            return None
+        outcome, items = self._list_keys(str(live.meta["lock"]))
+        return outcome == "ok" and any(str(i["uuid"]).lower() == str(live.id).lower() for i in items)
+
     def delete_temp_key(self, live: Resource) -> None:
         # 404: already gone (an earlier answer was lost, or someone deleted it meanwhile).
         self.http.request("POST", PATHS["delete"].format(id=live.meta["lock"]), json={"tempKeyUuid": live.id},

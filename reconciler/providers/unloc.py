@@ -303,6 +303,13 @@ class UnlocProvider(Provider):
         self.http.request("PATCH", self._path("key", lock=lock_id, key=str(live.id)), json={"state": "revoked"},
                           idempotent=True, expect=(404,))
 
+    def revoked_still_there(self, live: Resource) -> bool | None:
+        if live.kind != Kind.KEY or not live.id:
+            return None
+        lock_id = live.meta.get("lock_id") or self._lock_id(grant_parts(live.name)[1])
+        keys = listing(self.http.request("GET", self._path("lock_keys", lock=lock_id)), "keys", self.name, fold=True)
+        return any(str(k["id"]).lower() == str(live.id).lower() and k.get("state") not in HISTORY for k in keys)
+
     def _lock_id(self, device: str) -> str:
         lock_id = self.ids.get(address_of(self.name, Kind.DEVICE, device))
         if not lock_id:

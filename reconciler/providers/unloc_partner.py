@@ -333,6 +333,12 @@ class UnlocPartnerProvider(Provider):
         log.info("key created address=%s id=%s", want.address, answer["id"])
         return {"id": answer["id"], "phone": phone, "lock": lock}
 
+    def revoked_still_there(self, live: Resource) -> bool | None:
+        if live.kind != Kind.KEY or not live.id:
+            return None
+        key = self._get_key(str(live.id))
+        return key is not None and key.get("state") not in GONE_STATES
+
     def delete_key(self, live: Resource) -> None:
         # The vendor keeps a revoked key (`state: revoked`); 404: it is gone already.
         self.http.request("DELETE", self._path("key", key=str(live.id)), expect=(404,))
