@@ -113,7 +113,7 @@ def test_every_request_carries_the_documented_headers_and_pages_at_100(harness):
         if not record.path.endswith("/login"):
             assert "authorization" in headers
         limit = record.query.get("limit")
-        if record.method == "GET":
+        if record.method == "GET" and not record.path.rsplit("/", 1)[-1].count("-") == 4:   # a list, not one object
             assert limit == "100"
 
 
