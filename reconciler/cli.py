@@ -104,7 +104,7 @@ def _session(directory: str, state: str | None, now: str | None, allow_host: tup
         state_path = data_dir(Path(directory)) / "state.json"
     return run.Session(directory=Path(directory), state_path=state_path, state_url=url,
                        lock_timeout=_parse_duration(lock_timeout), env=env, now=_parse_now(now),
-                       allowed_hosts=tuple(allow_host),
+                       allowed_hosts=tuple(allow_host), provider_options=_trust_env_options(),
                        allowed_credentials=tuple(env.get("RECONCILER_ALLOW_CREDENTIALS", "").replace(",", " ").split()))
 
 
@@ -260,10 +260,35 @@ def policy_directory(func: Callable[..., None]) -> Callable[..., None]:
 
 lock_timeout_option = click.option("--lock-timeout", default="0", show_default=True, metavar="DURATION",
                                    help="Wait this long (30s, 5m) for another apply's lock; 0 refuses at once.")
-allow_host_option = click.option(
+_allow_host = click.option(
     "--allow-host", "allow_host", multiple=True, envvar="RECONCILER_ALLOW_HOSTS", metavar="HOST[:PORT]",
     help="A host a system's url may name besides sandbox, loopback and the vendor's production host "
          "(repeatable; RECONCILER_ALLOW_HOSTS: space-separated).")
+TRUST_ENV_KEY = "reconciler.trust_env_proxy"
+
+
+def _remember_trust_env(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[TRUST_ENV_KEY] = True
+    return value
+
+
+_trust_env_proxy = click.option(
+    "--trust-env-proxy", is_flag=True, envvar="RECONCILER_TRUST_ENV_PROXY", expose_value=False,
+    callback=_remember_trust_env,
+    help="Send vendor requests through the proxy and trust the CAs that HTTP(S)_PROXY, ALL_PROXY, NO_PROXY, "
+         "SSL_CERT_FILE and SSL_CERT_DIR name (RECONCILER_TRUST_ENV_PROXY=1); by default they are ignored, so "
+         "credentials go only to each system's own host.")
+
+
+def allow_host_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`--allow-host` and, beside it, `--trust-env-proxy`: where requests, and credentials, may go."""
+    return _allow_host(_trust_env_proxy(func))
+
+
+def _trust_env_options() -> dict[str, Any]:
+    ctx = click.get_current_context(silent=True)
+    return {"trust_env": True} if ctx is not None and ctx.meta.get(TRUST_ENV_KEY) else {}
 
 directory_argument = policy_directory   # the name commands used before `-d/--directory` came
 

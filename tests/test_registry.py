@@ -43,9 +43,10 @@ def test_the_built_in_vendors_are_registered_through_the_entry_point_group() -> 
         assert vendor.capabilities.production_url == vendor.provider.default_url
         assert vendor.simulator and vendor.load_simulator().__name__.endswith("Simulator")
     # Settings are the settings model's fields; the required ones are its required fields.
-    assert registered["unloc"].capabilities.settings == {"lock_holder_id", "notify"}
+    # Every vendor takes `max_answer_mb` (the base settings model's).
+    assert registered["unloc"].capabilities.settings == {"lock_holder_id", "notify", "max_answer_mb"}
     assert registered["unloc"].capabilities.required_settings == {"lock_holder_id"}
-    assert registered["spkey"].capabilities.settings == frozenset()
+    assert registered["spkey"].capabilities.settings == {"max_answer_mb"}
 
 
 def test_a_provider_registered_under_another_name_is_refused() -> None:

@@ -347,8 +347,8 @@ def test_the_unloc_key_list_pages_by_id_from_the_index(tmp_path: Path) -> None:
     made = [sim.add_key(lock, f"+4790000{n:03d}", via="api") for n in range(230)]
     holder = sim.state["locks"][lock]["lockHolderId"]
     with httpx.Client(transport=httpx.MockTransport(sim.handle), base_url="https://sandbox.invalid") as client:
-        token = client.post("/auth/v1/token/", data={
-            "grant_type": "client_credentials", "scope": f"lockHolder.admin:{holder}",
+        token = client.post("/auth/v1/token/", json={
+            "grant_type": "client_credentials", "scope": [f"lockHolder.admin:{holder}"],
             **sim.credentials}).json()["access_token"]
         client.headers["Authorization"] = f"Bearer {token}"
         seen, params = [], {"limit": "100"}

@@ -40,7 +40,8 @@ import httpx
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Change, Note
 from reconciler.providers.answers import NotInEffect, check_not_emptied, recorded_ids
-from reconciler.providers.http import Deadline, HttpClient, Redactor, describe_plain
+from reconciler.providers.http import MAX_ANSWER_BYTES, Deadline, HttpClient, Redactor, describe_plain
+from reconciler.providers.settings import VendorSettings
 from reconciler.resources import Capabilities, Kind, Resource, digest
 from reconciler.secret import Secret
 
@@ -130,7 +131,7 @@ class Provider:
     vendor: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     default_url: ClassVar[str]
-    settings_model: ClassVar[Any] = None                     # a pydantic model of its system settings
+    settings_model: ClassVar[Any] = VendorSettings           # a pydantic model of its system settings
     simulator: ClassVar[str | None] = None                   # "module:Class" of its sandbox
     credential_variables: ClassVar[Mapping[str, str]] = {}   # credential key → the documented variable
     handlers: ClassVar[HandlerTable] = {}          # what apply calls, by action and kind (see the module doc)
@@ -168,7 +169,8 @@ class Provider:
                  settings: Mapping[str, Any], state: StateStore,
                  clock: Callable[[], datetime], transport: httpx.BaseTransport | None = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 monotonic: Callable[[], float] = time.monotonic, deadline: float | None = None):
+                 monotonic: Callable[[], float] = time.monotonic, deadline: float | None = None,
+                 trust_env: bool = False):
         """`clock` is the session's (what time it is, for decisions); `sleep` and `monotonic` measure
         waits and token lifetimes."""
         self.name = name
@@ -179,6 +181,8 @@ class Provider:
             wanted = " or ".join(" and ".join(sorted(required)) for required in sets)
             raise VendorError(f"{name}: {self.vendor} needs credentials {wanted}")
         self.settings = dict(settings)
+        self.trust_env = trust_env      # the operator opted in to proxy and CA environment variables
+        self.max_answer_bytes = int(self.settings.get("max_answer_mb") or 0) << 20 or MAX_ANSWER_BYTES
         self.state = state
         self.transport = transport
         self.sleep = sleep
@@ -208,7 +212,8 @@ class Provider:
                                             redactor=self.redactor, headers=self.http_headers(),
                                             authenticate=self._login if logs_in else None,
                                             describe=self.describe_error, sleep=self.sleep,
-                                            monotonic=self.monotonic)
+                                            monotonic=self.monotonic, clock=self.clock,
+                                            trust_env=self.trust_env, max_answer_bytes=self.max_answer_bytes)
         return self._http
 
     def secrets(self) -> Iterable[str]:

@@ -26,16 +26,20 @@ or untrusted certificate) nor an unknown host name is retried: each says so in o
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.utils
+import json
 import logging
 import random
 import socket
 import ssl
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -60,18 +64,38 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = ()):
         self._secrets: set[str] = {s for s in secrets if s}
         self._lock = threading.Lock()
+        self._forms = _all_forms(self._secrets)
 
     def add(self, secret: str | None) -> None:
         if secret:
             with self._lock:
-                self._secrets.add(secret)
+                if secret not in self._secrets:
+                    self._secrets.add(secret)
+                    self._forms = _all_forms(self._secrets)
 
     def __call__(self, text: str) -> str:
         with self._lock:
-            secrets = sorted(self._secrets, key=len, reverse=True)
+            secrets = self._forms
         for secret in secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def _all_forms(secrets: Iterable[str]) -> list[str]:
+    return sorted({form for s in secrets for form in _forms(s)}, key=len, reverse=True)
+
+
+def _forms(secret: str) -> set[str]:
+    """A secret as a vendor may echo it: as it is, JSON-escaped (`\\/`, `\\u00e9`), URL-encoded (`%2F`, `+`)
+    and base64 (standard and URL-safe, with and without padding)."""
+    forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+             secret.replace("/", "\\/"), json.dumps(secret)[1:-1].replace("/", "\\/"),
+             urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret), urllib.parse.quote(secret)}
+    raw = secret.encode()
+    for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+        text = encoded.decode()
+        forms |= {text, text.rstrip("=")}
+    return {f for f in forms if len(f) >= min(4, len(secret))}
 
 
 class DeadlineExceeded(VendorError):
@@ -79,7 +103,14 @@ class DeadlineExceeded(VendorError):
 
 
 class Interrupted(VendorError):
-    """Stopped on request (Ctrl-C) before this request was sent."""
+    """Stopped on request (Ctrl-C) before this request was sent, or while its answer was read."""
+
+
+class AnswerTooLarge(VendorError):
+    """An answer larger than the system's cap (`max_answer_mb`), counted after decompression."""
+
+
+MAX_ANSWER_BYTES = 64 << 20      # per answer, after decompression; a system's `max_answer_mb` raises it
 
 
 class Deadline:
@@ -120,8 +151,12 @@ class HttpClient:
                  describe: Callable[[httpx.Response], str] | None = None,
                  max_attempts: int = 6, max_backoff: float = 30.0, timeout: float = 30.0,
                  sleep: Callable[[float], None] = time.sleep,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic,
+                 clock: Callable[[], datetime] | None = None, trust_env: bool = False,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES):
         self.system = system
+        self.clock = clock           # the session's clock: a Retry-After date is read against it
+        self.max_answer_bytes = max_answer_bytes
         self.redact = redactor or Redactor()
         self._authenticate = authenticate
         self._describe = describe or _describe_plain
@@ -136,8 +171,10 @@ class HttpClient:
         self.logins = 0
         self._vendor_anchor: tuple[float, float] | None = None   # (vendor epoch seconds, our monotonic)
         self.timeout = timeout
+        # `trust_env=False`: proxy and CA variables (HTTP_PROXY, ALL_PROXY, SSL_CERT_FILE, ...) are ignored
+        # unless the operator opts in (`--trust-env-proxy`): credentials go only to the system's own host.
         self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers or {},
-                                   transport=transport, timeout=timeout)
+                                   transport=transport, timeout=timeout, trust_env=trust_env)
         self.calls = 0
         # Flow control across the worker threads (see the module doc). Plain untimed waits on `_flow`:
         # whoever holds the gate or a slot lets go within a request timeout or a Retry-After.
@@ -283,9 +320,33 @@ class HttpClient:
             # A path that is really an absolute URL (a vendor's `next` link, say) would carry our headers away.
             raise VendorError(self._line(method, printable(str(request.url))[:200],
                                          f"refused: not on {base.scheme}://{base.netloc.decode()}"))
-        response = self.client.send(request)
+        response = self.client.send(request, stream=True)
+        try:
+            self._read_body(response, method, path)
+        finally:
+            response.close()
         self._note_vendor_time(response)
         return response
+
+    def _read_body(self, response: httpx.Response, method: str, path: str) -> None:
+        """Read the answer's body chunk by chunk: the deadline and Ctrl-C are checked between chunks (a
+        vendor dripping a byte at a time stops at the deadline, not at the read timeout of each byte),
+        and the size is counted after decompression (a gzip bomb stops at the cap, not in memory)."""
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > self.max_answer_bytes:
+                raise AnswerTooLarge(self._line(method, path, f"the answer is larger than "
+                                                f"{self.max_answer_bytes // (1 << 20)} MiB (counted after "
+                                                "decompression); raise the system's `max_answer_mb` if it is "
+                                                "genuine"))
+            chunks.append(chunk)
+            if self.stop is not None and self.stop.is_set():
+                raise Interrupted(self._line(method, path, "interrupted while reading the answer"), temporary=True)
+            if self.deadline is not None and self.deadline.remaining() <= 0:
+                raise self._too_late()
+        response._content = b"".join(chunks)   # what `.content`/`.json()` read
 
     # -- the vendor's clock ----------------------------------------------------------------------------
     def _note_vendor_time(self, response: httpx.Response) -> None:
@@ -382,8 +443,9 @@ class HttpClient:
     def _wait_before_retry(self, attempt: int, retry_after: str | None, method: str, path: str, why: str) -> None:
         delay = min(self.max_backoff, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
         if retry_after:
-            with contextlib.suppress(ValueError):
-                delay = min(max(float(retry_after), 0.0), max(self.max_backoff, 60.0))
+            asked = self._retry_after_seconds(retry_after)
+            if asked is not None:
+                delay = min(max(asked, 0.0), max(self.max_backoff, 60.0))
         if self.deadline is not None and delay >= self.deadline.remaining():
             raise self._too_late(why)     # waiting would end past the deadline: say so now
         self._check_go(method, path, why)
@@ -398,6 +460,21 @@ class HttpClient:
         else:
             self.sleep(delay)
         self._check_go(method, path, why)
+
+    def _retry_after_seconds(self, value: str) -> float | None:
+        """`Retry-After` as seconds, or as an HTTP date (RFC 9110 §10.2.3) read against the session's
+        clock (never the wall clock); None when it is neither."""
+        with contextlib.suppress(ValueError):
+            return float(value)
+        if self.clock is None:
+            return None
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return (when - self.clock()).total_seconds()
 
     def _line(self, method: str, path: str, detail: str) -> str:
         return self.redact(f"{self.system}: {method} {path}: {detail}")

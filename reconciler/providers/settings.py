@@ -8,8 +8,14 @@ plain-words reason; the policy loader prints it as it is.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class VendorSettings(BaseModel):
+    """Settings every vendor takes; a vendor's model adds its own."""
+
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # The largest answer accepted from the vendor, in MiB counted after decompression (default 64).
+    max_answer_mb: Annotated[int, Field(ge=1, le=4096)] | None = None
