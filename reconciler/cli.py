@@ -41,7 +41,7 @@ from reconciler.errors import (
 from reconciler.lazy import lazy_module
 from reconciler.state import default_state_path, is_database_url
 from reconciler.terminal import ApplyProgress, ReadProgress, color_wanted, colorize_plan, is_terminal
-from reconciler.text import printable
+from reconciler.text import EscapingFormatter, printable
 
 if TYPE_CHECKING:
     from reconciler import render, run
@@ -139,7 +139,7 @@ def _configure_logging(verbosity: int) -> None:
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(EscapingFormatter("%(levelname)s %(name)s %(message)s"))   # vendor text escaped
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING)
     # httpx and httpcore log every request at INFO; that is -vv detail, not -v.
@@ -610,6 +610,8 @@ def events(system: str, device: str, directory: str, state: str | None, allow_ho
         if not rows:
             click.echo(f"No events for {system}/{device}.")
             return ExitCode.OK
+        # Vendor text: each field escaped (control characters, a leading `::`) before it is aligned.
+        rows = [type(r)(*(printable(str(v)) for v in (r.time, r.action, r.person, r.detail))) for r in rows]
         widths = [max(len(getattr(r, f)) for r in rows) for f in ("time", "action", "person")]
         header = ("time", "action", "person")
         widths = [max(w, len(h)) for w, h in zip(widths, header, strict=False)]

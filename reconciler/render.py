@@ -322,17 +322,19 @@ ACCESS_COLUMNS = ("user", "system", "device", "operations", "role", "start", "en
 
 def _access_cells(row: AccessRow) -> dict[str, str]:
     data = row.to_dict()
-    return {"user": row.user, "system": row.system, "device": row.device,
-            "operations": " ".join(row.operations), "role": row.role or "",
-            "start": row.start or "", "end": row.end or "",
-            "schedule": _days(data["schedule"]) if data["schedule"] else "",
-            "via": row.via, "source": row.source or "",
-            "live_only": "yes" if row.live_only else "", "status": "" if row.status == "present" else row.status}
+    cells = {"user": row.user, "system": row.system, "device": row.device,
+             "operations": " ".join(row.operations), "role": row.role or "",
+             "start": row.start or "", "end": row.end or "",
+             "schedule": _days(data["schedule"]) if data["schedule"] else "",
+             "via": row.via, "source": row.source or "",
+             "live_only": "yes" if row.live_only else "", "status": "" if row.status == "present" else row.status}
+    return {k: printable(str(v)) for k, v in cells.items()}     # vendor text: one escape for every format
 
 
 def _admin_lines(admins: list[Admin]) -> list[str]:
-    return [f"{a.user} is an ADMIN of {a.system}: can grant itself access to any door there"
-            f"{' (not in the policy)' if a.live_only else f' ({a.source})' if a.source else ''}" for a in admins]
+    return [printable(f"{a.user} is an ADMIN of {a.system}: can grant itself access to any door there"
+                      f"{' (not in the policy)' if a.live_only else f' ({a.source})' if a.source else ''}")
+            for a in admins]
 
 
 def render_access(rows: list[AccessRow], admins: list[Admin], fmt: str, *, heading: str = "") -> str:

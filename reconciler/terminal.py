@@ -20,6 +20,8 @@ from typing import IO, Any, Self
 
 import click
 
+from reconciler.text import printable
+
 # A change line of the text plan: indentation, the action symbol, the address.
 _CHANGE_LINE = re.compile(r"^(?P<indent>\s*)(?P<symbol>-/\+|\+|-|~)(?P<rest> .*)$")
 _SYMBOL_STYLE: dict[str, str] = {"+": "green", "-": "red", "~": "yellow"}
@@ -117,7 +119,7 @@ class ApplyProgress:
             if self._bar is not None:
                 self._bar.update(1, address)
                 return
-            line = f"{address}: failed: {error}" if error else f"{address}: {action} done"
+            line = printable(f"{address}: failed: {error}" if error else f"{address}: {action} done")
             width = len(str(self.total))
             click.echo(f"[{self.done:>{width}}/{self.total}] {line}", err=bool(error))
             now = time.monotonic()

@@ -163,6 +163,7 @@ systems:
     unmanaged: report
     concurrency: 4
     deadline: 60
+    max_answer_mb: 128
     mass_revoke: {percent: 12.5, minimum: 20, acknowledge: revoke-3f2a9c1b4d5e6f70}
     offboarding: {acknowledge: offboard-3f2a9c1b4d5e6f70}
     invitation_validity: P1DT12H
