@@ -135,7 +135,14 @@ def read_live(policy: Policy, providers: Mapping[str, Provider],
     if on_read:
         on_read(None, 0, len(providers))
     with ThreadPoolExecutor(max(1, len(providers))) as pool:
-        reads = dict(zip(providers, pool.map(read, providers), strict=False))
+        try:
+            reads = dict(zip(providers, pool.map(read, providers), strict=False))
+        except BaseException:
+            # Ctrl-C (or a failed read): every other read stops at its next chunk or request, at once,
+            # instead of the pool waiting for slow answers to end.
+            for provider in providers.values():
+                provider.stop.set()
+            raise
     problems = [e for result in reads.values() for e in result.errors]
     if problems:
         raise PlanError(problems)
