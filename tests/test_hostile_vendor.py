@@ -213,3 +213,25 @@ def test_a_revocation_the_vendor_does_not_carry_out_is_not_in_effect(harness):
     harness.sim.handle = honest
     harness.converge()
     assert not harness.plan().has_changes
+
+
+def test_sentry_a_repeated_lock_member_revokes_no_declared_share(tmp_path):
+    # Finding 1 on Sentry: the last lock member repeated made the plan revoke declared shares.
+    from test_sentry import FRONT, STAFF, SentryHarness, staff_policy
+
+    h = SentryHarness(tmp_path)
+    h.write(staff_policy("front", FRONT, STAFF[:3]))
+    _, report = h.apply()
+    assert report.ok, report.lines()
+    honest = h.sim.handle
+
+    def handle(request):
+        response = honest(request)
+        if request.method == "GET" and request.url.path.endswith(f"/device/{FRONT}/users"):
+            response.read()
+            members = response.json()
+            return with_body(response, [*members, dict(members[-1])])
+        return response
+    h.sim.handle = handle
+    plan = h.plan()
+    assert not plan.has_changes, [(c.action, c.address) for c in plan.changes]
