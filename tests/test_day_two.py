@@ -182,3 +182,10 @@ def test_a_hand_over_is_not_counted_by_the_mass_revoke_guard_and_report_mode_lis
     assert len([n for n in plan.ignored if n.address.startswith("hq/permission/bob/")]) == 2
     assert plan.managed_grants == 8 - 2
     assert {n.address for n in plan.ignored} >= {"hq/user/bob"}
+
+
+def test_a_previously_that_is_no_key_says_so_in_words(harness):
+    harness.write(POLICY.replace('  bob: {phone: "+4790000002"}', '  bob: {phone: "+4790000002", previously: [Bob N]}'))
+    with pytest.raises(PolicyError) as error:
+        harness.plan()
+    assert "'Bob N' is not a valid key: `previously:` lists the keys this entry had before" in str(error.value)

@@ -160,3 +160,12 @@ def test_state_push_and_pull_carry_the_revision_and_evidence(tmp_path, pg_url): 
     again = open_state(pg_url)
     assert again.note("revision") == {"commit": "abc", "time": 1763632800}
     assert again.snapshot()["notes"]["evidence"] == {"hq/user/bob": {"phone": "sha256:x"}}
+
+
+def test_the_apply_workflow_passes_the_revision():
+    from ruamel.yaml import YAML
+
+    root = Path(__file__).resolve().parent.parent
+    workflow = YAML(typ="safe").load((root / ".github" / "workflows" / "reconciler-apply.yml").read_text())
+    for name, job in workflow["jobs"].items():
+        assert job["env"]["RECONCILER_REVISION"] == "${{ github.sha }}", name

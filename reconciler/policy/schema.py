@@ -18,7 +18,16 @@ from functools import cached_property, lru_cache
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import ErrorDetails
 
 from reconciler import vendors
@@ -155,6 +164,15 @@ def normalise_phone(value: Any) -> Any:
     return e164
 
 
+def _earlier_keys(value: list[str] | None) -> list[str] | None:
+    """`previously:`: keys this entry had before, each a valid name."""
+    for name in value or ():
+        if not NAME_RE.match(name):
+            raise ValueError(f"'{name}' is not a valid key: `previously:` lists the keys this entry had before "
+                             "(lower-case letters, digits, '.', '_' and '-')")
+    return value
+
+
 class MassRevokeModel(_Model):
     """The system's mass-revoke guard: apply refuses a plan revoking more than `percent` % of its managed
     grants (once there are at least `minimum`) unless `acknowledge` quotes the token that plan shows."""
@@ -211,7 +229,7 @@ class UserModel(_Model):
     mobile_key: bool | None = None     # None: operating devices are left alone; false removes one
     systems: list[str] | None = None
     ids: dict[str, Annotated[str, Field(min_length=1)]] | None = None   # adopt existing accounts: system → vendor id
-    previously: list[Annotated[str, Field(pattern=NAME_RE.pattern)]] | None = None   # earlier keys: a rename
+    previously: Annotated[list[str] | None, AfterValidator(_earlier_keys)] = None   # earlier keys: a rename
 
     @field_validator("email")
     @classmethod
@@ -244,7 +262,7 @@ class DeviceModel(_Model):
     colour: Annotated[str | None, DEVICE_FIELD] = None
     # seconds the lock stays open
     unlock_duration: Annotated[int | None, Field(ge=1, le=3600), DEVICE_FIELD] = None
-    previously: list[Annotated[str, Field(pattern=NAME_RE.pattern)]] | None = None   # earlier keys: a rename
+    previously: Annotated[list[str] | None, AfterValidator(_earlier_keys)] = None   # earlier keys: a rename
 
     @field_validator("id", mode="before")
     @classmethod
@@ -271,7 +289,7 @@ class GatewayModel(_Model):
     id: Annotated[str, Field(min_length=1)] | None = None              # adopt an already claimed gateway
     devices: list[str] = []
     decommission: bool = False
-    previously: list[Annotated[str, Field(pattern=NAME_RE.pattern)]] | None = None   # earlier keys: a rename
+    previously: Annotated[list[str] | None, AfterValidator(_earlier_keys)] = None   # earlier keys: a rename
 
 
 class SpanModel(_Model):
