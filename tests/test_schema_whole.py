@@ -225,6 +225,10 @@ temp_keys:
     end: 2026-11-29T18:00:00Z
     max_uses: 10
     description: weekly cleaning
+ignore:
+  - hq/user/id:5869ca5a-9423-48f5-8d5f-4a2945a203ed
+  - hq/device/roof-*
+  - hq/permission/*/archive/**
 """
 
 

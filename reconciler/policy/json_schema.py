@@ -23,6 +23,7 @@ from .schema import (
     COLOUR_RE,
     DURATION_RE,
     EMAIL_RE,
+    IGNORE_RE,
     NAME_RE,
     SYSTEM_KEYS,
     TIME_RE,
@@ -98,6 +99,10 @@ def policy_json_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, An
             "temp_keys": named("TempKey", f"temporary keys{_on(capabilities, 'temp_keys')}"),
             "permissions": {"type": ["array", "null"], "items": {"$ref": "#/$defs/Permission"},
                             "description": "who may open which devices, when"},
+            "ignore": {"type": ["array", "null"],
+                       "items": {"type": "string", "pattern": IGNORE_RE.pattern},
+                       "description": "live objects reconciler never changes or revokes: addresses or patterns "
+                                      "(`*` within a part, `**` across parts)"},
         },
         "$defs": _range_keywords(dict(sorted(defs.items()))),
     }
