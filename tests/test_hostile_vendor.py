@@ -235,3 +235,42 @@ def test_sentry_a_repeated_lock_member_revokes_no_declared_share(tmp_path):
     h.sim.handle = handle
     plan = h.plan()
     assert not plan.has_changes, [(c.action, c.address) for c in plan.changes]
+
+
+@pytest.mark.parametrize("body", [b'{"role": "USER"}', b"<html>created</html>", b'[{"id": "x"}]'])
+def test_a_malformed_create_answer_is_a_vendor_fault_and_the_create_is_looked_up(harness, body):
+    # The vendor said 2xx: the object may exist. The fault is reported in one line and the create stays
+    # uncertain (looked up, never blindly repeated), rather than an internal error.
+    harness.write(POLICY)
+    honest = harness.sim.handle
+
+    def handle(request):
+        response = honest(request)
+        if request.method == "POST" and request.url.path.endswith("/locking-device"):
+            return httpx.Response(201, headers={"Content-Type": "application/json"}, content=body)
+        return response
+    harness.sim.handle = handle
+    _, report = harness.apply()
+    assert not report.internal
+    # The lookup found the one new unclaimed device with our name: adopted, not created twice.
+    assert "hq/device/annex: created" in report.lines()
+    from test_abloy_provider import vendor
+    harness.sim.handle = honest
+    assert [d["name"] for d in vendor(harness, "/locking-device")].count("Annex Door") == 1
+
+
+def test_a_malformed_create_answer_leaves_an_unprovable_create_uncertain(harness):
+    harness.write(POLICY)
+    honest = harness.sim.handle
+
+    def handle(request):
+        response = honest(request)
+        if request.method == "POST" and request.url.path.endswith("/user"):
+            return httpx.Response(201, headers={"Content-Type": "application/json"}, content=b'{"role": "USER"}')
+        return response
+    harness.sim.handle = handle
+    _, report = harness.apply()
+    assert not report.internal
+    # The vendor said 201: the account may exist. It is uncertain (looked up, never sent twice blindly).
+    lines = report.remaining()
+    assert any(line.startswith("hq/user/alice: UNCERTAIN whether it was created") for line in lines), lines

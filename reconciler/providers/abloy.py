@@ -29,7 +29,7 @@ from typing_extensions import TypedDict
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action
-from reconciler.providers.answers import MAX_PAGES, Id, VendorFault, parse, unique
+from reconciler.providers.answers import MAX_PAGES, Id, VendorFault, created, parse, unique
 from reconciler.providers.base import CreateGate, Event, HandlerTable, Provider, ReadResult
 from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, json_error, token_lifetime
 from reconciler.providers.settings import VendorSettings
@@ -145,6 +145,20 @@ PAGES: dict[str, TypeAdapter[Any]] = {"permissions": TypeAdapter(_Permissions),
 PAGE: TypeAdapter[Any] = TypeAdapter(_Page)
 
 
+class _Login(TypedDict):
+    __pydantic_config__ = LENIENT   # type: ignore[misc]
+    token: str                      # a JWT: longer than an id
+
+
+class _Invitation(_Item):
+    expirationDatetime: str
+
+
+CREATED: TypeAdapter[Any] = TypeAdapter(_Item)
+LOGIN: TypeAdapter[Any] = TypeAdapter(_Login)
+INVITATION: TypeAdapter[Any] = TypeAdapter(_Invitation)
+
+
 class AbloySettings(VendorSettings):
     # How long an SMS invitation stays valid; its range is `setting_durations` in the capabilities.
     invitation_validity: str | None = None
@@ -186,7 +200,7 @@ class AbloyProvider(Provider):
         except VendorError as exc:
             raise VendorError(f"{self.name}: login failed: {exc}".replace(f"login failed: {self.name}: ", "login failed: "),
                               status=exc.status, temporary=exc.temporary) from None
-        token = response.json().get("token", "")
+        token = parse(response, LOGIN, self.name)["token"]
         self.redactor.add(token)
         import jwt  # here, not at the top: JWT pulls in cryptography, which validate and --help do not need
 
@@ -324,8 +338,9 @@ class AbloyProvider(Provider):
             return self._find_new("users", "user", lambda item: item.get("role") == want.attributes["role"],
                                   provable=False, name=want.name)
         body = self._create(want.address, "user", find,
-                            lambda: self.http.request("POST", PATHS["users"], json={"role": want.attributes["role"]},
-                                                      idempotent=False).json())
+                            lambda: created(self.http.request("POST", PATHS["users"],
+                                                              json={"role": want.attributes["role"]},
+                                                              idempotent=False), CREATED, self.name))
         # The answer holds the user's accessKey: a secret we neither keep nor show.
         return {"id": body["id"]}
 
@@ -342,8 +357,8 @@ class AbloyProvider(Provider):
                                   matches=lambda item: item.get("name") == name
                                   and item.get("claimingStatus") == "UNCLAIMED")
         body = self._create(want.address, "device", find,
-                            lambda: self.http.request("POST", PATHS["devices"], json={"name": name},
-                                                      idempotent=False).json())
+                            lambda: created(self.http.request("POST", PATHS["devices"], json={"name": name},
+                                                              idempotent=False), CREATED, self.name))
         return {"id": body["id"]}
 
     def update_device(self, want: Resource, live: Resource, changed: tuple[str, ...]) -> None:
@@ -373,7 +388,7 @@ class AbloyProvider(Provider):
                     return {"id": found}
                 raise VendorError(self.redactor(f"{self.name}: claim gateway {want.name}: "
                                                 f"{describe_problem(response)}"), status=409)
-            return response.json()
+            return created(response, CREATED, self.name)
         body = self._create(want.address, "gateway", find, claim)
         return {"id": body["id"]}
 
@@ -451,7 +466,8 @@ class AbloyProvider(Provider):
                                       "at": format_time(sent_at),
                                       "expires": format_time(sent_at + self._invitation_validity)})
         try:
-            answer = self.http.request("POST", PATHS["invitations"], json=body, idempotent=False).json()
+            answer = created(self.http.request("POST", PATHS["invitations"], json=body, idempotent=False),
+                             INVITATION, self.name)
         except VendorError as exc:
             if not exc.ambiguous:
                 self.state.delete(want.address)    # refused (429/503 after retries, 4xx): nothing was sent

@@ -87,6 +87,15 @@ def parse(response: httpx.Response, adapter: TypeAdapter[T], system: str) -> T:
         raise fault(system, method, path, _explain(exc)) from None
 
 
+def created(response: httpx.Response, adapter: TypeAdapter[T], system: str) -> T:
+    """The answer to a create: a malformed one is a fault that leaves the create uncertain (the vendor said
+    2xx, so it may well exist): `ambiguous`, so that it is looked up before anything is sent again."""
+    try:
+        return parse(response, adapter, system)
+    except VendorFault as exc:
+        raise VendorFault(f"{exc}; the create may have taken effect", temporary=True, ambiguous=True) from None
+
+
 def loads(response: httpx.Response, system: str) -> Any:
     """Any JSON value (for answers the tool only looks into with `.get`): malformed JSON is a fault."""
     return parse(response, ANY, system)
