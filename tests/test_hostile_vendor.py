@@ -274,3 +274,15 @@ def test_a_malformed_create_answer_leaves_an_unprovable_create_uncertain(harness
     # The vendor said 201: the account may exist. It is uncertain (looked up, never sent twice blindly).
     lines = report.remaining()
     assert any(line.startswith("hq/user/alice: UNCERTAIN whether it was created") for line in lines), lines
+
+
+def test_a_date_that_does_not_parse_is_a_vendor_fault(harness):
+    harness.write(POLICY)
+    harness.converge()
+
+    def garble(body):
+        body["items"][0]["end"] = "next tuesday"
+    hostile(harness, listing("/permission", garble))
+    with pytest.raises(VendorFault, match=r"^hq: GET /permission: the vendor's answer is malformed: permission .*"
+                                          r"next tuesday"):
+        harness.plan()

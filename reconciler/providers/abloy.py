@@ -29,7 +29,7 @@ from typing_extensions import TypedDict
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action
-from reconciler.providers.answers import MAX_PAGES, Id, VendorFault, created, parse, unique
+from reconciler.providers.answers import MAX_PAGES, Id, VendorFault, created, fault, parse, unique
 from reconciler.providers.base import CreateGate, Event, HandlerTable, Provider, ReadResult
 from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, json_error, token_lifetime
 from reconciler.providers.settings import VendorSettings
@@ -289,7 +289,7 @@ class AbloyProvider(Provider):
                 continue    # not a device this policy manages: not ours to judge
             user = user_names.get(item.get("userId")) or unknown_name(str(item.get("userId")))
             add(Resource(self.name, Kind.PERMISSION, f"{user}/{held}/{item.get('operationType')}",
-                         _permission_attributes(item), id=item["id"]))
+                         self._permission_attributes(item), id=item["id"]))
         for want in desired:
             if want.kind == Kind.GATEWAY and want.status is Status.PRESENT and want.address not in self.ids \
                     and not want.meta.get("claiming_code"):
@@ -302,6 +302,13 @@ class AbloyProvider(Provider):
                 if found is not None:
                     add(found)
         return result
+
+    def _permission_attributes(self, item: dict[str, Any]) -> dict[str, Any]:
+        """A listed permission's attributes; a date that does not parse is the vendor's fault, in one line."""
+        try:
+            return _permission_attributes(item)
+        except (TypeError, ValueError) as exc:
+            raise fault(self.name, "GET", PATHS["permissions"], f"permission {item['id']}: {exc}") from None
 
     def _names(self, kind: str) -> dict[Any, str]:
         """vendor id → our name, for `kind`; looked up with ids as the vendor's JSON gives them."""
