@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import re
 
 import httpx
 import pytest
@@ -59,7 +60,7 @@ def hostile_cli(tmp_path, monkeypatch):
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "p.yaml").write_text(POLICY)
     honest = AbloySimulator.handle
-    state = {"on": False, "fail_writes": False}
+    state = {"on": False, "fail_writes": False, "ids": False}
 
     def handle(self, request):
         if state["fail_writes"] and request.method == "POST" and request.url.path.endswith("/permission"):
@@ -70,6 +71,9 @@ def hostile_cli(tmp_path, monkeypatch):
             return response
         response.read()
         body = _poison(response.json())
+        if state["ids"] and request.url.path.endswith("/permission"):
+            for item in body.get("items", []):
+                item["userId"] = "\x1b[2J\x1b]0;owned\x07" + item["userId"]
         headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
         return httpx.Response(response.status_code, headers=headers, content=json.dumps(body).encode())
     monkeypatch.setattr(AbloySimulator, "handle", handle)
@@ -137,3 +141,15 @@ def test_log_lines_and_escapes_hold_for_each_hostile_string(text):
     assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u202e" not in line
     shown = printable(text)
     assert not shown.startswith("::") and "\n" not in shown and "\x1b" not in shown
+
+
+@pytest.mark.parametrize("fmt", ["text", "markdown", "csv"])
+def test_access_live_with_hostile_vendor_ids(hostile_cli, fmt):
+    # `access --live` showed a vendor's user id raw (ESC, OSC title sequences). An id is now checked by the
+    # answer's model: one with control characters is a vendor fault, in one escaped line.
+    invoke, state = hostile_cli
+    state["ids"] = True
+    code, output = invoke("access", "--live", "--format", fmt)
+    assert_safe(output)
+    assert "\x07" not in output
+    assert code == 1 and re.search(r"hq: GET \S*/permission: the vendor's answer is malformed: items.0.userId", output)
