@@ -175,7 +175,15 @@ def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, 
     yaml.width = 120
     out = io.StringIO()
     yaml.dump(document, out)
-    return out.getvalue()
+    text = out.getvalue()
+    if any(line.lstrip().startswith("::") for line in text.splitlines()):
+        # A long vendor string folded so that a line begins with `::` (a workflow command in a CI log):
+        # written again without folding.
+        yaml.width = 1 << 20
+        out = io.StringIO()
+        yaml.dump(document, out)
+        text = out.getvalue()
+    return text
 
 
 def _permissions(grants: list[Resource], users: CommentedMap, taken: set[str], schema: KindSchema

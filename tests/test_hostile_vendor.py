@@ -286,3 +286,19 @@ def test_a_date_that_does_not_parse_is_a_vendor_fault(harness):
     with pytest.raises(VendorFault, match=r"^hq: GET /permission: the vendor's answer is malformed: permission .*"
                                           r"next tuesday"):
         harness.plan()
+
+
+def test_export_never_folds_a_long_vendor_string_onto_a_line_that_begins_with_a_workflow_command(harness):
+    harness.write("{}\n")
+    for path in harness.policy_dir.iterdir():
+        if path.name != "systems.yaml":
+            path.unlink()
+    names = ["word " * n + "::error::folded" for n in range(20, 30)]
+
+    def rename(body):
+        for item, name in zip(body["items"], names * 10, strict=False):
+            item["name"] = name
+    hostile(harness, listing("/locking-device", rename))
+    text = export_system(harness.session(), "hq")
+    assert not [line for line in text.splitlines() if line.lstrip().startswith("::")]
+    assert any(name in {e.get("name") for e in yaml.safe_load(text)["devices"].values()} for name in names)
