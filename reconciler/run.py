@@ -28,9 +28,9 @@ from reconciler.plan import FORMAT_VERSION, OPTIONAL_CHANGE_KEYS, Change, Note, 
 from reconciler.policy import Policy, load_policy
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.factory import build_provider, capabilities
-from reconciler.state import LocalState
+from reconciler.state import LocalState, StateStore
 from reconciler.state import open_state as open_store
-from reconciler.state.guard import check_state
+from reconciler.state.trust import check_state
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def running_clock(start: datetime) -> Callable[[], datetime]:
     return lambda: start + timedelta(seconds=time.monotonic() - started)
 
 
-def open_state(session: Session) -> Any:
+def open_state(session: Session) -> StateStore:
     """The session's state store: PostgreSQL when a URL was given, else the local file."""
     return open_store(session.state_url or session.state_path, lock_timeout=session.lock_timeout)
 
@@ -113,7 +113,7 @@ def schema() -> dict[str, Any]:
     return policy_json_schema(capabilities())
 
 
-def build_providers(session: Session, policy: Policy, state: Any) -> dict[str, Provider]:
+def build_providers(session: Session, policy: Policy, state: StateStore) -> dict[str, Provider]:
     options = {"clock": session.clock, **session.provider_options}
     return {name: build_provider(system, state, sandbox_dir=session.sandbox_dir,
                                  transport=session.transports.get(name), **options)
@@ -151,10 +151,10 @@ def read_live(policy: Policy, providers: Mapping[str, Provider],
 
 @paused_collection
 def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider],
-              applied: Mapping[str, str] | None = None, *, state: Any = None,
+              applied: Mapping[str, str] | None = None, *, state: StateStore | None = None,
               renamed: list[tuple[str, str]] | None = None) -> Plan:
     """Read every system in bulk, all systems at once, then diff. With `state`, first refuse a state
-    that belongs to another system or was lost (`state.guard`)."""
+    that belongs to another system or was lost (`state.trust`)."""
     desired = policy.resources
     if renamed is None:
         renamed = _renamed(state, policy) if state is not None else []
@@ -179,10 +179,10 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
 ENTITIES = ("user", "device", "gateway")
 
 
-def _renamed(state: Any, policy: Policy, *, persist: bool = False) -> list[tuple[str, str]]:
+def _renamed(state: StateStore, policy: Policy, *, persist: bool = False) -> list[tuple[str, str]]:
     """Move what the state holds under each `previously:` key to its new key (records, applied digests):
     in memory for a plan, written through for an apply. Returns the users, devices and gateways moved."""
-    if not policy.renames or not hasattr(state, "moved"):
+    if not policy.renames:
         return []
     pairs = state.moved(lambda address: renamed_address(address, policy.renames))
     if pairs:
@@ -190,13 +190,13 @@ def _renamed(state: Any, policy: Policy, *, persist: bool = False) -> list[tuple
     return [(old, new) for old, new in pairs if old.split("/")[1] in ENTITIES]
 
 
-def _evidence(state: Any, policy: Policy, live: list[Any]) -> dict[str, dict[str, str]]:
+def _evidence(state: StateStore | None, policy: Policy, live: list[Any]) -> dict[str, dict[str, str]]:
     """What identifies each user, device and gateway: the policy's own, and for the ones the state knew, what
     the last apply recorded (the note `evidence`), the phone of an invitation it sent, an email a vendor gives."""
     from reconciler.resources import digest
 
     known: dict[str, dict[str, str]] = {}
-    recorded = state.note("evidence") if state is not None and hasattr(state, "note") else None
+    recorded = state.note("evidence") if state is not None else None
     for address, clues in (recorded or {}).items():
         if isinstance(clues, dict):
             known[str(address)] = {str(k): str(v) for k, v in clues.items()}
@@ -270,11 +270,9 @@ def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callabl
             _close(providers)
 
 
-def _record(state: Any, policy: Policy, current: Revision | None) -> None:
+def _record(state: StateStore, policy: Policy, current: Revision | None) -> None:
     """What this apply came from: its revision (the revision guard of the next one) and what identified the
     policy's users, devices and gateways (the next plan's clue to a rename)."""
-    if not hasattr(state, "set_note"):
-        return
     state.set_note("evidence", policy.evidence)
     if current is not None:
         state.set_note("revision", {"commit": current.commit, "time": current.time})
@@ -347,16 +345,16 @@ def revision_notice(session: Session) -> str | None:
                 "(which refuses to apply an older revision over a newer one) is off")
     try:
         state = open_state(session)
-        older = _older(state.note("revision") if hasattr(state, "note") else None, current, session.directory)
+        older = _older(state.note("revision"), current, session.directory)
     except ReconcilerError:
         return None
     return older
 
 
-def check_revision(state: Any, current: Revision | None, directory: Path, *, allow_older: bool) -> None:
+def check_revision(state: StateStore, current: Revision | None, directory: Path, *, allow_older: bool) -> None:
     """Refuse to apply a revision older than the one the state says was applied last (by ancestry when both
     commits are in this repository, else by commit time), unless `allow_older`."""
-    if current is None or allow_older or not hasattr(state, "note"):
+    if current is None or allow_older:
         return
     older = _older(state.note("revision"), current, directory)
     if older:
@@ -450,7 +448,9 @@ def push_state(session: Session, source: Path, *, force: bool = False) -> int:
     local.lock()
     try:
         data = local.snapshot()
-        with open_state(session) as target:
+        from reconciler.state.postgres import PostgresState  # psycopg is loaded only when asked for
+
+        with PostgresState(session.state_url, lock_timeout=session.lock_timeout) as target:
             held = sum(1 for _ in target.items())
             if held and not force:
                 raise RefusedError(f"refused: the state {target.location} already holds {held} records; pull it "

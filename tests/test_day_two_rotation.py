@@ -17,7 +17,7 @@ from reconciler.errors import PlanError, RefusedError
 from reconciler.resources import Resource
 from reconciler.sandbox.spkey import ORG_ID, OTHER_API_KEY
 from reconciler.state import LocalState
-from reconciler.state.guard import check_state
+from reconciler.state.trust import check_state
 
 WRITES = ("POST", "PUT", "PATCH", "DELETE")
 

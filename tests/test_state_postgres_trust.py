@@ -1,4 +1,4 @@
-"""The shared state knows whose it is, as the local state does: the identity checks of `state/guard.py`
+"""The shared state knows whose it is, as the local state does: the identity checks of `state/trust.py`
 hold on PostgreSQL too, against a real server (see test_state_postgres.py for the server and schemas)."""
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import httpx
 
@@ -44,6 +44,7 @@ from reconciler.providers.http import MAX_ANSWER_BYTES, Deadline, HttpClient, Re
 from reconciler.providers.settings import VendorSettings
 from reconciler.resources import Capabilities, Kind, Resource, digest
 from reconciler.secret import Secret
+from reconciler.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,6 @@ VERBS = {Action.CREATE: ("create", 1), Action.UPDATE: ("update", 3), Action.DELE
 
 # Credential and setting names that say which account or tenant a system is (never a rotating key).
 ACCOUNT_NAMES = ("user_id", "email", "client_id", "lock_holder_id", "partner_id")
-
-
-class StateStore(Protocol):
-    def get(self, address: str) -> dict[str, Any] | None: ...
-    def put(self, address: str, record: Mapping[str, Any]) -> None: ...
-    def delete(self, address: str) -> None: ...
-    def items(self, prefix: str = "") -> Any: ...
 
 
 @dataclass
@@ -244,9 +238,7 @@ class Provider:
     def _make_durable(self) -> None:
         """Before a request that may change the vendor: what the state recorded so far (the changes the
         vendor confirmed, the intent of the create about to go) is put on disk, in one go for all workers."""
-        sync = getattr(self.state, "sync", None)
-        if sync is not None:
-            sync()
+        self.state.sync()
 
     def read(self, desired: list[Resource]) -> ReadResult:
         self.start_phase("read")
@@ -317,7 +309,7 @@ class Provider:
     def identity(self) -> dict[str, str]:
         """Which vendor system this is: vendor, endpoint and a digest of the account (the account's
         identifier, or the API key where a vendor has nothing else). The state records it; a state of
-        another system is refused (`reconciler.state.guard`)."""
+        another system is refused (`reconciler.state.trust`)."""
         values = [(n, self.credentials[n].reveal()) for n in ACCOUNT_NAMES if n in self.credentials]
         values += [(n, str(self.settings[n])) for n in ACCOUNT_NAMES if self.settings.get(n)]
         if not values:
@@ -326,7 +318,7 @@ class Provider:
 
     def identified_by_secret(self) -> bool:
         """Whether `identity()` digests a secret (no account identifier to name the system by): a rotated key
-        then changes the identity, and the state guard accepts it on the evidence of the objects it holds."""
+        then changes the identity, and the state trust check accepts it on the evidence of the objects it holds."""
         return not any(n in self.credentials for n in ACCOUNT_NAMES) and \
             not any(self.settings.get(n) for n in ACCOUNT_NAMES)
 
@@ -344,11 +336,9 @@ class Provider:
     def record_applied(self, change: Change) -> None:
         """Remember what apply made this address look like, so later plans can tell drift (a change made
         outside git) from a policy change. The applier calls it after each successful unit."""
-        mark = getattr(self.state, "mark_applied", None)
-        if mark is not None:
-            done = None if change.action is Action.DELETE or change.desired is None else \
-                digest(dict(change.desired.attributes))
-            mark(change.address, done)
+        done = None if change.action is Action.DELETE or change.desired is None else \
+            digest(dict(change.desired.attributes))
+        self.state.mark_applied(change.address, done)
 
     def apply(self, change: Change) -> None:
         kind = change.kind

@@ -18,9 +18,10 @@ import httpx
 
 from reconciler import vendors
 from reconciler.errors import StateError
-from reconciler.providers.base import Provider, StateStore
+from reconciler.providers.base import Provider
 from reconciler.resources import Capabilities
 from reconciler.secret import Secret
+from reconciler.state import StateStore
 
 SANDBOX_BASE = "https://sandbox.invalid"
 

@@ -177,7 +177,7 @@ class UnlocPartnerProvider(Provider):
                 a: pool.submit(self._get_key, r["id"]) for a, r in known.items()}
             # Intents only: a create whose answer was lost is looked for in its lock's event log.
             logs = {lock: pool.submit(self._events_or_none, lock)
-                    for lock in sorted({r.get("lock") for r in intents.values() if r.get("lock")})}
+                    for lock in sorted({str(r["lock"]) for r in intents.values() if r.get("lock")})}
             found, notes = self._settle(intents, {lock: f.result() for lock, f in logs.items()})
             result.warnings += notes
             for address, record in found.items():

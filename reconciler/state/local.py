@@ -7,7 +7,7 @@ written before it, from any thread), and providers call it before each request t
 every change a vendor confirmed is on disk before the next one is sent; `save()` folds the journal into the snapshot with an atomic replace, keeping the snapshot it
 replaces as `<state>.prev` so that a damaged file can be rolled back. A second apply on the same state
 fails at once on the lock instead of waiting. The state also records which vendor system each policy
-system name was applied to (`systems()`); `reconciler.state.guard` refuses a state of another system.
+system name was applied to (`systems()`); `reconciler.state.trust` refuses a state of another system.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC
+from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -268,6 +269,14 @@ class PostgresState(StateRecords):
                         "ON CONFLICT (address) DO UPDATE SET digest = EXCLUDED.digest", (address, attributes_digest))
             with self._mutex:
                 self._applied[address] = attributes_digest
+
+    @property
+    def previous_path(self) -> Path | None:
+        """No previous snapshot: the database keeps its own backups."""
+        return None
+
+    def sync(self) -> None:
+        """Nothing to make durable: every write is committed before it returns."""
 
     def save(self) -> None:
         """Nothing to fold: every write is already committed."""

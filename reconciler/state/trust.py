@@ -1,7 +1,7 @@
 """Whose state is this? Refuse to plan or apply with a state that belongs elsewhere or was lost.
 
 Called by `reconciler.run` after every system has been read and before anything is planned, for any
-state backend (`LocalState` or another with `systems()`, `items()` and `location`). Two checks:
+state backend (a `StateStore`). Two checks:
 
 - **Identity.** A state records, per policy system name, the vendor system apply last wrote to
   (vendor, endpoint and a digest of the account). A policy system that points somewhere else than what
@@ -17,21 +17,21 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from reconciler.errors import RefusedError
 from reconciler.resources import Kind, Resource, Status
+from reconciler.state.store import StateStore
 
 SHOWN = 5
 
 
-def check_state(state: Any, identities: Mapping[str, Mapping[str, str]], desired: Iterable[Resource],
+def check_state(state: StateStore, identities: Mapping[str, Mapping[str, str]], desired: Iterable[Resource],
                 live: Iterable[Resource], *, by_secret: Iterable[str] = ()) -> list[str]:
     """Raise `RefusedError` (one line per system) when the state is another system's or lost. `by_secret`:
     systems whose identity is only a digest of their key; a changed digest there (a rotated key) is accepted
     when the live system holds the objects the state recorded. Returns what was accepted so, in words."""
-    recorded: Mapping[str, Mapping[str, str]] = state.systems() if hasattr(state, "systems") else {}
-    where = getattr(state, "location", "the state")
+    recorded: Mapping[str, Mapping[str, str]] = state.systems()
+    where = state.location
     desired, live = list(desired), list(live)
     problems: list[str] = []
     accepted: list[str] = []
@@ -64,7 +64,7 @@ def check_state(state: Any, identities: Mapping[str, Mapping[str, str]], desired
         if suspects:
             shown = "; ".join(suspects[:SHOWN]) + (f"; and {len(suspects) - SHOWN} more"
                                                    if len(suspects) > SHOWN else "")
-            previous = getattr(state, "previous_path", None)
+            previous = state.previous_path
             restore = (f"restore the state file (a previous snapshot may be at {previous})" if previous
                        else "restore the state")
             problems.append(
@@ -77,14 +77,14 @@ def check_state(state: Any, identities: Mapping[str, Mapping[str, str]], desired
     return accepted
 
 
-def _evidence(name: str, state: Any, live: list[Resource]) -> tuple[int, int]:
+def _evidence(name: str, state: StateStore, live: list[Resource]) -> tuple[int, int]:
     """How many of the vendor ids the state recorded for `name` the live system holds, of how many."""
     recorded = {str(record["id"]) for _, record in state.items(f"{name}/") if record.get("id")}
     held = {str(r.id) for r in live if r.system == name and r.id is not None}
     return len(recorded & held), len(recorded)
 
 
-def _another_policy(name: str, state: Any, desired: list[Resource]) -> str | None:
+def _another_policy(name: str, state: StateStore, desired: list[Resource]) -> str | None:
     """A state whose accounts, devices and gateways on this system are none of this policy's was written
     by another policy (another team's, on the same account): planning with it would offboard them all."""
     kinds = {Kind.USER, Kind.DEVICE, Kind.GATEWAY}
@@ -92,7 +92,7 @@ def _another_policy(name: str, state: Any, desired: list[Resource]) -> str | Non
     declared = {r.address for r in desired if r.system == name}
     if not known or known & declared:
         return None
-    where = getattr(state, "location", "the state")
+    where = state.location
     return (f"{name}: the state {where} was written by another policy: none of the {len(known)} users, devices "
             f"and gateways it made on this system ({', '.join(sorted(known)[:SHOWN])}"
             f"{' …' if len(known) > SHOWN else ''}) is in this policy, so planning would offboard them all. "
