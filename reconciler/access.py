@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from reconciler.resources import GRANT_KINDS, Kind, Resource, Status, grant_parts, grant_slot, parse_time
+from reconciler.plan import access_of
+from reconciler.resources import GRANT_KINDS, Kind, Resource, Status, grant_parts, grant_slot, kind_def, parse_time
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 ANYONE = "*"    # a public temporary key: anyone with the link
@@ -118,7 +119,7 @@ def rows_from_policy(desired: Iterable[Resource], emails: Mapping[str, str]) -> 
     for resource in desired:
         if resource.status is Status.ABSENT:
             continue
-        if resource.kind == Kind.USER and resource.attributes.get("role") == "ADMIN":
+        if _privileged(resource):
             admins.append(Admin(resource.name, resource.system, resource.source))
         elif resource.kind in GRANT_KINDS:
             rows += _grant_rows(resource, via=_via(resource), source=resource.source, live_only=False,
@@ -126,11 +127,23 @@ def rows_from_policy(desired: Iterable[Resource], emails: Mapping[str, str]) -> 
     return _merged(rows), sorted(admins, key=lambda a: (a.user, a.system))
 
 
+def _privileged(resource: Resource) -> bool:
+    """An account holding a privileged value (`Attribute.privilege`: an ADMIN), which can grant itself any door."""
+    return kind_def(resource.kind).holder and any(
+        resource.attributes.get(name) in values for name, values in access_of(resource.kind, resource.schema).privilege)
+
+
 def _same_window(live: Resource, want: Resource) -> bool:
-    keys = ("end", "schedule", "role", "access", "users")
+    """The same grant: equal in every field that moves access (`Attribute.access`), the start only when the
+    policy gives one."""
+    fields = access_of(want.kind, want.schema)
+    keys = [name for name, _ in (*fields.ordered, *fields.compared)]
+    if fields.end:
+        keys.append(fields.end)
     if any(live.attributes.get(k) != want.attributes.get(k) for k in keys if k in want.attributes):
         return False
-    return "start" not in want.attributes or live.attributes.get("start") == want.attributes.get("start")
+    start = fields.start
+    return start is None or start not in want.attributes or live.attributes.get(start) == want.attributes.get(start)
 
 
 def rows_from_live(live: Iterable[Resource], desired: Iterable[Resource], emails: Mapping[str, str]
@@ -147,7 +160,7 @@ def rows_from_live(live: Iterable[Resource], desired: Iterable[Resource], emails
     rows: list[AccessRow] = []
     admins: list[Admin] = []
     for resource in live:
-        if resource.kind == Kind.USER and resource.attributes.get("role") == "ADMIN":
+        if _privileged(resource):
             admins.append(Admin(resource.name, resource.system,
                                 live_only=(resource.system, resource.name) not in declared_users))
         if resource.kind not in GRANT_KINDS:

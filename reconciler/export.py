@@ -20,6 +20,8 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from reconciler import run
 from reconciler.errors import ReconcilerError
+from reconciler.policy.expand import USER_FIELDS
+from reconciler.policy.schema import UserModel
 from reconciler.resources import GRANT_KINDS, Kind, KindSchema, Resource
 from reconciler.text import printable
 
@@ -37,7 +39,8 @@ def export_system(session: run.Session, system: str) -> str:
     try:
         provider = providers[system]
         found = provider.read(declared).resources
-        adopted, keys = _adopt(system, found)
+        user_schema = provider.capabilities.schema(Kind.USER)
+        adopted, keys = _adopt(system, found, user_schema)
         known = {r.address for r in policy.resources}
         second = provider.read([*declared, *(r for r in adopted if r.address not in known)])
         if second.errors:
@@ -77,7 +80,7 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _adopt(system: str, found: list[Resource]) -> tuple[list[Resource], dict[str, str]]:
+def _adopt(system: str, found: list[Resource], user_schema: KindSchema) -> tuple[list[Resource], dict[str, str]]:
     """Desired resources that adopt every device, account and gateway by id; and vendor id → policy key."""
     taken: set[str] = set()
     keys: dict[str, str] = {}
@@ -96,9 +99,23 @@ def _adopt(system: str, found: list[Resource]) -> tuple[list[Resource], dict[str
             key = _unique(_slug(f"gateway-{serial}", f"gateway-{resource.id[:8]}"), taken)
         keys[resource.id] = key
         attributes = {"name": resource.attributes["name"]} if resource.kind == Kind.DEVICE else \
-            {"role": resource.attributes.get("role")} if resource.kind == Kind.USER else {}
+            _account(resource, user_schema) if resource.kind == Kind.USER else {}
         adopted.append(Resource(system, resource.kind, key, attributes, id=resource.id, meta=resource.meta))
     return adopted, keys
+
+
+def _account(resource: Resource, user_schema: KindSchema) -> dict[str, Any]:
+    """An adopted account's attributes: the user fields its vendor's user schema declares (`UserField`)."""
+    return {field: resource.attributes.get(field) for field in user_schema.attributes if field in USER_FIELDS}
+
+
+def _account_entry(resource: Resource) -> CommentedMap:
+    """A user entry for an adopted account: its declared fields that differ from the policy's defaults."""
+    entry = CommentedMap()
+    for field, value in resource.attributes.items():
+        if value is not None and value != UserModel.model_fields[field].default:
+            entry[field] = value
+    return entry
 
 
 def _person(token: str, users: CommentedMap, taken: set[str], meta: Any = None) -> str:
@@ -127,9 +144,7 @@ def _to_yaml(system: str, vendor: str, adopted: list[Resource], keys: dict[str, 
     taken = {r.name for r in adopted}
     for resource in sorted(adopted, key=lambda r: r.name):
         if resource.kind == Kind.USER:
-            entry = CommentedMap()
-            if resource.attributes.get("role") not in (None, "USER"):
-                entry["role"] = resource.attributes["role"]
+            entry = _account_entry(resource)
             entry["ids"] = CommentedMap({system: resource.id})
             users[resource.name] = entry
         elif resource.kind == Kind.DEVICE:

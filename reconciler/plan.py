@@ -10,13 +10,27 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
-from reconciler.resources import GRANT_KINDS, Kind, Resource
+from reconciler.resources import (
+    ACCESS_END,
+    ACCESS_LIMIT,
+    ACCESS_MEMBERS,
+    ACCESS_SCHEDULE,
+    ACCESS_START,
+    GRANT_KINDS,
+    NO_SCHEMA,
+    Attribute,
+    Kind,
+    KindSchema,
+    Resource,
+    access_fields,
+    kind_def,
+)
 
 FORMAT_VERSION = 1
 
@@ -51,6 +65,12 @@ def _bare(part: str) -> str:
     return part.split("#", 1)[0].split("@", 1)[0]
 
 
+def person_door(kind: str) -> bool:
+    """A grant named `user/device[/…]` (a declared grant kind owned by a user and a device)."""
+    declared = kind_def(kind)
+    return declared.grant and declared.owners == (Kind.USER, Kind.DEVICE)
+
+
 def owners(address: str) -> list[str]:
     """The users, devices and gateways an address belongs to: itself for those, the person and the door of
     a grant, the person of an invitation, the gateway and the door of an association."""
@@ -60,7 +80,7 @@ def owners(address: str) -> list[str]:
         return [address]
     if kind == "invitation":
         return [f"{system}/user/{name}"]
-    if kind in GRANT_KINDS and kind != Kind.TEMP_KEY and len(parts) >= 2:
+    if person_door(kind) and len(parts) >= 2:
         return [f"{system}/user/{parts[0]}", f"{system}/device/{_bare(parts[1])}"]
     if kind == "association" and len(parts) == 2:
         return [f"{system}/gateway/{parts[0]}", f"{system}/device/{parts[1]}"]
@@ -81,8 +101,8 @@ def renamed_address(address: str, renames: list[Rename]) -> str | None:
                 parts, touched = [r.new], True
             continue
         slot = {("user", True): 0, ("device", True): 1, ("gateway", False): 0, ("device", False): 1}.get(
-            (r.kind, kind in GRANT_KINDS and kind != Kind.TEMP_KEY))
-        if slot is None or not (kind == "association" or (kind in GRANT_KINDS and kind != Kind.TEMP_KEY)):
+            (r.kind, person_door(kind)))
+        if slot is None or not (kind == "association" or person_door(kind)):
             continue
         if kind == "association" and r.kind == "user":
             continue
@@ -132,22 +152,20 @@ class Effect(StrEnum):
 def phase_of(action: Action, kind: str) -> int:
     """0: revoke grants; 1: remove associations; 2: remove users, devices, gateways;
     3: create/update users, devices, gateways; 4: everything that depends on them."""
+    declared = kind_def(kind)
     if action is Action.DELETE:
-        if kind in GRANT_KINDS:
+        if declared.grant:
             return 0
-        if kind in (Kind.ASSOCIATION, Kind.INVITATION):
-            return 1
-        return 2
-    if kind in (Kind.USER, Kind.DEVICE, Kind.GATEWAY):
-        return 3
-    return 4
+        return 1 if declared.owners and not declared.top else 2
+    return 3 if declared.top else 4
 
 
 def effect_of(action: Action, kind: str) -> Effect:
     """The effect judged by the verb alone: for changes made without a plan-time judgement (tests, tools)."""
-    if kind in GRANT_KINDS or kind == Kind.USER:
+    declared = kind_def(kind)
+    if declared.grant or declared.holder:
         if action is Action.CREATE or action is Action.REPLACE:
-            return Effect.GRANT if kind in GRANT_KINDS else Effect.NONE
+            return Effect.GRANT if declared.grant else Effect.NONE
         if action is Action.DELETE:
             return Effect.REVOKE
     return Effect.NONE
@@ -158,15 +176,12 @@ def effect_of(action: Action, kind: str) -> Effect:
 # it grants when the after side allows something the before side does not, and revokes when the before side
 # allows something the after side does not; both at once (a window moved later with a later end) is possible.
 
-ROLES = {"USER": 0, "ADMIN": 1}
-
-
-def _future(attrs: Mapping[str, Any], now: str, *, desired: bool) -> tuple[str, str] | None:
+def _window(attrs: Mapping[str, Any], fields: AccessFields, now: str, *, desired: bool) -> tuple[str, str] | None:
     """The part of a window from now on, as (start, end) with "~" for no end; None when nothing is left."""
-    start = attrs.get("start") or ""
+    start = attrs.get(fields.start) or "" if fields.start else ""
     if desired and not start:
         start = now     # no start in the policy: from now
-    end = attrs.get("end") or "~"
+    end = (attrs.get(fields.end) or "~") if fields.end else "~"
     start = max(start, now)
     return (start, end) if start < end else None
 
@@ -185,55 +200,110 @@ def _schedule_within(inner: Any, outer: Any) -> bool:
                for i in inner)
 
 
-def _widens(after: Mapping[str, Any], before: Mapping[str, Any], kind: str) -> bool:
+def _limit_within(inner: Any, outer: Any) -> bool:
+    """A number of uses: `None` is no limit."""
+    return outer is None or (inner is not None and inner <= outer)
+
+
+def _members_within(inner: Any, outer: Any) -> bool:
+    return set(inner or ()) <= set(outer or ())
+
+
+_WITHIN: dict[str, Callable[[Any, Any], bool]] = {
+    ACCESS_SCHEDULE: _schedule_within, ACCESS_LIMIT: _limit_within, ACCESS_MEMBERS: _members_within}
+
+
+@dataclass(frozen=True)
+class AccessFields:
+    """What a kind's declarations say about access, sorted for `classify`: the window's fields, the fields
+    compared by a named comparator, the ordered fields, the privilege fields."""
+
+    start: str | None
+    end: str | None
+    compared: tuple[tuple[str, Callable[[Any, Any], bool]], ...]
+    ordered: tuple[tuple[str, Attribute], ...]
+    privilege: tuple[tuple[str, frozenset[Any]], ...]
+    widest: tuple[str, Any] | None    # an ordered field whose widest value makes the member list moot (public)
+
+
+_FIELDS: dict[tuple[str, int], tuple[KindSchema, AccessFields]] = {}
+
+
+def access_of(kind: str, schema: KindSchema = NO_SCHEMA) -> AccessFields:
+    """The access meaning of `kind`'s fields on a vendor (`Attribute.access`), sorted once per schema."""
+    cached = _FIELDS.get((kind, id(schema)))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
+    fields = access_fields(kind, schema)
+    start = next((n for n, a in fields if a.access == ACCESS_START), None)
+    end = next((n for n, a in fields if a.access == ACCESS_END), None)
+    named = [(n, a.access.split(":", 1)) for n, a in fields if isinstance(a.access, str)]
+    compared = tuple((n, _WITHIN[how[0]]) for n, how in named if how[0] in _WITHIN)
+    ordered = tuple((n, a) for n, a in fields if isinstance(a.access, tuple))
+    privilege = tuple((n, a.privilege) for n, a in fields if a.privilege)
+    audience = next((how[1] for n, how in named if how[0] == ACCESS_MEMBERS and len(how) == 2), None)
+    widest = next(((n, a.access[-1]) for n, a in ordered if n == audience and isinstance(a.access, tuple)), None)
+    result = AccessFields(start, end, compared, ordered, privilege, widest)
+    _FIELDS[(kind, id(schema))] = (schema, result)
+    return result
+
+
+def _is_widest(attrs: Mapping[str, Any], fields: AccessFields) -> bool:
+    return fields.widest is not None and attrs.get(fields.widest[0]) == fields.widest[1]
+
+
+def _widens(after: Mapping[str, Any], before: Mapping[str, Any], fields: AccessFields) -> bool:
     """Whether `after` allows something that `before` does not, besides the window."""
-    if not _schedule_within(after.get("schedule"), before.get("schedule")):
-        return True
-    if ROLES.get(after.get("role") or "USER", 0) > ROLES.get(before.get("role") or "USER", 0):
-        return True
-    if kind == Kind.TEMP_KEY:
-        if after.get("access") == "public" and before.get("access") != "public":
+    for name, attribute in fields.ordered:
+        if attribute.rank(after.get(name)) > attribute.rank(before.get(name)):
             return True
-        if before.get("access") != "public" and not set(after.get("users") or ()) <= set(before.get("users") or ()):
-            return True
-        uses_after, uses_before = after.get("max_uses"), before.get("max_uses")
-        if uses_before is not None and (uses_after is None or uses_after > uses_before):
+    for name, within in fields.compared:
+        if within is _members_within and _is_widest(before, fields):
+            continue    # a key for everyone already: naming people widens nothing
+        if not within(after.get(name), before.get(name)):
             return True
     return False
 
 
 def classify(action: Action, kind: str, desired: Mapping[str, Any] | None, live: Mapping[str, Any] | None,
-             now: str) -> frozenset[Effect]:
-    """The access effects of one change at plan time: {grant}, {revoke}, both, or none."""
+             now: str, schema: KindSchema = NO_SCHEMA) -> frozenset[Effect]:
+    """The access effects of one change at plan time: {grant}, {revoke}, both, or none; read from the
+    kind's declarations (`Attribute.access`, `KindDef.grant`/`holder`)."""
+    declared = kind_def(kind)
+    fields = access_of(kind, schema)
     effects: set[Effect] = set()
-    if kind == Kind.USER:
-        # An account grants nothing by itself, except an ADMIN's power to grant itself any door.
-        role_before = ROLES.get((live or {}).get("role") or "USER", 0) if action is not Action.CREATE else -1
-        role_after = ROLES.get((desired or {}).get("role") or "USER", 0) if action is not Action.DELETE else -1
-        if action is Action.DELETE:
+    if not declared.grant:
+        if declared.holder and action is Action.DELETE:
             return frozenset({Effect.REVOKE})    # offboarding: every access of the person goes
-        if role_after > max(role_before, 0):
-            effects.add(Effect.GRANT)
-        if role_before > max(role_after, 0):
-            effects.add(Effect.REVOKE)
+        # An object grants nothing by itself, except what its ordered fields give above their least value
+        # (an ADMIN's power to grant itself any door).
+        for name, attribute in fields.ordered:
+            rank_before = attribute.rank((live or {}).get(name)) if action is not Action.CREATE else -1
+            rank_after = attribute.rank((desired or {}).get(name)) if action is not Action.DELETE else -1
+            if rank_after > max(rank_before, 0):
+                effects.add(Effect.GRANT)
+            if rank_before > max(rank_after, 0):
+                effects.add(Effect.REVOKE)
         return frozenset(effects)
-    if kind not in GRANT_KINDS:
-        return frozenset()
-    before = _future(live, now, desired=False) if live is not None and action is not Action.CREATE else None
-    after = _future(desired, now, desired=True) if desired is not None and action is not Action.DELETE else None
-    if after is not None and (not _within(after, before) or live is None or _widens(desired or {}, live, kind)):
+    before = _window(live, fields, now, desired=False) if live is not None and action is not Action.CREATE else None
+    after = _window(desired, fields, now, desired=True) if desired is not None and action is not Action.DELETE \
+        else None
+    if after is not None and (not _within(after, before) or live is None or _widens(desired or {}, live, fields)):
         effects.add(Effect.GRANT)
-    if before is not None and (not _within(before, after) or desired is None or _widens(live or {}, desired, kind)):
+    if before is not None and (not _within(before, after) or desired is None or _widens(live or {}, desired, fields)):
         effects.add(Effect.REVOKE)
     return frozenset(effects)
 
 
-def is_privilege(kind: str, desired: Mapping[str, Any] | None, live: Mapping[str, Any] | None) -> bool:
-    """An ADMIN account or share appears, goes or changes: the power to grant, listed one by one in plans."""
-    if kind not in (Kind.USER, Kind.SHARE):
-        return False
-    roles = {(side or {}).get("role") for side in (desired, live) if side is not None}
-    return "ADMIN" in roles and (len(roles) > 1 or desired is None or live is None)
+def is_privilege(kind: str, desired: Mapping[str, Any] | None, live: Mapping[str, Any] | None,
+                 schema: KindSchema = NO_SCHEMA) -> bool:
+    """A privileged value (`Attribute.privilege`: an ADMIN account or share) appears, goes or changes: the
+    power to grant, listed one by one in plans."""
+    for name, privileged in access_of(kind, schema).privilege:
+        values = {(side or {}).get(name) for side in (desired, live) if side is not None}
+        if values & privileged and (len(values) > 1 or desired is None or live is None):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -285,7 +355,8 @@ class Change:
     @property
     def privilege(self) -> bool:
         return is_privilege(self.kind, self.desired.attributes if self.desired else None,
-                            self.live.attributes if self.live and self.action is not Action.CREATE else None)
+                            self.live.attributes if self.live and self.action is not Action.CREATE else None,
+                            self.resource.schema)
 
     @property
     def phase(self) -> int:

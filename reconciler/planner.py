@@ -221,7 +221,7 @@ def _effects(change: Change, now_text: str) -> frozenset[Effect]:
     desired = change.desired.attributes if change.desired is not None and change.desired.status is not Status.ABSENT \
         else None
     live = change.live.attributes if change.live is not None else None
-    return classify(change.action, change.kind, desired, live, now_text)
+    return classify(change.action, change.kind, desired, live, now_text, change.resource.schema)
 
 
 def _guards(changes: list[Change], managed: list[Resource], thresholds: Mapping[str, RevokeThreshold]

@@ -20,7 +20,8 @@ import jinja2
 
 from reconciler.access import AccessRow, Admin
 from reconciler.bulk import paused_collection
-from reconciler.plan import Plan
+from reconciler.plan import Plan, person_door
+from reconciler.resources import Kind, kind_def
 from reconciler.text import printable
 
 SYMBOLS = {"create": "+", "update": "~", "delete": "-", "replace": "-/+"}
@@ -57,13 +58,20 @@ def _after_value(key: str, after: dict[str, Any]) -> str:
 
 _env.filters["value"] = _value
 # Why a delete has no policy source: what its absence from the policy means for that kind.
-UNDECLARED = {"user": "removed from policy (offboarding: the user and all their access go)",
-              "permission": "not declared in policy (unmanaged: revoke)",
-              "key": "not declared in policy (unmanaged: revoke)",
-              "share": "not declared in policy (unmanaged: revoke)",
-              "temp_key": "not declared in policy (unmanaged: revoke)",
-              "association": "not declared on its gateway"}
-_env.globals.update(symbols=SYMBOLS, verbs=VERBS, attribute_lines=_attribute_lines, undeclared=UNDECLARED)
+def undeclared(kind: str) -> str:
+    """Why a delete has no policy source: what its absence from the policy means for that kind (read from the
+    kind's declaration: an account holder is offboarded, a grant is revoked as unmanaged)."""
+    declared = kind_def(kind)
+    if declared.holder:
+        return f"removed from policy (offboarding: the {kind} and all their access go)"
+    if declared.grant:
+        return "not declared in policy (unmanaged: revoke)"
+    if declared.owners and declared.owners[0] == Kind.GATEWAY:
+        return f"not declared on its {Kind.GATEWAY}"
+    return "not declared in policy"
+
+
+_env.globals.update(symbols=SYMBOLS, verbs=VERBS, attribute_lines=_attribute_lines, undeclared=undeclared)
 _MARKDOWN = re.compile(r"([\\`*_\[\]|~#!])")
 
 
@@ -197,9 +205,10 @@ def access_sentence(change: dict[str, Any]) -> str | None:
     name = change["address"].split("/", 2)[2]
     system = code(change["system"])
     source = f" — `{code(change['source'])}`" if change.get("source") else ""
-    if kind == "user" and action == "delete":
+    holder = kind_def(kind).holder
+    if holder and action == "delete":
         return f"{_person(name)} is removed from `{system}`: all their access there ends (offboarding)"
-    if kind == "user" and change.get("privilege"):
+    if holder and change.get("privilege"):
         before, after = (change["before"] or {}).get("role"), (change["after"] or {}).get("role")
         if action == "create":
             return (f"{_person(name)} gets an ADMIN account on `{system}`: can grant itself access to any door"
@@ -212,7 +221,7 @@ def access_sentence(change: dict[str, Any]) -> str | None:
         uses = f", at most {md(attrs['max_uses'])} uses" if attrs.get("max_uses") else ""
         verb = {"create": "is issued", "update": "changes", "delete": "is withdrawn", "replace": "is re-issued"}[action]
         return f"temporary key **{md(name)}** on `{system}` {verb}: {who}, {md(_window(attrs))}{uses}{source}"
-    if kind not in ("permission", "key", "share"):
+    if not person_door(kind):
         return None
     user, device, *operation = name.split("/")
     what = f"{md(operation[0])} on **{md(device)}**" if operation and operation[0] != "OPEN" else \
@@ -245,7 +254,7 @@ def _plain(value: Any) -> str:
 def _group_line(change: dict[str, Any]) -> tuple[Any, ...] | None:
     """What a grant change shares with others of its group: the key of one summary line, or None when the
     change is told on its own (privilege, updates, direct grants, several groups)."""
-    if change["kind"] not in ("permission", "key", "share") or change["action"] != "create" or change.get("privilege"):
+    if not person_door(change["kind"]) or change["action"] != "create" or change.get("privilege"):
         return None
     groups = [v.split(":", 1)[1] for v in (change.get("via") or []) if v.startswith("group:")]
     if len(groups) != 1 or "user" in (change.get("via") or []):

@@ -19,6 +19,8 @@ from typing import Any, Final, TypedDict, cast
 
 
 class Kind(StrEnum):
+    """The names of the built-in kinds (a vendor may declare more: `KindDef`, `register_kind`)."""
+
     USER = "user"
     DEVICE = "device"
     GATEWAY = "gateway"
@@ -28,9 +30,6 @@ class Kind(StrEnum):
     KEY = "key"
     SHARE = "share"
     TEMP_KEY = "temp_key"
-
-
-GRANT_KINDS = frozenset({Kind.PERMISSION, Kind.KEY, Kind.SHARE, Kind.TEMP_KEY})
 
 
 class Status(StrEnum):
@@ -93,6 +92,13 @@ class Attribute:
     - `choices`: the values the vendor accepts (empty: any of the type).
     - `compared`: False for a field that only travels with the request that creates the object and is
       never read back (a per-grant `notify`): it goes to `meta`, not `attributes`.
+    - `access`: how a change of its value moves access (what `classify`, the mass-revoke guard, the plan's
+      words and `reconciler access` read): a tuple of values ordered from least to most access
+      (`(True, False)` for a `pin_required`; a missing or unknown value ranks as the first), or the name of
+      a comparator (`ACCESS_START`, `ACCESS_END`, `ACCESS_SCHEDULE`, `ACCESS_LIMIT`, `ACCESS_MEMBERS`).
+      None: a change of it moves no access.
+    - `privilege`: the values that give the power to grant (`ADMIN`): a change to or from one is listed as
+      a privilege change.
     """
 
     type: type | tuple[type, ...] = str
@@ -101,6 +107,15 @@ class Attribute:
     required: bool = False
     choices: frozenset[str] = frozenset()
     compared: bool = True
+    access: tuple[Any, ...] | str | None = None
+    privilege: frozenset[Any] = frozenset()
+
+    def rank(self, value: Any) -> int:
+        """The place of `value` in an ordered `access` (0 for a missing or unknown value)."""
+        order = self.access
+        if isinstance(order, tuple) and value in order:
+            return order.index(value)
+        return 0
 
     @property
     def has_default(self) -> bool:
@@ -145,6 +160,116 @@ _ON_CHANGE_ORDER = (OnChange.UPDATE, OnChange.REPLACE, OnChange.FIXED)
 def on_change(name: str, *schemas: KindSchema) -> OnChange:
     """The strictest thing any of the schemas (desired's and live's) says a change of `name` does."""
     return max((s.on_change(name) for s in schemas), key=_ON_CHANGE_ORDER.index, default=OnChange.UPDATE)
+
+
+# -- access meaning: the named comparators an `Attribute(access=...)` may give --------------------------------
+ACCESS_START: Final = "start"         # where a window begins (none: from now); later narrows
+ACCESS_END: Final = "end"             # where a window ends (none: no end); earlier narrows
+ACCESS_SCHEDULE: Final = "schedule"   # weekly spans `{day, from, to}` (none: every hour); fewer narrows
+ACCESS_LIMIT: Final = "limit"         # a number of uses (none: no limit); fewer narrows
+ACCESS_MEMBERS: Final = "members"     # the people a key is for; fewer narrows. `members:<field>`: naming people
+                                      # moves nothing while ordered `<field>` is at its widest (a public key)
+COMPARATORS: Final = frozenset({ACCESS_START, ACCESS_END, ACCESS_SCHEDULE, ACCESS_LIMIT, ACCESS_MEMBERS})
+
+
+@dataclass(frozen=True)
+class KindDef:
+    """One kind of object, declared: the built-in kinds are declarations of this form, and a vendor declares
+    its own in `Capabilities.kinds` (registered when its capabilities are built) without a core edit.
+
+    - `name`: the word in an address (`<system>/<name>/<object name>`).
+    - `grant`: it gives access to a door (the guard counts it, its revocations go first).
+    - `holder`: it is a person's account: deleting it takes every access of the person.
+    - `top`: a user, device or gateway: named by its own key (renamed by `previously:`), created before and
+      deleted after what depends on it.
+    - `owners`: the kinds its name's parts name, in order (`("user", "device")`: `alice/front-gate[/OPEN]`).
+    - `depends_on`: the kinds that must exist before one of it is created.
+    - `attributes`: the meaning of its fields wherever a vendor's schema does not declare one (`access=`,
+      `privilege=`): what the built-in fields have always meant.
+    """
+
+    name: str
+    grant: bool = False
+    holder: bool = False
+    top: bool = False
+    owners: tuple[str, ...] = ()
+    depends_on: tuple[str, ...] = ()
+    attributes: Mapping[str, Attribute] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attributes", MappingProxyType(dict(self.attributes)))
+        for name, attribute in self.attributes.items():
+            _check_access(self.name, name, attribute)
+
+
+def _check_access(kind: str, name: str, attribute: Attribute) -> None:
+    if isinstance(attribute.access, str) and attribute.access.split(":", 1)[0] not in COMPARATORS:
+        raise ValueError(f"{kind}.{name}: access={attribute.access!r} names no comparator "
+                         f"(one of {', '.join(sorted(COMPARATORS))}, or a tuple of values least to most access)")
+
+
+ROLE_ORDER: Final = ("USER", "ADMIN")
+_WINDOW = {"start": Attribute(str, access=ACCESS_START), "end": Attribute(str, access=ACCESS_END),
+           "schedule": Attribute(list, access=ACCESS_SCHEDULE), "role": Attribute(str, access=ROLE_ORDER)}
+_ADMIN = Attribute(str, access=ROLE_ORDER, privilege=frozenset({"ADMIN"}))
+
+KINDS: dict[str, KindDef] = {}
+GRANT_KINDS: set[str] = set()     # derived from the declarations: every kind declared with `grant=True`
+
+
+def register_kind(kind: KindDef) -> KindDef:
+    """Declare a kind (again: the same declaration is accepted; another one under a taken name is an error)."""
+    known = KINDS.get(kind.name)
+    if known is not None and known != kind:
+        raise ValueError(f"kind {kind.name!r} is declared twice, differently")
+    KINDS[kind.name] = kind
+    if kind.grant:
+        GRANT_KINDS.add(kind.name)
+    return kind
+
+
+def kind_def(name: str) -> KindDef:
+    """The declaration of `name` (an undeclared kind: one with no meaning for access or order)."""
+    return KINDS.get(name) or KindDef(name)
+
+
+for _kind in (
+    KindDef(Kind.USER, holder=True, top=True, attributes={"role": _ADMIN}),
+    KindDef(Kind.DEVICE, top=True),
+    KindDef(Kind.GATEWAY, top=True),
+    KindDef(Kind.ASSOCIATION, owners=(Kind.GATEWAY, Kind.DEVICE), depends_on=(Kind.GATEWAY, Kind.DEVICE)),
+    KindDef(Kind.INVITATION, owners=(Kind.USER,), depends_on=(Kind.USER,)),
+    KindDef(Kind.PERMISSION, grant=True, owners=(Kind.USER, Kind.DEVICE), depends_on=(Kind.USER, Kind.DEVICE),
+            attributes=_WINDOW),
+    KindDef(Kind.KEY, grant=True, owners=(Kind.USER, Kind.DEVICE), depends_on=(Kind.USER, Kind.DEVICE),
+            attributes=_WINDOW),
+    KindDef(Kind.SHARE, grant=True, owners=(Kind.USER, Kind.DEVICE), depends_on=(Kind.USER, Kind.DEVICE),
+            attributes={**_WINDOW, "role": _ADMIN}),
+    KindDef(Kind.TEMP_KEY, grant=True, depends_on=(Kind.DEVICE,),
+            attributes={**_WINDOW, "access": Attribute(str, access=("users", "public")),
+                        "users": Attribute(list, access=f"{ACCESS_MEMBERS}:access"),
+                        "max_uses": Attribute(int, access=ACCESS_LIMIT)}),
+):
+    register_kind(_kind)
+
+
+_ACCESS_CACHE: dict[tuple[str, int], tuple[KindSchema, tuple[tuple[str, Attribute], ...]]] = {}
+
+
+def access_fields(kind: str, schema: KindSchema = NO_SCHEMA) -> tuple[tuple[str, Attribute], ...]:
+    """The fields of `kind` whose change moves access, with their meaning: the vendor's schema where it
+    declares `access=`, the kind's declaration elsewhere."""
+    cached = _ACCESS_CACHE.get((kind, id(schema)))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
+    merged = dict(kind_def(kind).attributes)
+    for name, attribute in schema.attributes.items():
+        if attribute.access is not None or attribute.privilege:
+            _check_access(kind, name, attribute)
+            merged[name] = attribute
+    fields = tuple((name, a) for name, a in merged.items() if a.access is not None or a.privilege)
+    _ACCESS_CACHE[(kind, id(schema))] = (schema, fields)   # the schema is kept: its id is not reused
+    return fields
 
 
 class Meta(TypedDict, total=False):
@@ -258,7 +383,8 @@ class Capabilities:
     """What a vendor can express; checked against the policy before any request is sent."""
 
     vendor: str
-    grant_kind: Kind                                   # what a permission becomes on this vendor
+    grant_kind: str                                    # what a permission becomes on this vendor (a built-in
+                                                       # `Kind` or one the vendor declares in `kinds`)
     user_accounts: bool = False                        # users are accounts created in the system
     requires_end: bool = False                         # every grant needs an end
     schedules: bool = False                            # weekly schedules
@@ -293,9 +419,18 @@ class Capabilities:
     # (requires_end, open_ended, key_validity, share_roles, schedules, grant_notify, immutable_grants), and
     # when it is, those flags are read from it.
     attributes: Mapping[str, KindSchema] = field(default_factory=dict)
+    # Kinds this vendor declares besides the built-in ones (its own grant or object kind): registered when
+    # the capabilities are built, so the planner, guard and access review know them by name.
+    kinds: tuple[KindDef, ...] = ()
 
     def __post_init__(self) -> None:
+        for kind in self.kinds:
+            register_kind(kind)
         schemas = dict(self.attributes)
+        if self.user_accounts and Kind.USER not in schemas:
+            # An account's fields are the user schema's (`UserField`); undeclared, it is a role.
+            schemas[Kind.USER] = KindSchema({"role": Attribute(str, default=DEFAULT_ROLE, access=ROLE_ORDER,
+                                                               privilege=frozenset({"ADMIN"}))})
         if Kind.DEVICE in schemas:
             object.__setattr__(self, "device_fields", frozenset(schemas[Kind.DEVICE].attributes))
         else:

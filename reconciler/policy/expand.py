@@ -21,9 +21,21 @@ from typing import Any, cast
 
 from reconciler.errors import Diagnostic
 from reconciler.plan import Rename
-from reconciler.resources import WINDOW_MARK, Capabilities, Kind, Meta, Resource, Status, address_of, digest
+from reconciler.resources import (
+    WINDOW_MARK,
+    Capabilities,
+    Kind,
+    KindSchema,
+    Meta,
+    Resource,
+    Status,
+    address_of,
+    digest,
+)
 
-from .schema import DAYS, Declarations, Entry, PermissionModel, SpanModel, utc_text
+from .schema import DAYS, Declarations, Entry, PermissionModel, SpanModel, UserModel, user_fields, utc_text
+
+USER_FIELDS = frozenset(user_fields())
 
 DEFAULT_OPERATIONS = ("OPEN",)
 MISSING = object()     # a field whose value cannot be built (a reference to an unknown schedule: reported)
@@ -95,6 +107,21 @@ def expand(declarations: Declarations, capabilities: Mapping[str, Capabilities]
     return sorted(resources, key=lambda r: r.address), sorted(set(warnings)), errors
 
 
+def _account(model: UserModel, schema: KindSchema) -> dict[str, Any]:
+    """A person's account attributes: the user fields the vendor's user schema declares (`UserField`), in
+    its order; a field left out takes the schema's default, or is left out when it has none."""
+    attributes: dict[str, Any] = {}
+    for field, attribute in schema.attributes.items():
+        if field not in USER_FIELDS or not attribute.compared:
+            continue
+        value = getattr(model, field)
+        if value is not None:
+            attributes[field] = value
+        elif attribute.has_default:
+            attributes[field] = attribute.default
+    return attributes
+
+
 def _users(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Resource]:
     resources = []
     for system in declarations.systems:
@@ -105,8 +132,9 @@ def _users(declarations: Declarations, capabilities: Mapping[str, Capabilities])
             if entry.model is None or not has_account(declarations, name, system):
                 continue
             adopted = (entry.model.ids or {}).get(system)
-            user = Resource(system, Kind.USER, name, {"role": entry.model.role}, id=adopted, source=entry.place.source,
-                            schema=caps.schema(Kind.USER))
+            schema = caps.schema(Kind.USER)
+            user = Resource(system, Kind.USER, name, _account(entry.model, schema), id=adopted,
+                            source=entry.place.source, schema=schema)
             resources.append(user)
             if entry.model.mobile_key and caps.mobile_key and entry.model.phone:
                 resources.append(Resource(system, Kind.INVITATION, name, {"phone": entry.model.phone},

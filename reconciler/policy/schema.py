@@ -221,11 +221,21 @@ class SystemModel(_Model):
         return value.rstrip("/")
 
 
+@dataclass(frozen=True)
+class UserField:
+    """Marks a user field that becomes an attribute of the person's account on vendors whose user schema
+    (`Capabilities.schema("user")`) declares it (`role` on one vendor; `email`, `name`, `phone` on another).
+    Expansion and export read that schema, so an account carries exactly what its vendor declares."""
+
+
+USER_FIELD = UserField()
+
+
 class UserModel(_Model):
-    name: Annotated[str, Field(min_length=1, max_length=255)] | None = None
-    email: str | None = None
-    phone: str | None = None
-    role: Role = "USER"
+    name: Annotated[str | None, Field(min_length=1, max_length=255), USER_FIELD] = None
+    email: Annotated[str | None, USER_FIELD] = None
+    phone: Annotated[str | None, USER_FIELD] = None
+    role: Annotated[Role, USER_FIELD] = "USER"
     mobile_key: bool | None = None     # None: operating devices are left alone; false removes one
     systems: list[str] | None = None
     ids: dict[str, Annotated[str, Field(min_length=1)]] | None = None   # adopt existing accounts: system → vendor id
@@ -364,6 +374,12 @@ class TempKeyModel(_Model):
     @classmethod
     def _instants(cls, value: Any, info: ValidationInfo) -> Any:
         return _instant(value, info.field_name or "")
+
+
+def user_fields() -> tuple[str, ...]:
+    """The user fields that may become account attributes, in declaration order."""
+    return tuple(name for name, info in UserModel.model_fields.items()
+                 if any(isinstance(mark, UserField) for mark in info.metadata))
 
 
 def device_fields() -> tuple[str, ...]:

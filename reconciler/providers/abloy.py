@@ -34,6 +34,7 @@ from reconciler.providers.base import CreateGate, Event, HandlerTable, Provider,
 from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, json_error, token_lifetime
 from reconciler.providers.settings import VendorSettings
 from reconciler.resources import (
+    ROLE_ORDER,
     Attribute,
     Capabilities,
     Kind,
@@ -98,8 +99,9 @@ CAPABILITIES = Capabilities(
         # Every permission needs an end; the operating key's validity is per permission (P1D..P31D).
         Kind.PERMISSION: KindSchema({"start": Attribute(str), "end": Attribute(str, required=True),
                                      "key_validity": Attribute(str, default="P8D")}),
-        # A user is `{id, role}` and the API has no call that changes a role.
-        Kind.USER: KindSchema({"role": Attribute(str, on_change=OnChange.FIXED)}),
+        # A user is `{id, role}` and the API has no call that changes a role; ADMIN can grant itself any door.
+        Kind.USER: KindSchema({"role": Attribute(str, on_change=OnChange.FIXED, access=ROLE_ORDER,
+                                                 privilege=frozenset({"ADMIN"}))}),
     },
 )
 
