@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar, NotRequired
 
 import httpx
-from pydantic import ConfigDict, TypeAdapter
+from pydantic import ConfigDict, TypeAdapter, field_validator
 from typing_extensions import TypedDict
 
 from reconciler.errors import VendorError
@@ -162,8 +162,25 @@ INVITATION: TypeAdapter[Any] = TypeAdapter(_Invitation)
 
 
 class AbloySettings(VendorSettings):
-    # How long an SMS invitation stays valid; its range is `setting_durations` in the capabilities.
+    # How long an SMS invitation stays valid (ISO 8601); its range is `setting_durations` in the capabilities.
     invitation_validity: str | None = None
+
+    @field_validator("invitation_validity")
+    @classmethod
+    def _within_range(cls, value: str | None) -> str | None:
+        seconds = duration_seconds(value) if value is not None else INVITATION_RANGE[0]
+        if seconds is None or not INVITATION_RANGE[0] <= seconds <= INVITATION_RANGE[1]:
+            raise ValueError(f"'{value}' is not an ISO 8601 duration from PT1S to P365D")
+        return value
+
+    @property
+    def invitation(self) -> str:
+        """The validity sent with each invitation: the system's, or the vendor's default."""
+        return self.invitation_validity or INVITATION_VALIDITY
+
+    @property
+    def invitation_lifetime(self) -> timedelta:
+        return timedelta(seconds=duration_seconds(self.invitation) or 0)
 
 
 class AbloyProvider(Provider):
@@ -171,6 +188,7 @@ class AbloyProvider(Provider):
     vendor = CAPABILITIES.vendor       # its name, stated once here; registered under it in pyproject.toml
     default_url = "https://eu-api.keyless.assaabloy.com/administration"
     settings_model = AbloySettings
+    settings: AbloySettings
     simulator = "reconciler.sandbox.abloy:AbloySimulator"
     credential_variables: ClassVar[Mapping[str, str]] = {
         "user_id": "ABLOY_USER_ID", "access_key": "ABLOY_ACCESS_KEY", "api_key": "ABLOY_API_KEY"}
@@ -179,11 +197,8 @@ class AbloyProvider(Provider):
         super().__init__(*args, **kwargs)
         self._secret = {k: v.reveal() for k, v in self.credentials.items()}
         self.live_ids: dict[str, set[str]] = {}
-        self.invitation_validity = str(self.settings.get("invitation_validity") or INVITATION_VALIDITY)
-        seconds = duration_seconds(self.invitation_validity)
-        if seconds is None or not INVITATION_RANGE[0] <= seconds <= INVITATION_RANGE[1]:
-            raise VendorError(f"{self.name}: `invitation_validity:` must be an ISO 8601 duration from PT1S to P365D")
-        self._invitation_validity = timedelta(seconds=seconds)
+        self.invitation_validity = self.settings.invitation
+        self._invitation_validity = self.settings.invitation_lifetime
         self._create_gates = {kind: CreateGate() for kind in ("user", "device", "gateway")}
 
     def http_headers(self) -> dict[str, str]:

@@ -125,7 +125,7 @@ class Provider:
     vendor: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     default_url: ClassVar[str]
-    settings_model: ClassVar[Any] = VendorSettings           # a pydantic model of its system settings
+    settings_model: ClassVar[type[VendorSettings]] = VendorSettings   # a pydantic model of its system settings
     simulator: ClassVar[str | None] = None                   # "module:Class" of its sandbox
     credential_variables: ClassVar[Mapping[str, str]] = {}   # credential key → the documented variable
     handlers: ClassVar[HandlerTable] = {}          # what apply calls, by action and kind (see the module doc)
@@ -160,13 +160,15 @@ class Provider:
         cls._dispatch = dispatch
 
     def __init__(self, name: str, *, url: str | None, credentials: Mapping[str, Secret],
-                 settings: Mapping[str, Any], state: StateStore,
+                 settings: VendorSettings | Mapping[str, Any], state: StateStore,
                  clock: Callable[[], datetime], transport: httpx.BaseTransport | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  monotonic: Callable[[], float] = time.monotonic, deadline: float | None = None,
                  trust_env: bool = False):
-        """`clock` is the session's (what time it is, for decisions); `sleep` and `monotonic` measure
-        waits and token lifetimes."""
+        """`settings` is the system's settings as the vendor's `settings_model` validated them (the factory
+        passes the instance `validate` checked; a mapping, from a test or a direct caller, is validated with
+        the model here). `clock` is the session's (what time it is, for decisions); `sleep` and `monotonic`
+        measure waits and token lifetimes."""
         self.name = name
         self.url = url or self.default_url
         self.credentials = dict(credentials)
@@ -174,9 +176,10 @@ class Provider:
         if not any(required <= self.credentials.keys() for required in sets):
             wanted = " or ".join(" and ".join(sorted(required)) for required in sets)
             raise VendorError(f"{name}: {self.vendor} needs credentials {wanted}")
-        self.settings = dict(settings)
+        self.settings: VendorSettings = settings if isinstance(settings, VendorSettings) else \
+            self.settings_model.model_validate(dict(settings))
         self.trust_env = trust_env      # the operator opted in to proxy and CA environment variables
-        self.max_answer_bytes = int(self.settings.get("max_answer_mb") or 0) << 20 or MAX_ANSWER_BYTES
+        self.max_answer_bytes = (self.settings.max_answer_mb or 0) << 20 or MAX_ANSWER_BYTES
         self.state = state
         self.transport = transport
         self.sleep = sleep
@@ -311,7 +314,8 @@ class Provider:
         identifier, or the API key where a vendor has nothing else). The state records it; a state of
         another system is refused (`reconciler.state.trust`)."""
         values = [(n, self.credentials[n].reveal()) for n in ACCOUNT_NAMES if n in self.credentials]
-        values += [(n, str(self.settings[n])) for n in ACCOUNT_NAMES if self.settings.get(n)]
+        settings = self.settings.model_dump()
+        values += [(n, str(settings[n])) for n in ACCOUNT_NAMES if settings.get(n)]
         if not values:
             values = sorted((n, s.reveal()) for n, s in self.credentials.items())
         return {"vendor": self.vendor, "url": self.url.rstrip("/"), "account": digest(values)[:23]}
@@ -320,7 +324,7 @@ class Provider:
         """Whether `identity()` digests a secret (no account identifier to name the system by): a rotated key
         then changes the identity, and the state trust check accepts it on the evidence of the objects it holds."""
         return not any(n in self.credentials for n in ACCOUNT_NAMES) and \
-            not any(self.settings.get(n) for n in ACCOUNT_NAMES)
+            not any(self.settings.model_dump().get(n) for n in ACCOUNT_NAMES)
 
     def commit_reads(self) -> None:
         """Persist what the last read settled (creates whose answer was lost); apply calls this under

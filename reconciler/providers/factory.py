@@ -19,6 +19,7 @@ import httpx
 from reconciler import vendors
 from reconciler.errors import StateError
 from reconciler.providers.base import Provider
+from reconciler.providers.settings import VendorSettings
 from reconciler.resources import Capabilities
 from reconciler.secret import Secret
 from reconciler.state import StateStore
@@ -51,9 +52,16 @@ def build_provider(system: Any, state: StateStore, *, sandbox_dir: Path, clock: 
         transport = transport or httpx.MockTransport(simulator.handle)
         credentials = {k: Secret(v) for k, v in simulator.credentials.items()}
         url = SANDBOX_BASE
-    options.setdefault("deadline", getattr(system, "deadline", None))
-    return cls(system.name, url=url, credentials=credentials, settings=system.settings, state=state,
+    options.setdefault("deadline", system.deadline)
+    return cls(system.name, url=url, credentials=credentials, settings=settings_of(cls, system.settings), state=state,
                clock=clock, transport=transport, **options)
+
+
+def settings_of(cls: type[Provider], settings: Mapping[str, Any]) -> VendorSettings:
+    """The system's settings as the vendor's model instance, from the keys `validate` checked with that model
+    (`policy.checks`): a policy that validated cannot fail here."""
+    model = cls.settings_model
+    return model.model_validate({k: v for k, v in settings.items() if k in model.model_fields})
 
 
 def sandbox_mounts(directory: Path, *, rate_limit: int | None = None, clock: Callable[[], datetime] | None = None,

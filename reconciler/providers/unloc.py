@@ -115,21 +115,15 @@ class UnlocProvider(Provider):
     vendor = CAPABILITIES.vendor       # its name, stated once here; registered under it in pyproject.toml
     default_url = "https://api.unloc.app"
     settings_model = UnlocSettings
+    settings: UnlocSettings
     simulator = "reconciler.sandbox.unloc:UnlocSimulator"
     credential_variables: ClassVar[Mapping[str, str]] = {"client_id": "UNLOC_CLIENT_ID",
                                                          "client_secret": "UNLOC_CLIENT_SECRET"}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.lock_holder = str(self.settings.get("lock_holder_id") or "")
-        if not re.fullmatch(UUID_PATTERN, self.lock_holder):
-            raise VendorError(f"{self.name}: unloc needs `lock_holder_id:` (the lock holder's UUID) on the system"
-                              + (f"; {self.lock_holder!r} is not one" if self.lock_holder else ""))
-        self.lock_holder = self.lock_holder.lower()
-        notify = self.settings.get("notify", True)
-        if not isinstance(notify, bool):
-            raise VendorError(f"{self.name}: `notify:` must be true or false")
-        self.notify = notify
+        self.lock_holder = self.settings.lock_holder_id.lower()
+        self.notify = self.settings.notify
         self._secret = {k: v.reveal() for k, v in self.credentials.items()}
         self._seen: set[str] = set()     # key ids the last read saw: never "found" as a lost create's result
 

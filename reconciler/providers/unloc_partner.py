@@ -127,15 +127,13 @@ class UnlocPartnerProvider(Provider):
     vendor = CAPABILITIES.vendor       # its name, stated once here; registered under it in pyproject.toml
     default_url = "https://api.unloc.app"
     settings_model = UnlocPartnerSettings
+    settings: UnlocPartnerSettings
     simulator = "reconciler.sandbox.unloc_partner:UnlocPartnerSimulator"
     credential_variables: ClassVar[Mapping[str, str]] = {"api_key": "UNLOC_PARTNER_KEY"}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        partner = self.settings.get("partner_id")
-        if not isinstance(partner, str) or not PARTNER_ID_PATTERN.match(partner):
-            raise VendorError(f"{self.name}: unloc-partner needs `partner_id:` (the partner id Unloc gave you)")
-        self.partner = partner
+        self.partner = self.settings.partner_id
         self.locks: dict[str, dict[str, Any]] = {}          # lock id → lock, from the last read
         self._settled: dict[str, dict[str, Any] | None] = {}  # state records the last read settled
         self._guard = threading.Lock()

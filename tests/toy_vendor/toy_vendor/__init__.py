@@ -49,12 +49,13 @@ class ToyProvider(Provider):
     vendor = capabilities.vendor
     default_url = "https://api.toy.invalid"
     settings_model = ToySettings
+    settings: ToySettings
     simulator = "toy_vendor:ToySimulator"
     credential_variables: ClassVar[Mapping[str, str]] = {"token": "TOY_TOKEN"}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.site = str(self.settings["site"])
+        self.site = self.settings.site
 
     def http_headers(self) -> dict[str, str]:     # the base class builds, shares and closes the client
         return {"Authorization": f"Bearer {self.credentials['token'].reveal()}"}
