@@ -39,7 +39,7 @@ from reconciler.errors import (
     RefusedError,
 )
 from reconciler.lazy import lazy_module
-from reconciler.state import default_state_path, is_database_url
+from reconciler.state import DATA_DIR, STATE_FILE, default_state_path, is_database_url
 from reconciler.terminal import ApplyProgress, ReadProgress, color_wanted, colorize_plan, is_terminal
 from reconciler.text import EscapingFormatter, printable
 
@@ -68,7 +68,6 @@ def _parse_duration(value: str) -> float:
 
 
 DEFAULT_DIRECTORY = "policies"
-DATA_DIR = Path(".reconciler")
 
 
 def data_dir(directory: Path) -> Path:
@@ -101,15 +100,16 @@ def _session(directory: str, state: str | None, now: str | None, allow_host: tup
     elif os.environ.get("RECONCILER_STATE"):
         state_path = default_state_path()
     else:
-        state_path = data_dir(Path(directory)) / "state.json"
+        state_path = data_dir(Path(directory)) / STATE_FILE
     return run.Session(directory=Path(directory), state_path=state_path, state_url=url,
                        lock_timeout=_parse_duration(lock_timeout), env=env, now=_parse_now(now),
                        allowed_hosts=tuple(allow_host), provider_options=_trust_env_options(),
                        allowed_credentials=tuple(env.get("RECONCILER_ALLOW_CREDENTIALS", "").replace(",", " ").split()))
 
 
-def _guard(func: Callable[[], int]) -> None:
-    """The one error handler: known errors → their lines and exit code; anything else → one line."""
+def _run_command(func: Callable[[], int]) -> None:
+    """Run a command body and exit with its code; the one error handler: known errors → their lines and exit
+    code; anything else → one line."""
     try:
         code = func()
     except ReconcilerError as exc:
@@ -343,7 +343,7 @@ def validate(directory: str, fmt: str, allow_host: tuple[str, ...]) -> None:
         click.echo(f"The policy in {directory} is valid: {_count(len(policy.systems), 'system')}, "
                    f"{_count(len(policy.resources), 'resource')}.")
         return ExitCode.OK
-    _guard(body)
+    _run_command(body)
 
 
 def _validate_json(found: list[tuple[str, Diagnostic]]) -> int:
@@ -415,7 +415,7 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
         if notice:
             click.echo(f"\nnote: {notice}", err=True)
         return ExitCode.CHANGES if detailed_exitcode and (result.has_changes or uncertain) else ExitCode.OK
-    _guard(body)
+    _run_command(body)
 
 
 @main.command()
@@ -510,7 +510,7 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
                                    + [f"remains: {n.address}: {n.message}" for n in uncertain])
         click.echo(f"\nApply complete: {report.summary()}; {progress[0].closing()}.")
         return ExitCode.OK
-    _guard(body)
+    _run_command(body)
 
 
 def _reading(session: run.Session) -> run.Session:
@@ -569,7 +569,7 @@ def show(plan_file: str, fmt: str) -> None:
         else:
             click.echo(render.render_markdown(saved), nl=False)
         return ExitCode.OK
-    _guard(body)
+    _run_command(body)
 
 
 @main.command()
@@ -593,7 +593,7 @@ def access(directory: str, user: str | None, device: str | None, at: str | None,
             f"to {device}" if device else "", f"open at {at}" if at else "") if part)
         click.echo(render.render_access(rows, admins, fmt, heading=heading), nl=False)
         return ExitCode.OK
-    _guard(body)
+    _run_command(body)
 
 
 @main.command()
@@ -619,7 +619,7 @@ def events(system: str, device: str, directory: str, state: str | None, allow_ho
         for r in rows:
             click.echo("  ".join(v.ljust(w) for v, w in zip((r.time, r.action, r.person), widths, strict=False)) + f"  {r.detail}")
         return ExitCode.OK
-    _guard(body)
+    _run_command(body)
 
 
 @main.command()
@@ -645,7 +645,7 @@ def export(system: str, directory: str, out: str | None, force: bool, state: str
         write_export(text, path, force=force)
         click.echo(f"Wrote {path}. Review the names; `reconciler plan` should now show no changes for {system}.")
         return ExitCode.OK
-    _guard(body)
+    _run_command(body)
 
 
 @main.group(name="state")
@@ -665,7 +665,7 @@ def forget(address: str, directory: str, state: str | None) -> None:
         what = "an unsettled create" if record.get("intent") else "its record"
         click.echo(f"Forgot {what} for {address}; the next plan treats it as never created.")
         return ExitCode.OK
-    _guard(body)
+    _run_command(body)
 
 
 @state_group.command("push")
@@ -680,7 +680,7 @@ def state_push(file: str, force: bool, state: str | None, lock_timeout: str) -> 
         count = run.push_state(session, Path(file), force=force)
         click.echo(f"Pushed {count} records from {file} to the shared state.")
         return ExitCode.OK
-    _guard(body)
+    _run_command(body)
 
 
 def _emit(text: str, out: str | None) -> int:
@@ -701,7 +701,7 @@ def state_pull(out: str | None, state: str | None) -> None:
     """Print the state (in the local file's format) of the store named by --state."""
     def body() -> int:
         return _emit(json.dumps(run.pull_state(_session(".", state, None)), indent=1, sort_keys=True) + "\n", out)
-    _guard(body)
+    _run_command(body)
 
 
 @main.command()
@@ -715,7 +715,7 @@ def schema(out: str | None) -> None:
     """
     def body() -> int:
         return _emit(json.dumps(run.schema(), indent=2, ensure_ascii=False) + "\n", out)
-    _guard(body)
+    _run_command(body)
 
 
 @main.group()
@@ -726,7 +726,7 @@ def sandbox() -> None:
 @sandbox.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only).")
 @click.option("--port", default=8700, show_default=True, type=int, help="TCP port to listen on.")
-@click.option("--dir", "store", default=".reconciler/sandbox/served", show_default=True, metavar="DIR",
+@click.option("--dir", "store", default=str(DATA_DIR / "sandbox" / "served"), show_default=True, metavar="DIR",
               help="Where the simulators keep their data.")
 @click.option("--rate-limit", type=int, default=None, help="Requests per second before 429.")
 @click.option("--now", default=None, metavar="ISO-8601",
@@ -759,7 +759,7 @@ def serve(host: str, port: int, store: str, rate_limit: int | None, now: str | N
 
         serve_http(host, port, mounts, on_bound=announce)
         return ExitCode.OK
-    _guard(body)
+    _run_command(body)
 
 
 def conventional_variable(vendor: str, key: str) -> str:

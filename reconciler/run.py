@@ -40,14 +40,27 @@ def wall_clock() -> datetime:
     return datetime.now(UTC)
 
 
+class SessionClock:
+    """A session's time, the one way to read it. `start` is the moment the session plans as of; calling the
+    clock reads the time now, which providers and embedded sandboxes do during the run. A pinned clock
+    (`--now`, tests) stays at `start`; a running one advances from `start` on the monotonic clock, so a long
+    apply never sees time jump back or forth with the machine's clock."""
+
+    def __init__(self, start: datetime, *, running: bool):
+        self.start = start
+        self._origin = time.monotonic() if running else None
+
+    def __call__(self) -> datetime:
+        if self._origin is None:
+            return self.start
+        return self.start + timedelta(seconds=time.monotonic() - self._origin)
+
+
 @dataclass
 class Session:
-    """Inputs shared by every command.
-
-    `now` is the moment the session plans as of: the wall clock when the session starts, or a pinned
-    time (`--now`, tests). `clock()` is what providers and embedded sandboxes read during the run: a
-    pinned session stays at `now`; a real one advances from `now` on the monotonic clock, so a long
-    apply never sees time jump back or forth with the machine's clock.
+    """Inputs shared by every command. Its time is `clock` (a `SessionClock`): `clock.start` is the moment
+    it plans as of, `clock()` the time now. `now` is only the input that pins it (`--now`, tests); left
+    None, the clock starts at the wall clock and runs.
     """
 
     directory: Path
@@ -66,34 +79,21 @@ class Session:
     # The revision being applied (`--revision`/RECONCILER_REVISION): COMMIT, or COMMIT@TIME (Unix seconds or
     # ISO 8601) where the policy directory is not a git work tree holding that commit.
     revision: str | None = None
-    _started: float | None = field(default=None, init=False, repr=False)
+    clock: SessionClock = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.now is None:
-            self.now = wall_clock()
-            self._started = time.monotonic()
+        self.clock = SessionClock(self.now, running=False) if self.now is not None else \
+            SessionClock(wall_clock(), running=True)
 
     @property
     def sandbox_dir(self) -> Path:
         return self.state_path.parent / "sandbox"
 
-    @property
-    def at(self) -> datetime:
-        """The moment the session plans as of: `now`, which `__post_init__` always sets."""
-        assert self.now is not None
-        return self.now
 
-    def clock(self) -> datetime:
-        if self._started is None:
-            return self.at
-        return self.at + timedelta(seconds=time.monotonic() - self._started)
-
-
-def running_clock(start: datetime) -> Callable[[], datetime]:
+def running_clock(start: datetime) -> SessionClock:
     """A clock that reads `start` now and advances on the monotonic clock: a served sandbox's vendor
     time under `sandbox serve --now`."""
-    started = time.monotonic()
-    return lambda: start + timedelta(seconds=time.monotonic() - started)
+    return SessionClock(start, running=True)
 
 
 def open_state(session: Session) -> StateStore:
@@ -170,7 +170,7 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
     notes += [n for result in reads.values() for n in result.warnings]
     modes = {name: system.unmanaged for name, system in policy.systems.items()}
     thresholds = {name: system.mass_revoke for name, system in policy.systems.items()}
-    return planner.plan(desired, live, now=session.at, unmanaged_modes=modes, warnings=notes, applied=applied,
+    return planner.plan(desired, live, now=session.clock.start, unmanaged_modes=modes, warnings=notes, applied=applied,
                         thresholds=thresholds, renamed=renamed, ignore=policy.ignore,
                         evidence=_evidence(state, policy, live),
                         acknowledgements={name: system.offboarding for name, system in policy.systems.items()})

@@ -8,7 +8,6 @@ key that asks for too much. Capabilities come from the providers (STYLE 3); this
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -20,6 +19,7 @@ from reconciler.plan import Acknowledgement, RevokeThreshold, ignored_by
 from reconciler.resources import Capabilities, Kind, Resource, duration_seconds
 from reconciler.secret import Secret
 from reconciler.text import printable
+from reconciler.urls import SANDBOX, is_loopback
 
 from .expand import MISSING, capabilities_of, grant_value, has_account, system_of_device, users_of
 from .schema import (
@@ -122,20 +122,11 @@ def _check_settings(entry: Entry[SystemModel], caps: Capabilities | None) -> lis
     return problems
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_url(entry: Entry[SystemModel], caps: Capabilities | None, allowed: frozenset[str]) -> list[Diagnostic]:
     """A system talks to the sandbox, loopback, its vendor's production host or a host the operator allowed
     outside the policy; plain http only to loopback. A policy alone can never send credentials elsewhere."""
     url = entry.model.url if entry.model is not None else None
-    if url is None or url == "sandbox":
+    if url is None or url == SANDBOX:
         return []
     where = entry.place.at("url")
     parts = urlsplit(url)
@@ -180,7 +171,7 @@ def _resolve_credentials(entry: Entry[SystemModel], system: SystemModel, caps: C
                          env: Mapping[str, str], allowed: frozenset[str] = frozenset()
                          ) -> tuple[dict[str, Secret], list[Diagnostic]]:
     # The sandbox supplies its own credentials, so a demo policy runs with an empty environment.
-    sandbox = system.url == "sandbox"
+    sandbox = system.url == SANDBOX
     declared = system.credentials or {}
     credentials: dict[str, Secret] = {}
     problems = []

@@ -35,6 +35,7 @@ from reconciler.errors import Diagnostic, Location
 from reconciler.plan import Acknowledgement, Rename, RevokeThreshold
 from reconciler.resources import Resource
 from reconciler.secret import Secret
+from reconciler.urls import SANDBOX
 
 from .yamlio import Document, Map, Seq, locate, plain
 
@@ -73,7 +74,7 @@ class SystemConfig:
 
     @property
     def is_sandbox(self) -> bool:
-        return self.url == "sandbox"
+        return self.url == SANDBOX
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ class SystemModel(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        if value is None or value == "sandbox":
+        if value is None or value == SANDBOX:
             return value
         parts = urlsplit(value)
         if parts.username or parts.password:

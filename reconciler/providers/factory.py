@@ -41,7 +41,7 @@ def build_provider(system: Any, state: StateStore, *, sandbox_dir: Path, clock: 
         raise vendors.RegistryError(f"vendor {system.vendor} is not registered")   # validate says so first
     cls: type[Provider] = vendor.provider
     url, credentials = system.url, dict(system.credentials)
-    if url == "sandbox":
+    if system.is_sandbox:
         store = sandbox_dir / f"{system.name}.json"
         try:
             simulator = vendor.load_simulator()(store_path=store, clock=clock)

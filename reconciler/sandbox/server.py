@@ -9,7 +9,6 @@ connection without answering, which is what a client sees when a response is los
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 
 from reconciler.sandbox.common import problem_response
+from reconciler.urls import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +28,6 @@ Handler = Callable[[httpx.Request], httpx.Response]
 # Hop-by-hop headers describe one connection, not the message; the server sets its own.
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "trailer",
                          "proxy-connection", "content-length"})
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _normalise_prefix(prefix: str) -> str:

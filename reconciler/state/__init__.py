@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reconciler.state.local import LocalState, default_state_path, is_database_url
+from reconciler.state.local import DATA_DIR, STATE_FILE, LocalState, default_state_path, is_database_url
 from reconciler.state.store import StateStore
 
-__all__ = ["LocalState", "StateStore", "default_state_path", "is_database_url", "open_state"]
+__all__ = ["DATA_DIR", "STATE_FILE", "LocalState", "StateStore", "default_state_path", "is_database_url", "open_state"]
 
 
 def open_state(spec: str | Path, *, lock_timeout: float = 0.0) -> StateStore:

@@ -40,10 +40,14 @@ def is_database_url(spec: str) -> bool:
     return spec.startswith(("postgresql://", "postgres://"))
 
 
+DATA_DIR = Path(".reconciler")   # where the policy directory `policies/` keeps its state and sandbox data
+STATE_FILE = "state.json"
+
+
 def default_state_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     spec = env.get("RECONCILER_STATE") or ""
-    return Path(spec if spec and not is_database_url(spec) else ".reconciler/state.json")
+    return Path(spec) if spec and not is_database_url(spec) else DATA_DIR / STATE_FILE
 
 
 class StateRecords:
