@@ -99,105 +99,169 @@ def apply_plan(plan: Plan, providers: Mapping[str, Applies], *, concurrency: Map
                allow_mass_revoke: bool = False,
                on_change: Callable[[Change, str | None], None] | None = None,
                stop: threading.Event | None = None) -> ApplyReport:
+    """Refuse what the mass-revoke guard stops, then run the plan (`ApplyRun`)."""
     check_mass_revoke(plan, allow_mass_revoke)
-    stop = stop or threading.Event()
-    for provider in providers.values():
-        provider.commit_reads()
-    report = ApplyReport()
-    broken: set[str] = set()   # addresses that failed or were skipped: their dependants wait
-    # A change the state cannot record must not be followed by more: once a write to the state fails,
-    # nothing else is sent, and what was queued is reported as not attempted.
-    halted: list[str] = []
+    return ApplyRun(plan, providers, concurrency=concurrency, on_change=on_change, stop=stop).execute()
 
-    phases: dict[int, list[Change]] = defaultdict(list)
-    for change in plan.changes:
-        phases[change.phase].append(change)
 
-    pools = {system: ThreadPoolExecutor((concurrency or {}).get(system, DEFAULT_CONCURRENCY),
-                                        thread_name_prefix=f"apply-{system}") for system in providers}
-    def guarded(provider: Applies, batch: list[Change]) -> bool:
-        if stop.is_set() or halted:
-            return False    # interrupted, the state failed or a bug was hit: nothing new is sent
+class ApplyRun:
+    """One apply of a plan: its phases in order; in each, the changes whose dependencies held are grouped per
+    system into the provider's batches and sent on that system's pool; each batch's outcome is then taken in
+    submission order (`settle`) and lands in `report` as done, failed, uncertain, internal or skipped.
+
+    Two things stop sending anything new: `stop` (the CLI sets it on Ctrl-C) and `halted`, the reason the
+    apply stopped itself (the state could not record a change, or a bug was hit). What is in flight finishes.
+    """
+
+    def __init__(self, plan: Plan, providers: Mapping[str, Applies], *,
+                 concurrency: Mapping[str, int] | None = None,
+                 on_change: Callable[[Change, str | None], None] | None = None,
+                 stop: threading.Event | None = None):
+        self.plan = plan
+        self.providers = providers
+        self.concurrency = concurrency or {}
+        self.on_change = on_change
+        self.stop = stop or threading.Event()
+        self.report = ApplyReport()
+        self.broken: set[str] = set()    # addresses that failed or were skipped: their dependants wait
+        self.halted: str | None = None   # why the apply stopped itself; set once, by the first reason
+        self._halt_lock = threading.Lock()
+
+    # --- the run
+    def execute(self) -> ApplyReport:
+        for provider in self.providers.values():
+            provider.commit_reads()
+        pools = {system: ThreadPoolExecutor(self.concurrency.get(system, DEFAULT_CONCURRENCY),
+                                            thread_name_prefix=f"apply-{system}") for system in self.providers}
+        try:
+            for changes in self.phases():
+                for batch, future in self.submit(self.admitted(changes), pools):
+                    self.settle(batch, future)
+        finally:
+            for pool in pools.values():
+                pool.shutdown(wait=True, cancel_futures=True)
+        self.report.interrupted = self.stop.is_set()
+        return self.report
+
+    def phases(self) -> list[list[Change]]:
+        """The plan's changes by phase, earliest first (revocations are phase 0)."""
+        phases: dict[int, list[Change]] = defaultdict(list)
+        for change in self.plan.changes:
+            phases[change.phase].append(change)
+        return [phases[phase] for phase in sorted(phases)]
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop.is_set() or self.halted is not None
+
+    def halt(self, why: str) -> None:
+        """Send nothing new from now on; the first reason is the one reported."""
+        with self._halt_lock:
+            if self.halted is None:
+                self.halted = why
+
+    def not_started_reason(self) -> str:
+        return INTERRUPTED if self.stop.is_set() or self.halted is None else f"not attempted: {self.halted}"
+
+    def admitted(self, changes: list[Change]) -> dict[str, list[Change]]:
+        """The phase's changes that may be sent, per system; the others are skipped with the reason."""
+        by_system: dict[str, list[Change]] = defaultdict(list)
+        for change in changes:
+            if self.stopping:
+                self.report.skipped.append((change, self.not_started_reason()))
+                continue
+            blocked = [d for d in (change.desired.depends_on if change.desired else ()) if d in self.broken]
+            if blocked:
+                self.report.skipped.append((change, f"depends on {', '.join(blocked)}"))
+                self.broken.add(change.address)
+                continue
+            by_system[change.system].append(change)
+        return by_system
+
+    def submit(self, by_system: Mapping[str, list[Change]],
+               pools: Mapping[str, ThreadPoolExecutor]) -> list[tuple[list[Change], Future[bool]]]:
+        """Each system's changes in its provider's batches, on that system's pool."""
+        futures: list[tuple[list[Change], Future[bool]]] = []
+        for system, changes in by_system.items():
+            provider = self.providers[system]
+            for batch in provider.batches(changes):
+                futures.append((batch, pools[system].submit(self.send, provider, batch)))
+        return futures
+
+    def send(self, provider: Applies, batch: list[Change]) -> bool:
+        """In a worker: send one batch, unless the apply is stopping (then False: not started)."""
+        if self.stopping:
+            return False
         try:
             provider.apply_batch(batch)
         except ReconcilerError:
             raise
         except Exception as exc:
-            # A bug: stop at once (not when the loop below reaches this unit), so that no other worker
-            # starts anything new.
-            halted.append(f"apply stopped by an internal error at {batch[0].address}: {type(exc).__name__}")
+            # A bug: stop at once (not when `settle` reaches this batch), so that no other worker starts anything.
+            self.halt(f"apply stopped by an internal error at {batch[0].address}: {type(exc).__name__}")
             raise
         return True
 
-    try:
-        for phase in sorted(phases):
-            futures: list[tuple[list[Change], Future[bool]]] = []
-            by_system: dict[str, list[Change]] = defaultdict(list)
-            for change in phases[phase]:
-                if stop.is_set() or halted:
-                    report.skipped.append((change, INTERRUPTED if stop.is_set() else f"not attempted: {halted[0]}"))
-                    continue
-                blocked = [d for d in (change.desired.depends_on if change.desired else ()) if d in broken]
-                if blocked:
-                    report.skipped.append((change, f"depends on {', '.join(blocked)}"))
-                    broken.add(change.address)
-                    continue
-                by_system[change.system].append(change)
-            for system, changes in by_system.items():
-                provider = providers[system]
-                for batch in provider.batches(changes):
-                    futures.append((batch, pools[system].submit(guarded, provider, batch)))
-            for batch, future in futures:
-                try:
-                    started = future.result()
-                except StateError as exc:
-                    # Sent, perhaps, but not recorded: nothing more is sent (see `halted`).
-                    if not halted:
-                        halted.append(f"the state store failed: {exc}")
-                    log.warning("state store failed; apply stops error=%s", exc)
-                    for change in batch:
-                        report.uncertain.append((change, f"the state could not record it: {exc}"))
-                        broken.add(change.address)
-                        if on_change:
-                            on_change(change, f"uncertain: {exc}")
-                    continue
-                except ReconcilerError as exc:  # the tool's own errors: a failed change is reported, never lost
-                    uncertain = is_uncertain(exc)
-                    for change in batch:
-                        (report.uncertain if uncertain else report.failed).append((change, str(exc)))
-                        broken.add(change.address)
-                        log.warning("change %s address=%s error=%s", "uncertain" if uncertain else "failed",
-                                    change.address, exc)
-                        if on_change:
-                            on_change(change, str(exc))
-                    continue
-                except Exception as exc:    # a programming error, not the vendor's: `guarded` stopped the apply
-                    for change in batch:
-                        report.internal.append((change, exc))
-                        broken.add(change.address)
-                        log.error("internal error; apply stops address=%s error=%s: %s", change.address,
-                                  type(exc).__name__, exc)
-                        if on_change:
-                            on_change(change, f"internal error: {type(exc).__name__}: {exc}")
-                    continue
-                if not started:
-                    why = INTERRUPTED if stop.is_set() or not halted else f"not attempted: {halted[0]}"
-                    report.skipped.extend((change, why) for change in batch)
-                    broken.update(change.address for change in batch)
-                    continue
-                for change in batch:
-                    try:
-                        providers[change.system].record_applied(change)
-                    except StateError as exc:
-                        # Done at the vendor and its id recorded; only the drift mark is missing.
-                        if not halted:
-                            halted.append(f"the state store failed: {exc}")
-                        log.warning("applied mark not recorded address=%s error=%s", change.address, exc)
-                    report.done.append(change)
-                    if on_change:
-                        on_change(change, None)
-    finally:
-        for pool in pools.values():
-            pool.shutdown(wait=True, cancel_futures=True)
-    report.interrupted = stop.is_set()
-    return report
+    def settle(self, batch: list[Change], future: Future[bool]) -> None:
+        """Wait for one batch and report its outcome."""
+        try:
+            started = future.result()
+        except StateError as exc:
+            self.state_failed(batch, exc)
+        except ReconcilerError as exc:      # the tool's own errors: a failed change is reported, never lost
+            self.failed(batch, exc)
+        except Exception as exc:            # a programming error, not the vendor's: `send` halted the apply
+            self.internal(batch, exc)
+        else:
+            if started:
+                self.applied(batch)
+            else:
+                self.not_started(batch)
+
+    # --- outcomes
+    def _notify(self, change: Change, error: str | None) -> None:
+        if self.on_change:
+            self.on_change(change, error)
+
+    def applied(self, batch: list[Change]) -> None:
+        for change in batch:
+            try:
+                self.providers[change.system].record_applied(change)
+            except StateError as exc:
+                # Done at the vendor and its id recorded; only the drift mark is missing.
+                self.halt(f"the state store failed: {exc}")
+                log.warning("applied mark not recorded address=%s error=%s", change.address, exc)
+            self.report.done.append(change)
+            self._notify(change, None)
+
+    def state_failed(self, batch: list[Change], exc: StateError) -> None:
+        """Sent, perhaps, but not recorded: nothing more is sent."""
+        self.halt(f"the state store failed: {exc}")
+        log.warning("state store failed; apply stops error=%s", exc)
+        for change in batch:
+            self.report.uncertain.append((change, f"the state could not record it: {exc}"))
+            self.broken.add(change.address)
+            self._notify(change, f"uncertain: {exc}")
+
+    def failed(self, batch: list[Change], exc: ReconcilerError) -> None:
+        """The vendor refused, or may have done it (`is_uncertain`); the dependants wait either way."""
+        uncertain = is_uncertain(exc)
+        for change in batch:
+            (self.report.uncertain if uncertain else self.report.failed).append((change, str(exc)))
+            self.broken.add(change.address)
+            log.warning("change %s address=%s error=%s", "uncertain" if uncertain else "failed",
+                        change.address, exc)
+            self._notify(change, str(exc))
+
+    def internal(self, batch: list[Change], exc: Exception) -> None:
+        for change in batch:
+            self.report.internal.append((change, exc))
+            self.broken.add(change.address)
+            log.error("internal error; apply stops address=%s error=%s: %s", change.address,
+                      type(exc).__name__, exc)
+            self._notify(change, f"internal error: {type(exc).__name__}: {exc}")
+
+    def not_started(self, batch: list[Change]) -> None:
+        why = self.not_started_reason()
+        self.report.skipped.extend((change, why) for change in batch)
+        self.broken.update(change.address for change in batch)

@@ -12,6 +12,7 @@ data (`data_dir`), so the demo and the examples never see each other's vendors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -23,7 +24,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import click
 
@@ -439,56 +440,23 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
     """Make the live systems match the policy."""
     def body() -> int:
         saved = _read_plan(plan_file) if plan_file else None
-        lock = threading.Lock()
-        stop = threading.Event()
-        applied: list[str] = []
         color = _color()
-        progress: list[ApplyProgress] = []
 
         def show(result: Plan) -> None:
             render.write_text(result, lambda text: click.echo(colorize_plan(text, color), nl=False))
 
-        def approve(result: Plan) -> bool:
-            if not auto_approve and not _ask_yes():
-                return False
-            signal.signal(signal.SIGINT, interrupt)     # from here on, Ctrl-C stops sending, honestly
-            progress.append(ApplyProgress(len(result.changes), terminal=is_terminal(), color=color).__enter__())
-            return True
+        with StopSignal(terminal=is_terminal(), color=color) as stopping:
+            def approve(result: Plan) -> bool:
+                if not auto_approve and not _ask_yes():
+                    return False
+                stopping.arm(len(result.changes))   # from here on, Ctrl-C stops sending, honestly
+                return True
 
-        def interrupt(signum: int, frame: Any) -> None:
-            if not stop.is_set():
-                stop.set()
-                click.echo("\nInterrupted: sending nothing new; waiting for the requests in flight (at most "
-                           "the request timeout) to journal them. Ctrl-C again exits at once.", err=True)
-                return
-            with lock:
-                click.echo(f"\nInterrupted again: exiting now. {len(applied)} changes were applied and "
-                           "journaled (listed above); what was in flight is uncertain and the next apply looks "
-                           "it up before sending anything; nothing else was sent. Run apply again to finish.",
-                           err=True)
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(int(ExitCode.ERROR))   # worker threads still waiting on the network are abandoned
-
-        def on_change(change: Change, error: str | None) -> None:
-            with lock:
-                if not error:
-                    applied.append(change.address)
-            progress[0].on_change(change.address, change.action, error)
-
-        previous = signal.getsignal(signal.SIGINT)
-        try:
             session = _session(directory, state, now, allow_host, lock_timeout)
             session.revision = revision
             result, report = run.apply(_reading(session), allow_older_revision=allow_older_revision,
                                        saved=saved, approve=approve, allow_mass_revoke=allow_mass_revoke,
-                                       on_plan=show, on_change=on_change,
-                                       stop=stop)
-        finally:
-            # Once stopped, a late second Ctrl-C must not cut the report short: it is printed next.
-            signal.signal(signal.SIGINT, signal.SIG_IGN if stop.is_set() else previous)
-            if progress:
-                progress[0].__exit__(None, None, None)
+                                       on_plan=show, on_change=stopping.on_change, stop=stopping.stop)
         uncertain = [w for w in result.warnings if dict(w.details).get("uncertain")]
         if report is None:
             if result.has_changes:
@@ -508,9 +476,69 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
             raise ApplyFailedError(f"apply incomplete: {report.summary()}",
                                    [f"not applied: {line}" for line in report.remaining()]
                                    + [f"remains: {n.address}: {n.message}" for n in uncertain])
-        click.echo(f"\nApply complete: {report.summary()}; {progress[0].closing()}.")
+        click.echo(f"\nApply complete: {report.summary()}; {stopping.progress_closing()}.")
         return ExitCode.OK
     _run_command(body)
+
+
+class StopSignal:
+    """Ctrl-C during an apply, as a context manager around it.
+
+    Until `arm` (the plan is approved) Ctrl-C is the usual KeyboardInterrupt: nothing was sent. Once armed, the
+    first Ctrl-C sets `stop` (the applier sends nothing new; what is in flight finishes and is journaled) and
+    says so; a second exits at once, saying how many changes were applied. `arm` also starts the progress
+    display, which `on_change` feeds from the applier's workers. On leaving, the previous handler is restored,
+    except after a stop: then Ctrl-C is ignored so that a late one cannot cut the report short.
+    """
+
+    def __init__(self, *, terminal: bool, color: bool, hard_exit: Callable[[int], Any] = os._exit) -> None:
+        self.stop = threading.Event()
+        self.applied = 0
+        self.progress: ApplyProgress | None = None
+        self._terminal = terminal
+        self._color = color
+        self._exit = hard_exit
+        self._lock = threading.Lock()
+        self._stack = contextlib.ExitStack()
+        self._previous: Any = None
+
+    def __enter__(self) -> Self:
+        self._previous = signal.getsignal(signal.SIGINT)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN if self.stop.is_set() else self._previous)
+        self._stack.close()
+
+    def arm(self, total: int) -> None:
+        signal.signal(signal.SIGINT, self.interrupt)
+        self.progress = self._stack.enter_context(ApplyProgress(total, terminal=self._terminal, color=self._color))
+
+    def interrupt(self, signum: int, frame: Any) -> None:
+        if not self.stop.is_set():
+            self.stop.set()
+            click.echo("\nInterrupted: sending nothing new; waiting for the requests in flight (at most "
+                       "the request timeout) to journal them. Ctrl-C again exits at once.", err=True)
+            return
+        with self._lock:
+            click.echo(f"\nInterrupted again: exiting now. {self.applied} changes were applied and "
+                       "journaled (listed above); what was in flight is uncertain and the next apply looks "
+                       "it up before sending anything; nothing else was sent. Run apply again to finish.",
+                       err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            self._exit(int(ExitCode.ERROR))   # worker threads still waiting on the network are abandoned
+
+    def on_change(self, change: Change, error: str | None) -> None:
+        with self._lock:
+            if not error:
+                self.applied += 1
+        if self.progress is not None:
+            self.progress.on_change(change.address, change.action, error)
+
+    def progress_closing(self) -> str:
+        assert self.progress is not None, "the apply was approved, so its progress was shown"
+        return self.progress.closing()
 
 
 def _reading(session: run.Session) -> run.Session:

@@ -1,5 +1,5 @@
-"""Shared fixtures: a policy directory, an Abloy simulator behind the httpx transport, and a runner
-that plans and applies through `reconciler.run` exactly as the CLI does."""
+"""Shared fixtures: no network but loopback, the vendor harness for Abloy (see tests/harness.py, which every
+vendor's tests use), and `reconciler sandbox serve` in its own process."""
 
 from __future__ import annotations
 
@@ -9,21 +9,14 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
-import httpx
 import pytest
-
-from reconciler import run
-from reconciler.sandbox.abloy import AbloySimulator
-
-NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+from harness import ABLOY, NOW, VendorHarness
 
 
 @pytest.fixture(autouse=True)
@@ -49,59 +42,10 @@ def later(seconds: float, action) -> None:
     threading.Thread(target=run, daemon=True).start()
 
 
-class Harness:
-    """A policy directory plus one simulated Abloy system named `hq` at https://abloy.test."""
-
-    def __init__(self, tmp_path: Path):
-        self.tmp_path = tmp_path
-        self.policy_dir = tmp_path / "policies"
-        self.policy_dir.mkdir()
-        self.sim = AbloySimulator(clock=lambda: self.now)
-        self.now = NOW
-        self.sleeps: list[float] = []
-        self.allowed_hosts = ["abloy.test"]   # as an operator's --allow-host would
-        creds = self.sim.credentials
-        self.env = {"ABLOY_USER_ID": creds["user_id"], "ABLOY_ACCESS_KEY": creds["access_key"],
-                    "ABLOY_API_KEY": creds["api_key"]}
-
-    def write(self, text: str, name: str = "policy.yaml", system_extra: str = "") -> None:
-        systems = textwrap.dedent("""\
-            systems:
-              hq:
-                vendor: abloy-keyless
-                url: https://abloy.test/administration
-                credentials:
-                  user_id: "${ABLOY_USER_ID}"
-                  access_key: "${ABLOY_ACCESS_KEY}"
-                  api_key: "${ABLOY_API_KEY}"
-            """) + textwrap.indent(textwrap.dedent(system_extra), "    ")
-        (self.policy_dir / "systems.yaml").write_text(systems)
-        (self.policy_dir / name).write_text(textwrap.dedent(text))
-
-    def session(self) -> run.Session:
-        return run.Session(directory=self.policy_dir, state_path=self.tmp_path / "state" / "state.json",
-                           env=self.env, now=self.now, transports={"hq": httpx.MockTransport(self.sim.handle)},
-                           provider_options={"sleep": self.sleeps.append}, allowed_hosts=tuple(self.allowed_hosts))
-
-    def plan(self):
-        return run.plan(self.session())
-
-    def apply(self, *, allow_mass_revoke: bool = False, saved=None):
-        return run.apply(self.session(), saved=saved, approve=lambda plan: True,
-                         allow_mass_revoke=allow_mass_revoke)
-
-    def converge(self, attempts: int = 6):
-        """Apply until a run reports success, as an operator re-running apply would."""
-        for _ in range(attempts):
-            _, report = self.apply()
-            if report is None or report.ok:
-                return
-        raise AssertionError(f"did not converge: {report.lines()}")
-
-
 @pytest.fixture
-def harness(tmp_path) -> Harness:
-    return Harness(tmp_path)
+def harness(tmp_path) -> VendorHarness:
+    """The shared vendor harness (tests/harness.py) for one simulated Abloy system named `hq`."""
+    return VendorHarness(tmp_path, ABLOY)
 
 
 # -- `reconciler sandbox serve` in its own process, for end-to-end tests over real sockets ---------------

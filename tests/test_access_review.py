@@ -349,9 +349,10 @@ def test_a_group_gaining_doors_is_one_line_with_the_people_folded():
 
 
 def test_two_windows_for_one_person_and_lock_converge_on_unloc(tmp_path):
-    from test_unloc import CAROL, GATE, Harness, lock_keys
+    from harness import UNLOC, VendorHarness
+    from test_unloc import CAROL, GATE, lock_keys
 
-    h = Harness(tmp_path)
+    h = VendorHarness(tmp_path, UNLOC)
     split = """\
         users:
           carol: {phone: "%s"}

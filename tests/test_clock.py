@@ -10,12 +10,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import NOW
+from harness import ABLOY, VendorHarness
 
 from reconciler import run
 from reconciler.providers.http import renewal_margin, token_lifetime
 from reconciler.sandbox.abloy import SEED_DEVICES, AbloySimulator
-
-from conftest import NOW, Harness
 
 DOORS = list(SEED_DEVICES.values())[:5]
 
@@ -47,8 +47,8 @@ def fleet_policy(users: int) -> str:
             "    start: 2026-01-01T00:00:00Z\n    end: 2031-12-31T23:59:59Z\n")
 
 
-def ticking_harness(tmp_path: Path, *, token_ttl: int, step: float, vendor_offset: timedelta) -> tuple[Harness, Ticking]:
-    harness = Harness(tmp_path)
+def ticking_harness(tmp_path: Path, *, token_ttl: int, step: float, vendor_offset: timedelta) -> tuple[VendorHarness, Ticking]:
+    harness = VendorHarness(tmp_path, ABLOY)
     ticks = Ticking(step)
     harness.sim = AbloySimulator(clock=lambda: NOW + vendor_offset + timedelta(seconds=ticks()), token_ttl=token_ttl)
     creds = harness.sim.credentials

@@ -21,19 +21,18 @@ from urllib.parse import parse_qsl
 import httpx
 import jwt
 import pytest
+from harness import ABLOY, SENTRY, UNLOC, UNLOC_PARTNER, VendorHarness
+from test_abloy_provider import POLICY as ABLOY_POLICY
+from test_spkey import FLAT3, GUESTS, check_request, check_response, keys_yaml
+from test_unloc import POLICY as UNLOC_POLICY
+from test_unloc_partner import POLICY as PARTNER_POLICY
 
 from reconciler import run
 from reconciler.providers import abloy, sentry, spkey, unloc, unloc_partner
-from reconciler.state import LocalState
 from reconciler.sandbox.abloy import GATEWAY_CLAIMING_CODES, SEED_DEVICES
-from reconciler.sandbox.sentry import BATCH_CAPABLE, SEED_LOCKS as SENTRY_LOCKS
-
-from conftest import Harness as AbloyHarness
-from test_abloy_provider import POLICY as ABLOY_POLICY
-from test_sentry import SentryHarness
-from test_spkey import FLAT3, Harness as SpkeyHarness, check_request, check_response, keys_yaml
-from test_unloc import POLICY as UNLOC_POLICY, Harness as UnlocHarness
-from test_unloc_partner import POLICY as PARTNER_POLICY, PartnerHarness
+from reconciler.sandbox.sentry import BATCH_CAPABLE
+from reconciler.sandbox.sentry import SEED_LOCKS as SENTRY_LOCKS
+from reconciler.state import LocalState
 
 UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 E164 = r"\+[1-9]\d{1,14}"
@@ -250,7 +249,7 @@ ABLOY_TABLE = [
 
 
 def test_abloy_requests_follow_document_002(tmp_path):
-    h = AbloyHarness(tmp_path)
+    h = VendorHarness(tmp_path, ABLOY)
     recorder = Recorder(h.sim.handle)
     h.sim.handle = recorder                       # type: ignore[method-assign]
     h.write(ABLOY_POLICY, system_extra="invitation_validity: PT48H\n")
@@ -330,7 +329,7 @@ UNLOC_TABLE = [
 
 
 def test_unloc_requests_follow_document_004(tmp_path):
-    h = UnlocHarness(tmp_path)
+    h = VendorHarness(tmp_path, UNLOC)
     recorder = Recorder(h.sim.handle)
     h.sim.handle = recorder                       # type: ignore[method-assign]
     quiet = UNLOC_POLICY.replace("    devices: [gate]\n", "    devices: [gate]\n    notify: false\n")
@@ -364,7 +363,7 @@ PARTNER_TABLE = [
 
 
 def test_unloc_partner_requests_follow_document_005(tmp_path):
-    h = PartnerHarness(tmp_path)
+    h = VendorHarness(tmp_path, UNLOC_PARTNER)
     recorder = Recorder(h.sim.handle)
     h.sim.handle = recorder                       # type: ignore[method-assign]
     h.write(PARTNER_POLICY)
@@ -437,7 +436,7 @@ SENTRY_TABLE = [
 
 
 def test_sentry_requests_follow_document_000(tmp_path):
-    h = SentryHarness(tmp_path)
+    h = VendorHarness(tmp_path, SENTRY)
     recorder = Recorder(h.sim.handle)
     h.sim.handle = recorder                       # type: ignore[method-assign]
     batch = next(name for name in SENTRY_LOCKS if name in BATCH_CAPABLE and name != "Roof Hatch")
@@ -477,7 +476,7 @@ SPKEY_OPERATIONS = {("GET", "/locks/{id}/temp-keys"), ("POST", "/locks/{id}/crea
 
 
 def test_spkey_requests_follow_the_openapi(tmp_path):
-    h = SpkeyHarness(tmp_path)
+    h = VendorHarness(tmp_path, GUESTS)
     h.write(keys_yaml())
     h.sim.faults.add("POST", r"/create-temp-key$", commit=True, lost="timeout")   # a lost create: looked up
     h.apply()
@@ -485,13 +484,13 @@ def test_spkey_requests_follow_the_openapi(tmp_path):
     h.apply()
     assert not h.plan().has_changes
     seen = set()
-    for request, response in h.recorder.exchanges:
+    for request, response in h.exchanges:
         seen.add((request.method, check_request(request)))
         if response is not None:
             assert response.status_code in (200, 404), f"{request.method} {request.url.path}: {response.status_code}"
             check_response(request, response)
     assert seen == SPKEY_OPERATIONS
-    assert any(r.url.path == f"/locks/{FLAT3}/temp-keys" for r, _ in h.recorder.exchanges)
+    assert any(r.url.path == f"/locks/{FLAT3}/temp-keys" for r, _ in h.exchanges)
 
 
 # ---------------------------------------------------------------------------------------------- tables

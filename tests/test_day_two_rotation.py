@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_spkey import Harness as SpkeyHarness
-from test_spkey import keys_yaml
+from harness import UNLOC_PARTNER, VendorHarness
+from test_spkey import GUESTS, keys_yaml
 from test_unloc_partner import POLICY as PARTNER_POLICY
-from test_unloc_partner import PartnerHarness
 
 from reconciler.errors import PlanError, RefusedError
 from reconciler.resources import Resource
@@ -31,7 +30,7 @@ def _identity(path) -> dict:
 
 
 def test_a_rotated_smartphonekey_key_is_accepted_on_evidence(tmp_path):
-    h = SpkeyHarness(tmp_path)
+    h = VendorHarness(tmp_path, GUESTS)
     h.write(keys_yaml())
     _, report = h.apply()
     assert report.ok
@@ -54,7 +53,7 @@ def test_a_rotated_smartphonekey_key_is_accepted_on_evidence(tmp_path):
 
 
 def test_a_foreign_smartphonekey_system_is_refused_and_nothing_is_sent(tmp_path):
-    h = SpkeyHarness(tmp_path)
+    h = VendorHarness(tmp_path, GUESTS)
     h.write(keys_yaml())
     h.apply()
     h.env = {"SPKEY_API_KEY": OTHER_API_KEY}                   # another organisation's key
@@ -86,7 +85,7 @@ def test_the_guard_refuses_a_changed_digest_when_the_live_system_holds_nothing_i
 
 
 def test_a_rotated_unloc_partner_key_keeps_the_state(tmp_path):
-    h = PartnerHarness(tmp_path)
+    h = VendorHarness(tmp_path, UNLOC_PARTNER)
     h.write(PARTNER_POLICY)
     h.converge()
     before = _identity(h.state_path)["rentals"]

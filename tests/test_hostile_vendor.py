@@ -217,9 +217,10 @@ def test_a_revocation_the_vendor_does_not_carry_out_is_not_in_effect(harness):
 
 def test_sentry_a_repeated_lock_member_revokes_no_declared_share(tmp_path):
     # Finding 1 on Sentry: the last lock member repeated made the plan revoke declared shares.
-    from test_sentry import FRONT, STAFF, SentryHarness, staff_policy
+    from harness import SENTRY, VendorHarness
+    from test_sentry import FRONT, STAFF, staff_policy
 
-    h = SentryHarness(tmp_path)
+    h = VendorHarness(tmp_path, SENTRY)
     h.write(staff_policy("front", FRONT, STAFF[:3]))
     _, report = h.apply()
     assert report.ok, report.lines()

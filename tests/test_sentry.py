@@ -25,10 +25,12 @@ from pathlib import Path
 import httpx
 import jwt
 import pytest
+from conftest import reconciler_command, serve_sandboxes
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
+from harness import SENTRY, VendorHarness
 
 from reconciler import run
 from reconciler.errors import PlanError, PolicyError
@@ -46,8 +48,6 @@ from reconciler.sandbox.sentry import (
     SentrySimulator,
 )
 
-from conftest import NOW, reconciler_command, serve_sandboxes
-
 BASE = "https://api.sentry.test"
 MEETING = SEED_LOCKS["Meeting Room"]      # BATCH_SHARING_25 supported
 FRONT = SEED_LOCKS["Front Door"]          # no batch sharing
@@ -63,76 +63,39 @@ def staff_policy(lock_key: str, lock_id: str, people: list[str], extra: str = ""
             f"permissions:\n  - users: [{', '.join(people)}]\n    devices: [{lock_key}]\n{WINDOW}")
 
 
-class SentryHarness:
-    """A policy directory plus one simulated Sentry system `office` at BASE; every request and the
-    answers of logins are captured on their way through the transport."""
+def sent_bodies(h: VendorHarness) -> list[tuple[str, str, bytes]]:
+    """(method, path, content) of every request the provider sent."""
+    return [(request.method, request.url.path, request.content) for request, _ in h.exchanges]
 
-    def __init__(self, tmp_path: Path, **sim_options):
-        self.tmp_path = tmp_path
-        self.policy_dir = tmp_path / "policies"
-        self.policy_dir.mkdir()
-        # The platform's clock is the session's (NOW), as for the embedded sandbox: the audit window the
-        # provider asks for ends at the session's now.
-        self.sim = SentrySimulator(**{"clock": lambda: NOW, **sim_options})
-        self.sleeps: list[float] = []
-        self.bodies: list[tuple[str, str, bytes]] = []     # (method, path, content)
-        self.tokens: list[str] = []                          # auth and refresh tokens handed out
-        self.env = {"SENTRY_EMAIL": OPERATOR_EMAIL, "SENTRY_PASSWORD": OPERATOR_PASSWORD}
 
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        request.read()
-        self.bodies.append((request.method, request.url.path, request.content))
-        response = self.sim.handle(request)
-        if request.url.path.endswith("/auth/token") and response.status_code == 200:
-            self.tokens += [v for v in response.json().values() if isinstance(v, str)]
-        return response
+def issued_tokens(h: VendorHarness) -> list[str]:
+    """The auth and refresh tokens the platform handed out."""
+    return [value for request, response in h.exchanges
+            if request.url.path.endswith("/auth/token") and response is not None and response.status_code == 200
+            for value in response.json().values() if isinstance(value, str)]
 
-    def write(self, text: str) -> None:
-        (self.policy_dir / "systems.yaml").write_text(textwrap.dedent(f"""\
-            systems:
-              office:
-                vendor: sentry
-                url: {BASE}
-                credentials:
-                  email: "${{SENTRY_EMAIL}}"
-                  password: "${{SENTRY_PASSWORD}}"
-            """))
-        (self.policy_dir / "policy.yaml").write_text(text)
 
-    def session(self) -> run.Session:
-        return run.Session(directory=self.policy_dir, state_path=self.tmp_path / "state" / "state.json",
-                           env=self.env, now=NOW, transports={"office": httpx.MockTransport(self.handle)},
-                           provider_options={"sleep": self.sleeps.append}, allowed_hosts=("api.sentry.test",))
+def executes(h: VendorHarness, lock_id: str | None = None) -> list[dict]:
+    """The claims of every signed operation sent (to one lock), unverified."""
+    return [jwt.decode(content, options={"verify_signature": False}) for method, path, content in sent_bodies(h)
+            if method == "POST" and path.endswith("/execute") and (lock_id is None or f"/{lock_id}/" in path)]
 
-    def plan(self):
-        return run.plan(self.session())
 
-    def apply(self, **kwargs):
-        return run.apply(self.session(), saved=None, approve=lambda plan: True, **kwargs)
-
-    def executes(self, lock_id: str | None = None) -> list[dict]:
-        """The claims of every signed operation sent (to one lock), unverified."""
-        found = []
-        for method, path, content in self.bodies:
-            if method == "POST" and path.endswith("/execute") and (lock_id is None or f"/{lock_id}/" in path):
-                found.append(jwt.decode(content, options={"verify_signature": False}))
-        return found
-
-    def operations(self, lock_id: str | None = None) -> collections.Counter:
-        return collections.Counter(claims["operation"]["type"] for claims in self.executes(lock_id))
+def operations(h: VendorHarness, lock_id: str | None = None) -> collections.Counter:
+    return collections.Counter(claims["operation"]["type"] for claims in executes(h, lock_id))
 
 
 @pytest.fixture
-def h(tmp_path) -> SentryHarness:
-    return SentryHarness(tmp_path)
+def h(tmp_path) -> VendorHarness:
+    return VendorHarness(tmp_path, SENTRY)
 
 
-def assert_converged(h: SentryHarness) -> None:
+def assert_converged(h: VendorHarness) -> None:
     plan = h.plan()
     assert not plan.has_changes, [c.address for c in plan.changes]
 
 
-def holders(h: SentryHarness, lock_id: str) -> dict[str, dict]:
+def holders(h: VendorHarness, lock_id: str) -> dict[str, dict]:
     """Who holds the lock, as the vendor says, without the operator."""
     return {email: m for email, m in h.sim.shares(lock_id).items() if email != OPERATOR_EMAIL}
 
@@ -148,8 +111,8 @@ def test_thirty_users_on_a_batch_lock_take_two_batch_operations(h):
         f"office/share/id:{SEED_PEOPLE['mallory@example.com']}/meeting-room"]
     _, report = h.apply()
     assert report.ok, report.lines()
-    assert h.operations(MEETING) == {"BATCH_ADD_USER": 2, "REMOVE_USER": 1}
-    assert sorted(len(c["operation"]["users"]) for c in h.executes(MEETING)
+    assert operations(h, MEETING) == {"BATCH_ADD_USER": 2, "REMOVE_USER": 1}
+    assert sorted(len(c["operation"]["users"]) for c in executes(h, MEETING)
                   if c["operation"]["type"] == "BATCH_ADD_USER") == [5, 25]
     shares = holders(h, MEETING)
     assert sorted(shares) == sorted(f"{p}@example.com" for p in STAFF)
@@ -161,7 +124,7 @@ def test_thirty_users_on_a_lock_without_batch_support_take_one_add_user_each(h):
     h.write(staff_policy("front-door", FRONT, STAFF))
     _, report = h.apply()
     assert report.ok, report.lines()
-    assert h.operations(FRONT) == {"ADD_USER": 30, "REMOVE_USER": 1}     # victor, seeded, revoked
+    assert operations(h, FRONT) == {"ADD_USER": 30, "REMOVE_USER": 1}     # victor, seeded, revoked
     assert sorted(holders(h, FRONT)) == sorted(f"{p}@example.com" for p in STAFF)
     assert_converged(h)
 
@@ -177,17 +140,17 @@ def test_removed_users_are_revoked_in_one_remove_user_per_lock(h):
     h.write(policy(ten))
     _, report = h.apply()
     assert report.ok, report.lines()
-    h.bodies.clear()
+    h.exchanges.clear()
     h.write(policy(ten[:8]))
     plan = h.plan()
     assert (plan.revocations, plan.managed_grants) == (4, 20)
     _, report = h.apply()
     assert report.ok, report.lines()
-    removes = [c for c in h.executes() if c["operation"]["type"] == "REMOVE_USER"]
+    removes = [c for c in executes(h) if c["operation"]["type"] == "REMOVE_USER"]
     assert len(removes) == 2 and {c["sub"] for c in removes} == {MEETING, FRONT}
     gone = {SEED_PEOPLE[f"{p}@example.com"] for p in ten[8:]}
     assert all(set(c["operation"]["users"]) == gone for c in removes)
-    assert h.operations() == {"REMOVE_USER": 2}
+    assert operations(h) == {"REMOVE_USER": 2}
     for lock in (MEETING, FRONT):
         assert sorted(holders(h, lock)) == sorted(f"{p}@example.com" for p in ten[:8])
     # Revocations read by name in the plan (the state remembers who each share was for).
@@ -199,7 +162,7 @@ def test_changed_role_or_window_is_an_add_user_upsert_shown_as_update(h):
     people = ["alice", "bob", "carol"]
     h.write(staff_policy("meeting-room", MEETING, people))
     h.apply()
-    h.bodies.clear()
+    h.exchanges.clear()
     text = staff_policy("meeting-room", MEETING, people).replace("end: 2027-12-31T23:59:59Z",
                                                                   "end: 2028-06-30T00:00:00Z")
     h.write(text.replace("permissions:\n", "permissions:\n  - users: [dag]\n    devices: [meeting-room]\n"
@@ -210,17 +173,17 @@ def test_changed_role_or_window_is_an_add_user_upsert_shown_as_update(h):
     assert {c.changed for c in plan.changes if c.action == "update"} == {("end",)}
     _, report = h.apply()
     assert report.ok, report.lines()
-    assert h.operations() == {"BATCH_ADD_USER": 1}        # three updates and a create, one batch
+    assert operations(h) == {"BATCH_ADD_USER": 1}        # three updates and a create, one batch
     shares = holders(h, MEETING)
     assert shares["dag@example.com"] == {"role": "ADMIN", "start": None, "end": None}
     assert {shares[f"{p}@example.com"]["end"] for p in people} == {1845936000}
     # Now only bob's window changes: one lone ADD_USER, even on a batch-capable lock.
-    h.bodies.clear()
+    h.exchanges.clear()
     text = (h.policy_dir / "policy.yaml").read_text().replace("users: [alice, bob, carol]", "users: [alice, carol]")
     h.write(text + "  - users: [bob]\n    devices: [meeting-room]\n    start: 2026-03-01T00:00:00Z\n")
     _, report = h.apply()
     assert report.ok, report.lines()
-    assert h.operations() == {"ADD_USER": 1}
+    assert operations(h) == {"ADD_USER": 1}
     assert holders(h, MEETING)["bob@example.com"] == {"role": "USER", "start": 1772323200, "end": None}
     assert_converged(h)
 
@@ -239,12 +202,12 @@ devices:
         ("office/device/roof", ("name",))]
     _, report = h.apply()
     assert report.ok, report.lines()
-    puts = {path.rsplit("/", 1)[-1]: json.loads(content) for method, path, content in h.bodies if method == "PUT"}
+    puts = {path.rsplit("/", 1)[-1]: json.loads(content) for method, path, content in sent_bodies(h) if method == "PUT"}
     assert puts == {MEETING: {"name": "Board Room", "favourite": False, "colour": "#2266aa"},
                     FRONT: {"favourite": True}, ROOF: {"name": "Roof"}}
     # Adopting a lock makes its shares managed: the seeded outsiders' are revoked (not on the roof hatch,
     # which the operator does not administer).
-    assert h.operations() == {"REMOVE_USER": 2}
+    assert operations(h) == {"REMOVE_USER": 2}
     assert_converged(h)
 
 
@@ -259,7 +222,7 @@ def test_every_signed_operation_verifies_with_the_registered_key_and_no_jti_repe
     h.apply(allow_mass_revoke=True)
     keys = h.sim.registered_keys()
     assert len(keys) == 2                          # one key pair per run, generated in memory
-    tokens = [(path, content.decode()) for method, path, content in h.bodies
+    tokens = [(path, content.decode()) for method, path, content in sent_bodies(h)
               if method == "POST" and path.endswith("/execute")]
     assert len(tokens) == 2 + 27 + 2 + 2           # batches+adds, one removal per lock, twice
     jtis = []
@@ -310,8 +273,8 @@ def test_no_private_key_token_or_password_in_any_output(h, monkeypatch, caplog):
     h.sim.set_offline(MEETING, False)
     outputs += [(h.tmp_path / "state" / "state.json").read_text(), caplog.text]
     outputs += [json.dumps([r.__dict__ for r in h.sim.requests], default=str)]
-    assert generated and h.tokens
-    secrets = [OPERATOR_PASSWORD, *h.tokens]
+    assert generated and issued_tokens(h)
+    secrets = [OPERATOR_PASSWORD, *issued_tokens(h)]
     for key in generated:
         raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                 serialization.NoEncryption())
@@ -367,8 +330,8 @@ def test_unknown_email_is_a_plan_error_naming_the_user_and_nothing_is_sent(h):
     assert caught.value.lines() == [
         "office/share/zoe/meeting-room: user 'zoe' (zoe@nowhere.example) has no Sentry Interactive account: "
         "nobody with that email is in the directory"]
-    assert h.operations() == {}
-    assert not [b for b in h.bodies if b[0] == "PUT"]
+    assert operations(h) == {}
+    assert not [b for b in sent_bodies(h) if b[0] == "PUT"]
     assert holders(h, MEETING) == {"mallory@example.com": {"role": "USER", "start": None, "end": None}}
 
 
@@ -377,7 +340,7 @@ def test_directory_is_asked_one_email_at_a_time_with_the_v1_shape(h):
     # every lookup is v1 `{email}` for one address.
     h.write(staff_policy("meeting-room", MEETING, STAFF))
     h.plan()
-    queries = [json.loads(c) for m, p, c in h.bodies if p.endswith("/directory/query")]
+    queries = [json.loads(c) for m, p, c in sent_bodies(h) if p.endswith("/directory/query")]
     assert sorted(q["email"] for q in queries) == sorted(f"{u}@example.com" for u in STAFF)
     assert all(set(q) == {"email"} for q in queries)
     lookups = [r for r in h.sim.requests if r.path.endswith("/directory/query")]
@@ -389,7 +352,7 @@ def test_shares_on_a_lock_the_operator_does_not_administer_are_a_plan_error(h):
     with pytest.raises(PlanError, match=r"office/share/alice/roof: the operator account is not an ADMIN of device "
                                         r"'roof' \(its role is USER\)"):
         h.plan()
-    assert not [p for m, p, c in h.bodies if p.endswith("/users")], "no user list read where it is refused"
+    assert not [p for m, p, c in sent_bodies(h) if p.endswith("/users")], "no user list read where it is refused"
 
 
 def test_schedule_and_conflicting_windows_are_validation_errors(tmp_path, monkeypatch):
@@ -447,7 +410,7 @@ def test_lost_answer_of_a_batch_is_looked_up_not_sent_again(h):
     h.sim.faults.add("POST", rf"/device/{MEETING}/execute$", commit=True, times=2)   # the batch and the removal
     _, report = h.apply()
     assert report.ok, report.lines()
-    assert h.operations(MEETING) == {"BATCH_ADD_USER": 1, "REMOVE_USER": 1}
+    assert operations(h, MEETING) == {"BATCH_ADD_USER": 1, "REMOVE_USER": 1}
     assert sorted(holders(h, MEETING)) == sorted(f"{p}@example.com" for p in STAFF[:4])
     assert_converged(h)
 
@@ -458,7 +421,7 @@ def test_an_execute_that_did_not_land_is_signed_again_with_a_fresh_jti(h):
     h.sim.faults.add("POST", rf"/device/{FRONT}/execute$", status=429, times=1)
     _, report = h.apply()
     assert report.ok, report.lines()
-    claims = h.executes(FRONT)
+    claims = executes(h, FRONT)
     assert len({c["jti"] for c in claims}) == len(claims) == 4      # 502, 429, then both land
     assert_converged(h)
 
@@ -727,7 +690,7 @@ def test_secondary_authentication_423_stops_the_apply_with_a_clear_reason(h):
     assert not report.ok
     lines = [line for line in report.lines() if "423" in line]
     assert lines and all("secondary authentication" in line and OPERATOR_PASSWORD not in line for line in lines)
-    assert not h.executes(), "nothing signed without a certificate"
+    assert not executes(h), "nothing signed without a certificate"
     h.sim.require_secondary_auth(False)
     _, report = h.apply()
     assert report.ok, report.lines()
@@ -764,9 +727,9 @@ def test_unlock_duration_from_the_policy_is_one_signed_setting_and_converges(h):
         ("office/device/meeting-room", "update", ("unlock_duration",))]
     _, report = h.apply()
     assert report.ok, report.lines()
-    settings = [c["operation"] for c in h.executes(MEETING) if c["operation"]["type"] == "MUTATE_SETTING"]
+    settings = [c["operation"] for c in executes(h, MEETING) if c["operation"]["type"] == "MUTATE_SETTING"]
     assert settings == [{"type": "MUTATE_SETTING", "unlockDuration": 12}]
-    assert not [p for m, p, c in h.bodies if m == "PUT"], "the unlock duration is not a lock property"
+    assert not [p for m, p, c in sent_bodies(h) if m == "PUT"], "the unlock duration is not a lock property"
     lock = h.sim.state["locks"][MEETING]
     assert lock["settings"]["unlockTime"] == 12
     assert_converged(h)

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import subprocess
-import textwrap
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,16 +21,22 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+from conftest import reconciler_command, serve_sandboxes
+from harness import SPKEY, VendorHarness
 
-from reconciler import run
-from reconciler.errors import PolicyError, PlanError, VendorError
+from reconciler.errors import PlanError, PolicyError, VendorError
 from reconciler.providers.spkey import CAPABILITIES, temp_key_uuid
 from reconciler.render import render_json, render_text
-from reconciler.state import LocalState
-from reconciler.sandbox.spkey import (API_KEY, OTHER_API_KEY, OTHER_ORG_LOCK, REQUEST_SCHEMAS, SEED_APP_KEY,
-                                      SEED_LOCKS, SEED_USERS, SpkeySimulator)
-
-from conftest import reconciler_command, serve_sandboxes
+from reconciler.sandbox.spkey import (
+    API_KEY,
+    OTHER_API_KEY,
+    OTHER_ORG_LOCK,
+    REQUEST_SCHEMAS,
+    SEED_APP_KEY,
+    SEED_LOCKS,
+    SEED_USERS,
+    SpkeySimulator,
+)
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 DOCUMENT = json.loads((Path(__file__).parent / "data" / "spkey" / "openapi-temp-keys.json").read_text())
@@ -180,75 +186,49 @@ class Recorder:
         return response
 
     def check_all(self) -> int:
-        for request, response in self.exchanges:
-            check_request(request)
-            if response is not None:
-                check_response(request, response)
-        return len(self.exchanges)
+        return check_all(self.exchanges)
+
+
+def check_all(exchanges: list[tuple[httpx.Request, httpx.Response | None]]) -> int:
+    """Every request, and every answer that arrived, against the vendor's OpenAPI document."""
+    for request, response in exchanges:
+        check_request(request)
+        if response is not None:
+            check_response(request, response)
+    return len(exchanges)
 
 
 # -------------------------------------------------------------------------------------------- harness
 
-class Harness:
-    """A policy directory plus one simulated SmartphoneKey system named `guests` at https://spkey.test."""
+GUESTS = replace(SPKEY, files={"people.yaml": PEOPLE})
 
-    def __init__(self, tmp_path: Path):
-        self.tmp_path = tmp_path
-        self.policy_dir = tmp_path / "policies"
-        self.policy_dir.mkdir()
-        self.now = NOW
-        self.sim = SpkeySimulator(clock=lambda: self.now)
-        self.recorder = Recorder(self.sim)
-        self.sleeps: list[float] = []
-        self.env = {"SPKEY_API_KEY": self.sim.credentials["api_key"]}
 
-    def write(self, keys: str, *, people: str = PEOPLE, unmanaged: str = "revoke") -> None:
-        (self.policy_dir / "systems.yaml").write_text(
-            "systems:\n  guests:\n    vendor: spkey\n    url: https://spkey.test\n"
-            f"    credentials: {{api_key: \"${{SPKEY_API_KEY}}\"}}\n    unmanaged: {unmanaged}\n")
-        (self.policy_dir / "people.yaml").write_text(people)
-        (self.policy_dir / "keys.yaml").write_text(textwrap.dedent(keys))
+def posts(h: VendorHarness, operation: str) -> list[dict[str, Any]]:
+    """Bodies of the provider's POSTs to `/locks/{id}/<operation>` that reached the vendor."""
+    return [r.body for r in h.sim.requests if r.method == "POST" and r.path.endswith(f"/{operation}")]
 
-    @property
-    def state_path(self) -> Path:
-        return self.tmp_path / "state" / "state.json"
 
-    def session(self) -> run.Session:
-        return run.Session(directory=self.policy_dir, state_path=self.state_path, env=self.env, now=self.now,
-                           transports={"guests": httpx.MockTransport(self.recorder)},
-                           provider_options={"sleep": self.sleeps.append}, allowed_hosts=("spkey.test",))
+def raw(h: VendorHarness, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return h.raw(method, path, headers={"X-API-Key": API_KEY}, **kwargs)
 
-    def plan(self):
-        return run.plan(self.session())
 
-    def apply(self):
-        return run.apply(self.session(), saved=None, approve=lambda plan: True)
+def temp_keys(h: VendorHarness, lock: int = FLAT3) -> list[dict[str, Any]]:
+    """The lock's temp keys as the vendor lists them (a raw request, not the provider under test)."""
+    response = raw(h, "GET", f"/locks/{lock}/temp-keys")
+    assert response.status_code == 200, response.text
+    return response.json()["tempKeys"]
 
-    def posts(self, operation: str) -> list[dict[str, Any]]:
-        """Bodies of the provider's POSTs to `/locks/{id}/<operation>` that reached the vendor."""
-        return [r.body for r in self.sim.requests if r.method == "POST" and r.path.endswith(f"/{operation}")]
 
-    def raw(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        with httpx.Client(transport=httpx.MockTransport(self.sim.handle), base_url=BASE,
-                          headers={"X-API-Key": API_KEY}) as client:
-            return client.request(method, path, **kwargs)
-
-    def keys(self, lock: int = FLAT3) -> list[dict[str, Any]]:
-        """The lock's temp keys as the vendor lists them (a raw request, not the provider under test)."""
-        response = self.raw("GET", f"/locks/{lock}/temp-keys")
-        assert response.status_code == 200, response.text
-        return response.json()["tempKeys"]
-
-    def uuid_of(self, name: str, lock: int = FLAT3) -> str:
-        return temp_key_uuid("guests", str(lock), name)
+def uuid_of(name: str, lock: int = FLAT3) -> str:
+    return temp_key_uuid("guests", str(lock), name)
 
 
 @pytest.fixture
-def spk(tmp_path) -> Harness:
-    return Harness(tmp_path)
+def spk(tmp_path) -> VendorHarness:
+    return VendorHarness(tmp_path, GUESTS)
 
 
-def converged(h: Harness) -> None:
+def converged(h: VendorHarness) -> None:
     plan = h.plan()
     assert not plan.has_changes, [(c.address, c.action, c.changed) for c in plan.changes]
 
@@ -270,19 +250,19 @@ def test_plan_apply_plan_converges_and_the_vendor_holds_exactly_the_policy(spk):
     _, report = spk.apply()
     assert report.ok, report.lines()
     converged(spk)
-    keys = {k["uuid"]: k for k in spk.keys()}
-    assert set(keys) == {spk.uuid_of("cleaning-week-48"), spk.uuid_of("sofa-delivery")}
-    cleaning = keys[spk.uuid_of("cleaning-week-48")]
+    keys = {k["uuid"]: k for k in temp_keys(spk)}
+    assert set(keys) == {uuid_of("cleaning-week-48"), uuid_of("sofa-delivery")}
+    cleaning = keys[uuid_of("cleaning-week-48")]
     assert cleaning["accessMode"] == "user-whitelist"
     assert sorted(cleaning["allowedUserIds"]) == sorted([SEED_USERS["maria@cleanco.example"],
                                                          SEED_USERS["jonas@cleanco.example"]])
     assert (cleaning["validFrom"], cleaning["validUntil"]) == ("2026-11-23T08:00:00.000Z", "2026-11-29T18:00:00.000Z")
     assert cleaning["maxUses"] == 30 and cleaning["status"] == "not-yet-valid"
-    delivery = keys[spk.uuid_of("sofa-delivery")]
+    delivery = keys[uuid_of("sofa-delivery")]
     assert (delivery["accessMode"], delivery["allowedUserIds"], delivery["maxUses"]) == ("public", [], 1)
     described = {k["uuid"]: k["description"] for k in spk.sim.temp_keys(FLAT3)}
-    assert described[spk.uuid_of("cleaning-week-48")] == "Cleaning crew, week 48"
-    assert spk.recorder.check_all() > 0
+    assert described[uuid_of("cleaning-week-48")] == "Cleaning crew, week 48"
+    assert check_all(spk.exchanges) > 0
 
 
 def test_identity_needs_no_state(spk):
@@ -314,7 +294,7 @@ def test_reads_are_one_list_per_lock_and_one_lookup_per_email(spk):
 def test_only_the_api_key_is_sent_never_a_bearer_too(spk):
     spk.write(keys_yaml())
     spk.apply()
-    for request, _ in spk.recorder.exchanges:
+    for request, _ in spk.exchanges:
         assert request.headers["x-api-key"] == API_KEY
         assert "authorization" not in request.headers
 
@@ -335,13 +315,13 @@ def test_a_change_is_exactly_one_update_with_only_that_field(spk, change, field,
     spk.sim.reset_log()
     _, report = spk.apply()
     assert report.ok, report.lines()
-    [body] = spk.posts("update-temp-key")
-    assert not spk.posts("create-temp-key") and not spk.posts("delete-temp-key")
+    [body] = posts(spk, "update-temp-key")
+    assert not posts(spk, "create-temp-key") and not posts(spk, "delete-temp-key")
     assert set(body) == {"tempKeyUuid", field}
-    assert body["tempKeyUuid"] == spk.uuid_of("cleaning-week-48")
+    assert body["tempKeyUuid"] == uuid_of("cleaning-week-48")
     assert (sorted(body[field]) if isinstance(expected, list) else body[field]) == expected
     converged(spk)
-    spk.recorder.check_all()
+    check_all(spk.exchanges)
 
 
 def test_public_to_users_sends_mode_and_users(spk):
@@ -351,8 +331,8 @@ def test_public_to_users_sends_mode_and_users(spk):
     spk.write(text)
     spk.sim.reset_log()
     spk.apply()
-    [body] = spk.posts("update-temp-key")
-    assert body == {"tempKeyUuid": spk.uuid_of("sofa-delivery"), "accessMode": "user-whitelist",
+    [body] = posts(spk, "update-temp-key")
+    assert body == {"tempKeyUuid": uuid_of("sofa-delivery"), "accessMode": "user-whitelist",
                     "allowedUserIds": [SEED_USERS["lena@cleanco.example"]]}
     converged(spk)
 
@@ -367,9 +347,9 @@ def test_removing_a_key_sends_one_delete(spk):
     spk.sim.reset_log()
     _, report = spk.apply()
     assert report.ok
-    assert spk.posts("delete-temp-key") == [{"tempKeyUuid": spk.uuid_of("sofa-delivery")}]
+    assert posts(spk, "delete-temp-key") == [{"tempKeyUuid": uuid_of("sofa-delivery")}]
     assert len(spk.sim.requests) - len([r for r in spk.sim.requests if r.method == "GET"]) == 1
-    assert [k["uuid"] for k in spk.keys()] == [spk.uuid_of("cleaning-week-48")]
+    assert [k["uuid"] for k in temp_keys(spk)] == [uuid_of("cleaning-week-48")]
     converged(spk)
 
 
@@ -380,7 +360,7 @@ def test_removed_key_without_state_is_revoked_by_uuid(spk):
     spk.write(keys_yaml(delivery=False))
     plan = spk.plan()
     assert [(c.address, c.action) for c in plan.changes] == [
-        (f"guests/temp_key/id:{spk.uuid_of('sofa-delivery')}", "delete")]
+        (f"guests/temp_key/id:{uuid_of('sofa-delivery')}", "delete")]
 
 
 def test_keys_nobody_declared_follow_the_unmanaged_mode(spk):
@@ -393,7 +373,7 @@ def test_keys_nobody_declared_follow_the_unmanaged_mode(spk):
     assert app_key not in [c.address for c in plan.changes]
     assert [n.address for n in plan.unmanaged] == [app_key]
     spk.apply()
-    assert SEED_APP_KEY in {k["uuid"] for k in spk.keys(FLAT2)}
+    assert SEED_APP_KEY in {k["uuid"] for k in temp_keys(spk, FLAT2)}
 
 
 def test_moving_a_key_to_another_lock_deletes_there_and_creates_here(spk):
@@ -401,13 +381,13 @@ def test_moving_a_key_to_another_lock_deletes_there_and_creates_here(spk):
     spk.apply()
     spk.write(keys_yaml(delivery=False, cleaning_device="flat-1"))
     plan = spk.plan()
-    old = f"guests/temp_key/id:{spk.uuid_of('cleaning-week-48')}"
+    old = f"guests/temp_key/id:{uuid_of('cleaning-week-48')}"
     assert sorted((c.address, c.action) for c in plan.changes) == sorted([
         (old, "delete"), ("guests/temp_key/cleaning-week-48", "create")])
     _, report = spk.apply()
     assert report.ok, report.lines()
-    assert spk.keys(FLAT3) == []
-    assert [k["uuid"] for k in spk.keys(FLAT1)] == [spk.uuid_of("cleaning-week-48", FLAT1)]
+    assert temp_keys(spk, FLAT3) == []
+    assert [k["uuid"] for k in temp_keys(spk, FLAT1)] == [uuid_of("cleaning-week-48", FLAT1)]
     converged(spk)
 
 
@@ -433,10 +413,10 @@ def test_a_lost_create_answer_is_looked_up_not_sent_again(spk, lost):
     statuses = [r.status for r in spk.sim.requests if r.path.endswith("/create-temp-key")]
     assert statuses == [502 if lost == "502" else None]
     assert spk.sim.count("GET", f"/locks/{FLAT3}/temp-keys") == 2    # the plan's read, then the look-up
-    assert [k["uuid"] for k in spk.keys()] == [spk.uuid_of("cleaning-week-48")]
-    assert not spk.posts("update-temp-key")    # the key that landed matches: nothing to correct
+    assert [k["uuid"] for k in temp_keys(spk)] == [uuid_of("cleaning-week-48")]
+    assert not posts(spk, "update-temp-key")    # the key that landed matches: nothing to correct
     converged(spk)
-    spk.recorder.check_all()
+    check_all(spk.exchanges)
 
 
 def test_lost_answers_until_the_run_gives_up_then_a_rerun_leaves_one_key(spk):
@@ -446,22 +426,22 @@ def test_lost_answers_until_the_run_gives_up_then_a_rerun_leaves_one_key(spk):
     spk.sim.faults.add("POST", r"/create-temp-key$", lost="502", times=None)
     _, report = spk.apply()
     assert not report.ok and "502" in report.lines()[0]
-    assert spk.keys() == []
+    assert temp_keys(spk) == []
     assert spk.sim.count("POST", f"/locks/{FLAT3}/create-temp-key") == 4
     spk.sim.faults.clear()
     _, report = spk.apply()
     assert report is None or report.ok
-    assert [k["uuid"] for k in spk.keys()] == [spk.uuid_of("cleaning-week-48")]
+    assert [k["uuid"] for k in temp_keys(spk)] == [uuid_of("cleaning-week-48")]
     converged(spk)
-    spk.recorder.check_all()
+    check_all(spk.exchanges)
 
 
 def test_a_key_that_landed_with_other_fields_is_corrected_in_place(spk):
     spk.write(keys_yaml(delivery=False))
     # The key already exists (made by an earlier run whose answer and state were lost), with an older end:
     # found by its uuid, it is updated, never created a second time.
-    spk.raw("POST", f"/locks/{FLAT3}/create-temp-key", json={
-        "tempKeyUuid": spk.uuid_of("cleaning-week-48"), "accessMode": "user-whitelist",
+    raw(spk, "POST", f"/locks/{FLAT3}/create-temp-key", json={
+        "tempKeyUuid": uuid_of("cleaning-week-48"), "accessMode": "user-whitelist",
         "allowedUserIds": [SEED_USERS["maria@cleanco.example"], SEED_USERS["jonas@cleanco.example"]],
         "validFrom": "2026-11-23T08:00:00Z", "validUntil": "2026-11-28T18:00:00Z", "maxUses": 30})
     plan = spk.plan()
@@ -469,8 +449,8 @@ def test_a_key_that_landed_with_other_fields_is_corrected_in_place(spk):
     spk.sim.reset_log()
     _, report = spk.apply()
     assert report.ok, report.lines()
-    assert not spk.posts("create-temp-key")
-    assert spk.posts("update-temp-key") == [{"tempKeyUuid": spk.uuid_of("cleaning-week-48"),
+    assert not posts(spk, "create-temp-key")
+    assert posts(spk, "update-temp-key") == [{"tempKeyUuid": uuid_of("cleaning-week-48"),
                                              "validUntil": "2026-11-29T18:00:00Z"}]
     converged(spk)
 
@@ -497,7 +477,7 @@ def test_unknown_email_is_a_plan_error_naming_email_and_key_and_nothing_is_sent(
     assert "zoe@nowhere.example" in line and "cleaning-week-48" in line
     assert not [r for r in spk.sim.requests if r.method == "POST"]
     # searchOnly=true: looking somebody up never creates an account.
-    assert spk.raw("GET", "/users/by-email", params={"email": "zoe@nowhere.example",
+    assert raw(spk, "GET", "/users/by-email", params={"email": "zoe@nowhere.example",
                                                       "searchOnly": "true"}).status_code == 404
 
 
@@ -553,7 +533,7 @@ def test_a_key_whose_end_has_passed_is_reported_and_never_created_again(spk):
     [note] = [n for n in plan.warnings if n.address == "guests/temp_key/sofa-delivery"]
     assert note.message.startswith("expired") and dict(note.details)["status"] == "expired"
     # The vendor forgets it (or someone deletes it): still not created again.
-    spk.raw("POST", f"/locks/{FLAT3}/delete-temp-key", json={"tempKeyUuid": spk.uuid_of("sofa-delivery")})
+    raw(spk, "POST", f"/locks/{FLAT3}/delete-temp-key", json={"tempKeyUuid": uuid_of("sofa-delivery")})
     plan = spk.plan()
     assert not plan.has_changes
     assert any(n.address == "guests/temp_key/sofa-delivery" and "end 2026-11-24T17:00:00Z has passed" in n.message
@@ -567,15 +547,15 @@ def test_a_used_up_key_is_reported_and_raising_max_uses_updates_it(spk):
     spk.write(keys_yaml())
     spk.apply()
     spk.now = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
-    assert spk.sim.use_key(FLAT3, spk.uuid_of("sofa-delivery")) == 1
+    assert spk.sim.use_key(FLAT3, uuid_of("sofa-delivery")) == 1
     with pytest.raises(ValueError, match="used-up"):
-        spk.sim.use_key(FLAT3, spk.uuid_of("sofa-delivery"))
+        spk.sim.use_key(FLAT3, uuid_of("sofa-delivery"))
     plan = spk.plan()
     assert not plan.has_changes                                  # used up is not gone: nothing re-created
     [note] = [n for n in plan.warnings if n.address == "guests/temp_key/sofa-delivery"]
     assert "used up (1 of 1 uses)" in note.message
     assert dict(note.details) == {"status": "used-up", "uses": 1, "max_uses": 1,
-                                  "id": spk.uuid_of("sofa-delivery")}
+                                  "id": uuid_of("sofa-delivery")}
     assert {"address": "guests/temp_key/sofa-delivery", "status": "used-up", "uses": 1}.items() <= \
         json.loads(render_json(plan))["warnings"][0].items()
 
@@ -587,12 +567,12 @@ def test_a_used_up_key_is_reported_and_raising_max_uses_updates_it(spk):
     spk.sim.reset_log()
     _, report = spk.apply()
     assert report.ok
-    assert spk.posts("update-temp-key") == [{"tempKeyUuid": spk.uuid_of("sofa-delivery"), "maxUses": 2}]
-    status = {k["uuid"]: (k["status"], k["usedCount"]) for k in spk.keys()}
-    assert status[spk.uuid_of("sofa-delivery")] == ("valid", 1)
+    assert posts(spk, "update-temp-key") == [{"tempKeyUuid": uuid_of("sofa-delivery"), "maxUses": 2}]
+    status = {k["uuid"]: (k["status"], k["usedCount"]) for k in temp_keys(spk)}
+    assert status[uuid_of("sofa-delivery")] == ("valid", 1)
     plan = spk.plan()
     assert not plan.has_changes and not plan.warnings
-    spk.recorder.check_all()
+    check_all(spk.exchanges)
 
 
 def test_a_key_declared_after_its_end_is_not_created(spk):
@@ -831,17 +811,17 @@ def test_every_exchange_of_a_full_scenario_conforms(spk):
     spk.write(keys_yaml(end="2026-11-30T18:00:00Z", users="[lena]"))
     spk.apply()
     spk.now = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
-    spk.sim.use_key(FLAT3, spk.uuid_of("sofa-delivery"))
+    spk.sim.use_key(FLAT3, uuid_of("sofa-delivery"))
     spk.write(keys_yaml(end="2026-11-30T18:00:00Z", users="[lena]", max_uses=3))
     spk.apply()
     spk.write(keys_yaml(delivery=False, end="2026-11-30T18:00:00Z", users="[lena]"))
     spk.apply()
     spk.now = datetime(2026, 12, 5, tzinfo=UTC)
     converged(spk)
-    templates = {check_request(request) for request, _ in spk.recorder.exchanges}
+    templates = {check_request(request) for request, _ in spk.exchanges}
     assert templates == {"/locks/{id}/temp-keys", "/locks/{id}/create-temp-key", "/locks/{id}/update-temp-key",
                          "/locks/{id}/delete-temp-key", "/users/by-email"}
-    assert spk.recorder.check_all() > 20
+    assert check_all(spk.exchanges) > 20
 
 
 # ------------------------------------------------------------------------- CLI against a served sandbox

@@ -32,7 +32,8 @@ from reconciler.state import open_state
 from reconciler.state import postgres as pg_state
 from reconciler.state.postgres import PostgresState, StateLocation, ensure_schema, schema_version
 
-from conftest import Harness, free_port, later, reconciler_command, serve_sandboxes
+from conftest import free_port, later, reconciler_command, serve_sandboxes
+from harness import ABLOY, VendorHarness
 from pg_cluster import Cluster, answers, find_binaries
 from test_abloy_provider import POLICY, assert_converged_without_duplicates
 
@@ -200,9 +201,9 @@ def test_state_push_and_pull_move_a_local_state_and_back(pg_url, tmp_path):
 
 # -- applies in process: what happens to the connection between batches --------------------------------
 
-class PgHarness(Harness):
+class PgHarness(VendorHarness):
     def __init__(self, tmp_path: Path, url: str):
-        super().__init__(tmp_path)
+        super().__init__(tmp_path, ABLOY)
         self.url = url
 
     def session(self) -> run.Session:

@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import NOW, reconciler_command, serve_sandboxes
+from harness import UNLOC, VendorHarness
 
 from reconciler import run
 from reconciler.applier import apply_plan
@@ -34,10 +36,6 @@ from reconciler.sandbox.unloc import (
     UnlocSimulator,
 )
 from reconciler.state import LocalState
-
-from conftest import reconciler_command, serve_sandboxes
-
-from conftest import NOW
 
 BASE = "https://unloc.test"
 LH = f"/integrators/v1/lock-holders/{LOCK_HOLDER_ID}"
@@ -81,58 +79,14 @@ permissions:
 GRANTS = 2 * 2 + 2 + 1
 
 
-class Harness:
-    """A policy directory plus one simulated Unloc lock holder, system `cabins`, at https://unloc.test."""
-
-    def __init__(self, tmp_path: Path, **options: Any):
-        self.tmp_path = tmp_path
-        self.policy_dir = tmp_path / "policies"
-        self.policy_dir.mkdir()
-        self.now = NOW
-        self.sim = UnlocSimulator(clock=lambda: self.now, **options)
-        self.sleeps: list[float] = []
-        self.sleep: Any = self.sleeps.append
-        self.env = {"UNLOC_CLIENT_ID": CLIENT_ID, "UNLOC_CLIENT_SECRET": CLIENT_SECRET}
-
-    def write(self, text: str, system_extra: str = "") -> None:
-        systems = textwrap.dedent(f"""\
-            systems:
-              cabins:
-                vendor: unloc
-                url: {BASE}
-                lock_holder_id: {LOCK_HOLDER_ID}
-                credentials:
-                  client_id: "${{UNLOC_CLIENT_ID}}"
-                  client_secret: "${{UNLOC_CLIENT_SECRET}}"
-            """) + textwrap.indent(textwrap.dedent(system_extra), "    ")
-        (self.policy_dir / "systems.yaml").write_text(systems)
-        (self.policy_dir / "policy.yaml").write_text(text)
-
-    def session(self) -> run.Session:
-        return run.Session(directory=self.policy_dir, state_path=self.tmp_path / "state" / "state.json",
-                           env=self.env, now=self.now, transports={"cabins": httpx.MockTransport(self.sim.handle)},
-                           provider_options={"sleep": self.sleep}, allowed_hosts=("unloc.test",))
-
-    def plan(self):
-        return run.plan(self.session())
-
-    def apply(self, **kwargs: Any):
-        return run.apply(self.session(), saved=None, approve=lambda plan: True, **kwargs)
-
-    def converge(self) -> None:
-        for _ in range(4):
-            _, report = self.apply()
-            if report is None or report.ok:
-                return
-        raise AssertionError(f"did not converge: {report.lines()}")
-
-    def posts(self) -> list[Any]:
-        return [r for r in self.sim.requests if r.method == "POST" and r.path.endswith("/keys")]
+def posts(h: VendorHarness) -> list[Any]:
+    """The key creations that reached the vendor."""
+    return [r for r in h.sim.requests if r.method == "POST" and r.path.endswith("/keys")]
 
 
 @pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
+def h(tmp_path: Path) -> VendorHarness:
+    return VendorHarness(tmp_path, UNLOC)
 
 
 def client(sim: UnlocSimulator, *, token: bool = True) -> httpx.Client:
@@ -168,7 +122,7 @@ def working_keys(sim: UnlocSimulator) -> collections.Counter[tuple[str, str]]:
                                if k["state"] in ("creating", "scheduled", "active"))
 
 
-def assert_converged(h: Harness, grants: int = GRANTS) -> None:
+def assert_converged(h: VendorHarness, grants: int = GRANTS) -> None:
     plan = h.plan()
     assert not plan.has_changes, [(c.address, c.action, c.changed) for c in plan.changes]
     keys = working_keys(h.sim)
@@ -229,11 +183,11 @@ def test_plan_apply_plan_converges_with_recurrences(h):
 def test_a_second_apply_while_keys_are_creating_sends_no_create(h):
     h.write(POLICY)
     h.apply()
-    assert len(h.posts()) == GRANTS
+    assert len(posts(h)) == GRANTS
     h.sim.reset_log()
     plan, report = h.apply()
     assert report is None and not plan.has_changes
-    assert h.posts() == []
+    assert posts(h) == []
     assert {r.method for r in h.sim.requests} <= {"GET", "POST"}    # reads and a token, nothing else
 
 
@@ -254,7 +208,7 @@ def test_a_changed_window_replaces_exactly_that_key(h):
     assert report.ok, report.lines()
     patches = [r for r in h.sim.requests if r.method == "PATCH"]
     assert [(r.path.rsplit("/", 1)[-1], r.body) for r in patches] == [(old, {"state": "revoked"})]
-    assert len(h.posts()) == 1 and h.posts()[0].body["end"] == "2027-03-31T00:00:00Z"
+    assert len(posts(h)) == 1 and posts(h)[0].body["end"] == "2027-03-31T00:00:00Z"
     gate = {k["id"]: k for k in lock_keys(h.sim, GATE)}
     assert gate[old]["state"] == "revoked"
     assert [k["end"] for k in gate.values() if k["state"] == "creating"] == ["2027-03-31T00:00:00.000Z"]
@@ -292,7 +246,7 @@ def test_a_key_in_error_is_reported_and_created_again(h):
 
 
 def test_expired_token_mid_run_leads_to_exactly_one_new_token(tmp_path):
-    h = Harness(tmp_path, token_ttl=300)
+    h = VendorHarness(tmp_path, UNLOC, token_ttl=300)
     h.write(POLICY)
     session = h.session()
     policy = run.validate(session)
@@ -314,7 +268,7 @@ def test_expired_token_mid_run_leads_to_exactly_one_new_token(tmp_path):
 
 def test_rate_limit_is_waited_out_honouring_retry_after(tmp_path):
     clock = [0.0]
-    h = Harness(tmp_path, rate_limit=3, monotonic=lambda: clock[0])
+    h = VendorHarness(tmp_path, UNLOC, rate_limit=3, monotonic=lambda: clock[0])
 
     def sleep(seconds: float) -> None:
         h.sleeps.append(seconds)
@@ -350,7 +304,7 @@ def test_a_refused_create_that_did_not_land_is_sent_again_once(h):
     h.sim.faults.add("POST", rf"/locks/{GATE}/keys$", status=503, times=1)
     _, report = h.apply()
     assert report.ok, report.lines()
-    gate_posts = [r for r in h.posts() if f"/locks/{GATE}/" in r.path]
+    gate_posts = [r for r in posts(h) if f"/locks/{GATE}/" in r.path]
     assert [r.status for r in gate_posts] == [503, 201]
     assert_converged(h)
 
@@ -358,7 +312,7 @@ def test_a_refused_create_that_did_not_land_is_sent_again_once(h):
 def test_every_recurrence_sent_has_the_documented_shape(h):
     h.write(POLICY)
     h.apply()
-    recurrences = [r.body["recurrence"] for r in h.posts() if "recurrence" in r.body]
+    recurrences = [r.body["recurrence"] for r in posts(h) if "recurrence" in r.body]
     assert len(recurrences) == 5
     for recurrence in recurrences:
         assert set(recurrence) == {"timeSpans"}
@@ -372,7 +326,7 @@ def test_every_recurrence_sent_has_the_documented_shape(h):
             assert 0 <= span["startMinute"] <= 59 and 0 <= span["endMinute"] <= 59
             start, end = span["startHour"] * 60 + span["startMinute"], span["endHour"] * 60 + span["endMinute"]
             assert start < end <= 24 * 60
-    for body in (r.body for r in h.posts()):
+    for body in (r.body for r in posts(h)):
         assert set(body) <= {"userId", "start", "end", "recurrence", "skipInviteNotification"}
         assert {"userId", "start", "end"} <= set(body)
         assert re.fullmatch(r"\+[1-9]\d{1,14}", body["userId"])
@@ -397,13 +351,13 @@ def test_malformed_schedules_fail_validation_with_location_and_send_nothing(h, s
 def test_notify_false_creates_keys_without_the_invitation(h):
     h.write(POLICY, system_extra="notify: false\n")
     h.apply()
-    assert h.posts() and all(r.body["skipInviteNotification"] is True for r in h.posts())
+    assert posts(h) and all(r.body["skipInviteNotification"] is True for r in posts(h))
 
 
 def test_notify_by_default_sends_no_skip_flag(h):
     h.write(POLICY)
     h.apply()
-    assert h.posts() and all("skipInviteNotification" not in r.body for r in h.posts())
+    assert posts(h) and all("skipInviteNotification" not in r.body for r in posts(h))
 
 
 def test_notify_false_on_a_permission_overrides_the_systems_default(h):
@@ -412,8 +366,8 @@ def test_notify_false_on_a_permission_overrides_the_systems_default(h):
     assert quiet_gate != POLICY
     h.write(quiet_gate)
     h.apply()
-    skipped = {(r.path.split("/")[-2], r.body["userId"]) for r in h.posts() if r.body.get("skipInviteNotification")}
-    assert skipped == {(GATE, CAROL)} and len(h.posts()) > 2
+    skipped = {(r.path.split("/")[-2], r.body["userId"]) for r in posts(h) if r.body.get("skipInviteNotification")}
+    assert skipped == {(GATE, CAROL)} and len(posts(h)) > 2
 
 
 def test_notify_true_on_a_permission_overrides_a_quiet_system(h):
@@ -421,8 +375,8 @@ def test_notify_true_on_a_permission_overrides_a_quiet_system(h):
                           "    notify: true\n")
     h.write(loud, system_extra="notify: false\n")
     h.apply()
-    notified = {(r.path.split("/")[-2], r.body["userId"]) for r in h.posts() if "skipInviteNotification" not in r.body}
-    assert notified == {(CABIN7, CAROL)} and len(h.posts()) > 2
+    notified = {(r.path.split("/")[-2], r.body["userId"]) for r in posts(h) if "skipInviteNotification" not in r.body}
+    assert notified == {(CABIN7, CAROL)} and len(posts(h)) > 2
 
 
 def test_notify_on_a_permission_elsewhere_is_refused(tmp_path, monkeypatch):

@@ -12,21 +12,17 @@ import json
 import os
 import re
 import subprocess
-import textwrap
 from datetime import timedelta
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import NOW, reconciler_command, serve_sandboxes
+from harness import UNLOC_PARTNER, VendorHarness
 
 from reconciler import run
 from reconciler.errors import PlanError, VendorError
 from reconciler.sandbox.unloc_partner import DENIED_LOCK, PARTNER_ID, SEED_LOCKS, UnlocPartnerSimulator
 from reconciler.state import LocalState
-
-from conftest import reconciler_command, serve_sandboxes
-
-from conftest import NOW
 
 BASE = "https://api.unloc.test"
 APARTMENT = SEED_LOCKS["Hjemme"]         # opt-out
@@ -64,71 +60,29 @@ permissions:
 """
 
 
-class PartnerHarness:
-    """A policy directory plus one simulated Unloc partner system named `rentals`."""
+def state_records(h: VendorHarness) -> dict[str, dict]:
+    return dict(LocalState(h.state_path).items("rentals/key/"))
 
-    def __init__(self, tmp_path: Path, **sim_options):
-        self.tmp_path = tmp_path
-        self.policy_dir = tmp_path / "policies"
-        self.policy_dir.mkdir()
-        self.now = NOW
-        self.sim = UnlocPartnerSimulator(clock=lambda: self.now, **sim_options)
-        self.sleeps: list[float] = []
-        self.sleep = self.sleeps.append
-        self.env = {"UNLOC_PARTNER_KEY": self.sim.credentials["api_key"]}
-        self.state_path = tmp_path / "state" / "state.json"
 
-    def write(self, text: str, unmanaged: str = "revoke") -> None:
-        (self.policy_dir / "systems.yaml").write_text(textwrap.dedent(f"""\
-            systems:
-              rentals:
-                vendor: unloc-partner
-                url: {BASE}
-                partner_id: {PARTNER_ID}
-                unmanaged: {unmanaged}
-                credentials: {{api_key: "${{UNLOC_PARTNER_KEY}}"}}
-            """))
-        (self.policy_dir / "access.yaml").write_text(text)
+def key_id_of(h: VendorHarness, name: str) -> str:
+    return state_records(h)[f"rentals/key/{name}"]["id"]
 
-    def session(self) -> run.Session:
-        return run.Session(directory=self.policy_dir, state_path=self.state_path, env=self.env, now=self.now,
-                           transports={"rentals": httpx.MockTransport(self.sim.handle)},
-                           provider_options={"sleep": self.sleep, "clock": lambda: self.now},
-                           allowed_hosts=("api.unloc.test",))
 
-    def plan(self):
-        return run.plan(self.session())
+def partner_client(h: VendorHarness, key: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key or h.sim.credentials['api_key']}"}
+    return httpx.Client(transport=httpx.MockTransport(h.sim.handle), base_url=BASE, headers=headers)
 
-    def apply(self):
-        return run.apply(self.session(), saved=None, approve=lambda plan: True)
 
-    def converge(self, attempts: int = 4):
-        for _ in range(attempts):
-            _, report = self.apply()
-            if report is None or report.ok:
-                return
-        raise AssertionError(f"did not converge: {report.lines()}")
-
-    def records(self) -> dict[str, dict]:
-        return dict(LocalState(self.state_path).items("rentals/key/"))
-
-    def key_id(self, name: str) -> str:
-        return self.records()[f"rentals/key/{name}"]["id"]
-
-    def client(self, key: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key or self.sim.credentials['api_key']}"}
-        return httpx.Client(transport=httpx.MockTransport(self.sim.handle), base_url=BASE, headers=headers)
-
-    def key(self, key_id: str) -> dict:
-        with self.client() as c:
-            response = c.get(f"{KEYS}/{key_id}")
-            assert response.status_code == 200, response.text
-            return response.json()
+def vendor_key(h: VendorHarness, key_id: str) -> dict:
+    with partner_client(h) as c:
+        response = c.get(f"{KEYS}/{key_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
 
 
 @pytest.fixture
-def h(tmp_path) -> PartnerHarness:
-    return PartnerHarness(tmp_path)
+def h(tmp_path) -> VendorHarness:
+    return VendorHarness(tmp_path, UNLOC_PARTNER)
 
 
 def posts(h) -> int:
@@ -153,11 +107,11 @@ def test_opt_out_lock_converges(h):
     assert bodies[f"{APARTMENT} {ALICE}"] == {"lockId": APARTMENT, "msn": ALICE, "start": "2026-11-22T10:00:00Z"}
     assert bodies[f"{FRONT} {BOB}"] == {"lockId": FRONT, "msn": BOB, "start": "2026-11-20T15:00:00Z",
                                         "end": "2026-11-27T11:00:00Z"}
-    records = h.records()
+    records = state_records(h)
     assert set(records) == {"rentals/key/alice/apartment", "rentals/key/bob/apartment", "rentals/key/bob/front"}
     assert records["rentals/key/bob/front"]["phone"] == BOB and records["rentals/key/bob/front"]["lock"] == FRONT
     for record in records.values():
-        assert h.key(record["id"])["state"] == "active"
+        assert vendor_key(h, record["id"])["state"] == "active"
     assert h.sim.credentials["api_key"] not in h.state_path.read_text()
 
 
@@ -167,8 +121,8 @@ def test_opt_in_key_stays_pending_until_the_owner_approves(h):
     assert [c.action for c in first.changes] == ["create"]
     assert any("opt-in" in w.message for w in first.warnings)
     h.converge()
-    key_id = h.key_id("alice/cabin")
-    assert h.key(key_id)["state"] == "pending-approval"
+    key_id = key_id_of(h, "alice/cabin")
+    assert vendor_key(h, key_id)["state"] == "pending-approval"
     for _ in range(2):
         plan = h.plan()
         assert not plan.has_changes, [c.address for c in plan.changes]
@@ -181,26 +135,26 @@ def test_opt_in_key_stays_pending_until_the_owner_approves(h):
     h.sim.approve(key_id)
     after = h.plan()
     assert not after.has_changes and not after.pending
-    assert h.key(key_id)["state"] == "scheduled"     # approved; its window starts 2026-12-01
+    assert vendor_key(h, key_id)["state"] == "scheduled"     # approved; its window starts 2026-12-01
 
 
 def test_a_denied_key_is_requested_again_with_a_warning(h):
     h.write(CABIN_POLICY)
     h.converge()
-    first = h.key_id("alice/cabin")
+    first = key_id_of(h, "alice/cabin")
     h.sim.deny(first)
     plan = h.plan()
     assert [(c.address, c.action) for c in plan.changes] == [("rentals/key/alice/cabin", "create")]
     assert any("denied" in w.message for w in plan.warnings)
     h.converge()
-    assert h.key_id("alice/cabin") != first
+    assert key_id_of(h, "alice/cabin") != first
     assert len(h.sim.key_ids(CABIN, msn=ALICE)) == 2
 
 
 def test_changing_a_window_replaces_exactly_that_key(h):
     h.write(POLICY)
     h.converge()
-    before = {name: h.key_id(name) for name in ("alice/apartment", "bob/apartment", "bob/front")}
+    before = {name: key_id_of(h, name) for name in ("alice/apartment", "bob/apartment", "bob/front")}
     changed = POLICY.replace("devices: [apartment, front]", "devices: [front]") + (
         "  - users: [bob]\n    devices: [apartment]\n    start: 2026-11-20T15:00:00Z\n    end: 2026-11-29T11:00:00Z\n")
     h.write(changed)
@@ -212,39 +166,39 @@ def test_changing_a_window_replaces_exactly_that_key(h):
     assert report.ok, report.lines()
     assert [(r.method, r.path) for r in h.sim.requests if r.method != "GET"] == [
         ("DELETE", f"{KEYS}/{before['bob/apartment']}"), ("POST", KEYS)]
-    assert h.key(before["bob/apartment"])["state"] == "revoked"
-    after = {name: h.key_id(name) for name in before}
+    assert vendor_key(h, before["bob/apartment"])["state"] == "revoked"
+    after = {name: key_id_of(h, name) for name in before}
     assert after["alice/apartment"] == before["alice/apartment"] and after["bob/front"] == before["bob/front"]
     assert after["bob/apartment"] != before["bob/apartment"]
-    assert h.key(after["bob/apartment"])["end"].startswith("2026-11-29T11:00:00")
+    assert vendor_key(h, after["bob/apartment"])["end"].startswith("2026-11-29T11:00:00")
     assert not h.plan().has_changes
 
 
 def test_a_new_phone_number_moves_the_key(h):
     h.write(POLICY)
     h.converge()
-    old = h.key_id("alice/apartment")
+    old = key_id_of(h, "alice/apartment")
     h.write(POLICY.replace(ALICE, "+4790000011"))
     plan = h.plan()
     assert sorted((c.address, c.action) for c in plan.changes) == [
         ("rentals/key/alice/apartment", "create"), (f"rentals/key/alice/apartment#{old}", "delete")]
     h.converge()
-    assert h.key(old)["state"] == "revoked"
-    assert h.records()["rentals/key/alice/apartment"]["phone"] == "+4790000011"
+    assert vendor_key(h, old)["state"] == "revoked"
+    assert state_records(h)["rentals/key/alice/apartment"]["phone"] == "+4790000011"
     assert not h.plan().has_changes
 
 
 def test_undeclared_key_is_revoked_and_forgotten(h):
     h.write(POLICY)
     h.converge()
-    gone = h.key_id("bob/front")
+    gone = key_id_of(h, "bob/front")
     h.write(POLICY.replace("devices: [apartment, front]", "devices: [apartment]"))
     plan = h.plan()
     assert [(c.address, c.action, str(c.effect)) for c in plan.changes] == [
         ("rentals/key/bob/front", "delete", "revoke")]
     h.converge()
-    assert h.key(gone)["state"] == "revoked"
-    assert "rentals/key/bob/front" not in h.records()
+    assert vendor_key(h, gone)["state"] == "revoked"
+    assert "rentals/key/bob/front" not in state_records(h)
     assert not h.plan().has_changes
 
 
@@ -254,7 +208,7 @@ def test_plan_reads_each_remembered_key_once_and_nothing_else_per_resource(h):
     h.write(POLICY.replace("devices:\n", f"devices:\n  cabin: {{system: rentals, id: \"{CABIN}\"}}\n")
             + "  - users: [alice, bob]\n    devices: [cabin]\n")
     h.converge()
-    records = h.records()
+    records = state_records(h)
     assert len(records) == 5
     h.sim.reset_log()
     plan = h.plan()
@@ -280,14 +234,14 @@ def test_a_lost_answer_on_create_leaves_exactly_one_key(h, fault):
     for lock, phone in ((APARTMENT, ALICE), (APARTMENT, BOB), (FRONT, BOB)):
         assert len(h.sim.key_ids(lock, msn=phone)) == 1
     assert h.sim.faults.fired
-    assert {r["id"] for r in h.records().values()} == set(h.sim.key_ids(APARTMENT)[1:] + h.sim.key_ids(FRONT))
+    assert {r["id"] for r in state_records(h).values()} == set(h.sim.key_ids(APARTMENT)[1:] + h.sim.key_ids(FRONT))
     assert not h.plan().has_changes
 
 
 def test_a_replace_whose_create_loses_its_answer_adopts_the_new_key_not_the_revoked_one(h):
     h.write(POLICY)
     h.converge()
-    old = {lock: h.key_id(f"bob/{name}") for lock, name in ((APARTMENT, "apartment"), (FRONT, "front"))}
+    old = {lock: key_id_of(h, f"bob/{name}") for lock, name in ((APARTMENT, "apartment"), (FRONT, "front"))}
     h.write(POLICY.replace("end: 2026-11-27T11:00:00Z", "end: 2026-11-28T11:00:00Z"))
     # Both of bob's keys are replaced; the first create's answer is lost, a moment after the old key of
     # that lock was created and revoked: only the new key may be adopted.
@@ -295,9 +249,9 @@ def test_a_replace_whose_create_loses_its_answer_adopts_the_new_key_not_the_revo
     _, report = h.apply()
     assert report.ok, report.lines()
     for lock, name in ((APARTMENT, "apartment"), (FRONT, "front")):
-        new = h.key_id(f"bob/{name}")
+        new = key_id_of(h, f"bob/{name}")
         assert h.sim.key_ids(lock, msn=BOB) == [old[lock], new]
-        assert h.key(old[lock])["state"] == "revoked" and h.key(new)["end"].startswith("2026-11-28T11:00:00")
+        assert vendor_key(h, old[lock])["state"] == "revoked" and vendor_key(h, new)["end"].startswith("2026-11-28T11:00:00")
     assert h.sim.faults.fired
     assert not h.plan().has_changes
 
@@ -310,12 +264,12 @@ def test_an_intent_left_by_a_broken_run_is_settled_by_the_next_read(h):
     h.sim.faults.add("GET", r"/events$", times=6)
     _, report = h.apply()
     assert not report.ok
-    assert h.records()["rentals/key/alice/apartment"]["intent"] == "create"
+    assert state_records(h)["rentals/key/alice/apartment"]["intent"] == "create"
     assert len(h.sim.key_ids(APARTMENT, msn=ALICE)) == 1
     plan = h.plan()                          # the next read finds the key in the lock's events
     assert not plan.has_changes, [c.address for c in plan.changes]
     h.apply()                                # nothing to change; the read's finding is committed
-    assert h.key_id("alice/apartment") == h.sim.key_ids(APARTMENT, msn=ALICE)[0]
+    assert key_id_of(h, "alice/apartment") == h.sim.key_ids(APARTMENT, msn=ALICE)[0]
     assert posts(h) == 1
 
 
@@ -338,30 +292,30 @@ def test_an_intent_that_never_landed_is_created_again(h):
 def test_a_key_revoked_outside_the_tool_is_created_again(h, how):
     h.write(POLICY)
     h.converge()
-    old = h.key_id("bob/front")
+    old = key_id_of(h, "bob/front")
     if how == "owner":
         h.sim.revoke_by_owner(old)
     else:
-        with h.client() as c:
+        with partner_client(h) as c:
             assert c.delete(f"{KEYS}/{old}").json() == {"response": "OK"}
     plan = h.plan()
     assert [(c.address, c.action) for c in plan.changes] == [("rentals/key/bob/front", "create")]
     h.converge()
-    new = h.key_id("bob/front")
-    assert new != old and h.key(new)["state"] == "active"
+    new = key_id_of(h, "bob/front")
+    assert new != old and vendor_key(h, new)["state"] == "active"
     assert not h.plan().has_changes
 
 
 def test_a_revoked_key_no_longer_declared_is_simply_forgotten(h):
     h.write(POLICY)
     h.converge()
-    h.sim.revoke_by_owner(h.key_id("bob/front"))
+    h.sim.revoke_by_owner(key_id_of(h, "bob/front"))
     h.write(POLICY.replace("devices: [apartment, front]", "devices: [apartment]"))
     plan = h.plan()
     assert not plan.has_changes, [c.address for c in plan.changes]
-    assert "rentals/key/bob/front" in h.records()          # a plan changes nothing, state included
+    assert "rentals/key/bob/front" in state_records(h)          # a plan changes nothing, state included
     _, report = h.apply()
-    assert report is None and "rentals/key/bob/front" not in h.records()
+    assert report is None and "rentals/key/bob/front" not in state_records(h)
     assert h.sim.count("DELETE") == 0
 
 
@@ -385,7 +339,7 @@ def test_a_wrong_api_key_is_one_line_without_the_key(h):
 
 def test_rate_limits_are_waited_out(tmp_path):
     ticks = [0.0]
-    h = PartnerHarness(tmp_path, rate_limit=2, monotonic=lambda: ticks[0])
+    h = VendorHarness(tmp_path, UNLOC_PARTNER, rate_limit=2, monotonic=lambda: ticks[0])
     h.sleep = lambda seconds: (h.sleeps.append(seconds), ticks.__setitem__(0, ticks[0] + seconds))
     h.write(POLICY)
     h.converge()
@@ -400,14 +354,14 @@ def test_events_show_action_person_and_time(h):
     h.write(POLICY)
     h.converge()
     h.now = NOW + timedelta(hours=2)
-    h.sim.use_key(h.key_id("alice/apartment"))
+    h.sim.use_key(key_id_of(h, "alice/apartment"))
     events = run.events(h.session(), "rentals", "apartment")
     ours = sorted((e.time, e.action, e.person) for e in events if e.time >= "2026")   # creates run concurrently
     assert ours == [("2026-11-22T10:00:00Z", "created", "alice"), ("2026-11-22T10:00:00Z", "created", "bob"),
                     ("2026-11-22T12:00:00Z", "unlocked", "alice")]
     # A key issued before reconciler (not in any policy) is named as the vendor names its holder.
     assert [(e.action, e.person) for e in events[:2]] == [("created", "Kari Nordmann"), ("unlocked", "Kari Nordmann")]
-    assert events[-1].detail == f"key {h.key_id('alice/apartment')}"
+    assert events[-1].detail == f"key {key_id_of(h, 'alice/apartment')}"
 
 
 # -- the simulator's refusals --------------------------------------------------------------------------------

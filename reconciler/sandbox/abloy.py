@@ -426,12 +426,7 @@ class AbloySimulator(Simulator):
             raise SimulatorError(403, "Missing or invalid API key")
         if request.headers.get("accept", "").strip() != MEDIA_TYPE:
             raise SimulatorError(406, f"Accept must be {MEDIA_TYPE}")
-        route = match.route
-        if route is None:
-            if match.allowed:
-                raise SimulatorError(405, f"Method {request.method} is not allowed here",
-                                     headers={"Allow": ", ".join(match.allowed)})
-            raise SimulatorError(404, "Resource not found")
+        route = self.route_of(request, match)
         self._maintain()
         caller = self._authenticate(request) if route.auth else None
         body = read_json_body(request, route.body) if route.body else None

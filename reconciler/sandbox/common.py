@@ -881,6 +881,8 @@ class Simulator:
     """
 
     routes: ClassVar[tuple[Route, ...]] = ()
+    not_found: ClassVar[str] = "Resource not found"     # the vendor's 404 detail for a path it has no route for
+    routing_titles: ClassVar[dict[int, str]] = {}       # the vendor's own titles for its 404 and 405, if any
     store_format: ClassVar[str] = ""   # e.g. "reconciler-sandbox/unloc": a store of another vendor is refused
     store_version: ClassVar[int] = 1
 
@@ -924,6 +926,15 @@ class Simulator:
     def dispatch(self, request: httpx.Request, match: RouteMatch) -> httpx.Response:
         """Answer one request; runs under the store lock. Raise `SimulatorError` to refuse."""
         raise NotImplementedError
+
+    def route_of(self, request: httpx.Request, match: RouteMatch) -> Route:
+        """The matched route; else 405 with `Allow` when the path has other methods, 404 when it has none."""
+        if match.route is not None:
+            return match.route
+        if match.allowed:
+            raise SimulatorError(405, f"Method {request.method} is not allowed here",
+                                 title=self.routing_titles.get(405), headers={"Allow": ", ".join(match.allowed)})
+        raise SimulatorError(404, self.not_found, title=self.routing_titles.get(404))
 
     def render_error(self, error: SimulatorError) -> httpx.Response:
         """The vendor's error format; RFC 7807 unless a vendor overrides it."""

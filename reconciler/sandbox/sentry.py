@@ -307,12 +307,7 @@ class SentrySimulator(Simulator):
         return json_response(error.status, {"code": error.status, "message": error.detail}, headers=error.headers)
 
     def dispatch(self, request: httpx.Request, match: RouteMatch) -> httpx.Response:
-        route = match.route
-        if route is None:
-            if match.allowed:
-                raise SimulatorError(405, f"Method {request.method} is not allowed here",
-                                     headers={"Allow": ", ".join(match.allowed)})
-            raise SimulatorError(404, "Resource not found")
+        route = self.route_of(request, match)
         caller = self._authenticate(request) if route.auth else None
         handler: Callable[[_Call], httpx.Response] = getattr(self, f"_op_{route.handler}")
         return handler(_Call(request, match.params, caller))

@@ -203,6 +203,7 @@ class SpkeySimulator(Simulator):
     """
 
     routes: ClassVar[tuple[Route, ...]] = ROUTES
+    not_found: ClassVar[str] = "The requested resource was not found"
     store_format, store_version = STORE_FORMAT, STORE_VERSION
     _emails: dict[str, str] | None = None   # email → user uuid, built from the users when first needed
 
@@ -251,12 +252,7 @@ class SpkeySimulator(Simulator):
 
     def dispatch(self, request: httpx.Request, match: RouteMatch) -> httpx.Response:
         org = self._authenticate(request)
-        route = match.route
-        if route is None:
-            if match.allowed:
-                raise SimulatorError(405, f"Method {request.method} is not allowed here",
-                                     headers={"Allow": ", ".join(match.allowed)})
-            raise SimulatorError(404, "The requested resource was not found")
+        route = self.route_of(request, match)
         handler: Callable[..., httpx.Response] = getattr(self, f"_op_{route.handler}")
         if route.handler == "user_by_email":
             return handler(request)

@@ -245,6 +245,7 @@ class UnlocSimulator(Simulator):
     """
 
     routes: ClassVar[tuple[Route, ...]] = ROUTES
+    routing_titles: ClassVar[dict[int, str]] = {404: "NotFound", 405: "MethodNotAllowed"}
     store_format, store_version = STORE_FORMAT, STORE_VERSION
 
     def __init__(self, store_path: Path | None = None, *, clock: Callable[[], datetime] = utc_now,
@@ -337,12 +338,7 @@ class UnlocSimulator(Simulator):
                              headers=error.headers)
 
     def dispatch(self, request: httpx.Request, match: RouteMatch) -> httpx.Response:
-        route = match.route
-        if route is None:
-            if match.allowed:
-                raise refusal(405, "MethodNotAllowed", f"Method {request.method} is not allowed here",
-                              headers={"Allow": ", ".join(match.allowed)})
-            raise refusal(404, "NotFound", "Resource not found")
+        route = self.route_of(request, match)
         self._maintain()
         claims = None
         if route.auth:

@@ -144,6 +144,7 @@ class UnlocPartnerSimulator(Simulator):
     """
 
     routes: ClassVar[tuple[Route, ...]] = ROUTES
+    not_found: ClassVar[str] = "Not found"
     store_format, store_version = STORE_FORMAT, STORE_VERSION
 
     # ------------------------------------------------------------------------------------ store
@@ -202,12 +203,7 @@ class UnlocPartnerSimulator(Simulator):
         return json_response(error.status, {"error": code, "errorDescription": error.detail}, headers=error.headers)
 
     def dispatch(self, request: httpx.Request, match: RouteMatch) -> httpx.Response:
-        route = match.route
-        if route is None:
-            if match.allowed:
-                raise SimulatorError(405, f"Method {request.method} is not allowed here",
-                                     headers={"Allow": ", ".join(match.allowed)})
-            raise SimulatorError(404, "Not found")
+        route = self.route_of(request, match)
         self._authenticate(request)
         if match.params["partner_id"] != self.state["partnerId"]:
             raise SimulatorError(403, f"The API key is not valid for partner {match.params['partner_id']}")
