@@ -260,3 +260,29 @@ def test_the_stop_signal_restores_the_previous_handler_when_not_stopped():
         stopping.arm(0)
     assert signal.getsignal(signal.SIGINT) is before
     assert isinstance(stopping.progress_closing(), str)
+
+
+# --- what is in flight when Ctrl-C comes finishes
+
+def test_the_answer_to_a_write_in_flight_is_read_to_the_end_after_ctrl_c():
+    """A create the vendor has done must be recorded: Ctrl-C while its answer is being read does not cut it
+    short (which left it unrecorded, and the next apply created it again); a read is still cut at once."""
+    import httpx
+
+    from reconciler.providers.http import Deadline, HttpClient, Interrupted
+
+    stop = threading.Event()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        def body():
+            yield b'{"id": '
+            stop.set()                       # Ctrl-C arrives while the answer is being read
+            yield b'"u-1"}'
+        return httpx.Response(201, headers={"Content-Type": "application/json"}, content=body())
+
+    client = HttpClient("https://vendor.test", system="hq", transport=httpx.MockTransport(answer))
+    client.start_phase(Deadline(600), stop)
+    assert client.request("POST", "/users", json={"name": "alice"}).json() == {"id": "u-1"}
+    stop.clear()
+    with pytest.raises(Interrupted, match="interrupted while reading the answer"):
+        client.request("GET", "/users")

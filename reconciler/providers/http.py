@@ -342,7 +342,9 @@ class HttpClient:
                                                 "decompression); raise the system's `max_answer_mb` if it is "
                                                 "genuine"))
             chunks.append(chunk)
-            if self.stop is not None and self.stop.is_set():
+            # Ctrl-C cuts a read short; the answer to a write is in flight and is read to the end (bounded by
+            # the deadline), or what the vendor did would go unrecorded and be done again by the next apply.
+            if self.stop is not None and self.stop.is_set() and method in READ_METHODS:
                 raise Interrupted(self._line(method, path, "interrupted while reading the answer"), temporary=True)
             if self.deadline is not None and self.deadline.remaining() <= 0:
                 raise self._too_late()
