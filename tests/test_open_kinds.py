@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from reconciler import vendors
+from reconciler.errors import PolicyError
 from reconciler.plan import Action, Effect, owners, phase_of
 from reconciler.planner import plan
-from reconciler.policy import load_policy
+from reconciler.policy import Policy, load_policy
+from reconciler.policy.json_schema import policy_json_schema
 from reconciler.resources import (
     ACCESS_END,
     ACCESS_START,
@@ -55,7 +57,7 @@ permissions:
 @pytest.fixture
 def policy_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     known = vendors.names()
-    monkeypatch.setattr(vendors, "names", lambda: sorted([*known, "grantco"]))
+    monkeypatch.setattr(vendors, "names", lambda: sorted([*known, "grantco", "plainco"]))
     (tmp_path / "policy.yaml").write_text(POLICY)
     return tmp_path
 
@@ -88,3 +90,50 @@ def test_accounts_carry_the_fields_their_vendor_declares(policy_path: Path) -> N
     [user] = [r for r in policy.resources if r.kind == Kind.USER]
     # The vendor's user schema declares email and name (not phone, not role): exactly those travel.
     assert dict(user.attributes) == {"email": "alice@example.com", "name": "Alice Hansen"}
+
+
+# -- a key a vendor's schema declares is a policy key on that vendor's systems --------------------------------
+
+def _load(tmp_path: Path, text: str, capabilities: dict[str, Capabilities] | None = None) -> Policy:
+    (tmp_path / "policy.yaml").write_text(text)
+    return load_policy(tmp_path, capabilities or {"grantco": GRANTCO}, {})
+
+
+def _errors(tmp_path: Path, text: str, capabilities: dict[str, Capabilities] | None = None) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        _load(tmp_path, text, capabilities)
+    return [line.split("policy.yaml:", 1)[1] for line in caught.value.lines()]
+
+
+def test_a_declared_grant_key_reaches_the_grant(policy_path: Path) -> None:
+    policy = _load(policy_path, POLICY.replace("operations: [OPEN]}", "operations: [OPEN], pin_required: false}"))
+    [grant] = [r for r in policy.resources if r.kind == "access_grant"]
+    assert grant.attributes["pin_required"] is False
+
+
+def test_a_declared_key_is_type_checked_at_its_value(policy_path: Path) -> None:
+    text = POLICY.replace("operations: [OPEN]}", "operations: [OPEN], pin_required: 'no'}")
+    assert _errors(policy_path, text) == [
+        "8:74: `pin_required:` on grantco takes a bool (device 'front' is on system 'doors')"]
+
+
+def test_a_key_no_vendor_declares_stays_unknown(policy_path: Path) -> None:
+    text = POLICY.replace("operations: [OPEN]}", "operations: [OPEN], pin_requird: false}")
+    assert _errors(policy_path, text) == ["8:60: unknown key 'pin_requird' (did you mean 'pin_required'?)"]
+    text = POLICY.replace("name: Front}", "name: Front, chime: true}")
+    assert _errors(policy_path, text) == ["6:39: unknown key 'chime'"]
+
+
+def test_a_key_declared_by_another_vendor_is_an_error_on_this_one(policy_path: Path) -> None:
+    plain = Capabilities(vendor="plainco", grant_kind=Kind.KEY, creates_devices=True)
+    text = POLICY.replace("grantco", "plainco").replace("operations: [OPEN]}", "pin_required: false}")
+    assert _errors(policy_path, text, {"grantco": GRANTCO, "plainco": plain}) == [
+        "8:40: plainco has no 'pin_required' on grants (device 'front' is on system 'doors'); remove `pin_required:`"]
+
+
+def test_declared_keys_are_in_the_editor_schema() -> None:
+    schema = policy_json_schema({"grantco": GRANTCO})
+    permission = schema["$defs"]["Permission"]
+    assert permission["additionalProperties"] is False
+    assert permission["properties"]["pin_required"] == {"type": "boolean", "description": "declared by grantco"}
+    assert "pin_required" not in policy_json_schema({})["$defs"]["Permission"]["properties"]

@@ -8,6 +8,7 @@ key that asks for too much. Capabilities come from the providers (STYLE 3); this
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 from reconciler import vendors
 from reconciler.errors import Diagnostic
 from reconciler.plan import Acknowledgement, RevokeThreshold, ignored_by
-from reconciler.resources import Capabilities, Kind, Resource, duration_seconds
+from reconciler.resources import Attribute, Capabilities, Kind, Resource, duration_seconds
 from reconciler.secret import Secret
 from reconciler.text import printable
 from reconciler.urls import SANDBOX, is_loopback
@@ -25,6 +26,7 @@ from .expand import MISSING, capabilities_of, grant_value, has_account, system_o
 from .schema import (
     SYSTEM_KEYS,
     Declarations,
+    DeviceModel,
     Entry,
     PermissionModel,
     Place,
@@ -34,6 +36,7 @@ from .schema import (
     device_fields,
     did_you_mean,
     grant_fields,
+    model_keys,
 )
 
 ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -235,8 +238,94 @@ def check_references(declarations: Declarations, capabilities: Mapping[str, Capa
         *_check_permissions(declarations, capabilities),
         *_check_temp_keys(declarations, capabilities),
         *_check_previously(declarations),
+        *check_declared_keys(declarations, capabilities),
     ]
     return sorted(set(problems))
+
+
+def declared_keys(capabilities: Mapping[str, Capabilities], kind: str) -> dict[str, list[str]]:
+    """The keys the vendors' schemas declare for `kind` (`"grant"`: each vendor's grant kind) that an entry
+    model does not have itself, and the vendors declaring each."""
+    model = PermissionModel if kind == "grant" else DeviceModel
+    own = set(model_keys(model))
+    found: dict[str, list[str]] = {}
+    for vendor, caps in sorted(capabilities.items()):
+        if kind == "grant" and caps.grant_kind == Kind.TEMP_KEY:
+            continue    # its grants are temporary keys, which have their own section
+        schema = caps.grant_schema if kind == "grant" else caps.schema(kind)
+        for key in schema.attributes:
+            if key not in own:
+                found.setdefault(key, []).append(vendor)
+    return found
+
+
+def check_declared_keys(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
+    """The keys of permissions and devices that only vendors' schemas declare: type-checked from the
+    declaration of the entry's vendor, an error at the key on a vendor that does not declare it, and `unknown
+    key` (as pydantic says of the others) where no vendor does."""
+    problems: list[Diagnostic] = []
+    for kind, model, entries in (("grant", PermissionModel, declarations.permissions),
+                                 (Kind.DEVICE, DeviceModel, list(declarations.devices.values()))):
+        known = declared_keys(capabilities, kind)
+        allowed = [*model_keys(model), *known]
+        for entry in entries:
+            extra = entry.extra
+            for key in extra:
+                if key not in known:
+                    problems.append(Diagnostic(entry.place.at(key, at_key=True),
+                                               f"unknown key '{key}'{did_you_mean(key, allowed)}"))
+            declared = {k: v for k, v in extra.items() if k in known}
+            if declared:
+                problems += _check_declared_values(declarations, capabilities, entry, kind, declared)
+    return problems
+
+
+def _check_declared_values(declarations: Declarations, capabilities: Mapping[str, Capabilities], entry: Entry[Any],
+                           kind: str, values: Mapping[str, Any]) -> list[Diagnostic]:
+    problems: list[Diagnostic] = []
+    model = entry.model
+    if model is None:
+        return problems
+    places = ([(d, system_of_device(declarations, d)) for d in model.devices] if kind == "grant"
+              else [(entry.name, model.system)])
+    for device, system in places:
+        caps = capabilities_of(declarations, capabilities, system)
+        if system is None or caps is None or (kind == "grant" and caps.grant_kind == Kind.TEMP_KEY):
+            continue
+        schema = caps.grant_schema if kind == "grant" else caps.schema(Kind.DEVICE)
+        on = f" (device '{device}' is on system '{system}')" if kind == "grant" else ""
+        for key, value in values.items():
+            attribute = schema.get(key)
+            if attribute is None:
+                what = f"{caps.vendor} has no '{key}' on grants{on}; remove `{key}:`" if kind == "grant" \
+                    else f"{caps.vendor} devices have no '{key}'"
+                problems.append(Diagnostic(entry.place.at(key, at_key=True), what))
+                continue
+            wrong = _declared_value(key, value, attribute, caps.vendor, on)
+            if wrong:
+                problems.append(Diagnostic(entry.place.at(key), wrong))
+    return problems
+
+
+def _misspelt(entry: Entry[Any], capabilities: Mapping[str, Capabilities], kind: str) -> frozenset[str]:
+    """The model's keys an unknown key is a misspelling of (`ned:` is a misspelt `end:`, which counts as given)."""
+    known = declared_keys(capabilities, kind)
+    model = PermissionModel if kind == "grant" else DeviceModel
+    found: set[str] = set()
+    for key in entry.extra:
+        if key not in known:
+            found.update(difflib.get_close_matches(key, model_keys(model), n=1, cutoff=0.6))
+    return frozenset(found)
+
+
+def _declared_value(key: str, value: Any, attribute: Attribute, vendor: str, on: str) -> str | None:
+    """What is wrong with a value of a key a vendor declares (its type, its choices), or None."""
+    kinds = attribute.type if isinstance(attribute.type, tuple) else (attribute.type,)
+    if value is None or (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        return f"`{key}:` on {vendor} takes a {' or '.join(t.__name__ for t in kinds)}{on}"
+    if attribute.choices and value not in attribute.choices:
+        return f"'{value}' is not a {key} on {vendor}; use {', '.join(sorted(attribute.choices))}"
+    return None
 
 
 def _check_previously(declarations: Declarations) -> list[Diagnostic]:
@@ -448,8 +537,9 @@ def _check_permissions(declarations: Declarations, capabilities: Mapping[str, Ca
             system = system_of_device(declarations, device)
             caps = capabilities_of(declarations, capabilities, system)
             if system is not None and caps is not None:
+                dropped = entry.dropped | _misspelt(entry, capabilities, "grant")
                 problems += _check_grant_capabilities(declarations, place, permission, caps, system, device, users,
-                                                      dropped=entry.dropped)
+                                                      dropped=dropped)
     return problems
 
 

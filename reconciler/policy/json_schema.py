@@ -16,9 +16,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from reconciler import vendors
-from reconciler.resources import Capabilities
+from reconciler.resources import Capabilities, Kind
 
-from .checks import ENV_REFERENCE
+from .checks import ENV_REFERENCE, declared_keys
 from .schema import (
     COLOUR_RE,
     DURATION_RE,
@@ -68,6 +68,8 @@ def policy_json_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, An
     defs = _rename_refs(defs)
     for def_name, key, pattern in _PATTERNS:
         _constrain(defs[def_name]["properties"][key], pattern)
+    for def_name, kind in (("Permission", "grant"), ("Device", Kind.DEVICE)):
+        _declared_properties(defs[def_name], capabilities, kind)
     defs["System"], system_defs = _system_schema(capabilities)
     defs.update(system_defs)
     operations = sorted(frozenset().union(*(caps.operations for caps in capabilities.values())))
@@ -106,6 +108,25 @@ def policy_json_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, An
         },
         "$defs": _range_keywords(dict(sorted(defs.items()))),
     }
+
+
+_JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", dict: "object"}
+
+
+def _declared_properties(definition: dict[str, Any], capabilities: Mapping[str, Capabilities], kind: str) -> None:
+    """The keys only vendors' schemas declare, typed from their declarations; no other key is accepted."""
+    definition["additionalProperties"] = False
+    for key, declaring in declared_keys(capabilities, kind).items():
+        attributes = [caps.grant_schema.get(key) if kind == "grant" else caps.schema(kind).get(key)
+                      for caps in (capabilities[v] for v in declaring)]
+        types = sorted({_JSON_TYPES.get(t, "string") for a in attributes if a is not None
+                        for t in (a.type if isinstance(a.type, tuple) else (a.type,))})
+        prop: dict[str, Any] = {"type": types[0] if len(types) == 1 else types,
+                                "description": f"declared by {', '.join(declaring)}"}
+        choices = sorted(frozenset().union(*(a.choices for a in attributes if a is not None)))
+        if choices:
+            prop["enum"] = choices
+        definition.setdefault("properties", {})[key] = prop
 
 
 def _on(capabilities: Mapping[str, Capabilities], flag: str) -> str:

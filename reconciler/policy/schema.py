@@ -98,6 +98,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class _Open(_Model):
+    """An entry whose vendor may declare more keys (a grant or device attribute in its schema): keys besides
+    the model's are kept (`model_extra`) and checked against the vendors' schemas once the systems are known
+    (`checks.check_declared_keys`): type-checked where the entry's vendor declares the key, an error at the key
+    where it does not, `unknown key` where no vendor does."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+
 def _instant(value: Any, name: str) -> datetime:
     example = "e.g. 2026-01-01T00:00:00Z"
     if isinstance(value, datetime):
@@ -264,7 +273,7 @@ class DeviceField:
 DEVICE_FIELD = DeviceField()
 
 
-class DeviceModel(_Model):
+class DeviceModel(_Open):
     system: str
     name: Annotated[str | None, Field(min_length=1, max_length=255), DEVICE_FIELD] = None
     id: str | int | None = None
@@ -330,7 +339,7 @@ class GrantField:
     instead: str = ""
 
 
-class PermissionModel(_Model):
+class PermissionModel(_Open):
     users: list[str] = []
     groups: list[str] = []
     devices: Annotated[list[str], Field(min_length=1)]
@@ -375,6 +384,11 @@ class TempKeyModel(_Model):
     @classmethod
     def _instants(cls, value: Any, info: ValidationInfo) -> Any:
         return _instant(value, info.field_name or "")
+
+
+def model_keys(model: type[BaseModel]) -> list[str]:
+    """The keys an entry of `model` takes by itself (aliases where given)."""
+    return [f.alias or name for name, f in model.model_fields.items()]
 
 
 def user_fields() -> tuple[str, ...]:
@@ -439,6 +453,7 @@ class Entry(Generic[M]):
     model: M | None
     settings: dict[str, Any] = field(default_factory=dict)   # systems only: vendor-specific keys
     dropped: frozenset[str] = frozenset()                      # keys already reported as wrong
+    extra: dict[str, Any] = field(default_factory=dict)     # keys besides the model's (`_Open`), as written
 
     def given(self, key: str) -> bool:
         """Whether the entry declares `key` (a value that failed validation still counts: it was written)."""
@@ -542,8 +557,16 @@ def _parse_section(section: str, place: Place, body: Any, declarations: Declarat
             diagnostics += problems
             if problems:
                 parsed = None
-        entries[name] = Entry(name, entry_place, parsed, settings, dropped)
+        entries[name] = Entry(name, entry_place, parsed, settings, dropped, _extra(model, data))
     return diagnostics
+
+
+def _extra(model: Any, data: Any) -> dict[str, Any]:
+    """The keys of an entry of an open model (`_Open`) that the model does not have: a vendor may declare them."""
+    if not (isinstance(model, type) and issubclass(model, _Open) and isinstance(data, dict)):
+        return {}
+    own = set(model_keys(model))
+    return {k: v for k, v in data.items() if k not in own}
 
 
 def _parse_permissions(place: Place, body: Any, declarations: Declarations) -> list[Diagnostic]:
@@ -552,7 +575,8 @@ def _parse_permissions(place: Place, body: Any, declarations: Declarations) -> l
     diagnostics: list[Diagnostic] = []
     for index in range(len(body)):
         entry_place = Place(place.path, body, index)
-        parsed, problems, dropped = _validate(PermissionModel, plain(body[index]), entry_place, "permission")
+        data = plain(body[index])
+        parsed, problems, dropped = _validate(PermissionModel, data, entry_place, "permission")
         diagnostics += problems
         if parsed is not None and not problems:
             problems = _check_permission(parsed, entry_place)
@@ -561,7 +585,7 @@ def _parse_permissions(place: Place, body: Any, declarations: Declarations) -> l
                 parsed = None
         location = entry_place.at()
         declarations.permissions.append(Entry(f"{location.path}:{location.line}", entry_place, parsed,
-                                              dropped=dropped))
+                                              dropped=dropped, extra=_extra(PermissionModel, data)))
     return diagnostics
 
 
