@@ -386,11 +386,7 @@ class Capabilities:
     grant_kind: str                                    # what a permission becomes on this vendor (a built-in
                                                        # `Kind` or one the vendor declares in `kinds`)
     user_accounts: bool = False                        # users are accounts created in the system
-    requires_end: bool = False                         # every grant needs an end
-    schedules: bool = False                            # weekly schedules
     operations: frozenset[str] = frozenset()           # permission operations; empty: none accepted
-    key_validity: bool = False                         # operating key validity P1D..P31D
-    share_roles: frozenset[str] = frozenset()          # permission `role`; empty: not accepted
     gateways: bool = False
     max_associations: int = 0
     temp_keys: bool = False
@@ -401,23 +397,19 @@ class Capabilities:
     mobile_key: bool = False
     needs_phone: bool = False                          # grants go to the user's phone
     needs_email: bool = False                          # grants go to the user's email
-    immutable_grants: bool = False                     # a changed grant is revoke + create
     settings: frozenset[str] = frozenset()             # system keys besides vendor/url/credentials/unmanaged
     required_settings: frozenset[str] = frozenset()    # of those, the ones a system must give
     credentials: frozenset[str] = frozenset()          # credential names the vendor needs
     # Alternative complete sets of credentials (e.g. email+password, or an operator token); when given,
     # any name from them is accepted and one set must be complete. Empty: `credentials` is the one set.
     credential_sets: tuple[frozenset[str], ...] = ()
-    open_ended: bool = True                            # a grant may omit `end`
     several_windows: bool = False                      # several grants per person and device (split shifts)
     production_url: str = ""                           # the vendor's production base URL (default `url`)
-    grant_notify: bool = False                         # a permission may say `notify:` for its grants
     setting_durations: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # setting → seconds (min, max)
-    # kind → its attribute schema: what a policy field becomes on this vendor, its default, and whether a
-    # change is made in place. The grant kind's schema is what validation, expansion, the planner and export
-    # read for a permission's fields; when it is not declared, it is built from the shorthand flags above
-    # (requires_end, open_ended, key_validity, share_roles, schedules, grant_notify, immutable_grants), and
-    # when it is, those flags are read from it.
+    # kind → its attribute schema: what a policy field becomes on this vendor, its default, whether a change
+    # is made in place, and how it moves access. The grant kind's schema is what validation, expansion, the
+    # planner and export read for a permission's fields (`grant_schema_of(...)` builds the usual ones from a
+    # few words); undeclared, it is `grant_schema_of()`: a start and an optional end.
     attributes: Mapping[str, KindSchema] = field(default_factory=dict)
     # Kinds this vendor declares besides the built-in ones (its own grant or object kind): registered when
     # the capabilities are built, so the planner, guard and access review know them by name.
@@ -437,12 +429,8 @@ class Capabilities:
             order = [*(f for f in DEVICE_FIELD_TYPES if f in self.device_fields),
                      *sorted(self.device_fields - DEVICE_FIELD_TYPES.keys())]
             schemas[Kind.DEVICE] = KindSchema({f: Attribute(DEVICE_FIELD_TYPES.get(f, str)) for f in order})
-        if self.grant_kind != Kind.TEMP_KEY:
-            grant = schemas.get(self.grant_kind)
-            if grant is None:
-                schemas[self.grant_kind] = self._grant_schema_of_flags()
-            else:
-                self._flags_of_grant_schema(grant)
+        if self.grant_kind != Kind.TEMP_KEY and self.grant_kind not in schemas:
+            schemas[self.grant_kind] = grant_schema_of()
         object.__setattr__(self, "attributes", MappingProxyType(schemas))
 
     def schema(self, kind: str) -> KindSchema:
@@ -453,33 +441,68 @@ class Capabilities:
     def grant_schema(self) -> KindSchema:
         return self.schema(self.grant_kind)
 
-    def _grant_schema_of_flags(self) -> KindSchema:
-        attributes = {"start": Attribute(str),
-                      "end": Attribute(str, default=None if self.open_ended else NO_DEFAULT,
-                                       required=self.requires_end)}
-        if self.key_validity:
-            attributes["key_validity"] = Attribute(str, default=DEFAULT_KEY_VALIDITY)
-        if self.share_roles:
-            attributes["role"] = Attribute(str, default=DEFAULT_ROLE, choices=self.share_roles)
-        if self.schedules:
-            attributes["schedule"] = Attribute(list, default=None)
-        if self.grant_notify:
-            attributes["notify"] = Attribute(bool, compared=False)
-        return KindSchema(attributes, immutable=self.immutable_grants)
+    # What the grant schema says, in the words the checks and the editor schema use (read-only: the schema is
+    # the one source).
+    @property
+    def requires_end(self) -> bool:
+        """Every grant needs an end."""
+        end = self.grant_schema.get("end")
+        return end is not None and end.required
 
-    def _flags_of_grant_schema(self, grant: KindSchema) -> None:
-        end = grant.get("end")
-        role = grant.get("role")
-        flags = {"requires_end": end is not None and end.required,
-                 "open_ended": end is None or end.default is None,
-                 "key_validity": "key_validity" in grant, "schedules": "schedule" in grant,
-                 "share_roles": role.choices if role is not None else frozenset(),
-                 "grant_notify": "notify" in grant, "immutable_grants": grant.immutable}
-        for name, value in flags.items():
-            object.__setattr__(self, name, value)
+    @property
+    def open_ended(self) -> bool:
+        """A grant may omit `end`."""
+        end = self.grant_schema.get("end")
+        return end is None or end.default is None
+
+    @property
+    def key_validity(self) -> bool:
+        """Operating key validity P1D..P31D per grant."""
+        return "key_validity" in self.grant_schema
+
+    @property
+    def schedules(self) -> bool:
+        """Weekly schedules."""
+        return "schedule" in self.grant_schema
+
+    @property
+    def share_roles(self) -> frozenset[str]:
+        """The roles a grant may have (permission `role`); empty: not accepted."""
+        role = self.grant_schema.get("role")
+        return role.choices if role is not None else frozenset()
+
+    @property
+    def grant_notify(self) -> bool:
+        """A permission may say `notify:` for its grants."""
+        return "notify" in self.grant_schema
+
+    @property
+    def immutable_grants(self) -> bool:
+        """A changed grant is revoke + create."""
+        return self.grant_schema.immutable
 
 
-# The defaults the shorthand flags give (explicit schemas state their own).
+def grant_schema_of(*, requires_end: bool = False, open_ended: bool = True, key_validity: bool = False,
+                    share_roles: frozenset[str] = frozenset(), schedules: bool = False, grant_notify: bool = False,
+                    immutable_grants: bool = False) -> KindSchema:
+    """The usual grant schema from a few words: a start and an end (`requires_end`: every grant needs one;
+    `open_ended=False`: no default), and what else the vendor has: a key validity (P8D by default), roles
+    (USER by default), weekly schedules, a per-grant `notify` (sent, never compared); `immutable_grants`: a
+    change is a revoke and a create."""
+    attributes = {"start": Attribute(str),
+                  "end": Attribute(str, default=None if open_ended else NO_DEFAULT, required=requires_end)}
+    if key_validity:
+        attributes["key_validity"] = Attribute(str, default=DEFAULT_KEY_VALIDITY)
+    if share_roles:
+        attributes["role"] = Attribute(str, default=DEFAULT_ROLE, choices=share_roles)
+    if schedules:
+        attributes["schedule"] = Attribute(list, default=None)
+    if grant_notify:
+        attributes["notify"] = Attribute(bool, compared=False)
+    return KindSchema(attributes, immutable=immutable_grants)
+
+
+# The defaults `grant_schema_of` gives (explicit schemas state their own).
 DEFAULT_KEY_VALIDITY = "P8D"
 DEFAULT_ROLE = "USER"
 # The types of the device fields `device_fields` may name, in the order a device's attributes are built.

@@ -126,9 +126,11 @@ def test_a_key_no_vendor_declares_stays_unknown(policy_path: Path) -> None:
 
 def test_a_key_declared_by_another_vendor_is_an_error_on_this_one(policy_path: Path) -> None:
     plain = Capabilities(vendor="plainco", grant_kind=Kind.KEY, creates_devices=True)
-    text = POLICY.replace("grantco", "plainco").replace("operations: [OPEN]}", "pin_required: false}")
+    text = (POLICY.replace("  doors:", "  plain: {vendor: plainco, url: sandbox}\n  doors:")
+            .replace("devices:\n", "devices:\n  back: {system: plain, name: Back}\n")
+            + "  - {users: [alice], devices: [back], pin_required: false}\n")
     assert _errors(policy_path, text, {"grantco": GRANTCO, "plainco": plain}) == [
-        "8:40: plainco has no 'pin_required' on grants (device 'front' is on system 'doors'); remove `pin_required:`"]
+        "11:39: plainco has no 'pin_required' on grants (device 'back' is on system 'plain'); remove `pin_required:`"]
 
 
 def test_declared_keys_are_in_the_editor_schema() -> None:

@@ -16,21 +16,23 @@ import pytest
 
 from reconciler.errors import PolicyError
 from reconciler.policy import Policy, SystemConfig, load_policy
-from reconciler.resources import Capabilities, Kind, Resource, Status
+from reconciler.resources import Capabilities, Kind, Resource, Status, grant_schema_of
 from reconciler.secret import Secret
 
 DATA = Path(__file__).parent / "data"
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 ABLOY = Capabilities(
-    vendor="abloy-keyless", grant_kind=Kind.PERMISSION, user_accounts=True, requires_end=True, open_ended=False,
-    operations=frozenset({"OPEN", "UPDATE_FIRMWARE", "UPDATE_TIME"}), key_validity=True, gateways=True,
+    vendor="abloy-keyless", grant_kind=Kind.PERMISSION, user_accounts=True,
+    attributes={Kind.PERMISSION: grant_schema_of(requires_end=True, open_ended=False, key_validity=True)},
+    operations=frozenset({"OPEN", "UPDATE_FIRMWARE", "UPDATE_TIME"}), gateways=True,
     max_associations=5, creates_devices=True, device_fields=frozenset({"name"}), mobile_key=True,
     settings=frozenset({"invitation_validity"}), setting_durations={"invitation_validity": (1, 365 * 86400)},
     credentials=frozenset({"user_id", "access_key", "api_key"}),
 )
 UNLOC = Capabilities(
-    vendor="unloc", grant_kind=Kind.KEY, schedules=True, needs_phone=True, immutable_grants=True, grant_notify=True,
+    vendor="unloc", grant_kind=Kind.KEY, needs_phone=True,
+    attributes={Kind.KEY: grant_schema_of(schedules=True, immutable_grants=True, grant_notify=True)},
     device_fields=frozenset(), device_id_pattern=UUID, settings=frozenset({"lock_holder_id"}),
     credentials=frozenset({"client_id", "client_secret"}),
 )
@@ -43,7 +45,8 @@ SPKEY = Capabilities(
     device_id_pattern=r"\d+", credentials=frozenset({"api_key"}),
 )
 SENTRY = Capabilities(
-    vendor="sentry", grant_kind=Kind.SHARE, share_roles=frozenset({"USER", "ADMIN"}), needs_email=True,
+    vendor="sentry", grant_kind=Kind.SHARE, needs_email=True,
+    attributes={Kind.SHARE: grant_schema_of(share_roles=frozenset({"USER", "ADMIN"}))},
     device_fields=frozenset({"name", "favourite", "colour", "unlock_duration"}), device_id_pattern=UUID,
     credentials=frozenset({"email", "password"}),
 )

@@ -264,6 +264,9 @@ def check_declared_keys(declarations: Declarations, capabilities: Mapping[str, C
     declaration of the entry's vendor, an error at the key on a vendor that does not declare it, and `unknown
     key` (as pydantic says of the others) where no vendor does."""
     problems: list[Diagnostic] = []
+    # The vendors the policy's systems name (only their providers are loaded to validate it).
+    used = {e.model.vendor for e in declarations.systems.values() if e.model is not None}
+    capabilities = {v: caps for v in sorted(used) if (caps := capabilities.get(v)) is not None}
     for kind, model, entries in (("grant", PermissionModel, declarations.permissions),
                                  (Kind.DEVICE, DeviceModel, list(declarations.devices.values()))):
         known = declared_keys(capabilities, kind)
@@ -307,13 +310,13 @@ def _check_declared_values(declarations: Declarations, capabilities: Mapping[str
     return problems
 
 
-def _misspelt(entry: Entry[Any], capabilities: Mapping[str, Capabilities], kind: str) -> frozenset[str]:
-    """The model's keys an unknown key is a misspelling of (`ned:` is a misspelt `end:`, which counts as given)."""
-    known = declared_keys(capabilities, kind)
-    model = PermissionModel if kind == "grant" else DeviceModel
+def _misspelt(entry: Entry[Any], caps: Capabilities) -> frozenset[str]:
+    """The permission's model keys an undeclared key is a misspelling of (`ned:` is a misspelt `end:`, which
+    counts as given)."""
+    model = PermissionModel
     found: set[str] = set()
     for key in entry.extra:
-        if key not in known:
+        if key not in caps.grant_schema:
             found.update(difflib.get_close_matches(key, model_keys(model), n=1, cutoff=0.6))
     return frozenset(found)
 
@@ -537,7 +540,7 @@ def _check_permissions(declarations: Declarations, capabilities: Mapping[str, Ca
             system = system_of_device(declarations, device)
             caps = capabilities_of(declarations, capabilities, system)
             if system is not None and caps is not None:
-                dropped = entry.dropped | _misspelt(entry, capabilities, "grant")
+                dropped = entry.dropped | _misspelt(entry, caps)
                 problems += _check_grant_capabilities(declarations, place, permission, caps, system, device, users,
                                                       dropped=dropped)
     return problems

@@ -25,7 +25,7 @@ from pydantic import field_validator
 
 from reconciler.providers.base import Provider, ReadResult
 from reconciler.providers.settings import VendorSettings
-from reconciler.resources import Capabilities, Kind, Resource, address_of, unknown_name
+from reconciler.resources import Capabilities, Kind, Resource, address_of, grant_schema_of, unknown_name
 
 SANDBOX_TOKEN = "toy-sandbox-token"
 SEED_LOCKS = {"lock-1": "Front door", "lock-2": "Back door"}
@@ -43,8 +43,9 @@ class ToySettings(VendorSettings):
 
 
 class ToyProvider(Provider):
-    capabilities = Capabilities(vendor="toy", grant_kind=Kind.KEY, needs_email=True, open_ended=True,
-                                immutable_grants=True, creates_devices=False, device_fields=frozenset(),
+    capabilities = Capabilities(vendor="toy", grant_kind=Kind.KEY, needs_email=True,
+                                attributes={Kind.KEY: grant_schema_of(immutable_grants=True)},
+                                creates_devices=False, device_fields=frozenset(),
                                 device_id_pattern=r"lock-[0-9]+", credentials=frozenset({"token"}))
     vendor = capabilities.vendor
     default_url = "https://api.toy.invalid"
