@@ -474,16 +474,21 @@ class Guard:
             return f"{head}; acknowledged in the policy ({self.threshold.source}): apply proceeds"
         how = (f"after review, acknowledge it in the policy with `mass_revoke: {{acknowledge: {self.token}}}` "
                f"under systems.{self.system}, or pass --allow-mass-revoke")
-        if self.threshold.acknowledge:
-            how = (f"the acknowledgement {self.threshold.acknowledge} ({self.threshold.source}) is for other "
-                   f"revocations; {how}")
-        return f"{head}: apply will refuse it; {how}"
+        return _refused(head, how, self.threshold.acknowledge, self.threshold.source, "other revocations")
 
     def to_dict(self) -> dict[str, Any]:
         return {"system": self.system, "revoking": self.revoking, "managed": self.managed,
                 "percent": self.threshold.percent, "minimum": self.threshold.minimum, "trips": self.trips,
                 "acknowledged": self.acknowledged, "refuses": self.refuses, "token": self.token,
                 "message": self.message()}
+
+
+def _refused(head: str, how: str, acknowledgement: str | None, source: str | None, other: str) -> str:
+    """A guard's refusal: what it refuses, and how to let it through (an acknowledgement for `other` changes
+    is said to be one)."""
+    if acknowledgement:
+        how = f"the acknowledgement {acknowledgement} ({source}) is for {other}; {how}"
+    return f"{head}: apply will refuse it; {how}"
 
 
 def revocation_token(changes: list[Change]) -> str:
@@ -553,10 +558,8 @@ class RenameGuard:
         fix = ", ".join(f"`previously: [{s.old_name}]` on {s.kind}s.{s.new_name}" for s in self.suspects)
         how = (f"if it is a rename, add {fix}; if it really is someone leaving and someone arriving, acknowledge "
                f"it with `offboarding: {{acknowledge: {self.token}}}` under systems.{self.system}")
-        if self.acknowledgement.token:
-            how = (f"the acknowledgement {self.acknowledgement.token} ({self.acknowledgement.source}) is for "
-                   f"other pairs; {how}")
-        return f"{self.system}: {pairs}: apply will refuse it; {how}"
+        return _refused(f"{self.system}: {pairs}", how, self.acknowledgement.token, self.acknowledgement.source,
+                        "other pairs")
 
     def to_dict(self) -> dict[str, Any]:
         return {"system": self.system, "token": self.token, "acknowledged": self.acknowledged,

@@ -19,19 +19,10 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, cast
 
+from reconciler import resources
 from reconciler.errors import Diagnostic
 from reconciler.plan import Rename
-from reconciler.resources import (
-    WINDOW_MARK,
-    Capabilities,
-    Kind,
-    KindSchema,
-    Meta,
-    Resource,
-    Status,
-    address_of,
-    digest,
-)
+from reconciler.resources import WINDOW_MARK, Capabilities, Kind, Meta, Resource, Status, address_of, digest
 
 from .schema import DAYS, Declarations, Entry, PermissionModel, SpanModel, UserModel, user_fields, utc_text
 
@@ -107,7 +98,7 @@ def expand(declarations: Declarations, capabilities: Mapping[str, Capabilities]
     return sorted(resources, key=lambda r: r.address), sorted(set(warnings)), errors
 
 
-def _account(model: UserModel, schema: KindSchema) -> dict[str, Any]:
+def _account(model: UserModel, schema: resources.KindSchema) -> dict[str, Any]:
     """A person's account attributes: the user fields the vendor's user schema declares (`UserField`), in
     its order; a field left out takes the schema's default, or is left out when it has none."""
     attributes: dict[str, Any] = {}
