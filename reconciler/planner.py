@@ -26,6 +26,7 @@ from reconciler.plan import (
     RenameGuard,
     RevokeThreshold,
     Suspect,
+    access_of,
     classify,
     ignored_by,
     revocation_token,
@@ -108,8 +109,9 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
                               "nothing is created for it", want.system, want.kind))
             continue
         if have is None:
-            end = want.attributes.get("end")
-            if want.is_grant and end and end <= now_text:
+            end_key = access_of(want.kind, want.schema).end if want.is_grant else None
+            end = want.attributes.get(end_key) if end_key else None
+            if end and end <= now_text:
                 notes.append(Note(address, f"not created: its end {end} has passed", want.system, want.kind))
                 continue
             changes.append(Change(Action.CREATE, want, None))
@@ -210,10 +212,11 @@ def _changed(want: Resource, have: Resource, now_text: str, applied: str | None 
     shut), and apply then sends now; unless the last apply made it from exactly these attributes (`applied`,
     its digest), when the start is the one the vendor gave it then (later than a `--now` in the past)."""
     changed = {k for k, v in want.attributes.items() if have.attributes.get(k) != v}
-    if want.is_grant and "start" not in want.attributes:
-        start = have.attributes.get("start")
+    start_key = access_of(want.kind, want.schema).start if want.is_grant else None
+    if start_key and start_key not in want.attributes:
+        start = have.attributes.get(start_key)
         if start and start > now_text and applied != digest(dict(want.attributes)):
-            changed.add("start")
+            changed.add(start_key)
     return tuple(sorted(changed))
 
 

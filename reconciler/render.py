@@ -20,7 +20,7 @@ import jinja2
 
 from reconciler.access import AccessRow, Admin
 from reconciler.bulk import paused_collection
-from reconciler.plan import Plan, person_door
+from reconciler.plan import Plan, access_of, person_door
 from reconciler.resources import Kind, kind_def
 from reconciler.text import printable
 
@@ -209,11 +209,12 @@ def access_sentence(change: dict[str, Any]) -> str | None:
     if holder and action == "delete":
         return f"{_person(name)} is removed from `{system}`: all their access there ends (offboarding)"
     if holder and change.get("privilege"):
-        before, after = (change["before"] or {}).get("role"), (change["after"] or {}).get("role")
+        field = next(iter(access_of(kind).privilege), ("role", frozenset()))[0]    # the field that grants power
+        before, after = (change["before"] or {}).get(field), (change["after"] or {}).get(field)
         if action == "create":
-            return (f"{_person(name)} gets an ADMIN account on `{system}`: can grant itself access to any door"
-                    f"{source}")
-        return f"{_person(name)}'s role on `{system}` changes: {md(before)} → {md(after)}{source}"
+            return (f"{_person(name)} gets an {md(after)} account on `{system}`: can grant itself access to any "
+                    f"door{source}")
+        return f"{_person(name)}'s {md(field)} on `{system}` changes: {md(before)} → {md(after)}{source}"
     if kind == "temp_key":
         attrs = change["after"] or change["before"] or {}
         who = "anyone with the link" if attrs.get("access") == "public" else \
