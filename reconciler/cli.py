@@ -238,6 +238,17 @@ def _refuse_single_dash(group: click.Group, args: list[str]) -> None:
             raise click.UsageError(f"{arg.split('=', 1)[0]} is a Terraform option: {TERRAFORM_HABITS[name]}")
 
 
+def _echo_plan(result: Plan, fmt: str) -> None:
+    """A plan on stdout as `plan` and `show` print it: text (coloured on a terminal), json or markdown."""
+    if fmt == "text":
+        color = _color()
+        render.write_text(result, lambda text: click.echo(colorize_plan(text, color), nl=False))
+    elif fmt == "json":
+        render.write_json(result, lambda text: click.echo(text, nl=False))
+    else:
+        click.echo(render.render_markdown(result), nl=False)
+
+
 def _color() -> bool:
     ctx = click.get_current_context(silent=True)
     no_color = bool(ctx and ctx.find_root().meta.get("reconciler.no_color"))
@@ -401,13 +412,7 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
         if out:
             with open(out, "w", encoding="utf-8") as handle:
                 render.write_json(result, handle.write)
-        if fmt == "text":
-            color = _color()
-            render.write_text(result, lambda text: click.echo(colorize_plan(text, color), nl=False))
-        elif fmt == "json":
-            render.write_json(result, lambda text: click.echo(text, nl=False))
-        else:
-            click.echo(render.render_markdown(result), nl=False)
+        _echo_plan(result, fmt)
         if out and fmt == "text":
             click.echo(f"\nSaved the plan to {out}; run `reconciler apply --plan {out}` to apply exactly it.")
         # Something uncertain (a create that cannot be proven ours) is not "the system matches the policy".
@@ -588,14 +593,7 @@ def show(plan_file: str, fmt: str) -> None:
     A plan edited by hand is refused, as `apply --plan` refuses it.
     """
     def body() -> int:
-        saved = cast("Plan", run.SavedPlan(run.load_saved(Path(plan_file))))
-        if fmt == "text":
-            color = _color()
-            render.write_text(saved, lambda text: click.echo(colorize_plan(text, color), nl=False))
-        elif fmt == "json":
-            render.write_json(saved, lambda text: click.echo(text, nl=False))
-        else:
-            click.echo(render.render_markdown(saved), nl=False)
+        _echo_plan(cast("Plan", run.SavedPlan(run.load_saved(Path(plan_file)))), fmt)
         return ExitCode.OK
     _run_command(body)
 

@@ -46,12 +46,15 @@ import httpx
 import jwt
 
 from reconciler.sandbox.common import (
+    E164,
+    UUID_TEXT,
     PageTokens,
     Route,
     RouteMatch,
     Simulator,
     SimulatorError,
     format_datetime,
+    json_object,
     json_response,
     paginate,
     parse_datetime,
@@ -111,8 +114,6 @@ PERMISSION_TYPES = ("SINGLE_INTERVAL",)
 DELIVERY_MECHANISMS = ("SMS", "NONE")
 INVITATION_FORMATS = ("INVITATION_LINK", "INVITATION_CODE")
 CLAIMING_STATUSES = ("UNCLAIMED", "CLAIMED")
-E164 = re.compile(r"^\+[1-9]\d{1,14}$")
-UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 TOKEN_ISSUER = "reconciler-sandbox/abloy-keyless"
 STORE_FORMAT, STORE_VERSION = "reconciler-sandbox/abloy-keyless", 1
 
@@ -167,18 +168,6 @@ def _hash_key(access_key: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ validation
-
-def _object(body: Any, required: set[str], optional: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise SimulatorError(400, "Request body must be a JSON object")
-    unknown = sorted(set(body) - required - set(optional))
-    if unknown:
-        raise SimulatorError(400, f"Unknown field(s): {', '.join(unknown)}")
-    missing = sorted(required - set(body))
-    if missing:
-        raise SimulatorError(400, f"Missing required field(s): {', '.join(missing)}")
-    return body
-
 
 def _string(body: dict[str, Any], name: str, *, max_len: int | None = None) -> str:
     value = body[name]
@@ -254,7 +243,7 @@ def _duration(body: dict[str, Any], name: str, default: str, low: timedelta, hig
 
 def _validate_permission(body: Any) -> dict[str, Any]:
     """The permission as stored and echoed, from a create or full-replace body."""
-    body = _object(body, {"permissionType", "userId", "lockingDeviceId", "operationType", "start", "end"},
+    body = json_object(body, {"permissionType", "userId", "lockingDeviceId", "operationType", "start", "end"},
                    {"operatingKeyValidityDuration"})
     permission_type = _enum(body, "permissionType", PERMISSION_TYPES)
     user_id = _uuid_text(body["userId"], "userId")
@@ -485,7 +474,7 @@ class AbloySimulator(Simulator):
         return claims["sub"]
 
     def _op_login(self, call: _Call) -> httpx.Response:
-        body = _object(call.body, {"userId", "accessKey"})
+        body = json_object(call.body, {"userId", "accessKey"})
         user_id, access_key = _string(body, "userId").lower(), _string(body, "accessKey")
         user = self.state["users"].get(user_id)
         if user is None or not hmac.compare_digest(user["_accessKeyHash"], _hash_key(access_key)):
@@ -503,7 +492,7 @@ class AbloySimulator(Simulator):
         return self._page(call, "users", "user", lambda r: True)
 
     def _op_create_user(self, call: _Call) -> httpx.Response:
-        role = _enum(_object(call.body, {"role"}), "role", ROLES)
+        role = _enum(json_object(call.body, {"role"}), "role", ROLES)
         access_key = base64.b64encode(secrets.token_bytes(32)).decode()
         user = self._insert("users", {"role": role, "_accessKeyHash": _hash_key(access_key)})
         return self._ok({"id": user["id"], "accessKey": access_key, "role": role}, 201)
@@ -524,7 +513,7 @@ class AbloySimulator(Simulator):
 
     # --- operating devices and invitations
     def _op_invite(self, call: _Call) -> httpx.Response:
-        body = _object(call.body, {"userId", "deliveryMechanism"}, {"phoneNumber", "validityDuration", "format"})
+        body = json_object(call.body, {"userId", "deliveryMechanism"}, {"phoneNumber", "validityDuration", "format"})
         user_id = _uuid_text(body["userId"], "userId")
         mechanism = _enum(body, "deliveryMechanism", DELIVERY_MECHANISMS)
         if mechanism == "SMS" and "phoneNumber" not in body:
@@ -578,7 +567,7 @@ class AbloySimulator(Simulator):
                           and (serial is None or r.get("serialNumber") == serial))
 
     def _op_create_locking_device(self, call: _Call) -> httpx.Response:
-        name = _string(_object(call.body, {"name"}), "name", max_len=NAME_MAX)
+        name = _string(json_object(call.body, {"name"}), "name", max_len=NAME_MAX)
         device = self._insert("lockingDevices", {"name": name, "claimingStatus": "UNCLAIMED"})
         return self._ok(_public(device), 201)
 
@@ -637,7 +626,7 @@ class AbloySimulator(Simulator):
 
     # --- gateways and associations
     def _op_claim_gateway(self, call: _Call) -> httpx.Response:
-        code = _string(_object(call.body, {"claimingCode"}), "claimingCode")
+        code = _string(json_object(call.body, {"claimingCode"}), "claimingCode")
         stock = self.state["gatewayStock"].get(code)
         if stock is None or stock["gatewayId"] is not None:
             raise SimulatorError(409, "Unknown or already claimed claiming code")
@@ -665,7 +654,7 @@ class AbloySimulator(Simulator):
         return self._no_content()
 
     def _op_create_association(self, call: _Call) -> httpx.Response:
-        body = _object(call.body, {"gatewayDeviceId", "lockingDeviceId"})
+        body = json_object(call.body, {"gatewayDeviceId", "lockingDeviceId"})
         gateway_id = _uuid_text(body["gatewayDeviceId"], "gatewayDeviceId")
         device_id = _uuid_text(body["lockingDeviceId"], "lockingDeviceId")
         if gateway_id not in self.state["gateways"]:

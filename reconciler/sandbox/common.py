@@ -54,6 +54,11 @@ Clock = Callable[[], datetime]
 Lost = Literal["timeout", "502"]
 
 
+# What the vendors' documents call an E.164 phone number and a UUID, as the simulators check them.
+E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -850,6 +855,20 @@ class Router:
             if route.method == method.upper():
                 return RouteMatch(route, params, relative.rstrip("/") or "/", allowed)
         return RouteMatch(None, {}, relative.rstrip("/") or "/", allowed)
+
+
+def json_object(body: Any, required: set[str], optional: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """`body` when it is a JSON object with every `required` field and no field but those and `optional`;
+    else 400 naming the unknown or missing fields."""
+    if not isinstance(body, dict):
+        raise SimulatorError(400, "Request body must be a JSON object")
+    unknown = sorted(set(body) - required - set(optional))
+    if unknown:
+        raise SimulatorError(400, f"Unknown field(s): {', '.join(unknown)}")
+    missing = sorted(required - set(body))
+    if missing:
+        raise SimulatorError(400, f"Missing required field(s): {', '.join(missing)}")
+    return body
 
 
 def read_json_body(request: httpx.Request, media_type: str) -> Any:

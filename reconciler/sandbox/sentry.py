@@ -64,10 +64,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import NameOID
 
 from reconciler.sandbox.common import (
+    UUID_TEXT,
     Route,
     RouteMatch,
     Simulator,
     SimulatorError,
+    json_object,
     json_response,
     read_json_body,
     utc_now,
@@ -102,7 +104,6 @@ MAX_LIFETIME = 60                      # seconds between iat and exp of a signed
 CERTIFICATE_TTL = timedelta(days=7)
 NAME_MAX = 255
 COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
-UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 TOKEN_ISSUER = "reconciler-sandbox/sentry"
 STORE_FORMAT, STORE_VERSION = "reconciler-sandbox/sentry", 1
 _SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")   # X.509 SubjectPublicKeyInfo header of Ed25519
@@ -161,18 +162,6 @@ class _Call:
     @property
     def v2(self) -> bool:
         return MEDIA_V2 in self.request.headers.get("accept", "")
-
-
-def _object(body: Any, required: set[str], optional: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise SimulatorError(400, "Request body must be a JSON object")
-    unknown = sorted(set(body) - required - set(optional))
-    if unknown:
-        raise SimulatorError(400, f"Unknown field(s): {', '.join(unknown)}")
-    missing = sorted(required - set(body))
-    if missing:
-        raise SimulatorError(400, f"Missing required field(s): {', '.join(missing)}")
-    return body
 
 
 def _uuid(value: Any, name: str) -> str:
@@ -369,7 +358,7 @@ class SentrySimulator(Simulator):
 
     # --- auth
     def _op_login(self, call: _Call) -> httpx.Response:
-        body = _object(read_json_body(call.request, JSON), {"email", "password"})
+        body = json_object(read_json_body(call.request, JSON), {"email", "password"})
         email, password = body["email"], body["password"]
         if not isinstance(email, str) or not isinstance(password, str):
             raise SimulatorError(400, "email and password must be strings")
@@ -383,7 +372,7 @@ class SentrySimulator(Simulator):
         return json_response(200, answer)
 
     def _op_register_key(self, call: _Call) -> httpx.Response:
-        body = _object(read_json_body(call.request, JSON), {"ephemeralKey"})
+        body = json_object(read_json_body(call.request, JSON), {"ephemeralKey"})
         raw = _public_key_bytes(body["ephemeralKey"])
         assert call.caller is not None and self._ca_key is not None
         if self.state["users"][call.caller].get("_secondaryAuth"):
@@ -425,7 +414,7 @@ class SentrySimulator(Simulator):
 
     def _op_update_lock(self, call: _Call) -> httpx.Response:
         lock, _ = self._find_lock(call)
-        body = _object(read_json_body(call.request, JSON), set(), {"name", "favourite", "colour"})
+        body = json_object(read_json_body(call.request, JSON), set(), {"name", "favourite", "colour"})
         if not body:
             raise SimulatorError(400, "Nothing to update: give name, favourite or colour")
         if "name" in body and (not isinstance(body["name"], str) or not 1 <= len(body["name"]) <= NAME_MAX):
@@ -512,7 +501,7 @@ class SentrySimulator(Simulator):
     def _op_directory_query(self, call: _Call) -> httpx.Response:
         by_email = {u["email"].lower(): u for u in self.state["users"].values()}
         if call.v2:
-            body = _object(read_json_body(call.request, JSON), set(), LOOKUP_KEYS)
+            body = json_object(read_json_body(call.request, JSON), set(), LOOKUP_KEYS)
             if not body:
                 raise SimulatorError(400, f"Give at least one query key: {', '.join(sorted(LOOKUP_KEYS))}")
             for key, value in body.items():
@@ -524,7 +513,7 @@ class SentrySimulator(Simulator):
                 raise SimulatorError(404, "User not found")
             answer = [{"id": user["id"], "email": user["email"], "publicKey": user["publicKey"]}]
             return json_response(200, answer, content_type=MEDIA_V2)
-        body = _object(read_json_body(call.request, JSON), {"email"})
+        body = json_object(read_json_body(call.request, JSON), {"email"})
         email = body["email"]
         if not isinstance(email, str):
             raise SimulatorError(400, "email must be a string (v1; send Accept: " + MEDIA_V2 + " for a list)")
@@ -548,21 +537,21 @@ class SentrySimulator(Simulator):
         kind = operation.get("type") if isinstance(operation, dict) else None
         assert call.caller is not None
         if kind == "ADD_USER":
-            self._add_users(lock, call.caller, [_object(operation, {"type", "user", "publicKey"},
+            self._add_users(lock, call.caller, [json_object(operation, {"type", "user", "publicKey"},
                                                         {"role", "start", "end"})])
             return httpx.Response(204)
         if kind == "BATCH_ADD_USER":
-            body = _object(operation, {"type", "users"})
+            body = json_object(operation, {"type", "users"})
             if lock["settings"]["capabilities"].get("BATCH_SHARING_25") != "SUPPORTED":
                 raise SimulatorError(400, "This lock does not support BATCH_ADD_USER (capability BATCH_SHARING_25)")
             users = body["users"]
             if not isinstance(users, list) or not 1 <= len(users) <= MAX_BATCH:
                 raise SimulatorError(400, f"users must be a list of 1..{MAX_BATCH} shares")
-            self._add_users(lock, call.caller, [_object(u, {"user", "publicKey"}, {"role", "start", "end"})
+            self._add_users(lock, call.caller, [json_object(u, {"user", "publicKey"}, {"role", "start", "end"})
                                                 for u in users])
             return httpx.Response(204)
         if kind == "REMOVE_USER":
-            body = _object(operation, {"type", "users"})
+            body = json_object(operation, {"type", "users"})
             ids = body["users"]
             if not isinstance(ids, list) or not ids:
                 raise SimulatorError(400, "users must be a non-empty list of user ids")
@@ -578,7 +567,7 @@ class SentrySimulator(Simulator):
             self.mark_changed("locks", lock["id"])
             return httpx.Response(200)
         if kind == "MUTATE_SETTING":
-            body = _object(operation, {"type", "unlockDuration"})
+            body = json_object(operation, {"type", "unlockDuration"})
             duration = body["unlockDuration"]
             if isinstance(duration, bool) or not isinstance(duration, int) or not 1 <= duration <= 3600:
                 raise SimulatorError(400, "unlockDuration must be whole seconds between 1 and 3600")

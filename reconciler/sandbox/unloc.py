@@ -53,6 +53,8 @@ import httpx
 import jwt
 
 from reconciler.sandbox.common import (
+    E164,
+    UUID_TEXT,
     Route,
     RouteMatch,
     Simulator,
@@ -87,8 +89,6 @@ WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 SPAN_FIELDS = frozenset({"weekday", "startHour", "startMinute", "endHour", "endMinute"})
 KEY_FIELDS = frozenset({"userId", "start", "end", "recurrence", "skipInviteNotification"})
 STATES = ("creating", "scheduled", "active", "expired", "error", "revoked")
-E164 = re.compile(r"^\+[1-9]\d{1,14}$")
-UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 SCOPE = re.compile(r"^lockHolder\.admin:(.+)$")
 TOKEN_ISSUER = "reconciler-sandbox/unloc"
 STORE_FORMAT, STORE_VERSION = "reconciler-sandbox/unloc", 1

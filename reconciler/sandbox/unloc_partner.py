@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 import httpx
 
 from reconciler.sandbox.common import (
+    E164,
     Route,
     RouteMatch,
     Simulator,
@@ -64,7 +65,6 @@ ROUTES: tuple[Route, ...] = (
 )
 
 STORE_FORMAT, STORE_VERSION = "reconciler-sandbox/unloc-partner", 1
-E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 OPT_IN, OPT_OUT = "opt-in", "opt-out"
 PENDING, APPROVED, DENIED, REVOKED = "pending-approval", "approved", "denied", "revoked"
 
