@@ -138,8 +138,8 @@ def test_turning_pin_required_off_is_planned_as_granting_access_and_on_as_revoki
     assert (change["address"], change["action"], change["changed"]) == \
         ("lobby/access_grant/bob/main", "update", ["pin_required"])
     assert change["effect"] == "grant"
-    text = cli("plan")
-    assert "lobby/access_grant/bob/main" in text.stdout
+    text = cli("plan").stdout
+    assert "~ lobby/access_grant/bob/main  [grant]" in text and "(1 granting access, 0 revoking access)" in text
     cli.apply()
     assert [g["pin_required"] for g in cli.vendor()["grants"].values() if g["door_id"] == "door-1"] in \
         ([False, True], [True, False])
