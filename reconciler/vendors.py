@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from pydantic import BaseModel
+
 from reconciler.errors import ReconcilerError
 from reconciler.resources import Capabilities
 
@@ -47,7 +49,7 @@ class Vendor:
     name: str
     provider: Any                                  # the provider class (a `Provider` subclass)
     capabilities: Capabilities                     # completed: name, production URL, settings from the model
-    settings_model: Any = None                     # a pydantic model of the system settings, or None: no settings
+    settings_model: type[BaseModel] | None = None  # a pydantic model of the system settings, or None: no settings
     simulator: str | None = None                   # "module:Class" of its sandbox, or None: no sandbox
     credential_variables: Mapping[str, str] = field(default_factory=dict)   # credential key → documented variable
 
@@ -131,7 +133,7 @@ def capabilities() -> Mapping[str, Capabilities]:
     return _Capabilities()
 
 
-def settings_model(name: str) -> Any:
+def settings_model(name: str) -> type[BaseModel] | None:
     vendor = get(name)
     return vendor.settings_model if vendor is not None else None
 
@@ -146,6 +148,8 @@ def declaration(name: str, cls: Any) -> Vendor:
     if not isinstance(caps, Capabilities):
         raise RegistryError(f"vendor {name}: {cls.__qualname__}.capabilities is not a Capabilities")
     model = getattr(cls, "settings_model", None)
+    if model is not None and not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise RegistryError(f"vendor {name}: {cls.__qualname__}.settings_model is not a pydantic model")
     settings, required = frozenset(caps.settings), frozenset(caps.required_settings)
     if model is not None:
         fields = model.model_fields

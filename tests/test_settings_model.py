@@ -85,3 +85,14 @@ def test_a_mapping_given_directly_is_validated_by_the_vendors_model(tmp_path):
         make({"lock_holder_id": "nope"})
     given = UnlocSettings(lock_holder_id=HOLDER)
     assert make(given).settings is given      # the instance, not a copy or a dict
+
+
+def test_a_settings_model_that_is_no_pydantic_model_is_refused_at_registration():
+    from reconciler import vendors
+
+    class Odd(UnlocProvider):
+        settings_model = dict    # type: ignore[assignment]
+
+    with pytest.raises(vendors.RegistryError, match=r"settings_model is not a pydantic model"):
+        vendors.declaration("unloc", Odd)
+    assert vendors.declaration("unloc", UnlocProvider).settings_model is UnlocSettings

@@ -207,16 +207,12 @@ class PostgresState(StateRecords):
             self._load(conn)
 
     @property
-    def display(self) -> str:
-        return self.server.display
-
-    @property
     def location(self) -> str:
         """Where this state is, as messages name it (no password)."""
         return self.server.display
 
     def __str__(self) -> str:
-        return self.display
+        return self.location
 
     # -- writing: each call is committed before it returns ----------------------------------------------
     def put(self, address: str, record: Mapping[str, Any]) -> None:
@@ -308,7 +304,7 @@ class PostgresState(StateRecords):
                         cur.executemany(_q("INSERT INTO {s}.meta (key, value) VALUES (%s, %s)", s),
                                         [(NOTE + k, json.dumps(v)) for k, v in sorted(notes.items())])
             except psycopg.Error as exc:
-                raise StateUnavailableError(f"state {self.display}: the push was not written: "
+                raise StateUnavailableError(f"state {self.location}: the push was not written: "
                                             f"{self.server.reason(exc)}") from None
         with self._mutex:
             self._records, self._applied, self._systems, self._notes = resources, applied, systems, notes
@@ -328,7 +324,7 @@ class PostgresState(StateRecords):
                         holder = self._holder(conn)
                         self._close()
                         waited = f" after waiting {self.lock_timeout:g}s" if self.lock_timeout else ""
-                        raise LockedError(f"state {self.display} is locked by another apply{waited}: {holder}; "
+                        raise LockedError(f"state {self.location} is locked by another apply{waited}: {holder}; "
                                           "wait for it to finish, or pass --lock-timeout to wait for it")
                     self.sleep(min(1.0, remaining))
                 with conn.transaction():
@@ -342,9 +338,9 @@ class PostgresState(StateRecords):
                 self._load(conn)   # what the previous holder wrote is now final
             except psycopg.Error as exc:
                 self._close()
-                raise StateUnavailableError(f"state {self.display}: cannot take the lock: "
+                raise StateUnavailableError(f"state {self.location}: cannot take the lock: "
                                             f"{self.server.reason(exc)}") from None
-        log.info("state locked state=%s epoch=%s", self.display, self._epoch)
+        log.info("state locked state=%s epoch=%s", self.location, self._epoch)
 
     def unlock(self) -> None:
         with self._conn_mutex:
@@ -415,19 +411,19 @@ class PostgresState(StateRecords):
                     return
                 except psycopg.OperationalError as exc:
                     if not conn.broken or attempt == 2:
-                        raise StateUnavailableError(f"state {self.display}: write failed: "
+                        raise StateUnavailableError(f"state {self.location}: write failed: "
                                                     f"{self.server.reason(exc)}") from None
-                    log.warning("state connection lost; reconnecting state=%s error=%s", self.display,
+                    log.warning("state connection lost; reconnecting state=%s error=%s", self.location,
                                 self.server.reason(exc))
                 except psycopg.Error as exc:
-                    raise StateUnavailableError(f"state {self.display}: write failed: "
+                    raise StateUnavailableError(f"state {self.location}: write failed: "
                                                 f"{self.server.reason(exc)}") from None
 
     def _execute(self, conn: psycopg.Connection[Any], query: sql.Composed, params: tuple[Any, ...]) -> None:
         try:
             conn.execute(query, params)
         except psycopg.Error as exc:
-            raise StateUnavailableError(f"state {self.display}: write failed: {self.server.reason(exc)}") \
+            raise StateUnavailableError(f"state {self.location}: write failed: {self.server.reason(exc)}") \
                 from None
 
     def _reconnect(self) -> None:
@@ -458,16 +454,16 @@ class PostgresState(StateRecords):
             if not got or row is None or int(row[0]) != self._epoch:
                 holder = self._holder(conn) if not got else "another apply held it in between"
                 conn.close()
-                raise StateUnavailableError(f"state {self.display}: lost the lock with the connection ({holder}); "
+                raise StateUnavailableError(f"state {self.location}: lost the lock with the connection ({holder}); "
                                             "this apply stops")
             conn.execute(_q("UPDATE {s}.lock_holder SET backend_pid = pg_backend_pid() WHERE id = 1",
                             self.server.schema))
         except psycopg.Error as exc:
             conn.close()
-            raise StateUnavailableError(f"state {self.display}: cannot take the lock back: "
+            raise StateUnavailableError(f"state {self.location}: cannot take the lock back: "
                                         f"{self.server.reason(exc)}") from None
         self._conn = conn
-        log.warning("state connection restored; lock held again state=%s epoch=%s", self.display, self._epoch)
+        log.warning("state connection restored; lock held again state=%s epoch=%s", self.location, self._epoch)
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -486,7 +482,7 @@ class PostgresState(StateRecords):
                 notes = {k[len(NOTE):]: json.loads(v) for k, v in
                          conn.execute(_q("SELECT key, value FROM {s}.meta WHERE key LIKE 'note:%%'", s))}
         except psycopg.Error as exc:
-            raise StateUnavailableError(f"cannot read state {self.display}: {self.server.reason(exc)}") from None
+            raise StateUnavailableError(f"cannot read state {self.location}: {self.server.reason(exc)}") from None
         with self._mutex:
             self._records = records
             self._applied = applied
