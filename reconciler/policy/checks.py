@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,6 +28,7 @@ from .schema import (
     Declarations,
     DeviceModel,
     Entry,
+    M,
     PermissionModel,
     Place,
     SystemConfig,
@@ -229,6 +230,13 @@ def _numbered(pattern: str | None, number: str) -> bool:
         re.fullmatch(pattern, text) for text in (f"{sample}a", f"a{sample}", f"{sample}A", f"A{sample}"))
 
 
+def _parsed(entries: Mapping[str, Entry[M]]) -> Iterator[tuple[str, Entry[M], M]]:
+    """The entries whose keys validated (in part), with their model: the others are reported already."""
+    for name, entry in entries.items():
+        if entry.model is not None:
+            yield name, entry, entry.model
+
+
 def check_references(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
     problems = [
         *_check_users(declarations, capabilities),
@@ -378,10 +386,7 @@ def _check_system_reference(declarations: Declarations, place: Place, system: st
 
 def _check_users(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
     problems = []
-    for name, entry in declarations.users.items():
-        user = entry.model
-        if user is None:
-            continue
+    for name, entry, user in _parsed(declarations.users):
         for index, system in enumerate(user.systems or ()):
             caps = capabilities_of(declarations, capabilities, system)
             if system not in declarations.systems:
@@ -414,10 +419,7 @@ def _check_users(declarations: Declarations, capabilities: Mapping[str, Capabili
 def _check_devices(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
     problems = []
     adopted: dict[tuple[str, str], Entry[Any]] = {}
-    for entry in declarations.devices.values():
-        device = entry.model
-        if device is None:
-            continue
+    for _, entry, device in _parsed(declarations.devices):
         problems += _check_system_reference(declarations, entry.place, device.system)
         caps = capabilities_of(declarations, capabilities, device.system)
         if caps is None:
@@ -448,10 +450,7 @@ def _check_devices(declarations: Declarations, capabilities: Mapping[str, Capabi
 
 def _check_gateways(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
     problems = []
-    for name, entry in declarations.gateways.items():
-        gateway = entry.model
-        if gateway is None:
-            continue
+    for name, entry, gateway in _parsed(declarations.gateways):
         problems += _check_system_reference(declarations, entry.place, gateway.system)
         caps = capabilities_of(declarations, capabilities, gateway.system)
         if caps is not None and not caps.gateways:
@@ -620,10 +619,7 @@ def _check_grant_fields(declarations: Declarations, place: Place, permission: Pe
 
 def _check_temp_keys(declarations: Declarations, capabilities: Mapping[str, Capabilities]) -> list[Diagnostic]:
     problems = []
-    for entry in declarations.temp_keys.values():
-        key = entry.model
-        if key is None:
-            continue
+    for _, entry, key in _parsed(declarations.temp_keys):
         if key.device not in declarations.devices:
             problems.append(Diagnostic(entry.place.at("device"), _unknown("device", key.device,
                                                                           declarations.devices)))
