@@ -14,7 +14,7 @@ import re
 import types
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from functools import cached_property, lru_cache
+from functools import cache, cached_property, lru_cache
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
@@ -565,8 +565,13 @@ def _extra(model: Any, data: Any) -> dict[str, Any]:
     """The keys of an entry of an open model (`_Open`) that the model does not have: a vendor may declare them."""
     if not (isinstance(model, type) and issubclass(model, _Open) and isinstance(data, dict)):
         return {}
-    own = set(model_keys(model))
-    return {k: v for k, v in data.items() if k not in own}
+    own = _own_keys(model)
+    return {k: v for k, v in data.items() if k not in own} if not own.issuperset(data) else {}
+
+
+@cache
+def _own_keys(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(model_keys(model))
 
 
 def _parse_permissions(place: Place, body: Any, declarations: Declarations) -> list[Diagnostic]:
