@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from functools import cache, cached_property, lru_cache
@@ -393,20 +394,29 @@ def model_keys(model: type[BaseModel]) -> list[str]:
 
 def user_fields() -> tuple[str, ...]:
     """The user fields that may become account attributes, in declaration order."""
-    return tuple(name for name, info in UserModel.model_fields.items()
-                 if any(isinstance(mark, UserField) for mark in info.metadata))
+    return _marked(UserModel, UserField)
 
 
 def device_fields() -> tuple[str, ...]:
     """The device fields that become device attributes, in declaration order."""
-    return tuple(name for name, info in DeviceModel.model_fields.items()
-                 if any(isinstance(mark, DeviceField) for mark in info.metadata))
+    return _marked(DeviceModel, DeviceField)
 
 
-def grant_fields() -> dict[str, GrantField]:
+def grant_fields() -> Mapping[str, GrantField]:
     """The permission fields that become grant attributes, in declaration order."""
-    return {name: mark for name, info in PermissionModel.model_fields.items()
-            for mark in info.metadata if isinstance(mark, GrantField)}
+    return _marks(PermissionModel, GrantField)
+
+
+@cache
+def _marks(model: type[BaseModel], mark: type) -> Mapping[str, Any]:
+    """A model's fields that carry a mark of `mark`'s type, with it (read once per model: the checks ask for
+    every grant)."""
+    return types.MappingProxyType({name: each for name, info in model.model_fields.items()
+                                   for each in info.metadata if isinstance(each, mark)})
+
+
+def _marked(model: type[BaseModel], mark: type) -> tuple[str, ...]:
+    return tuple(_marks(model, mark))
 
 
 GroupModel = list[str]
