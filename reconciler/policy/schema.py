@@ -451,6 +451,9 @@ class Place:
 M = TypeVar("M")
 
 
+NO_EXTRA: Mapping[str, Any] = types.MappingProxyType({})
+
+
 @dataclass(frozen=True)
 class Entry(Generic[M]):
     """One declared entry. When its keys fail validation, `model` holds the keys that passed (`dropped` names
@@ -463,7 +466,7 @@ class Entry(Generic[M]):
     model: M | None
     settings: dict[str, Any] = field(default_factory=dict)   # systems only: vendor-specific keys
     dropped: frozenset[str] = frozenset()                      # keys already reported as wrong
-    extra: dict[str, Any] = field(default_factory=dict)     # keys besides the model's (`_Open`), as written
+    extra: Mapping[str, Any] = field(default_factory=lambda: NO_EXTRA)   # keys besides the model's (`_Open`), as written
 
     def given(self, key: str) -> bool:
         """Whether the entry declares `key` (a value that failed validation still counts: it was written)."""
@@ -571,12 +574,13 @@ def _parse_section(section: str, place: Place, body: Any, declarations: Declarat
     return diagnostics
 
 
-def _extra(model: Any, data: Any) -> dict[str, Any]:
-    """The keys of an entry of an open model (`_Open`) that the model does not have: a vendor may declare them."""
+def _extra(model: Any, data: Any) -> Mapping[str, Any]:
+    """The keys of an entry of an open model (`_Open`) that the model does not have: a vendor may declare them.
+    Most entries have none: they share one empty mapping (a fleet has a hundred thousand entries)."""
     if not (isinstance(model, type) and issubclass(model, _Open) and isinstance(data, dict)):
-        return {}
+        return NO_EXTRA
     own = _own_keys(model)
-    return {k: v for k, v in data.items() if k not in own} if not own.issuperset(data) else {}
+    return NO_EXTRA if own.issuperset(data) else {k: v for k, v in data.items() if k not in own}
 
 
 @cache
