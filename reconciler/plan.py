@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from enum import StrEnum
 from functools import cached_property
 from typing import Any
@@ -29,7 +30,10 @@ from reconciler.resources import (
     KindSchema,
     Resource,
     access_fields,
+    duration_seconds,
+    format_time,
     kind_def,
+    parse_time,
 )
 
 FORMAT_VERSION = 1
@@ -391,11 +395,66 @@ class Change:
 
 
 OPTIONAL_CHANGE_KEYS = ("access", "privilege", "changed", "origin", "reason", "via", "looks_like")
+# Keys derived from the plan's `now` and the change (not what apply does): never part of the checksum, so a
+# saved plan checked against a fresh one made later still matches.
+DERIVED_CHANGE_KEYS = ("enforcement",)
+
+
+def _unknown(what: str, kind: str) -> str:
+    return f"unknown: the vendor's documents do not say when a {what} {kind} is in force on the lock"
+
+
+def enforcement_of(change: Change, now: str, schema: KindSchema | None = None) -> dict[str, Any]:
+    """When `change` is in force on the lock, as its vendor's documents say (`Enforcement`): `from` for a
+    granting change, `by` (the latest moment the lock may still admit) for a revoking one, both null when the
+    documents say nothing; the reason in `basis`, and in `shorten` what the vendor offers to cut a
+    revocation's exposure. `now` is when the change is made (the plan's now, or when apply sent it)."""
+    if schema is None or schema.enforcement is None:
+        schema = next((r.schema for r in (change.desired, change.live) if r is not None
+                       and r.schema.enforcement is not None), schema)
+    declared = schema.enforcement if schema is not None else None
+    start: str | None = None
+    end: str | None = None
+    basis: list[str] = []
+    shorten: str | None = None
+    if change.revokes:
+        if declared is not None and declared.revoke_offline:
+            field_ = declared.revoke_offline
+            attribute = schema.get(field_) if schema is not None else None
+            validity = ((change.live.attributes.get(field_) if change.live else None)
+                        or (attribute.default if attribute else None))
+            seconds = duration_seconds(str(validity)) if validity else None
+            if seconds is not None:
+                end = format_time(parse_time(now) + timedelta(seconds=seconds))
+                basis.append(f"operating keys last {validity}: {declared.revoke}")
+                shorten = declared.shorten or None
+            else:
+                basis.append(_unknown("revoked", change.kind))
+        elif declared is not None and declared.revoke_at_once:
+            end = now
+            basis.append(declared.revoke)
+        else:
+            basis.append(_unknown("revoked", change.kind))
+    if change.grants:
+        if declared is not None and declared.grant:
+            if declared.grant_at_start:
+                wanted = change.desired.attributes.get("start") if change.desired else None
+                start = max(str(wanted), now) if wanted else now
+            basis.append(declared.grant)
+        else:
+            basis.append(_unknown("granted", change.kind))
+    if not basis:
+        basis.append("changes no access")
+    data: dict[str, Any] = {"from": start, "by": end, "basis": "; ".join(basis)}
+    if shorten:
+        data["shorten"] = shorten
+    return data
 
 
 def checksum_form(change: Mapping[str, Any]) -> Mapping[str, Any]:
     """A change as the checksum hashes it: the optional keys only where they are not null."""
     drop = [key for key in OPTIONAL_CHANGE_KEYS if key in change and change[key] is None]
+    drop += [key for key in DERIVED_CHANGE_KEYS if key in change]
     if not drop:
         return change
     form = dict(change)       # a C-level copy, then a few deletions: this runs once per change of every plan
@@ -601,6 +660,9 @@ class Plan:
     renamed: tuple[Note, ...] = ()   # `previously:`: state records moved, nothing sent
     ignored: tuple[Note, ...] = ()   # live objects `ignore:` covers: never changed, never revoked
     renames: tuple[RenameGuard, ...] = ()    # per system with suspected renames
+    # (system, kind) → its vendor's schema: when a change is in force (`Enforcement`) for a change whose
+    # resources carry no schema (a live object read back)
+    schemas: Mapping[tuple[str, str], KindSchema] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "changes", tuple(sorted(self.changes, key=lambda c: (c.address, c.action))))
@@ -640,12 +702,32 @@ class Plan:
     @cached_property
     def _change_dicts(self) -> list[dict[str, Any]]:
         # A plan is immutable, and thousands of changes are not free to serialise: each is built once, for the
-        # checksum, the JSON and the templates alike.
-        return [c.to_dict() for c in self.changes]
+        # checksum, the JSON and the templates alike. The checksum is taken before the derived keys are
+        # added, so that it hashes no copy of each change.
+        dicts = [c.to_dict() for c in self.changes]
+        self.__dict__["_checksum"] = changes_checksum(dicts)
+        for change, data in zip(self.changes, dicts, strict=True):
+            data["enforcement"] = enforcement_of(change, self.now, self.schemas.get((change.system, change.kind)))
+        return dicts
 
     @cached_property
     def _checksum(self) -> str:
-        return changes_checksum(self._change_dicts)
+        self._change_dicts  # noqa: B018 (sets it)
+        return str(self.__dict__["_checksum"])
+
+    def exposures(self) -> list[dict[str, Any]]:
+        """Each revoking change that may still open a door after it is made: its address, person, door and
+        until when (`enforcement.by` later than now), longest first."""
+        found = []
+        for data in self._change_dicts:
+            by = data["enforcement"]["by"]
+            if by and by > self.now:
+                parts = data["address"].split("/", 2)[2].split("/")
+                found.append({"address": data["address"], "user": parts[0],
+                              "door": _bare(parts[1]) if len(parts) > 1 else "", "until": by,
+                              "basis": data["enforcement"]["basis"],
+                              "shorten": data["enforcement"].get("shorten")})
+        return sorted(found, key=lambda e: (e["until"], e["address"]), reverse=True)
 
     @cached_property
     def _dict(self) -> dict[str, Any]:
@@ -673,6 +755,9 @@ class Plan:
             data["rename_guard"] = [g.to_dict() for g in self.renames]
         if self.ignored:
             data["ignored"] = [n.to_dict() for n in self.ignored]
+        exposures = self.exposures()
+        if exposures:
+            data["exposure"] = exposures
         return data
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from reconciler.plan import (
 from reconciler.resources import (
     GRANT_KINDS,
     Kind,
+    KindSchema,
     OnChange,
     Resource,
     Status,
@@ -52,7 +53,8 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
          applied: Mapping[str, str] | None = None, thresholds: Mapping[str, RevokeThreshold] | None = None,
          renamed: Iterable[tuple[str, str]] = (), ignore: tuple[str, ...] = (),
          evidence: Mapping[str, Mapping[str, str]] | None = None,
-         acknowledgements: Mapping[str, Acknowledgement] | None = None) -> Plan:
+         acknowledgements: Mapping[str, Acknowledgement] | None = None,
+         schemas: Mapping[tuple[str, str], KindSchema] | None = None) -> Plan:
     """`applied` (address → digest of the attributes apply last set, from state) lets the plan tell
     drift, a live change made outside git, from a change of the policy. `thresholds` are the systems'
     mass-revoke guards (default 25 % of at least 10 managed grants).
@@ -164,7 +166,8 @@ def plan(desired: Iterable[Resource], live: Iterable[Resource], *, now: datetime
     policy_digest = digest(sorted((r.address, dict(r.attributes), str(r.status), r.id) for r in desired))
     return Plan(now=now_text, changes=tuple(changes), pending=tuple(pending), unmanaged=tuple(unmanaged),
                 warnings=tuple(notes), managed_grants=len(managed), guards=guards, policy_digest=policy_digest,
-                live_digests=live_digests, renamed=moved, ignored=tuple(ignored), renames=rename_guards)
+                live_digests=live_digests, renamed=moved, ignored=tuple(ignored), renames=rename_guards,
+                schemas=schemas or {})
 
 
 WHY = {"email": "same email", "phone": "same phone", "id": "same id", "name": "same name",

@@ -123,12 +123,37 @@ class Attribute:
 
 
 @dataclass(frozen=True)
+class Enforcement:
+    """What a vendor's documents say about when a change of one kind is in force on the lock, not merely
+    accepted by the vendor. Empty words are "the documents say nothing": shown as unknown, never immediate.
+
+    - `grant`: when a granting change starts to open the door (from its start, or once the vendor moves it
+      out of a pending state); `grant_at_start`: it is in force from its start (else `from` is unknown).
+    - `revoke`: when a revoking change stops the door opening; `revoke_offline`: the attribute (an ISO 8601
+      duration, its default from the schema) for which a key already on the phone still opens offline after
+      the revocation; `revoke_at_once`: the documents say it is in force at once.
+    - `pending`: the live states (`meta["state"]`) in which the vendor has accepted a change but the lock
+      does not enforce it yet (Unloc's `creating`); `failed`: states in which it never will (`error`).
+    - `shorten`: what shortens the exposure of a revocation, set ahead of time ("" : the vendor offers none)."""
+
+    grant: str = ""
+    grant_at_start: bool = False
+    revoke: str = ""
+    revoke_offline: str | None = None
+    revoke_at_once: bool = False
+    pending: frozenset[str] = frozenset()
+    failed: frozenset[str] = frozenset()
+    shorten: str = ""
+
+
+@dataclass(frozen=True)
 class KindSchema:
     """The attributes one kind has on one vendor, in the order they are built. `immutable`: the vendor
     cannot update this kind at all, so a change of any attribute (declared or not) forces replacement."""
 
     attributes: Mapping[str, Attribute] = field(default_factory=dict)
     immutable: bool = False
+    enforcement: Enforcement | None = None     # when a change is in force on the lock; None: unknown
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attributes", MappingProxyType(dict(self.attributes)))
@@ -150,7 +175,7 @@ class KindSchema:
         attributes = dict(self.attributes)
         for name in names:
             attributes[name] = replace(attributes.get(name, Attribute()), on_change=OnChange.FIXED)
-        return KindSchema(attributes, self.immutable)
+        return KindSchema(attributes, self.immutable, self.enforcement)
 
 
 NO_SCHEMA: Final = KindSchema()

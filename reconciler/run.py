@@ -28,6 +28,7 @@ from reconciler.plan import FORMAT_VERSION, OPTIONAL_CHANGE_KEYS, Change, Note, 
 from reconciler.policy import Policy, load_policy
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.factory import build_provider, capabilities
+from reconciler.resources import KindSchema
 from reconciler.state import LocalState, StateStore
 from reconciler.state import open_state as open_store
 from reconciler.state.trust import check_state
@@ -173,7 +174,14 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
     return planner.plan(desired, live, now=session.clock.start, unmanaged_modes=modes, warnings=notes, applied=applied,
                         thresholds=thresholds, renamed=renamed, ignore=policy.ignore,
                         evidence=_evidence(state, policy, live),
-                        acknowledgements={name: system.offboarding for name, system in policy.systems.items()})
+                        acknowledgements={name: system.offboarding for name, system in policy.systems.items()},
+                        schemas=schemas_of(providers))
+
+
+def schemas_of(providers: Mapping[str, Provider]) -> dict[tuple[str, str], KindSchema]:
+    """(system, kind) → its vendor's schema: what the plan reads when a change is in force."""
+    return {(name, kind): schema for name, provider in providers.items()
+            for kind, schema in provider.capabilities.attributes.items()}
 
 
 ENTITIES = ("user", "device", "gateway")

@@ -93,7 +93,9 @@ def test_json_plan_is_the_contract_and_out_matches(cli, tmp_path):
                       "after": {"start": "2026-01-01T00:00:00Z", "end": "2027-12-31T23:59:59Z", "key_validity": "P8D"},
                       "source": "policies/p.yaml:10", "reason": "FAC-1", "origin": "policy", "via": ["user"],
                       # every key on every change, null where it does not apply (schema/plan.schema.json)
-                      "access": None, "privilege": None, "changed": None, "looks_like": None}
+                      "access": None, "privilege": None, "changed": None, "looks_like": None,
+                      "enforcement": {"from": NOW, "by": None, "basis": "from its start, once the phone has "
+                                                                       "fetched its operating keys"}}
 
 
 def test_saved_plan_applies_exactly_or_is_refused_when_stale(cli, tmp_path):

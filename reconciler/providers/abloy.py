@@ -37,6 +37,7 @@ from reconciler.resources import (
     ROLE_ORDER,
     Attribute,
     Capabilities,
+    Enforcement,
     Kind,
     KindSchema,
     Meta,
@@ -81,6 +82,15 @@ PATHS = {
     "association": "/gateway-device-association/{id}",
 }
 
+# When a permission is in force [doc 002, `operatingKeyValidityDuration`]: a phone downloads operating keys for
+# offline use, valid `key_validity` (P8D by default); "revoking a permission does not affect the already
+# downloaded operating key".
+ENFORCEMENT = Enforcement(
+    grant="from its start, once the phone has fetched its operating keys", grant_at_start=True,
+    revoke="online at once; offline until the last downloaded operating key expires", revoke_offline="key_validity",
+    shorten="a shorter key_validity on this door's permissions (P1D..P31D), set ahead of time, bounds the "
+            "offline exposure of a revocation")
+
 CAPABILITIES = Capabilities(
     vendor="abloy-keyless",
     grant_kind=Kind.PERMISSION,
@@ -98,7 +108,7 @@ CAPABILITIES = Capabilities(
     attributes={
         # Every permission needs an end; the operating key's validity is per permission (P1D..P31D).
         Kind.PERMISSION: KindSchema({"start": Attribute(str), "end": Attribute(str, required=True),
-                                     "key_validity": Attribute(str, default="P8D")}),
+                                     "key_validity": Attribute(str, default="P8D")}, enforcement=ENFORCEMENT),
         # A user is `{id, role}` and the API has no call that changes a role; ADMIN can grant itself any door.
         Kind.USER: KindSchema({"role": Attribute(str, on_change=OnChange.FIXED, access=ROLE_ORDER,
                                                  privilege=frozenset({"ADMIN"}))}),

@@ -40,6 +40,7 @@ from reconciler.providers.settings import VendorSettings
 from reconciler.resources import (
     Attribute,
     Capabilities,
+    Enforcement,
     Kind,
     KindSchema,
     Meta,
@@ -75,6 +76,11 @@ HISTORY = frozenset({"revoked", "expired"})
 WORKING = frozenset({CREATING, "scheduled", "active"})
 PENDING_MESSAGE = "key being created by Unloc"
 
+# A key starts in `creating` and Unloc moves it to `scheduled`/`active` later, or to `error` [doc]; the
+# documents say nothing about when a revoked key stops opening the lock.
+ENFORCEMENT = Enforcement(grant="in force once Unloc moves the key out of `creating`",
+                          pending=frozenset({CREATING}), failed=frozenset({ERROR}))
+
 CAPABILITIES = Capabilities(
     vendor="unloc",
     grant_kind=Kind.KEY,
@@ -89,7 +95,8 @@ CAPABILITIES = Capabilities(
         # and is never read back.
         Kind.KEY: KindSchema({"start": Attribute(str), "end": Attribute(str, default=None),
                               "schedule": Attribute(list, default=None),
-                              "notify": Attribute(bool, compared=False)}, immutable=True),
+                              "notify": Attribute(bool, compared=False)}, immutable=True,
+                             enforcement=ENFORCEMENT),
     },
 )
 

@@ -54,6 +54,7 @@ from reconciler.providers.settings import VendorSettings
 from reconciler.resources import (
     Attribute,
     Capabilities,
+    Enforcement,
     Kind,
     KindSchema,
     Meta,
@@ -88,6 +89,11 @@ GONE_STATES = frozenset({"revoked", "expired", "denied"})
 ENDED_ACTIONS = frozenset({"revoked", "denied"})   # event actions after which a key opens nothing [pinned]
 PENDING_MESSAGE = "waiting for the lock owner's approval (opt-in lock)"
 
+# On an opt-in lock the key "cannot be used unless the lock owner has accepted the key" [doc]; on opt-out it is
+# approved at once. Nothing is documented about when a revoked key stops opening.
+ENFORCEMENT = Enforcement(grant="in force once the lock owner approves it (opt-in locks; opt-out: at once)",
+                          pending=PENDING_STATES, failed=frozenset({"denied"}))
+
 CAPABILITIES = Capabilities(
     vendor="unloc-partner",
     grant_kind=Kind.KEY,
@@ -99,7 +105,8 @@ CAPABILITIES = Capabilities(
     several_windows=True,
     attributes={
         # `end` is optional on create [doc]; a key cannot be updated, so any change is revoke + create.
-        Kind.KEY: KindSchema({"start": Attribute(str), "end": Attribute(str, default=None)}, immutable=True),
+        Kind.KEY: KindSchema({"start": Attribute(str), "end": Attribute(str, default=None)}, immutable=True,
+                             enforcement=ENFORCEMENT),
     },
 )
 
