@@ -133,7 +133,7 @@ class Enforcement:
       duration, its default from the schema) for which a key already on the phone still opens offline after
       the revocation; `revoke_at_once`: the documents say it is in force at once.
     - `pending`: the live states (`meta["state"]`) in which the vendor has accepted a change but the lock
-      does not enforce it yet (Unloc's `creating`); `failed`: states in which it never will (`error`).
+      does not enforce it yet (a key being created); `failed`: states in which it never will (`error`).
     - `shorten`: what shortens the exposure of a revocation, set ahead of time ("" : the vendor offers none)."""
 
     grant: str = ""
