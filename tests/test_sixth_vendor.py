@@ -150,8 +150,6 @@ def test_turning_pin_required_off_is_planned_as_granting_access_and_on_as_revoki
     assert change["effect"] == "revoke"
 
 
-@pytest.mark.xfail(strict=True, reason="the core does not yet check a user schema's required fields (expand leaves "
-                   "the field out; the vendor then refuses the create)")
 def test_an_account_without_the_name_the_vendor_needs_is_a_located_error_and_nothing_is_sent(cli: Cli) -> None:
     cli.write(POLICY.replace("bob: {email: bob@example.com, name: Bob Berg}", "bob: {email: bob@example.com}"))
     result = cli("validate", "-d", "policy")

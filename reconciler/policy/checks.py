@@ -407,12 +407,31 @@ def _check_users(declarations: Declarations, capabilities: Mapping[str, Capabili
             elif not has_account(declarations, name, system):
                 problems.append(Diagnostic(entry.place.at("ids", system), f"user '{name}' adopts an account on "
                                            f"'{system}' but `systems:` leaves that system out"))
+        problems += _check_account_fields(declarations, capabilities, name, entry, user)
         if user.mobile_key and not entry.given("phone"):
             mobile = [s for s in declarations.systems if has_account(declarations, name, s)
                       and (c := capabilities_of(declarations, capabilities, s)) and c.user_accounts and c.mobile_key]
             if mobile:
                 problems.append(Diagnostic(entry.place.at("mobile_key"), f"user '{name}' has mobile_key but no "
                                            "phone: the invitation is sent by SMS, so add `phone:`"))
+    return problems
+
+
+def _check_account_fields(declarations: Declarations, capabilities: Mapping[str, Capabilities], name: str,
+                          entry: Entry[Any], user: Any) -> list[Diagnostic]:
+    """A user field the vendor's user schema requires, on each system where the policy creates the account (an
+    adopted account, `ids:`, is not created): missing, it is an error here rather than a refused create."""
+    problems = []
+    for system in declarations.systems:
+        caps = capabilities_of(declarations, capabilities, system)
+        if caps is None or not caps.user_accounts or not has_account(declarations, name, system):
+            continue
+        if system in (user.ids or {}):
+            continue
+        for field_name, attribute in caps.schema(Kind.USER).attributes.items():
+            if attribute.required and not entry.given(field_name):
+                problems.append(Diagnostic(entry.place.at(), f"{caps.vendor} accounts need `{field_name}:` "
+                                           f"(system '{system}'): add it to user '{name}'"))
     return problems
 
 
