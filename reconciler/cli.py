@@ -172,7 +172,7 @@ def shared_options() -> list[click.Option]:
 # Terraform's single-dash options, and what reconciler spells instead.
 TERRAFORM_HABITS = {
     "json": "use --format json",
-    "target": "reconciler has no -target: plan one policy file or directory (DIR) instead",
+    "target": "use --target SYSTEM (or --target SYSTEM/KIND/NAME)",
     "var": "reconciler has no -var: credentials come from ${VAR} references in the policy",
     "var-file": "reconciler has no -var-file: credentials come from ${VAR} references in the policy",
     "input": "reconciler has no -input: apply asks only on a terminal; pass --auto-approve",
@@ -270,6 +270,9 @@ def policy_directory(func: Callable[..., None]) -> Callable[..., None]:
                           type=click.Path(file_okay=True))(wrapper)
 
 
+target_option = click.option("--target", "targets", multiple=True, metavar="SYSTEM|ADDRESS",
+                              help="Only this system (or SYSTEM/KIND/NAME and what it depends on); repeatable. "
+                                   "What is read, planned, locked and applied; the plan says it is partial.")
 lock_timeout_option = click.option("--lock-timeout", default="0", show_default=True, metavar="DURATION",
                                    help="Wait this long (30s, 5m) for another apply's lock; 0 refuses at once.")
 _allow_host = click.option(
@@ -401,12 +404,14 @@ def _escape_property(text: str) -> str:
 @allow_host_option
 @click.option("--revision", envvar="RECONCILER_REVISION", metavar="COMMIT[@TIME]",
               help="The policy's revision when the directory is not its git work tree (RECONCILER_REVISION).")
+@target_option
 def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now: str | None,
-         state: str | None, allow_host: tuple[str, ...], revision: str | None) -> None:
+         state: str | None, allow_host: tuple[str, ...], revision: str | None, targets: tuple[str, ...]) -> None:
     """Show what apply would change."""
     def body() -> int:
         session = _session(directory, state, now, allow_host)
         session.revision = revision
+        session.targets = targets
         result = run.plan(_reading(session))
         # Written as it is rendered: a plan of 100,000 changes is never held as one string.
         if out:
@@ -439,9 +444,10 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
               help="The policy's revision when the directory is not its git work tree (RECONCILER_REVISION).")
 @click.option("--allow-older-revision", is_flag=True,
               help="Apply even a revision older than the one applied last (a deliberate revert).")
+@target_option
 def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_revoke: bool,
           now: str | None, state: str | None, allow_host: tuple[str, ...], lock_timeout: str,
-          revision: str | None, allow_older_revision: bool) -> None:
+          revision: str | None, allow_older_revision: bool, targets: tuple[str, ...]) -> None:
     """Make the live systems match the policy."""
     def body() -> int:
         saved = _read_plan(plan_file) if plan_file else None
@@ -459,6 +465,7 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
 
             session = _session(directory, state, now, allow_host, lock_timeout)
             session.revision = revision
+            session.targets = targets
             result, report = run.apply(_reading(session), allow_older_revision=allow_older_revision,
                                        saved=saved, approve=approve, allow_mass_revoke=allow_mass_revoke,
                                        on_plan=show, on_change=stopping.on_change, stop=stopping.stop)

@@ -663,6 +663,7 @@ class Plan:
     # (system, kind) → its vendor's schema: when a change is in force (`Enforcement`) for a change whose
     # resources carry no schema (a live object read back)
     schemas: Mapping[tuple[str, str], KindSchema] = field(default_factory=dict, compare=False, repr=False)
+    targets: tuple[str, ...] = ()    # `--target`: a partial plan, of these systems and addresses only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "changes", tuple(sorted(self.changes, key=lambda c: (c.address, c.action))))
@@ -758,6 +759,8 @@ class Plan:
         exposures = self.exposures()
         if exposures:
             data["exposure"] = exposures
+        if self.targets:
+            data["targets"] = list(self.targets)
         return data
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from reconciler.resources import KindSchema
 from reconciler.state import LocalState, StateStore
 from reconciler.state import open_state as open_store
 from reconciler.state.trust import check_state
+from reconciler.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class Session:
     # The revision being applied (`--revision`/RECONCILER_REVISION): COMMIT, or COMMIT@TIME (Unix seconds or
     # ISO 8601) where the policy directory is not a git work tree holding that commit.
     revision: str | None = None
+    # `--target`: systems (SYSTEM) or addresses (SYSTEM/KIND/NAME) the run is limited to; () is everything.
+    targets: tuple[str, ...] = ()
     clock: SessionClock = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +108,59 @@ def open_state(session: Session) -> StateStore:
 def validate(session: Session) -> Policy:
     return load_policy(session.directory, capabilities(), session.env, allowed_hosts=session.allowed_hosts,
                        allowed_credentials=session.allowed_credentials)
+
+
+# ------------------------------------------------------------------------------------------------ targets
+
+def target_systems(policy: Policy, targets: tuple[str, ...]) -> list[str]:
+    """The systems `--target` names (a SYSTEM, or the system of a SYSTEM/KIND/NAME address), sorted;
+    every system when there is no target. An unknown system is an error: nothing is read or sent."""
+    if not targets:
+        return sorted(policy.systems)
+    found = set()
+    for target in targets:
+        system = target.split("/", 1)[0]
+        if system not in policy.systems or target.endswith("/") \
+                or printable(target) != target or ("/" in target and target.count("/") < 2):
+            raise ReconcilerError(f"--target {printable(target)!r}: expected SYSTEM or SYSTEM/KIND/NAME of a system "
+                                  f"in the policy (systems: {', '.join(sorted(policy.systems))})")
+        found.add(system)
+    return sorted(found)
+
+
+def targeted(policy: Policy, targets: tuple[str, ...]) -> Policy:
+    """The policy limited to the targeted systems: what is read, planned, locked and applied."""
+    if not targets:
+        return policy
+    keep = set(target_systems(policy, targets))
+    return replace(policy, systems={n: s for n, s in policy.systems.items() if n in keep},
+                   resources=[r for r in policy.resources if r.system in keep],
+                   renames=[r for r in policy.renames if r.system in keep],
+                   evidence={a: e for a, e in policy.evidence.items() if a.split("/", 1)[0] in keep})
+
+
+def limit_plan(plan: Plan, targets: tuple[str, ...], desired: list[Any], live: list[Any]) -> Plan:
+    """A targeted plan: its changes limited to the targeted systems and addresses (and what a targeted
+    address depends on, transitively), saying which targets it covers (`targets`: it is partial). The guards
+    stay as judged on the whole of each targeted system, so a partial plan refuses whatever the whole would."""
+    if not targets:
+        return plan
+    systems = {t for t in targets if "/" not in t}
+    addresses = {t for t in targets if "/" in t}
+    depends: dict[str, tuple[str, ...]] = {}
+    for resource in [*live, *desired]:
+        depends[resource.address] = tuple(resource.depends_on)
+    wanted: set[str] = set()
+    todo = list(addresses)
+    while todo:
+        address = todo.pop()
+        if address not in wanted:
+            wanted.add(address)
+            todo.extend(depends.get(address, ()))
+    changes = tuple(c for c in plan.changes if c.system in systems or c.address in wanted)
+    kept = {c.address for c in changes}
+    return replace(plan, changes=changes, targets=tuple(sorted(targets)),
+                   live_digests={a: d for a, d in plan.live_digests.items() if a in kept})
 
 
 def schema() -> dict[str, Any]:
@@ -171,11 +227,12 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
     notes += [n for result in reads.values() for n in result.warnings]
     modes = {name: system.unmanaged for name, system in policy.systems.items()}
     thresholds = {name: system.mass_revoke for name, system in policy.systems.items()}
-    return planner.plan(desired, live, now=session.clock.start, unmanaged_modes=modes, warnings=notes, applied=applied,
-                        thresholds=thresholds, renamed=renamed, ignore=policy.ignore,
-                        evidence=_evidence(state, policy, live),
-                        acknowledgements={name: system.offboarding for name, system in policy.systems.items()},
-                        schemas=schemas_of(providers))
+    whole = planner.plan(desired, live, now=session.clock.start, unmanaged_modes=modes, warnings=notes,
+                         applied=applied, thresholds=thresholds, renamed=renamed, ignore=policy.ignore,
+                         evidence=_evidence(state, policy, live),
+                         acknowledgements={name: system.offboarding for name, system in policy.systems.items()},
+                         schemas=schemas_of(providers))
+    return limit_plan(whole, session.targets, desired, live)
 
 
 def schemas_of(providers: Mapping[str, Provider]) -> dict[tuple[str, str], KindSchema]:
@@ -204,8 +261,12 @@ def _evidence(state: StateStore | None, policy: Policy, live: list[Any]) -> dict
     from reconciler.resources import digest
 
     known: dict[str, dict[str, str]] = {}
-    recorded = state.note("evidence") if state is not None else None
-    for address, clues in (recorded or {}).items():
+    recorded: dict[str, Any] = {}
+    if state is not None:
+        recorded.update(state.note("evidence") or {})       # written whole by earlier versions
+        for system in policy.systems:
+            recorded.update(state.note(f"evidence/{system}") or {})
+    for address, clues in recorded.items():
         if isinstance(clues, dict):
             known[str(address)] = {str(k): str(v) for k, v in clues.items()}
     if state is not None:
@@ -223,7 +284,7 @@ def _evidence(state: StateStore | None, policy: Policy, live: list[Any]) -> dict
 
 
 def plan(session: Session) -> Plan:
-    policy = validate(session)
+    policy = targeted(validate(session), session.targets)
     state = open_state(session)
     providers = build_providers(session, policy, state)
     try:
@@ -240,10 +301,14 @@ def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callabl
     """Plan under the state lock, check it against a saved plan, ask, execute. Returns the report, or
     None when there was nothing to do or approval was declined. Setting `stop` (Ctrl-C) sends nothing
     new; the report then says what was applied, what is uncertain and what remains."""
-    policy = validate(session)
+    if saved is not None and saved.get("targets") and not session.targets:
+        session = replace(session, targets=tuple(str(t) for t in saved["targets"]))   # the saved plan's scope
+    policy = targeted(validate(session), session.targets)
     current = revision(session)
     state = open_state(session)
-    with state:
+    with _locked(state, sorted(policy.systems)):
+        if session.now is None:
+            session.clock = SessionClock(wall_clock(), running=True)   # the plan is as of when the lock was taken
         check_revision(state, current, session.directory, allow_older=allow_older_revision)
         renamed = _renamed(state, policy, persist=True)
         providers = build_providers(session, policy, state)
@@ -278,10 +343,27 @@ def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callabl
             _close(providers)
 
 
+class _locked:
+    """The state locked for these systems (each its own lock, in sorted order) for the `with` block."""
+
+    def __init__(self, state: StateStore, systems: list[str]):
+        self.state, self.systems = state, systems
+
+    def __enter__(self) -> StateStore:
+        self.state.lock(self.systems)
+        return self.state
+
+    def __exit__(self, *exc: object) -> None:
+        self.state.__exit__(*exc)
+
+
 def _record(state: StateStore, policy: Policy, current: Revision | None) -> None:
     """What this apply came from: its revision (the revision guard of the next one) and what identified the
     policy's users, devices and gateways (the next plan's clue to a rename)."""
-    state.set_note("evidence", policy.evidence)
+    # One note per system, so runners applying different systems at once never overwrite each other's.
+    for system in sorted(policy.systems):
+        prefix = system + "/"
+        state.set_note(f"evidence/{system}", {a: e for a, e in policy.evidence.items() if a.startswith(prefix)})
     if current is not None:
         state.set_note("revision", {"commit": current.commit, "time": current.time})
 
@@ -521,6 +603,10 @@ def check_saved(saved: Mapping[str, Any], fresh: Plan) -> None:
     if saved.get("format_version") != FORMAT_VERSION:
         raise RefusedError(f"refused: the saved plan has format_version {saved.get('format_version')!r}; "
                            f"this version reads {FORMAT_VERSION}")
+    if sorted(saved.get("targets") or []) != sorted(fresh.targets):
+        raise RefusedError(f"refused: the saved plan covers targets {sorted(saved.get('targets') or []) or 'all'}, "
+                           f"this apply {sorted(fresh.targets) or 'all'}. Nothing was sent; apply it with the same "
+                           "--target, or make a new plan")
     if saved.get("checksum") == fresh.checksum():
         return
     reasons = []

@@ -116,7 +116,7 @@ def test_a_usage_error_exits_1_from_the_installed_command(tmp_path):
     (("apply", "-auto-approve"), "use --auto-approve"),
     (("plan", "-detailed-exitcode"), "use --detailed-exitcode"),
     (("plan", "-json"), "use --format json"),
-    (("plan", "-target", "hq"), "no -target"),
+    (("plan", "-target", "hq"), "use --target"),
     (("apply", "-lock-timeout", "5s"), "use --lock-timeout"),
 ])
 def test_single_dash_options_get_a_hint(cli, args, hint):

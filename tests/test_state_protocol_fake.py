@@ -89,7 +89,7 @@ class MemoryState:
     def save(self) -> None:
         self.calls.append("save")
 
-    def lock(self) -> None:
+    def lock(self, systems=None) -> None:
         pass
 
     def unlock(self) -> None:

@@ -19,7 +19,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -228,7 +228,9 @@ class LocalState(StateRecords):
             self.journal_path.unlink(missing_ok=True)
 
     # -- locking -------------------------------------------------------------------------------------
-    def lock(self) -> None:
+    def lock(self, systems: Iterable[str] | None = None) -> None:
+        """The state file's lock. A file has one writer at a time (its snapshot is folded whole), so `systems`
+        takes the same lock as the whole state: per-system parallelism is the PostgreSQL state's."""
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + self.lock_timeout

@@ -6,10 +6,12 @@ Chosen by `--state postgresql://USER@HOST:PORT/DB[?schema=NAME]` (or `RECONCILER
 The promises of the local journal, across machines:
 - Every `put`, `delete` and `mark_applied` is one committed statement before the call returns, so a change
   the vendor confirmed is in the database before the worker that made it sends anything else.
-- One apply per state at a time: a session-level advisory lock whose key derives from the schema name, held
-  on the very connection every write goes through. It is released when the holder's session ends, however
-  it ends, and a write that succeeds proves the lock is still held. Who holds it (host, process, since) is
-  the `lock_holder` row. Plans never take it: they read one snapshot and close their connection.
+- One apply per system at a time: a session-level advisory lock per system, whose key derives from the schema
+  and the system's name, taken in sorted order under the whole state's lock taken shared (`state push` and
+  `state forget` take that one exclusively), all held on the very connection every write goes through. They
+  are released when the holder's session ends, however it ends, and a write that succeeds proves they are
+  still held. Who holds each (host, process, since) is its `locks` row. Plans never take them: they read one
+  snapshot and close their connection. Runners applying different systems of one state run in parallel.
 - A connection lost mid-apply is opened again and the lock taken again only if nobody took it in between
   (the holder row's `epoch` is still ours); otherwise, or while the server stays unreachable, the write
   raises `StateUnavailableError` and the applier stops sending.
@@ -30,7 +32,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC
 from pathlib import Path
 from typing import Any, Self
@@ -45,7 +47,8 @@ from reconciler.state.local import StateRecords, pause
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+WHOLE = "*"                   # the name of the whole state's lock in `locks` (systems use their own name)
 DEFAULT_SCHEMA = "reconciler"
 NOTE = "note:"                # `meta` keys holding the state's notes (`StateRecords.note`)
 RECONNECT_SECONDS = 30.0      # how long a lost connection is tried again before the apply stops
@@ -63,6 +66,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     (   # 2: which runner wrote each record last, and when (server time): who to ask when a record puzzles
         "ALTER TABLE {s}.resources ADD COLUMN written_by text, ADD COLUMN written_at timestamptz",
+    ),
+    (   # 3: a lock per system: who holds each (a system's name, or '*' for the whole state), and its epoch
+        "CREATE TABLE {s}.locks (name text PRIMARY KEY, host text NOT NULL, pid int NOT NULL,"
+        " since timestamptz NOT NULL, backend_pid int NOT NULL, epoch bigint NOT NULL)",
     ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -103,6 +110,10 @@ class StateLocation:
         # the same database never contend.
         self.lock_key = _key(f"reconciler apply {self.schema}")
         self.migration_key = _key(f"reconciler schema {self.schema}")
+
+    def system_key(self, system: str) -> int:
+        """The advisory lock of one system of this state (schema + system name)."""
+        return _key(f"reconciler apply {self.schema} system {system}")
 
     def connect(self, *, application: str = "reconciler") -> psycopg.Connection[Any]:
         params: dict[str, Any] = {"host": self.host, "port": self.port, "application_name": application[:63],
@@ -200,6 +211,8 @@ class PostgresState(StateRecords):
         self._conn_mutex = threading.RLock()   # the connection: one statement at a time, reconnects
         self._conn: psycopg.Connection[Any] | None = None
         self._epoch: int | None = None          # set while we hold the lock
+        self._epochs: dict[str, int] = {}       # each lock held (a system, or WHOLE) → its epoch
+        self._held: list[tuple[str, int, bool]] = []   # (name, advisory key, exclusive) in the order taken
         self._lost: str | None = None           # why the lock was lost mid-apply: no write goes through after
         self._who = f"{socket.gethostname()[:100]} pid {os.getpid()}"
         with self._connection() as conn:
@@ -310,46 +323,75 @@ class PostgresState(StateRecords):
             self._records, self._applied, self._systems, self._notes = resources, applied, systems, notes
 
     # -- locking -------------------------------------------------------------------------------------
-    def lock(self) -> None:
-        """Take the apply lock, waiting up to `lock_timeout` seconds (0: refuse at once, naming the holder)."""
+    def lock(self, systems: Iterable[str] | None = None) -> None:
+        """Take the apply lock, waiting up to `lock_timeout` seconds (0: refuse at once, naming the holder).
+
+        `systems`: one lock per system, taken in sorted order (so two runners never wait on each other in a
+        circle), under the whole state's lock taken shared; None takes the whole state's lock exclusively
+        (`state push`, `state forget`), which waits for every system's apply and excludes them all."""
+        wanted = [(WHOLE, self.server.lock_key, True)] if systems is None else \
+            [("", self.server.lock_key, False)] + [(n, self.server.system_key(n), True) for n in sorted(set(systems))]
         with self._conn_mutex:
             if self._conn is None:
                 self._conn = self.server.connect(application=f"reconciler apply {self._who}")
             conn = self._conn
             deadline = time.monotonic() + self.lock_timeout
+            taken: list[tuple[str, int, bool]] = []
             try:
-                while not _scalar(conn.execute("SELECT pg_try_advisory_lock(%s)", (self.server.lock_key,))):
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        holder = self._holder(conn)
-                        self._close()
-                        waited = f" after waiting {self.lock_timeout:g}s" if self.lock_timeout else ""
-                        raise LockedError(f"state {self.location} is locked by another apply{waited}: {holder}; "
-                                          "wait for it to finish, or pass --lock-timeout to wait for it")
-                    self.sleep(min(1.0, remaining))
+                for name, key, exclusive in wanted:
+                    self._wait_for(conn, name, key, exclusive, deadline, taken)
+                    taken.append((name, key, exclusive))
+                epochs: dict[str, int] = {}
                 with conn.transaction():
-                    row = conn.execute(_q(
-                        "INSERT INTO {s}.lock_holder AS h (id, host, pid, since, backend_pid, epoch) "
-                        "VALUES (1, %s, %s, now(), pg_backend_pid(), 1) ON CONFLICT (id) DO UPDATE SET "
-                        "host = EXCLUDED.host, pid = EXCLUDED.pid, since = now(), backend_pid = pg_backend_pid(), "
-                        "epoch = h.epoch + 1 RETURNING epoch", self.server.schema),
-                        (socket.gethostname()[:255], os.getpid()))
-                self._epoch = int(_scalar(row))
-                self._load(conn)   # what the previous holder wrote is now final
+                    for name, _, exclusive in taken:
+                        if not exclusive:
+                            continue
+                        row = conn.execute(_q(
+                            "INSERT INTO {s}.locks AS h (name, host, pid, since, backend_pid, epoch) "
+                            "VALUES (%s, %s, %s, now(), pg_backend_pid(), 1) ON CONFLICT (name) DO UPDATE SET "
+                            "host = EXCLUDED.host, pid = EXCLUDED.pid, since = now(), "
+                            "backend_pid = pg_backend_pid(), epoch = h.epoch + 1 RETURNING epoch",
+                            self.server.schema), (name, socket.gethostname()[:255], os.getpid()))
+                        epochs[name] = int(_scalar(row))
+                self._held = taken
+                self._epochs = epochs
+                self._epoch = max(epochs.values())
+                self._load(conn)   # what the previous holders wrote is now final
             except psycopg.Error as exc:
                 self._close()
                 raise StateUnavailableError(f"state {self.location}: cannot take the lock: "
                                             f"{self.server.reason(exc)}") from None
-        log.info("state locked state=%s epoch=%s", self.location, self._epoch)
+        log.info("state locked state=%s locks=%s", self.location, ",".join(sorted(self._epochs)))
+
+    def _wait_for(self, conn: psycopg.Connection[Any], name: str, key: int, exclusive: bool, deadline: float,
+                  taken: list[tuple[str, int, bool]]) -> None:
+        """Take one advisory lock, polling with short sleeps until `deadline`; on timeout release what
+        `taken` holds and refuse, naming the holder."""
+        take = "pg_try_advisory_lock(%s)" if exclusive else "pg_try_advisory_lock_shared(%s)"
+        while not _scalar(conn.execute(f"SELECT {take}", (key,))):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                holder = self._holder(conn, key)
+                self._close()       # the session ends, and every lock taken so far with it
+                waited = f" after waiting {self.lock_timeout:g}s" if self.lock_timeout else ""
+                what = f"system {name!r} of state {self.location}" if name and name != WHOLE \
+                    else f"state {self.location}"
+                raise LockedError(f"{what} is locked by another apply{waited}: {holder}; "
+                                  "wait for it to finish, or pass --lock-timeout to wait for it")
+            self.sleep(min(0.2, remaining))
 
     def unlock(self) -> None:
         with self._conn_mutex:
             if self._conn is not None and self._epoch is not None and not self._conn.broken:
                 try:
-                    self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.server.lock_key,))
+                    for _, key, exclusive in reversed(self._held):
+                        self._conn.execute("SELECT pg_advisory_unlock(%s)" if exclusive else
+                                           "SELECT pg_advisory_unlock_shared(%s)", (key,))
                 except psycopg.Error:
                     pass       # the session is gone, and its lock with it
             self._epoch = None
+            self._epochs = {}
+            self._held = []
             self._lost = None
             self._close()
 
@@ -361,17 +403,18 @@ class PostgresState(StateRecords):
         self.unlock()
 
     # -- internals -----------------------------------------------------------------------------------
-    def _holder(self, conn: psycopg.Connection[Any]) -> str:
-        """Who holds the lock: the holder row when it belongs to the session holding the lock, else what
-        the server knows of that session."""
-        key = self.server.lock_key & 0xFFFFFFFFFFFFFFFF
+    def _holder(self, conn: psycopg.Connection[Any], key: int | None = None) -> str:
+        """Who holds the lock `key` (default: the whole state's): the holder row when it belongs to the session
+        holding the lock, else what the server knows of that session."""
+        key = (self.server.lock_key if key is None else key) & 0xFFFFFFFFFFFFFFFF
         row = conn.execute(_q(
             "SELECT l.pid, h.host, h.pid, h.since, a.client_addr::text, a.backend_start "
-            "FROM pg_locks l LEFT JOIN {s}.lock_holder h ON h.backend_pid = l.pid "
+            "FROM pg_locks l LEFT JOIN {s}.locks h ON h.backend_pid = l.pid "
             "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
             "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
             "AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid "
-            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "ORDER BY h.since NULLS LAST LIMIT 1",
             self.server.schema), (key >> 32, key & 0xFFFFFFFF)).fetchone()
         if row is None:
             return "the holder has just released it; try again"
@@ -449,15 +492,18 @@ class PostgresState(StateRecords):
                                                 f"for {RECONNECT_SECONDS:g}s)") from None
                 self.sleep(0.5)
         try:
-            got = _scalar(conn.execute("SELECT pg_try_advisory_lock(%s)", (self.server.lock_key,)))
-            row = conn.execute(_q("SELECT epoch FROM {s}.lock_holder WHERE id = 1", self.server.schema)).fetchone()
-            if not got or row is None or int(row[0]) != self._epoch:
-                holder = self._holder(conn) if not got else "another apply held it in between"
-                conn.close()
-                raise StateUnavailableError(f"state {self.location}: lost the lock with the connection ({holder}); "
-                                            "this apply stops")
-            conn.execute(_q("UPDATE {s}.lock_holder SET backend_pid = pg_backend_pid() WHERE id = 1",
-                            self.server.schema))
+            for name, key, exclusive in self._held:
+                take = "pg_try_advisory_lock(%s)" if exclusive else "pg_try_advisory_lock_shared(%s)"
+                got = _scalar(conn.execute(f"SELECT {take}", (key,)))
+                row = conn.execute(_q("SELECT epoch FROM {s}.locks WHERE name = %s", self.server.schema),
+                                   (name,)).fetchone() if exclusive else (0,)
+                if not got or row is None or (exclusive and int(row[0]) != self._epochs.get(name)):
+                    holder = self._holder(conn, key) if not got else "another apply held it in between"
+                    conn.close()
+                    raise StateUnavailableError(f"state {self.location}: lost the lock with the connection "
+                                                f"({holder}); this apply stops")
+            conn.execute(_q("UPDATE {s}.locks SET backend_pid = pg_backend_pid() WHERE name = ANY(%s)",
+                            self.server.schema), (list(self._epochs),))
         except psycopg.Error as exc:
             conn.close()
             raise StateUnavailableError(f"state {self.location}: cannot take the lock back: "

@@ -8,7 +8,7 @@ every write is already committed) implements it as a no-op, so no caller probes 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -54,7 +54,10 @@ class StateStore(Protocol):
     def save(self) -> None: ...
 
     # -- the apply lock ------------------------------------------------------------------------------
-    def lock(self) -> None: ...
+    def lock(self, systems: Iterable[str] | None = None) -> None:
+        """Take the apply lock: of these systems only (in sorted order), or of the whole state (None)."""
+        ...
+
     def unlock(self) -> None: ...
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...
