@@ -4,7 +4,7 @@ Protocol (test_state_protocol.py runs mypy on it)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -89,7 +89,7 @@ class MemoryState:
     def save(self) -> None:
         self.calls.append("save")
 
-    def lock(self, systems=None) -> None:
+    def lock(self, systems: Iterable[str] | None = None) -> None:
         pass
 
     def unlock(self) -> None:
