@@ -629,6 +629,35 @@ def access(directory: str, user: str | None, device: str | None, at: str | None,
     _run_command(body)
 
 
+@main.command("test")
+@policy_directory
+@click.option("--live", is_flag=True, help="Evaluate the assertions against what the systems hold.")
+@click.option("--junit-xml", "junit_xml", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also write the results as JUnit XML, for CI.")
+@state_option
+@allow_host_option
+def test_command(directory: str, live: bool, junit_xml: str | None, state: str | None,
+                 allow_host: tuple[str, ...]) -> None:
+    """Check the policy's assertions and rules, without contacting any vendor (unless --live).
+
+    Each assertion is printed with its file:line; exit 1 when any fails (a broken rule is an error at the
+    violating entry and at the rule)."""
+    def body() -> int:
+        policy, results = run.test(_session(directory, state, None, allow_host), live=live)
+        for result in results:
+            status = "PASS" if result.passed else "FAIL"
+            click.echo(printable(f"{status} {result.source}: {result.assertion.title}: {result.detail}"))
+        failed = sum(1 for r in results if not r.passed)
+        if junit_xml:
+            from reconciler.assertions import junit_xml as to_junit
+
+            Path(junit_xml).write_text(to_junit(results, policy.rules), encoding="utf-8")
+        click.echo(f"{_count(len(results), 'assertion')}: {len(results) - failed} passed, {failed} failed; "
+                   f"{_count(len(policy.rules), 'rule')} hold.")
+        return ExitCode.ERROR if failed else ExitCode.OK
+    _run_command(body)
+
+
 @main.command()
 @click.argument("system")
 @click.argument("device")

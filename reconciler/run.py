@@ -23,7 +23,7 @@ from reconciler import planner
 from reconciler.access import AccessRow, Admin, rows_from_live, rows_from_policy, select
 from reconciler.applier import ApplyReport, apply_plan, check_mass_revoke
 from reconciler.bulk import paused_collection
-from reconciler.errors import PlanError, ReconcilerError, RefusedError, StateError
+from reconciler.errors import PlanError, PolicyError, ReconcilerError, RefusedError, StateError
 from reconciler.plan import FORMAT_VERSION, OPTIONAL_CHANGE_KEYS, Change, Note, Plan, changes_checksum, renamed_address
 from reconciler.policy import Policy, load_policy
 from reconciler.providers.base import Event, Provider, ReadResult
@@ -106,8 +106,25 @@ def open_state(session: Session) -> StateStore:
 
 
 def validate(session: Session) -> Policy:
-    return load_policy(session.directory, capabilities(), session.env, allowed_hosts=session.allowed_hosts,
-                       allowed_credentials=session.allowed_credentials)
+    policy = load_policy(session.directory, capabilities(), session.env, allowed_hosts=session.allowed_hosts,
+                         allowed_credentials=session.allowed_credentials)
+    if policy.rules:
+        from reconciler.assertions import check_rules
+
+        broken = check_rules(policy)
+        if broken:
+            raise PolicyError(broken)
+    return policy
+
+
+def test(session: Session, *, live: bool = False) -> tuple[Policy, list[Any]]:
+    """The policy's assertions evaluated against the policy (or, `live`, what the systems hold); the rules are
+    checked by `validate` on the way (a broken rule is a PolicyError)."""
+    from reconciler.assertions import evaluate_assertions, zones_of
+
+    policy = validate(session)
+    rows, _ = access(session, live=True) if live else rows_from_policy(policy.resources, policy.emails)
+    return policy, evaluate_assertions(policy.assertions, rows, zones_of(policy))
 
 
 # ------------------------------------------------------------------------------------------------ targets

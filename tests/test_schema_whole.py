@@ -23,7 +23,8 @@ from reconciler.policy.yamlio import plain
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "schema" / "policy.schema.json"
-SECTIONS = {"systems", "users", "devices", "gateways", "groups", "schedules", "temp_keys", "permissions"}
+SECTIONS = {"systems", "users", "devices", "gateways", "groups", "schedules", "temp_keys", "permissions",
+            "assertions", "rules"}
 # Every YAML file in the repository that is a policy: all but the workflows, the pre-commit hooks and the
 # deliberately invalid test policies.
 NOT_POLICIES = (".github/", ".pre-commit-hooks.yaml", "tests/data/invalid/", ".venv/", ".reconciler/")
@@ -167,6 +168,7 @@ systems:
     mass_revoke: {percent: 12.5, minimum: 20, acknowledge: revoke-3f2a9c1b4d5e6f70}
     offboarding: {acknowledge: offboard-3f2a9c1b4d5e6f70}
     invitation_validity: P1DT12H
+    timezone: Europe/Oslo
   cabins:
     vendor: unloc
     lock_holder_id: 866b8a35-0000-4000-8000-000000000000
@@ -229,6 +231,15 @@ ignore:
   - hq/user/id:5869ca5a-9423-48f5-8d5f-4a2945a203ed
   - hq/device/roof-*
   - hq/permission/*/archive/**
+assertions:
+  - can: {user: alice, device: front-gate, at: "2026-12-07T08:30:00 Europe/Oslo", reason: SEC-1}
+  - cannot: {group: staff, device: old-door}
+rules:
+  - only: {devices: [front-gate], groups: [staff], users: [alice]}
+  - max_duration: {devices: [guest-*], period: P14D}
+  - require_end: {devices: [guest-*]}
+  - min_admins: {system: hq, count: 1}
+  - max_key_validity: {devices: [front-gate], period: P8D}
 """
 
 
@@ -241,6 +252,14 @@ def _used_keys(document: dict[str, Any]) -> dict[str, set[str]]:
     used["Span"] = set().union(*(set(s) for spans in document["schedules"].values() for s in spans))
     used["MassRevoke"] = set().union(*(set(s.get("mass_revoke") or {}) for s in document["systems"].values()))
     used["Offboarding"] = set().union(*(set(s.get("offboarding") or {}) for s in document["systems"].values()))
+    used["Assertion"] = set().union(*(set(a) for a in document["assertions"]))
+    used["Subject"] = set().union(*(set(v) for a in document["assertions"] for v in a.values()))
+    used["Rule"] = set().union(*(set(r) for r in document["rules"]))
+    rule_defs = {"only": "OnlyRule", "max_duration": "PeriodRule", "max_key_validity": "PeriodRule",
+                 "require_end": "DevicesRule", "min_admins": "MinAdminsRule"}
+    for rule in document["rules"]:
+        for kind, body in rule.items():
+            used.setdefault(rule_defs[kind], set()).update(body)
     for system in document["systems"].values():
         used.setdefault(system["vendor"], set()).update(system)
         used.setdefault(system["vendor"] + "/credentials", set()).update(system.get("credentials") or {})

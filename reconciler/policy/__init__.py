@@ -20,6 +20,7 @@ from reconciler.resources import Capabilities
 
 from .checks import check_ignore, check_references, check_systems
 from .expand import evidence, expand, renames
+from .proofs import resolve, zone
 from .schema import Policy, SystemConfig, parse
 from .yamlio import read_documents
 
@@ -42,6 +43,10 @@ def load_policy(path: Path, capabilities: Mapping[str, Capabilities], env: Mappi
     resources, warnings, problems = expand(declarations, capabilities)
     diagnostics += problems
     diagnostics += check_ignore(declarations, resources)
+    zones = {name: zone(entry.model.timezone) for name, entry in declarations.systems.items()
+             if entry.model is not None}
+    assertions, rules, problems = resolve(declarations, zones)
+    diagnostics += problems
     if diagnostics:
         # One problem can be found by two routes (a permission listing two devices on one vendor); say it once.
         raise PolicyError(sorted(set(diagnostics)))
@@ -49,4 +54,4 @@ def load_policy(path: Path, capabilities: Mapping[str, Capabilities], env: Mappi
               if entry.model is not None and entry.model.email}
     return Policy(systems=systems, resources=resources, warnings=warnings, files=declarations.files, emails=emails,
                   renames=renames(declarations), ignore=tuple(dict.fromkeys(p for p, _ in declarations.ignore)),
-                  evidence=evidence(declarations, resources))
+                  evidence=evidence(declarations, resources), assertions=assertions, rules=rules)

@@ -72,7 +72,7 @@ def check_systems(declarations: Declarations, capabilities: Mapping[str, Capabil
                                          settings=dict(entry.settings), concurrency=entry.model.concurrency,
                                          deadline=entry.model.deadline,
                                          source=entry.place.at(), mass_revoke=_threshold(entry),
-                                         offboarding=_offboarding(entry))
+                                         offboarding=_offboarding(entry), timezone=entry.model.timezone)
     return systems, problems
 
 

@@ -19,6 +19,7 @@ from reconciler import vendors
 from reconciler.resources import Capabilities, Kind
 
 from .checks import ENV_REFERENCE, declared_keys
+from .proofs import AssertionModel, RuleModel
 from .schema import (
     COLOUR_RE,
     DURATION_RE,
@@ -44,7 +45,7 @@ SCHEMA_ID = "https://reconciler.invalid/schema/policy-v1.json"
 
 _MODELS: dict[str, type[BaseModel]] = {
     "User": UserModel, "Device": DeviceModel, "Gateway": GatewayModel, "Span": SpanModel,
-    "Permission": PermissionModel, "TempKey": TempKeyModel,
+    "Permission": PermissionModel, "TempKey": TempKeyModel, "Assertion": AssertionModel, "Rule": RuleModel,
 }
 _SCALAR = {"type": ["string", "number", "integer", "boolean"]}
 # Formats the models check in validators, repeated here as patterns so that an editor flags them while typing.
@@ -105,6 +106,10 @@ def policy_json_schema(capabilities: Mapping[str, Capabilities]) -> dict[str, An
                        "items": {"type": "string", "pattern": IGNORE_RE.pattern},
                        "description": "live objects reconciler never changes or revokes: addresses or patterns "
                                       "(`*` within a part, `**` across parts)"},
+            "assertions": {"type": ["array", "null"], "items": {"$ref": "#/$defs/Assertion"},
+                           "description": "who can or cannot open a door, and when: checked by `reconciler test`"},
+            "rules": {"type": ["array", "null"], "items": {"$ref": "#/$defs/Rule"},
+                      "description": "invariants every plan keeps: checked by validate, plan and test"},
         },
         "$defs": _range_keywords(dict(sorted(defs.items()))),
     }

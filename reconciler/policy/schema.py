@@ -49,7 +49,8 @@ DURATION_RE = re.compile(r"^P(\d+)D$")
 TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 # Keys of a system entry that every vendor has; any other key is a vendor setting, checked against the vendor's
 # capabilities and settings model (`checks._check_settings`): the entry is a union discriminated on `vendor`.
-SYSTEM_KEYS = ("vendor", "url", "credentials", "unmanaged", "concurrency", "deadline", "mass_revoke", "offboarding")
+SYSTEM_KEYS = ("vendor", "url", "credentials", "unmanaged", "concurrency", "deadline", "mass_revoke", "offboarding",
+               "timezone")
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 Role = Literal["USER", "ADMIN"]
@@ -72,6 +73,7 @@ class SystemConfig:
     source: Location = Location("")
     mass_revoke: RevokeThreshold = RevokeThreshold()
     offboarding: Acknowledgement = Acknowledgement()
+    timezone: str = "UTC"                # IANA name: weekly schedules and times without an offset are read in it
 
     @property
     def is_sandbox(self) -> bool:
@@ -90,6 +92,8 @@ class Policy:
     renames: list[Rename] = field(default_factory=list)      # `previously:`, per system the entry exists on
     ignore: tuple[str, ...] = ()                             # `ignore:` patterns
     evidence: dict[str, dict[str, str]] = field(default_factory=dict)   # address → what identifies it (digests)
+    assertions: list[Any] = field(default_factory=list)      # `assertions:` resolved (`proofs.Assertion`)
+    rules: list[Any] = field(default_factory=list)           # `rules:` resolved (`proofs.Rule`)
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -209,6 +213,18 @@ class SystemModel(_Model):
     deadline: Annotated[int, Field(ge=1, le=3600)] = 120
     mass_revoke: MassRevokeModel | None = None
     offboarding: OffboardingModel | None = None
+    timezone: str = "UTC"     # IANA time zone of the site: weekly schedules are local times in it
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"'{value}' is not an IANA time zone (e.g. Europe/Oslo, UTC)") from None
+        return value
 
     @field_validator("vendor")
     @classmethod
@@ -487,6 +503,8 @@ class Declarations:
     temp_keys: dict[str, Entry[TempKeyModel]] = field(default_factory=dict)
     permissions: list[Entry[PermissionModel]] = field(default_factory=list)
     ignore: list[tuple[str, Place]] = field(default_factory=list)     # `ignore:` patterns, where each is written
+    assertions: list[Entry[Any]] = field(default_factory=list)     # `assertions:` in file order (proofs.py)
+    rules: list[Entry[Any]] = field(default_factory=list)          # `rules:` in file order (proofs.py)
 
 
 # Named sections: the model that validates one entry, and the word messages use for it.
@@ -499,7 +517,7 @@ NAMED_SECTIONS: dict[str, tuple[Any, str]] = {
     "schedules": (ScheduleModel, "schedule"),
     "temp_keys": (TempKeyModel, "temp key"),
 }
-SECTIONS = (*NAMED_SECTIONS, "permissions", "ignore")
+SECTIONS = (*NAMED_SECTIONS, "permissions", "ignore", "assertions", "rules")
 # An `ignore:` item: an address (`system/kind/name`) whose parts may hold `*` (within a part) or `**`.
 IGNORE_RE = re.compile(r"^[a-z0-9*][a-z0-9._*-]*/(user|device|gateway|association|invitation|permission|key|share|"
                        r"temp_key|\*)/[A-Za-z0-9._:@#*+=/-]+$")
@@ -530,6 +548,11 @@ def parse(documents: list[Document]) -> tuple[Declarations, list[Diagnostic]]:
                 diagnostics += _parse_permissions(place, body, declarations)
             elif section == "ignore":
                 diagnostics += _parse_ignore(place, body, declarations)
+            elif section in ("assertions", "rules"):
+                from .proofs import parse_assertions, parse_rules
+
+                parser = parse_assertions if section == "assertions" else parse_rules
+                diagnostics += parser(place, body, declarations)
             else:
                 diagnostics += _parse_section(section, place, body, declarations)
     return declarations, diagnostics
