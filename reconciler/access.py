@@ -39,9 +39,12 @@ class AccessRow:
     live_only: bool = False                # found live, not declared in the policy
     status: str = "present"                # or "pending": the vendor has not finished it (cannot open yet)
     kind: str = field(default="permission", compare=False)
+    residual: bool = False                 # revoked, yet a key already on the phone may open offline until `end`
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if not self.residual:
+            del data["residual"]           # marked only where true: the rows as before otherwise
         data["operations"] = list(self.operations)
         data["schedule"] = None if self.schedule is None else [
             {"day": d, "from": f, "to": t} for d, f, t in self.schedule]

@@ -25,10 +25,10 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from reconciler.errors import ReconcilerError, RefusedError, StateError, VendorError
-from reconciler.plan import Action, Change, Plan
+from reconciler.plan import Action, Change, Plan, exposure_line, in_force
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,21 @@ class ApplyReport:
     uncertain: list[tuple[Change, str]] = field(default_factory=list)   # may or may not have happened
     internal: list[tuple[Change, BaseException]] = field(default_factory=list)   # a bug stopped the apply here
     interrupted: bool = False
+    applied_at: str | None = None       # when the run finished sending (the session's clock)
+    # address → `enforcement_of` the done change as of `applied_at`: when it is in force on the lock
+    enforcement: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def not_in_force(self) -> list[Change]:
+        """Done changes the vendor accepted that are not (known to be) in force on the lock yet."""
+        at = self.applied_at or ""
+        return [c for c in self.done if not in_force(c, self.enforcement.get(c.address), at)]
+
+    def exposures(self) -> list[str]:
+        """One line per done revocation after which a door may still open (offline), longest first."""
+        at = self.applied_at or ""
+        found = [(self.enforcement[c.address]["by"], line) for c in self.done if c.address in self.enforcement
+                 and (line := exposure_line(c, self.enforcement[c.address], at))]
+        return [line for _, line in sorted(found, reverse=True)]
 
     @property
     def ok(self) -> bool:
@@ -74,7 +89,8 @@ class ApplyReport:
 
     def summary(self) -> str:
         if self.ok:
-            return f"{len(self.done)} applied"
+            waiting = len(self.not_in_force()) if self.enforcement else 0
+            return f"{len(self.done)} applied" + (f", {waiting} accepted but not yet in force" if waiting else "")
         return (("interrupted: " if self.interrupted else "")
                 + ("stopped by an internal error: " if self.internal else "")
                 + f"{len(self.done)} applied, {len(self.uncertain)} uncertain, {len(self.failed)} failed, "

@@ -489,6 +489,8 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
                                    [f"not applied: {line}" for line in report.remaining()]
                                    + [f"remains: {n.address}: {n.message}" for n in uncertain])
         click.echo(f"\nApply complete: {report.summary()}; {stopping.progress_closing()}.")
+        for line in report.exposures():
+            click.echo(f"  ⧗ {printable(line)}")
         return ExitCode.OK
     _run_command(body)
 

@@ -451,6 +451,28 @@ def enforcement_of(change: Change, now: str, schema: KindSchema | None = None) -
     return data
 
 
+def in_force(change: Change, enforcement: Mapping[str, Any] | None, at: str) -> bool:
+    """Whether a change the vendor accepted is in force on the lock at `at`, as far as its documents tell:
+    a revocation once its `by` has passed (unknown: not known to be), a grant once its `from` is known (a
+    later start is the grant's own window, not the vendor's delay)."""
+    if enforcement is None:
+        return True
+    if change.revokes and not (enforcement.get("by") and enforcement["by"] <= at):
+        return False
+    return not (change.grants and not enforcement.get("from"))
+
+
+def exposure_line(change: Change, enforcement: Mapping[str, Any], at: str) -> str | None:
+    """"bob may open server-room offline until …: operating keys last P8D": a revocation whose door may
+    still open after `at`; None for anything else."""
+    by = enforcement.get("by")
+    if not (change.revokes and by and by > at):
+        return None
+    parts = change.address.split("/", 2)[2].split("/")
+    door = _bare(parts[1]) if len(parts) > 1 else change.address
+    return f"{parts[0]} may open {door} offline until {by}: {enforcement['basis']}"
+
+
 def checksum_form(change: Mapping[str, Any]) -> Mapping[str, Any]:
     """A change as the checksum hashes it: the optional keys only where they are not null."""
     drop = [key for key in OPTIONAL_CHANGE_KEYS if key in change and change[key] is None]

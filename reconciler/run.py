@@ -24,11 +24,21 @@ from reconciler.access import AccessRow, Admin, rows_from_live, rows_from_policy
 from reconciler.applier import ApplyReport, apply_plan, check_mass_revoke
 from reconciler.bulk import paused_collection
 from reconciler.errors import PlanError, PolicyError, ReconcilerError, RefusedError, StateError
-from reconciler.plan import FORMAT_VERSION, OPTIONAL_CHANGE_KEYS, Change, Note, Plan, changes_checksum, renamed_address
+from reconciler.plan import (
+    FORMAT_VERSION,
+    OPTIONAL_CHANGE_KEYS,
+    Change,
+    Note,
+    Plan,
+    changes_checksum,
+    enforcement_of,
+    exposure_line,
+    renamed_address,
+)
 from reconciler.policy import Policy, load_policy
 from reconciler.providers.base import Event, Provider, ReadResult
 from reconciler.providers.factory import build_provider, capabilities
-from reconciler.resources import KindSchema
+from reconciler.resources import KindSchema, format_time
 from reconciler.state import LocalState, StateStore
 from reconciler.state import open_state as open_store
 from reconciler.state.trust import check_state
@@ -355,6 +365,7 @@ def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callabl
             report = apply_plan(fresh, providers, allow_mass_revoke=allow_mass_revoke,
                                 concurrency={n: s.concurrency for n, s in policy.systems.items()},
                                 on_change=on_change, stop=stop)
+            enforce(state, fresh, report, session.clock())
             return fresh, report
         finally:
             _close(providers)
@@ -372,6 +383,44 @@ class _locked:
 
     def __exit__(self, *exc: object) -> None:
         self.state.__exit__(*exc)
+
+RESIDUAL = "residual"     # the state's note: revocations not yet in force, until their offline exposure ends
+
+
+def enforce(state: StateStore, plan: Plan, report: ApplyReport, applied_at: datetime) -> None:
+    """When each applied change is in force, as of `applied_at` (the report's `enforcement`); the state keeps
+    every revocation whose door may still open (offline) until then, for `access --live`, and forgets those
+    whose exposure has ended."""
+    at = format_time(applied_at)
+    report.applied_at = at
+    report.enforcement = {c.address: enforcement_of(c, at, plan.schemas.get((c.system, c.kind)))
+                          for c in report.done}
+    kept = [r for r in (state.note(RESIDUAL) or []) if isinstance(r, dict) and str(r.get("until", "")) > at]
+    for change in report.done:
+        line = exposure_line(change, report.enforcement[change.address], at)
+        if line is None:
+            continue
+        parts = change.address.split("/", 2)[2].split("/")
+        kept = [r for r in kept if r.get("address") != change.address]
+        kept.append({"address": change.address, "system": change.system, "kind": change.kind,
+                     "user": parts[0], "device": parts[1].split("@", 1)[0].split("#", 1)[0],
+                     "operations": parts[2:3], "applied_at": at,
+                     "until": report.enforcement[change.address]["by"],
+                     "basis": report.enforcement[change.address]["basis"]})
+    if kept or state.note(RESIDUAL):
+        state.set_note(RESIDUAL, sorted(kept, key=lambda r: (r["until"], r["address"])))
+
+
+def residual_rows(state: StateStore, at: datetime) -> list[AccessRow]:
+    """The revocations the state remembers whose door may still open at `at` (offline, until a key the phone
+    downloaded expires): rows of their own, `via: offline key, until …`."""
+    moment = format_time(at)
+    return [AccessRow(user=str(r["user"]), system=str(r["system"]), device=str(r["device"]),
+                      start=str(r["applied_at"]), end=str(r["until"]), via=f"offline key, until {r['until']}",
+                      source=None, operations=tuple(r.get("operations") or ()), kind=str(r.get("kind", "permission")),
+                      residual=True)
+            for r in state.note(RESIDUAL) or [] if isinstance(r, dict)
+            and str(r.get("applied_at", "")) <= moment < str(r.get("until", ""))]
 
 
 def _record(state: StateStore, policy: Policy, current: Revision | None) -> None:
@@ -518,6 +567,7 @@ def access(session: Session, *, user: str | None = None, device: str | None = No
             _close(providers)
         found = [r for result in reads.values() for r in result.resources]
         rows, admins = rows_from_live(found, policy.resources, policy.emails)
+        rows += residual_rows(state, at or session.clock())
     else:
         rows, admins = rows_from_policy(policy.resources, policy.emails)
     admins = [a for a in admins if (user is None or a.user == user) and device is None]

@@ -99,3 +99,57 @@ def test_unloc_grant_waits_for_the_key_to_leave_creating_and_a_revocation_is_unk
     assert revoke["enforcement"]["by"] is None
     assert revoke["enforcement"]["basis"].startswith("unknown")
     assert "exposure" not in plan.to_dict()
+
+
+# -- the state remembers revocations until they are in force ------------------------------------------------
+
+@pytest.mark.parametrize(("validity", "days"), [("", 8), ("P1D", 1)])
+def test_abloy_apply_reports_by_applied_at_plus_key_validity(tmp_path, validity, days):
+    h = VendorHarness(tmp_path, ABLOY)
+    h.write(abloy_policy("alice, bob", validity))
+    h.converge()
+    h.now = NOW + timedelta(hours=3)
+    h.write(abloy_policy("alice", validity))
+    _, report = h.apply()
+    assert report.ok, report.lines()
+    [change] = [c for c in report.done if c.revokes]
+    assert report.applied_at == format_time(h.now)
+    until = format_time(h.now + timedelta(days=days))
+    assert report.enforcement[change.address]["by"] == until
+    assert report.exposures() == [f"bob may open server-room offline until {until}: operating keys last P{days}D: "
+                                  "online at once; offline until the last downloaded operating key expires"]
+    assert report.summary() == "1 applied, 1 accepted but not yet in force"
+
+
+def test_access_live_lists_the_residual_row_until_the_key_expires(tmp_path):
+    from reconciler import run
+    h = VendorHarness(tmp_path, ABLOY)
+    h.write(abloy_policy("alice, bob"))
+    h.converge()
+    h.write(abloy_policy("alice"))
+    _, report = h.apply()
+    assert report.ok
+    rows, _ = run.access(h.session(), live=True, user="bob", at=NOW + timedelta(days=1))
+    [row] = rows
+    assert (row.user, row.device, row.residual) == ("bob", "server-room", True)
+    assert row.via == f"offline key, until {format_time(NOW + timedelta(days=8))}"
+    assert row.to_dict()["residual"] is True
+    assert run.access(h.session(), live=True, user="bob", at=NOW + timedelta(weeks=3))[0] == []
+    [alice] = run.access(h.session(), live=True, user="alice", at=NOW + timedelta(days=1))[0]
+    assert "residual" not in alice.to_dict()
+
+
+def test_access_live_cli_json_marks_residual_rows(tmp_path):
+    from reconciler import render, run
+    h = VendorHarness(tmp_path, ABLOY)
+    h.write(abloy_policy("alice, bob", "P1D"))
+    h.converge()
+    h.write(abloy_policy("alice", "P1D"))
+    h.apply()
+    rows, admins = run.access(h.session(), live=True, at=NOW + timedelta(hours=12))
+    data = __import__("json").loads(render.render_access(rows, admins, "json"))
+    assert "bob" in [r["user"] for r in data if r.get("residual")]
+    assert "alice" not in [r["user"] for r in data if r.get("residual")]
+    text = render.render_access(rows, admins, "text")
+    assert f"offline key, until {format_time(NOW + timedelta(days=1))}" in text
+    assert run.access(h.session(), live=True, user="bob", at=NOW + timedelta(days=2))[0] == []
