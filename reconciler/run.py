@@ -395,6 +395,14 @@ def enforce(state: StateStore, plan: Plan, report: ApplyReport, applied_at: date
     report.applied_at = at
     report.enforcement = {c.address: enforcement_of(c, at, plan.schemas.get((c.system, c.kind)))
                           for c in report.done}
+    try:
+        remember_residual(state, report, at)
+    except StateError as exc:
+        # The apply's own report says the state failed; what is exposed is still printed.
+        log.warning("residual access not recorded error=%s", exc)
+
+
+def remember_residual(state: StateStore, report: ApplyReport, at: str) -> None:
     kept = [r for r in (state.note(RESIDUAL) or []) if isinstance(r, dict) and str(r.get("until", "")) > at]
     for change in report.done:
         line = exposure_line(change, report.enforcement[change.address], at)
