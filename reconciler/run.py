@@ -384,6 +384,7 @@ class _locked:
     def __exit__(self, *exc: object) -> None:
         self.state.__exit__(*exc)
 
+
 RESIDUAL = "residual"     # the state's note: revocations not yet in force, until their offline exposure ends
 
 
