@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any
 
 from reconciler.plan import access_of
@@ -181,9 +181,11 @@ def rows_from_live(live: Iterable[Resource], desired: Iterable[Resource], emails
     return _merged(rows), sorted(admins, key=lambda a: (a.user, a.system))
 
 
-def is_open(row: AccessRow, at: datetime) -> bool:
-    """Whether the row lets its person in at `at`: inside the window, inside a weekly span (read in the time
-    zone `at` is given in: give it in the lock's local time), and not still pending at the vendor."""
+def is_open(row: AccessRow, at: datetime, zone: tzinfo | None = None) -> bool:
+    """Whether the row lets its person in at `at`: inside the window, inside a weekly span (read in the site's
+    time `zone` when given, else in the zone `at` is given in), and not still pending at the vendor."""
+    if zone is not None:
+        at = at.astimezone(zone)
     if row.status != "present":
         return False
     if row.start and parse_time(row.start) > at:
@@ -197,6 +199,7 @@ def is_open(row: AccessRow, at: datetime) -> bool:
 
 
 def select(rows: Iterable[AccessRow], *, user: str | None = None, device: str | None = None,
-           at: datetime | None = None) -> list[AccessRow]:
+           at: datetime | None = None, zones: Mapping[str, tzinfo] | None = None) -> list[AccessRow]:
+    """`zones`: each system's time zone (`timezone:`), in which its weekly spans are read."""
     return [row for row in rows if (user is None or row.user == user) and (device is None or row.device == device)
-            and (at is None or is_open(row, at))]
+            and (at is None or is_open(row, at, (zones or {}).get(row.system)))]

@@ -42,7 +42,7 @@ def _opens(row: AccessRow, at: datetime | None, zones: Mapping[str, tzinfo]) -> 
         return False
     if at is None:
         return True
-    return is_open(row, at.astimezone(zones.get(row.system, UTC)))
+    return is_open(row, at, zones.get(row.system, UTC))
 
 
 def evaluate_assertions(assertions: Iterable[Assertion], rows: Iterable[AccessRow],

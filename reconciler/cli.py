@@ -583,6 +583,13 @@ def _parse_at(value: str | None) -> datetime | None:
     """`--at`, keeping its offset: weekly schedules are read in the time zone it is given in."""
     if value is None:
         return None
+    if " " in value.strip():     # an IANA zone after the time: "2026-12-07T08:30:00 Europe/Oslo"
+        from reconciler.policy.proofs import at_in_zone
+
+        try:
+            return at_in_zone(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
@@ -611,7 +618,9 @@ def show(plan_file: str, fmt: str) -> None:
 @directory_argument
 @click.option("--user", default=None, help="Only this user (policy name, or id:… for an account not in it).")
 @click.option("--device", default=None, help="Only this device.")
-@click.option("--at", "at", default=None, help="Only what is open at this ISO 8601 time (schedules in its zone).")
+@click.option("--at", "at", default=None,
+              help="Only what is open at this ISO 8601 time, with an offset or an IANA zone after it "
+                   "('2026-12-07T08:30:00 Europe/Oslo'); weekly schedules are read in each site's zone.")
 @click.option("--live", is_flag=True, help="Read the live systems instead of the policy.")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv", "json"]), default="text",
               show_default=True, help="text or markdown for people, csv for a spreadsheet, json for programs.")
@@ -626,6 +635,11 @@ def access(directory: str, user: str | None, device: str | None, at: str | None,
         heading = " ".join(part for part in (
             "Live access" if live else "Access in the policy", f"of {user}" if user else "",
             f"to {device}" if device else "", f"open at {at}" if at else "") if part)
+        if moment is not None:
+            zones = run.site_zones(_session(directory, state, None))
+            if set(zones.values()) - {"UTC"}:    # a site with its own zone: say in which each is read
+                heading += " (weekly schedules in each site's time zone: " + ", ".join(
+                    f"{name} {zone}" for name, zone in zones.items()) + ")"
         click.echo(render.render_access(rows, admins, fmt, heading=heading), nl=False)
         return ExitCode.OK
     _run_command(body)

@@ -580,7 +580,14 @@ def access(session: Session, *, user: str | None = None, device: str | None = No
     else:
         rows, admins = rows_from_policy(policy.resources, policy.emails)
     admins = [a for a in admins if (user is None or a.user == user) and device is None]
-    return select(rows, user=user, device=device, at=at), admins
+    from reconciler.assertions import zones_of
+
+    return select(rows, user=user, device=device, at=at, zones=zones_of(policy)), admins
+
+
+def site_zones(session: Session) -> dict[str, str]:
+    """Each system's time zone name (`timezone:`, default UTC), in which its weekly schedules are read."""
+    return {name: system.timezone for name, system in sorted(validate(session).systems.items())}
 
 
 def events(session: Session, system: str, device: str) -> list[Event]:

@@ -278,3 +278,11 @@ def resolve(declarations: Declarations, zones: dict[str, tzinfo]
 def _written(entry: Entry[Any], key: str) -> str:
     value = plain(entry.place.container[entry.place.key][key]["at"])
     return value if isinstance(value, str) else value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def at_in_zone(value: str) -> datetime:
+    """`--at` with an IANA zone after it: an aware datetime, or ValueError in words."""
+    moment = _at(value)
+    if moment.tzinfo is None:
+        raise ValueError(f"'{value}' needs an offset or an IANA zone after it, e.g. 2026-12-07T08:30:00 Europe/Oslo")
+    return moment
