@@ -187,3 +187,26 @@ def junit_xml(results: Iterable[Result], rules: Iterable[Rule]) -> str:
         ET.SubElement(suite, "testcase", classname=rule.location.path, name=f"rule {rule.kind} ({rule.source})",
                       file=rule.location.path, line=str(rule.location.line))
     return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------- markdown
+
+def markdown(results: Iterable[Result], rules: Iterable[Rule]) -> str:
+    """The policy's tests as a markdown section for the plan comment: each assertion passed or failed with its
+    `file:line`, and the rules (which hold: a broken rule refuses the plan before this)."""
+    from reconciler.render import code, md
+
+    results, rules = list(results), list(rules)
+    if not results and not rules:
+        return ""
+    failed = [r for r in results if not r.passed]
+    head = (f"**{len(failed)} of {len(results)} assertions failed**" if failed
+            else f"{len(results)} assertions passed")
+    lines = ["", "### Policy tests", "", f"{head}; {len(rules)} rules hold.", ""]
+    for result in results:
+        mark = "passed" if result.passed else "**FAILED**"
+        lines.append(f"- {mark} `{code(result.source)}`: {md(result.assertion.title)}"
+                     + ("" if result.passed else f": {md(result.detail)}"))
+    for rule in rules:
+        lines.append(f"- held `{code(rule.source)}`: rule `{code(rule.kind)}`")
+    return "\n".join(lines) + "\n"

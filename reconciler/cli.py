@@ -238,6 +238,15 @@ def _refuse_single_dash(group: click.Group, args: list[str]) -> None:
             raise click.UsageError(f"{arg.split('=', 1)[0]} is a Terraform option: {TERRAFORM_HABITS[name]}")
 
 
+def _echo_policy_tests(session: run.Session) -> None:
+    """The assertions' and rules' results under a markdown plan, for the pull request (`reconciler test` fails
+    the check when one fails)."""
+    from reconciler.assertions import markdown
+
+    policy, results = run.test(session)
+    click.echo(markdown(results, policy.rules), nl=False)
+
+
 def _echo_plan(result: Plan, fmt: str) -> None:
     """A plan on stdout as `plan` and `show` print it: text (coloured on a terminal), json or markdown."""
     if fmt == "text":
@@ -418,6 +427,8 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
             with open(out, "w", encoding="utf-8") as handle:
                 render.write_json(result, handle.write)
         _echo_plan(result, fmt)
+        if fmt == "markdown":
+            _echo_policy_tests(session)
         if out and fmt == "text":
             click.echo(f"\nSaved the plan to {out}; run `reconciler apply --plan {out}` to apply exactly it.")
         # Something uncertain (a create that cannot be proven ours) is not "the system matches the policy".

@@ -131,3 +131,29 @@ def test_the_demo_policy_tests_pass(tmp_path, monkeypatch):
     result = _run()
     assert result.exit_code == 0, result.output
     assert "0 failed" in result.output and "FAIL" not in result.output
+
+
+def test_the_markdown_plan_shows_each_result_with_its_line(policy_dir):
+    (policy_dir / "policy.yaml").write_text(POLICY.replace("staff: [alice]", "staff: []"))
+    (policy_dir / "rules.yaml").write_text("rules:\n  - require_end: {devices: [server-room]}\n")
+    result = CliRunner().invoke(main, ["plan", str(policy_dir), "--format", "markdown", "--now",
+                                       "2026-11-22T10:00:00Z"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    section = result.output.split("### Policy tests", 1)[1]
+    assert "**2 of 5 assertions failed**; 1 rules hold." in section
+    assert "- **FAILED** `p/tests.yaml:2`: alice can open front-gate" in section
+    assert "- passed `p/tests.yaml:3`: jonas cannot open server-room" in section
+    assert "- held `p/rules.yaml:2`: rule `require_end`" in section
+
+
+def test_the_plan_workflow_fails_the_check_when_an_assertion_fails():
+    from ruamel.yaml import YAML
+
+    workflow = YAML(typ="safe").load((ROOT / ".github" / "workflows" / "reconciler-plan.yml").read_text())
+    steps = workflow["jobs"]["plan"]["steps"]
+    runs = [step.get("run", "") for step in steps]
+    assert any(run.startswith("reconciler test") for run in runs)
+    # the plan (with the results) is kept before the tests can fail the job, and the comment still posts it
+    kept = next(i for i, step in enumerate(steps) if step.get("name") == "Keep the reviewed plan")
+    assert kept < next(i for i, run in enumerate(runs) if run.startswith("reconciler test"))
+    assert "!cancelled()" in workflow["jobs"]["comment"]["if"]
