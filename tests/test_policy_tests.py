@@ -157,3 +157,16 @@ def test_the_plan_workflow_fails_the_check_when_an_assertion_fails():
     kept = next(i for i, step in enumerate(steps) if step.get("name") == "Keep the reviewed plan")
     assert kept < next(i for i, run in enumerate(runs) if run.startswith("reconciler test"))
     assert "!cancelled()" in workflow["jobs"]["comment"]["if"]
+
+
+def test_live_evaluates_what_the_systems_hold(policy_dir):
+    (policy_dir / "tests.yaml").write_text(
+        "assertions:\n  - can: {group: it, device: server-room, at: \"2027-01-04T10:00:00Z\"}\n")
+    before = _run(str(policy_dir), "--live")
+    assert before.exit_code == 1
+    assert "FAIL p/tests.yaml:2: group it can open server-room" in before.output
+    applied = CliRunner().invoke(main, ["apply", str(policy_dir), "--auto-approve"], catch_exceptions=False)
+    assert applied.exit_code == 0, applied.output
+    after = _run(str(policy_dir), "--live")
+    assert after.exit_code == 0, after.output
+    assert "PASS p/tests.yaml:2: group it can open server-room" in after.output
