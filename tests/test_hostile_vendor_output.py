@@ -38,7 +38,7 @@ permissions:
   - users: [alice]
     devices: [gym, annex]
     start: 2026-01-01T00:00:00Z
-    end: 2027-12-31T23:59:59Z
+    end: 2099-12-31T23:59:59Z
 """
 
 TEXT_KEYS = {"name", "serialNumber", "eventName", "type", "detail", "title", "claimingStatus"}
