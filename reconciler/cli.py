@@ -782,6 +782,19 @@ def _emit(text: str, out: str | None) -> int:
     return ExitCode.OK
 
 
+@state_group.command("unlock")
+@click.argument("lock_id")
+@state_option
+def state_unlock(lock_id: str, state: str | None) -> None:
+    """Break lock LOCK_ID (a system's name, or * for the whole state) of the PostgreSQL state, whose holder
+    is stuck: its database session is ended. The id is in the message of a refused or waiting apply."""
+    def body() -> int:
+        holder = run.unlock_state(_session(".", state, None), lock_id)
+        click.echo(f"Broke lock {printable(lock_id)}, held by {holder}.")
+        return ExitCode.OK
+    _run_command(body)
+
+
 @state_group.command("pull")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write the state file here instead of standard output.")

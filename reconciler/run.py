@@ -568,7 +568,7 @@ def access(session: Session, *, user: str | None = None, device: str | None = No
     policy and state); only what is open at `at` when given. Reads nothing from the state but ids."""
     policy = validate(session)
     if live:
-        state = LocalState(session.state_path)
+        state = open_state(session)       # the configured state, PostgreSQL included
         providers = build_providers(session, policy, state)
         try:
             reads = read_live(policy, providers)
@@ -632,6 +632,16 @@ def push_state(session: Session, source: Path, *, force: bool = False) -> int:
     finally:
         local.unlock()
     return len(data["resources"])
+
+
+def unlock_state(session: Session, lock_id: str) -> str:
+    """`state unlock LOCK_ID`: break a lock of the shared state whose holder is stuck; returns who held it."""
+    if not session.state_url:
+        raise StateError("state unlock breaks a lock of the shared PostgreSQL state: give --state postgresql://… "
+                         "(or set RECONCILER_STATE); a local state's lock file is released when its process ends")
+    from reconciler.state.postgres import PostgresState  # psycopg is loaded only when asked for
+
+    return PostgresState(session.state_url).force_unlock(lock_id)
 
 
 def pull_state(session: Session) -> dict[str, Any]:

@@ -150,3 +150,35 @@ def test_a_targeted_address_brings_what_it_depends_on(fleet, tmp_path):
     assert {c["kind"] for c in changes} <= {"permission", "user", "device", "gateway", "association", "invitation"}
     assert any(c["kind"] == "user" for c in changes)          # the person it grants to is created first
     assert len(changes) < len(json.loads(whole.stdout)["changes"]) / 4
+
+
+def test_access_live_reads_the_shared_state(fleet):
+    applied = fleet.run(1, "apply", "--auto-approve", "--target", "hq", "--now", CLI_NOW)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    live = fleet.run(1, "access", "--live", "--format", "json")
+    assert live.returncode == 0, live.stderr
+    rows = [r for r in json.loads(live.stdout) if r["system"] == "hq"]
+    # Abloy accounts are known by the ids the state keeps (in PostgreSQL here): named, not `id:…`.
+    assert len([r for r in rows if r["user"].startswith("crowd-")]) >= CROWD, live.stdout[:2000]
+
+
+def test_a_stuck_holder_is_named_while_waiting_and_its_lock_can_be_broken(fleet):
+    hq = fleet.start(0, "apply", "--auto-approve", "--target", "hq", "--now", CLI_NOW)
+    try:
+        _wait_for_done(hq, 3)
+        hq.send_signal(signal.SIGSTOP)        # stuck, holding hq's lock
+        waiting = fleet.run(2, "apply", "--auto-approve", "--target", "hq", "--lock-timeout", "1s", "--now", CLI_NOW)
+        assert waiting.returncode == 1, waiting.stdout + waiting.stderr
+        assert "waiting for the lock of system 'hq'" in waiting.stderr and f"process {hq.pid}" in waiting.stderr
+        assert "after waiting 1s" in waiting.stderr and "reconciler state unlock hq" in waiting.stderr
+        broken = fleet.run(2, "state", "unlock", "hq")
+        assert broken.returncode == 0, broken.stdout + broken.stderr
+        assert f"Broke lock hq, held by host" in broken.stdout and f"process {hq.pid}" in broken.stdout
+        again = fleet.run(2, "state", "unlock", "hq")
+        assert again.returncode != 0 and "is not held" in again.stderr
+        hq.send_signal(signal.SIGCONT)         # it wakes without its lock: it must stop, not go on
+        rest = _finish(hq)
+        assert hq.returncode != 0, rest
+    finally:
+        hq.send_signal(signal.SIGCONT)
+        hq.kill()

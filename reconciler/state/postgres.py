@@ -51,6 +51,7 @@ SCHEMA_VERSION = 3
 WHOLE = "*"                   # the name of the whole state's lock in `locks` (systems use their own name)
 DEFAULT_SCHEMA = "reconciler"
 NOTE = "note:"                # `meta` keys holding the state's notes (`StateRecords.note`)
+WAIT_NOTICE_SECONDS = 30.0    # a waiting runner says who holds the lock, then again this often
 RECONNECT_SECONDS = 30.0      # how long a lost connection is tried again before the apply stops
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -368,16 +369,25 @@ class PostgresState(StateRecords):
         """Take one advisory lock, polling with short sleeps until `deadline`; on timeout release what
         `taken` holds and refuse, naming the holder."""
         take = "pg_try_advisory_lock(%s)" if exclusive else "pg_try_advisory_lock_shared(%s)"
+        what = f"system {name!r} of state {self.location}" if name and name != WHOLE else f"state {self.location}"
+        lock_id = name or WHOLE
+        said: float | None = None
         while not _scalar(conn.execute(f"SELECT {take}", (key,))):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 holder = self._holder(conn, key)
                 self._close()       # the session ends, and every lock taken so far with it
-                waited = f" after waiting {self.lock_timeout:g}s" if self.lock_timeout else ""
-                what = f"system {name!r} of state {self.location}" if name and name != WHOLE \
-                    else f"state {self.location}"
-                raise LockedError(f"{what} is locked by another apply{waited}: {holder}; "
-                                  "wait for it to finish, or pass --lock-timeout to wait for it")
+                if self.lock_timeout:
+                    waited = f" after waiting {self.lock_timeout:g}s"
+                    how = "wait longer with a larger --lock-timeout"
+                else:
+                    waited, how = "", "wait for it to finish, or pass --lock-timeout to wait for it"
+                raise LockedError(f"{what} is locked by another apply{waited}: {holder}; {how}; if its holder is "
+                                  f"stuck, `reconciler state unlock {lock_id}` breaks the lock")
+            if said is None or time.monotonic() - said >= WAIT_NOTICE_SECONDS:
+                said = time.monotonic()
+                log.warning("waiting for the lock of %s (lock id %s), held by %s; up to %ds more", what, lock_id,
+                            self._holder(conn, key), int(remaining))
             self.sleep(min(0.2, remaining))
 
     def unlock(self) -> None:
@@ -394,6 +404,30 @@ class PostgresState(StateRecords):
             self._held = []
             self._lost = None
             self._close()
+
+    def force_unlock(self, lock_id: str) -> str:
+        """Terraform's force-unlock: end the database session holding lock `lock_id` (a system's name, or
+        '*' for the whole state), which releases its locks, and move the lock's epoch on so that the stopped
+        holder, should it wake, cannot take it back. Returns who held it."""
+        key = self.server.lock_key if lock_id in (WHOLE, "") else self.server.system_key(lock_id)
+        with self._connection() as conn:
+            try:
+                holder = self._holder(conn, key)
+                mask = key & 0xFFFFFFFFFFFFFFFF
+                ended = conn.execute(
+                    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' "
+                    "AND l.granted AND l.objsubid = 1 AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid "
+                    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                    "AND l.pid <> pg_backend_pid()", (mask >> 32, mask & 0xFFFFFFFF)).fetchall()
+                conn.execute(_q("UPDATE {s}.locks SET epoch = epoch + 1 WHERE name = %s", self.server.schema),
+                             (lock_id or WHOLE,))
+            except psycopg.Error as exc:
+                raise StateUnavailableError(f"state {self.location}: cannot break lock {lock_id!r}: "
+                                            f"{self.server.reason(exc)}") from None
+        if not ended:
+            raise StateError(f"lock {lock_id!r} of state {self.location} is not held; nothing was changed")
+        log.warning("broke lock %s of state %s, held by %s", lock_id, self.location, holder)
+        return holder
 
     def __enter__(self) -> Self:
         self.lock()
