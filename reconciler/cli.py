@@ -46,11 +46,14 @@ from reconciler.text import EscapingFormatter, printable
 
 if TYPE_CHECKING:
     from reconciler import render, run
+    from reconciler.applier import ApplyReport
     from reconciler.plan import Change, Plan
 else:   # loaded when a command first uses them: `--help` needs neither (see reconciler/lazy.py)
     run, render = lazy_module("reconciler.run"), lazy_module("reconciler.render")
 
 log = logging.getLogger(__name__)
+
+DEFAULT_WAIT_TEXT = "5m"     # bare `apply --wait`: Unloc's "short delay", with room for a slow one
 
 
 def _parse_now(value: str | None) -> datetime | None:
@@ -456,11 +459,15 @@ def plan(directory: str, out: str | None, fmt: str, detailed_exitcode: bool, now
 @click.option("--allow-older-revision", is_flag=True,
               help="Apply even a revision older than the one applied last (a deliberate revert).")
 @target_option
+@click.option("--wait", "wait", is_flag=False, flag_value=DEFAULT_WAIT_TEXT, default=None, metavar="[DURATION]",
+              help=f"After applying, read the systems until every change is in force on the lock, at most DURATION "
+                   f"(30s, 2m; bare --wait: {DEFAULT_WAIT_TEXT}); exit 1 naming what is not.")
 def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_revoke: bool,
           now: str | None, state: str | None, allow_host: tuple[str, ...], lock_timeout: str,
-          revision: str | None, allow_older_revision: bool, targets: tuple[str, ...]) -> None:
+          revision: str | None, allow_older_revision: bool, targets: tuple[str, ...], wait: str | None) -> None:
     """Make the live systems match the policy."""
     def body() -> int:
+        wait_seconds = _parse_duration(wait) if wait is not None else None
         saved = _read_plan(plan_file) if plan_file else None
         color = _color()
 
@@ -489,7 +496,10 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
                                        "resolve them as each says, then run apply again",
                                        [f"remains: {n.address}: {n.message}" for n in uncertain])
             # Declined: Terraform exits 1 too; a script must not take "not applied" for "applied".
-            return ExitCode.ERROR if result.has_changes else ExitCode.OK
+            if result.has_changes:
+                return ExitCode.ERROR
+            # Nothing to apply: --wait still waits for what an earlier apply left pending (a key in `creating`).
+            return _wait_in_force(session, result, None, wait_seconds) if wait_seconds is not None else ExitCode.OK
         if report.internal:
             change, error = report.internal[0]
             if os.environ.get("RECONCILER_DEBUG"):
@@ -502,8 +512,34 @@ def apply(directory: str, plan_file: str | None, auto_approve: bool, allow_mass_
         click.echo(f"\nApply complete: {report.summary()}; {stopping.progress_closing()}.")
         for line in report.exposures():
             click.echo(f"  ⧗ {printable(line)}")
-        return ExitCode.OK
+        return _wait_in_force(session, result, report, wait_seconds) if wait_seconds is not None else ExitCode.OK
     _run_command(body)
+
+
+def _wait_in_force(session: run.Session, result: Plan, report: ApplyReport | None, seconds: float) -> int:
+    """`apply --wait`: poll until every applied change is in force (`run.wait_in_force`); print, per system and
+    vendor, how long it took, and exit 1 naming what is not in force. Unknown is said, never taken as in force."""
+    click.echo(f"\nWaiting up to {seconds:g} s until the vendors have put the changes in force ...")
+    outcome, vendors = run.wait_in_force(session, result, report, seconds)
+    if not (outcome.watched or outcome.at_once or outcome.unknown):
+        click.echo("Nothing to wait for.")
+        return ExitCode.OK
+    for line in outcome.per_system(vendors):
+        click.echo(f"  {printable(line)}")
+    for _, address, basis in outcome.unknown:
+        click.echo(f"  not known to be in force: {printable(address)}: {printable(basis)}")
+    missing = outcome.missing()
+    if outcome.interrupted:
+        raise ApplyFailedError(f"wait interrupted after {outcome.waited:.1f} s: {len(missing)} change(s) not known "
+                               "to be in force (the apply itself is complete)",
+                               [f"not in force: {printable(line)}" for line in missing])
+    if missing:
+        raise ApplyFailedError(f"not in force: {len(missing)} of {len(outcome.watched)} change(s) the vendors had "
+                               f"to carry out, after waiting {outcome.waited:.1f} s (the apply itself is complete)",
+                               [f"not in force: {printable(line)}" for line in missing])
+    click.echo("In force: every change the vendors had to carry out"
+               + (f"; {len(outcome.unknown)} not known (listed above)" if outcome.unknown else "") + ".")
+    return ExitCode.OK
 
 
 class StopSignal:

@@ -23,6 +23,7 @@ from reconciler import planner
 from reconciler.access import AccessRow, Admin, rows_from_live, rows_from_policy, select
 from reconciler.applier import ApplyReport, apply_plan, check_mass_revoke
 from reconciler.bulk import paused_collection
+from reconciler.enforce_wait import WaitResult
 from reconciler.errors import PlanError, PolicyError, ReconcilerError, RefusedError, StateError
 from reconciler.plan import (
     FORMAT_VERSION,
@@ -401,6 +402,33 @@ def enforce(state: StateStore, plan: Plan, report: ApplyReport, applied_at: date
     except StateError as exc:
         # The apply's own report says the state failed; what is exposed is still printed.
         log.warning("residual access not recorded error=%s", exc)
+
+
+def wait_in_force(session: Session, plan: Plan, report: ApplyReport | None, seconds: float,
+                  on_poll: Callable[[int, int], None] | None = None) -> tuple[WaitResult, dict[str, str]]:
+    """`apply --wait`: after the apply (its lock released), read the systems with changes the vendor still has to
+    carry out until every one is in force, or `seconds` pass (`enforce_wait`). Sends nothing, writes nothing.
+    Returns the outcome and each system's vendor (for the per-vendor lines)."""
+    from reconciler.enforce_wait import wait_until_in_force, watch_list
+
+    state = open_state(session)
+    done = report.done if report is not None else []
+    result = watch_list(plan, done, report.enforcement if report is not None else {},
+                        (report.applied_at if report is not None else None) or plan.now, state.id_of)
+    policy = validate(session)
+    vendors = {name: system.vendor for name, system in policy.systems.items()}
+    systems = tuple(sorted({w.system for w in result.watched} & set(policy.systems)))
+    if not systems:
+        return result, vendors
+    watching = targeted(policy, systems)
+    providers = build_providers(session, watching, state)
+    try:
+        def read(system: str) -> ReadResult:
+            return providers[system].read(watching.resources)
+        return wait_until_in_force(result, read, watching.resources, seconds, clock=session.clock,
+                                   on_poll=on_poll), vendors
+    finally:
+        _close(providers)
 
 
 def remember_residual(state: StateStore, report: ApplyReport, at: str) -> None:

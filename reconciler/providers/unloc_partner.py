@@ -256,7 +256,8 @@ class UnlocPartnerProvider(Provider):
             self._settled[address] = None
             if state == "denied" and address in self.desired:
                 result.warnings.append(Note(address, f"the lock owner denied key {record['id']}; apply asks "
-                                            "for a new one", self.name, Kind.KEY))
+                                            "for a new one", self.name, Kind.KEY,
+                                            (("id", str(record["id"])), ("state", "denied"))))
             return None
         lock = key.get("lockId") or record.get("lock")
         meta: Meta = {"state": state, "lock": lock}
