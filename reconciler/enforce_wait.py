@@ -205,16 +205,16 @@ def _observe(watched: list[Watched], system: str, read: Callable[[str], ReadResu
                 failures[f"id:{str(details['id']).lower()}"] = note
     for w in mine:
         w.read_error = None
-        note = failures.get(f"id:{w.id.lower()}") if w.id else None
-        note = note or failures.get(w.address) or failures.get(address_of(w.system, w.kind, grant_slot(
-            w.address.split("/", 2)[2])))
-        failed_state = dict(note.details).get("state") if note is not None else None
+        slot = address_of(w.system, w.kind, grant_slot(w.address.split("/", 2)[2]))
+        found = failures.get(f"id:{w.id.lower()}") if w.id else None
+        found = found or failures.get(w.address) or failures.get(slot)
+        failed_state = dict(found.details).get("state") if found is not None else None
         if w.address in pending:
             w.state = str(pending[w.address]) if pending[w.address] is not None else w.state
             w.missing = False
-        elif note is not None and failed_state in w.declared.failed:
+        elif found is not None and failed_state in w.declared.failed:
             w.state = str(failed_state)
-            w.failed = f"`{w.state}`: {_short(note.message)}"
+            w.failed = f"`{w.state}`: {_short(found.message)}"
         elif w.address in absent:
             w.missing = True        # revoked, expired or never made: it does not come back by itself, but a
                                     # listing may lag, so the wait goes on until its end

@@ -686,6 +686,9 @@ class Plan:
     # resources carry no schema (a live object read back)
     schemas: Mapping[tuple[str, str], KindSchema] = field(default_factory=dict, compare=False, repr=False)
     targets: tuple[str, ...] = ()    # `--target`: a partial plan, of these systems and addresses only
+    # system → its IANA time zone (`timezone:`), where not UTC: weekly schedules are local times there, and
+    # the plan's window text names it
+    zones: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "changes", tuple(sorted(self.changes, key=lambda c: (c.address, c.action))))
@@ -783,6 +786,8 @@ class Plan:
             data["exposure"] = exposures
         if self.targets:
             data["targets"] = list(self.targets)
+        if self.zones:
+            data["zones"] = dict(sorted(self.zones.items()))
         return data
 
     def to_dict(self) -> dict[str, Any]:

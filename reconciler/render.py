@@ -40,15 +40,27 @@ def _value(value: Any) -> str:
     return _VALUE.encode(value)
 
 
-def _attribute_lines(change: dict[str, Any]) -> list[str]:
-    """The attribute lines under a change: all of them for a create or delete, what differs otherwise."""
+def _attribute_lines(change: dict[str, Any], zones: dict[str, str] | None = None) -> list[str]:
+    """The attribute lines under a change: all of them for a create or delete, what differs otherwise. A weekly
+    schedule is also given in words, in the system's time zone, named (`zones`; a system not in it: UTC)."""
     before, after = change["before"] or {}, change["after"] or {}
+    zone = (zones or {}).get(change["system"], UTC_ZONE)
     if change["action"] == "create":
-        return [f"{k}: {_value(v)}" for k, v in sorted(after.items())]
+        return [f"{k}: {_value(v)}{_spans(v, zone)}" for k, v in sorted(after.items())]
     if change["action"] == "delete":
-        return [f"{k}: {_value(v)}" for k, v in sorted(before.items())]
+        return [f"{k}: {_value(v)}{_spans(v, zone)}" for k, v in sorted(before.items())]
     keys = change.get("changed") or sorted(k for k in after if before.get(k) != after.get(k))
-    return [f"{k}: {_value(before.get(k))} -> {_after_value(k, after)}" for k in keys]
+    return [f"{k}: {_value(before.get(k))} -> {_after_value(k, after)}"
+            + (f"  ({_plain(before.get(k), zone)} -> {_plain(after.get(k), zone)})" if _is_schedule(after.get(k))
+               or _is_schedule(before.get(k)) else "") for k in keys]
+
+
+def _spans(value: Any, zone: str) -> str:
+    return f"  ({_days(value, zone)})" if _is_schedule(value) else ""
+
+
+def _is_schedule(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "day" in value[0]
 
 
 def _after_value(key: str, after: dict[str, Any]) -> str:
@@ -145,6 +157,7 @@ def _batched(chunks: Iterable[str], write: Callable[[str], object]) -> None:
 # -- markdown (pull-request comments) --------------------------------------------------------------------
 
 COMMENT_LIMIT = 65_000
+UTC_ZONE = "UTC"         # a system without `timezone:`; plans made before zones were recorded read as UTC
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _CAPS = (None, 2000, 500, 150, 50, 15, 5)
 
@@ -153,8 +166,9 @@ def _when(text: str | None) -> str:
     return text.replace("T", " ")[:16] + " UTC" if text else ""
 
 
-def _days(schedule: list[dict[str, str]]) -> str:
-    """`[{day: mon, from: 08:00, to: 18:00}, …]` → `Mon–Fri 08:00–18:00`."""
+def _days(schedule: list[dict[str, str]], zone: str = UTC_ZONE) -> str:
+    """`[{day: mon, from: 08:00, to: 18:00}, …]` → `Mon–Fri 08:00–18:00 Europe/Oslo`: local times of the site,
+    its zone named once at the end."""
     by_times: dict[tuple[str, str], list[str]] = {}
     for span in schedule:
         by_times.setdefault((span["from"], span["to"]), []).append(span["day"])
@@ -172,17 +186,17 @@ def _days(schedule: list[dict[str, str]]) -> str:
         names = ", ".join(DAYS[r[0]].title() if len(r) == 1 else f"{DAYS[r[0]].title()}–{DAYS[r[-1]].title()}"
                           for r in runs)
         parts.append(f"{names} {start}–{end}")
-    return "; ".join(parts)
+    return "; ".join(parts) + f" {zone}"
 
 
-def _window(attrs: dict[str, Any]) -> str:
+def _window(attrs: dict[str, Any], zone: str = UTC_ZONE) -> str:
     words = []
     if attrs.get("start"):
         words.append(f"from {_when(attrs['start'])}")
     if "end" in attrs:
         words.append(f"until {_when(attrs['end'])}" if attrs["end"] else "with no end")
     if attrs.get("schedule"):
-        words.append(_days(attrs["schedule"]))
+        words.append(_days(attrs["schedule"], zone))
     if attrs.get("role") and attrs["role"] != "USER":
         words.append(f"as {attrs['role']}")
     return ", ".join(words)
@@ -199,9 +213,11 @@ def _via(change: dict[str, Any]) -> str:
     return " through group" + ("s " if len(groups) > 1 else " ") + ", ".join(f"`{code(g)}`" for g in groups)
 
 
-def access_sentence(change: dict[str, Any]) -> str | None:
-    """A grant-level change in plain words: who gains or loses access to which door, when, and why."""
+def access_sentence(change: dict[str, Any], zones: dict[str, str] | None = None) -> str | None:
+    """A grant-level change in plain words: who gains or loses access to which door, when (weekly windows in the
+    system's time zone, `zones`, named), and why."""
     kind, action = change["kind"], change["action"]
+    zone = (zones or {}).get(change["system"], UTC_ZONE)
     name = change["address"].split("/", 2)[2]
     system = code(change["system"])
     source = f" — `{code(change['source'])}`" if change.get("source") else ""
@@ -221,7 +237,7 @@ def access_sentence(change: dict[str, Any]) -> str | None:
             md(", ".join(attrs.get("users") or [])) or "nobody yet"
         uses = f", at most {md(attrs['max_uses'])} uses" if attrs.get("max_uses") else ""
         verb = {"create": "is issued", "update": "changes", "delete": "is withdrawn", "replace": "is re-issued"}[action]
-        return f"temporary key **{md(name)}** on `{system}` {verb}: {who}, {md(_window(attrs))}{uses}{source}"
+        return f"temporary key **{md(name)}** on `{system}` {verb}: {who}, {md(_window(attrs, zone))}{uses}{source}"
     if not person_door(kind):
         return None
     user, device, *operation = name.split("/")
@@ -230,7 +246,7 @@ def access_sentence(change: dict[str, Any]) -> str | None:
     where = f" (`{system}`)"
     via = f",{_via(change)}" if _via(change) else ""
     if action == "create":
-        return f"{_person(user)} gains {what}{where}, {md(_window(change['after']))}{via}{source}"
+        return f"{_person(user)} gains {what}{where}, {md(_window(change['after'], zone))}{via}{source}"
     if action == "delete":
         why = {"drift": " — granted outside git, not in the policy",
                "unmanaged": " — not in the policy",
@@ -238,21 +254,22 @@ def access_sentence(change: dict[str, Any]) -> str | None:
         return f"{_person(user)} loses {what}{where}{why}"
     before, after = change["before"] or {}, change["after"] or {}
     keys = change.get("changed") or sorted(k for k in after if before.get(k) != after.get(k))
-    detail = "; ".join(f"{md(k)} {md(_plain(before.get(k)))} → "
-                       f"{'now' if k == 'start' and after.get(k) is None else md(_plain(after.get(k)))}" for k in keys)
+    detail = "; ".join(f"{md(k)} {md(_plain(before.get(k), zone))} → "
+                       f"{'now' if k == 'start' and after.get(k) is None else md(_plain(after.get(k), zone))}"
+                       for k in keys)
     verb = "is re-issued" if action == "replace" else "changes"
     return f"{_person(user)}'s {what}{where} {verb}: {detail}{via}{source}"
 
 
-def _plain(value: Any) -> str:
+def _plain(value: Any, zone: str = UTC_ZONE) -> str:
     if isinstance(value, str) and len(value) == 20 and value.endswith("Z") and "T" in value:
         return _when(value)
-    if isinstance(value, list) and value and isinstance(value[0], dict) and "day" in value[0]:
-        return _days(value)
+    if _is_schedule(value):
+        return _days(value, zone)
     return "none" if value is None else str(value)
 
 
-def _group_line(change: dict[str, Any]) -> tuple[Any, ...] | None:
+def _group_line(change: dict[str, Any], zones: dict[str, str]) -> tuple[Any, ...] | None:
     """What a grant change shares with others of its group: the key of one summary line, or None when the
     change is told on its own (privilege, updates, direct grants, several groups)."""
     if not person_door(change["kind"]) or change["action"] != "create" or change.get("privilege"):
@@ -261,12 +278,12 @@ def _group_line(change: dict[str, Any]) -> tuple[Any, ...] | None:
     if len(groups) != 1 or "user" in (change.get("via") or []):
         return None
     _user, _device, *operation = change["address"].split("/", 2)[2].split("/")
-    window = _window(change["after"])
+    window = _window(change["after"], zones.get(change["system"], UTC_ZONE))
     return (change["action"], groups[0], change["system"], tuple(operation), window, change.get("source") or "",
             change.get("origin") or "")
 
 
-def _access_lines(changes: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+def _access_lines(changes: list[dict[str, Any]], zones: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
     """Access changes in words, privilege first and one by one; grants that a group shares on one set of
     doors in one line ("group `ops` (40 people) gains …") with the people folded beneath; otherwise in the
     plan's order. Returns (access, drift)."""
@@ -274,13 +291,13 @@ def _access_lines(changes: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     lines: list[tuple[int, bool, str]] = []    # (position, is drift, line)
     grouped: dict[tuple[Any, ...], dict[str, list[tuple[int, str, str]]]] = {}   # key → user → grants
     for position, change in enumerate(changes):
-        sentence = access_sentence(change)
+        sentence = access_sentence(change, zones)
         if not sentence:
             continue
         if change.get("privilege"):
             privilege.append(f"**privilege**: {sentence}")
             continue
-        key = _group_line(change)
+        key = _group_line(change, zones or {})
         if key is None:
             lines.append((position, change.get("origin") == "drift", sentence))
             continue
@@ -310,7 +327,7 @@ def render_markdown(plan: Plan, *, limit: int = COMMENT_LIMIT, artifact: str = "
     """A pull-request comment: totals, the mass-revoke guard, then access changes in words, then the rest
     folded; never longer than `limit` characters (lists are cut with counts and a pointer to the full plan)."""
     data = plan.to_dict()
-    access, drift = _access_lines(data["changes"])
+    access, drift = _access_lines(data["changes"], data.get("zones"))
     systems: dict[str, list[dict[str, Any]]] = {}
     for change in data["changes"]:
         systems.setdefault(change["system"], []).append(change)

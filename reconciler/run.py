@@ -260,6 +260,9 @@ def make_plan(session: Session, policy: Policy, providers: Mapping[str, Provider
                          evidence=_evidence(state, policy, live),
                          acknowledgements={name: system.offboarding for name, system in policy.systems.items()},
                          schemas=schemas_of(providers))
+    zones = {name: system.timezone for name, system in policy.systems.items() if system.timezone != "UTC"}
+    if zones:
+        whole = replace(whole, zones=zones)
     return limit_plan(whole, session.targets, desired, live)
 
 

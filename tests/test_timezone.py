@@ -3,9 +3,12 @@ read correctly across daylight-saving changes by `reconciler access --at` and by
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import jsonschema
 import pytest
 from click.testing import CliRunner
 
@@ -100,3 +103,46 @@ def test_an_assertion_without_offset_is_read_in_the_site_zone(policy_dir):
         "  - cannot: {user: alice, device: front-gate, at: \"2027-07-05T17:00:00Z\"}\n")
     result = CliRunner().invoke(main, ["test", str(policy_dir)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+
+
+# -- the plan's window text names the site's zone ------------------------------------------------------------
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, [*args, "--now", "2026-11-22T10:00:00Z"], catch_exceptions=False)
+
+
+def test_the_plan_shows_weekly_windows_in_the_site_zone_named(policy_dir, tmp_path):
+    markdown = _cli("plan", str(policy_dir), "--format", "markdown")
+    assert markdown.exit_code == 0, markdown.output
+    [sentence] = [line for line in markdown.output.splitlines() if "**alice** gains access to **front-gate**" in line]
+    assert "Mon–Fri 08:00–18:00 Europe/Oslo" in sentence
+    text = _cli("plan", str(policy_dir))
+    [line] = [line for line in text.output.splitlines() if line.strip().startswith("schedule:")]
+    assert line.endswith("(Mon–Fri 08:00–18:00 Europe/Oslo)"), line
+    saved = _cli("plan", str(policy_dir), "--format", "json", "--out", str(tmp_path / "plan.json"))
+    assert saved.exit_code == 0, saved.output
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert data["zones"] == {"site": "Europe/Oslo"}
+    # A saved plan carries the zone: `show` renders it as plan did, without the policy.
+    shown = CliRunner().invoke(main, ["show", str(tmp_path / "plan.json"), "--format", "markdown"],
+                               catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    assert shown.output == markdown.output
+
+
+def test_a_site_without_timezone_names_utc_and_the_plan_has_no_zones(policy_dir, tmp_path):
+    (policy_dir / "policy.yaml").write_text(POLICY.replace(", timezone: Europe/Oslo", ""))
+    markdown = _cli("plan", str(policy_dir), "--format", "markdown")
+    assert "Mon–Fri 08:00–18:00 UTC" in markdown.output
+    _cli("plan", str(policy_dir), "--out", str(tmp_path / "plan.json"))
+    assert "zones" not in json.loads((tmp_path / "plan.json").read_text())
+
+
+def test_the_plan_schema_documents_zones(policy_dir, tmp_path):
+    schema = json.loads((Path(__file__).parents[1] / "schema" / "plan.schema.json").read_text())
+    _cli("plan", str(policy_dir), "--out", str(tmp_path / "plan.json"))
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert "zones" in data
+    jsonschema.validate(data, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**data, "zones": {"site": 7}}, schema)
