@@ -166,9 +166,9 @@ def _when(text: str | None) -> str:
     return text.replace("T", " ")[:16] + " UTC" if text else ""
 
 
-def _days(schedule: list[dict[str, str]], zone: str = UTC_ZONE) -> str:
+def _days(schedule: list[dict[str, str]], zone: str | None = None) -> str:
     """`[{day: mon, from: 08:00, to: 18:00}, …]` → `Mon–Fri 08:00–18:00 Europe/Oslo`: local times of the site,
-    its zone named once at the end."""
+    its zone named once at the end (plans); without `zone`, unnamed (access tables name it in their heading)."""
     by_times: dict[tuple[str, str], list[str]] = {}
     for span in schedule:
         by_times.setdefault((span["from"], span["to"]), []).append(span["day"])
@@ -186,7 +186,7 @@ def _days(schedule: list[dict[str, str]], zone: str = UTC_ZONE) -> str:
         names = ", ".join(DAYS[r[0]].title() if len(r) == 1 else f"{DAYS[r[0]].title()}–{DAYS[r[-1]].title()}"
                           for r in runs)
         parts.append(f"{names} {start}–{end}")
-    return "; ".join(parts) + f" {zone}"
+    return "; ".join(parts) + (f" {zone}" if zone else "")
 
 
 def _window(attrs: dict[str, Any], zone: str = UTC_ZONE) -> str:
