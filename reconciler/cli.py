@@ -53,7 +53,7 @@ else:   # loaded when a command first uses them: `--help` needs neither (see rec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WAIT_TEXT = "5m"     # bare `apply --wait`: Unloc's "short delay", with room for a slow one
+DEFAULT_WAIT_TEXT = "5m"     # bare `apply --wait`: a vendor's documented "short delay", with room for a slow one
 
 
 def _parse_now(value: str | None) -> datetime | None:

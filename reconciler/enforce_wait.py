@@ -1,12 +1,12 @@
 """`apply --wait`: after an apply, poll the vendors until every change is in force on the lock, or time is up.
 
 `run.wait_in_force` calls `watch_list` to sort an apply's changes by what the vendors' documents say about them
-(`Enforcement`): the ones the vendor still has to carry out (an Unloc key in `creating`, an Unloc Partner key
-waiting for the lock owner's approval) are watched; the ones in force at once (or from a known moment) need no
-wait; the ones the documents say nothing about are reported as unknown, never as in force, and never waited
-for. `wait_until_in_force` then reads each system that still has something to carry out with its provider's
-normal bulk read, at a modest interval, until each watched change is in force, has failed (`error`, `denied`,
-gone) or the deadline (monotonic clock) has passed. Nothing here sends a change or writes the state.
+(`Enforcement`): the ones the vendor still has to carry out (a key still being created, a key waiting for the
+lock owner's approval: the vendor's `pending` states) are watched; the ones in force at once (or from a known
+moment) need no wait; the ones the documents say nothing about are reported as unknown, never as in force, and
+never waited for. `wait_until_in_force` then reads each system that still has something to carry out with its
+provider's normal bulk read, at a modest interval, until each watched change is in force, has failed (`error`,
+`denied`) or the deadline (monotonic clock) has passed. Nothing here sends a change or writes the state.
 """
 
 from __future__ import annotations
