@@ -239,24 +239,32 @@ def test_sentry_a_repeated_lock_member_revokes_no_declared_share(tmp_path):
 
 
 @pytest.mark.parametrize("body", [b'{"role": "USER"}', b"<html>created</html>", b'[{"id": "x"}]'])
-def test_a_malformed_create_answer_is_a_vendor_fault_and_the_create_is_looked_up(harness, body):
-    # The vendor said 2xx: the object may exist. The fault is reported in one line and the create stays
-    # uncertain (looked up, never blindly repeated), rather than an internal error.
+def test_a_malformed_create_answer_is_an_uncertain_create_the_next_read_settles(harness, body):
+    # The vendor said 2xx: the object may exist. The fault is reported in one line and the create is uncertain
+    # (apply exits 1), never sent again in the same run nor recorded on a guess: its intent stays, and the next
+    # read adopts the one new unclaimed device with our name, as it does after a lost answer.
     harness.write(POLICY)
     honest = harness.sim.handle
+    posts = []
 
     def handle(request):
         response = honest(request)
         if request.method == "POST" and request.url.path.endswith("/locking-device"):
+            posts.append(request.url.path)
             return httpx.Response(201, headers={"Content-Type": "application/json"}, content=body)
         return response
     harness.sim.handle = handle
     _, report = harness.apply()
-    assert not report.internal
-    # The lookup found the one new unclaimed device with our name: adopted, not created twice.
-    assert "hq/device/annex: created" in report.lines()
-    from test_abloy_provider import vendor
+    assert not report.internal and not report.ok and len(posts) == 1
+    [why] = [why for c, why in report.uncertain if c.address == "hq/device/annex"]
+    assert why.startswith("hq: POST /administration/locking-device: the vendor's answer is malformed")
+    from reconciler import run
+    assert run.open_state(harness.session()).get("hq/device/annex")["intent"] == "create"   # no id on a guess
     harness.sim.handle = honest
+    plan = harness.plan()
+    assert "hq/device/annex" not in {c.address for c in plan.changes if c.action is Action.CREATE}
+    harness.converge()
+    from test_abloy_provider import vendor
     assert [d["name"] for d in vendor(harness, "/locking-device")].count("Annex Door") == 1
 
 

@@ -29,7 +29,7 @@ from typing_extensions import TypedDict
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action
-from reconciler.providers.answers import MAX_PAGES, Id, VendorFault, created, fault, parse, unique
+from reconciler.providers.answers import MAX_PAGES, Id, VendorFault, created, fault, model, parse, unique
 from reconciler.providers.base import CreateGate, Event, HandlerTable, Provider, ReadResult
 from reconciler.providers.http import DeadlineExceeded, HttpClient, Interrupted, json_error, token_lifetime
 from reconciler.providers.settings import VendorSettings
@@ -138,6 +138,13 @@ class _Association(_Item):
     lockingDeviceId: Id
 
 
+# An audit-log entry: what `events` reads of it, each optional, of the documented type when present.
+_Event = model("_Event", {"id": Id, "occurrenceDatetime": str | None, "eventName": str | None, "granted": bool | None,
+                          "client": model("_Client", {"userId": str | None, "type": str | None},
+                                          optional=("userId", "type")) | None},
+               optional=("occurrenceDatetime", "eventName", "granted", "client"))
+
+
 class _Page(TypedDict):
     __pydantic_config__ = LENIENT   # type: ignore[misc]
     items: list[_Item]
@@ -152,8 +159,13 @@ class _Associations(_Page):
     items: list[_Association]    # type: ignore[misc]
 
 
+class _Events(_Page):
+    items: list[_Event]          # type: ignore[misc, valid-type]
+
+
 PAGES: dict[str, TypeAdapter[Any]] = {"permissions": TypeAdapter(_Permissions),
-                                       "associations": TypeAdapter(_Associations)}
+                                       "associations": TypeAdapter(_Associations),
+                                       "audit_log": TypeAdapter(_Events)}
 PAGE: TypeAdapter[Any] = TypeAdapter(_Page)
 
 
@@ -372,9 +384,9 @@ class AbloyProvider(Provider):
             return self._find_new("users", "user", lambda item: item.get("role") == want.attributes["role"],
                                   provable=False, name=want.name)
         body = self._create(want.address, "user", find,
-                            lambda: created(self.http.request("POST", PATHS["users"],
+                            lambda: self.http.request("POST", PATHS["users"],
                                                               json={"role": want.attributes["role"]},
-                                                              idempotent=False), CREATED, self.name))
+                                                              idempotent=False))
         # The answer holds the user's accessKey: a secret we neither keep nor show.
         return {"id": body["id"]}
 
@@ -391,8 +403,8 @@ class AbloyProvider(Provider):
                                   matches=lambda item: item.get("name") == name
                                   and item.get("claimingStatus") == "UNCLAIMED")
         body = self._create(want.address, "device", find,
-                            lambda: created(self.http.request("POST", PATHS["devices"], json={"name": name},
-                                                              idempotent=False), CREATED, self.name))
+                            lambda: self.http.request("POST", PATHS["devices"], json={"name": name},
+                                                              idempotent=False))
         return {"id": body["id"]}
 
     def update_device(self, want: Resource, live: Resource, changed: tuple[str, ...]) -> None:
@@ -412,7 +424,7 @@ class AbloyProvider(Provider):
         def find() -> str | None:
             return self._find_new("gateways", "gateway", lambda item: True, provable=False, name=want.name)
 
-        def claim() -> dict[str, Any]:
+        def claim() -> httpx.Response | dict[str, Any]:
             response = self.http.request("POST", PATHS["gateways"], json={"claimingCode": code},
                                          idempotent=False, expect=(409,))
             if response.status_code == 409:
@@ -422,7 +434,7 @@ class AbloyProvider(Provider):
                     return {"id": found}
                 raise VendorError(self.redactor(f"{self.name}: claim gateway {want.name}: "
                                                 f"{describe_problem(response)}"), status=409)
-            return created(response, CREATED, self.name)
+            return response
         body = self._create(want.address, "gateway", find, claim)
         return {"id": body["id"]}
 
@@ -434,18 +446,22 @@ class AbloyProvider(Provider):
         gateway_id = self._id(Kind.GATEWAY, gateway)
         device_id = self._id(Kind.DEVICE, device)
 
-        def send() -> bool:
+        def send() -> httpx.Response | bool:
             response = self.http.request("POST", PATHS["associations"], idempotent=False, expect=(409,),
                                          json={"gatewayDeviceId": gateway_id, "lockingDeviceId": device_id})
-            if response.status_code == 409 and not find():
-                raise VendorError(self.redactor(f"{self.name}: associate {want.name}: "
-                                                f"{describe_problem(response)}"), status=409)
-            return True
+            if response.status_code == 409:
+                if not find():
+                    raise VendorError(self.redactor(f"{self.name}: associate {want.name}: "
+                                                    f"{describe_problem(response)}"), status=409)
+                return True
+            return response
 
         def find() -> bool | None:
             existing = self.list_all("associations", **{"gateway-device-id": gateway_id})
             return True if any(a.get("lockingDeviceId") == device_id for a in existing) else None
-        self.create_checked(send, find)
+        answer = self.create_checked(send, find)
+        if isinstance(answer, httpx.Response):
+            created(answer, CREATED, self.name)    # malformed: uncertain; the next read finds it by its natural key
 
     def delete_association(self, live: Resource) -> None:
         self.http.request("DELETE", PATHS["association"].format(id=live.id), expect=(404,))
@@ -472,8 +488,10 @@ class AbloyProvider(Provider):
             return True if any((p.get("userId"), p.get("lockingDeviceId"), p.get("operationType")) == key
                                and normalise_time(p.get("end")) == end
                                for p in self.list_all("permissions")) else None
-        self.create_checked(lambda: self.http.request("POST", PATHS["permissions"], json=body, idempotent=False),
-                            find)
+        answer = self.create_checked(lambda: self.http.request("POST", PATHS["permissions"], json=body,
+                                                               idempotent=False), find)
+        if isinstance(answer, httpx.Response):
+            created(answer, CREATED, self.name)    # malformed: uncertain; the next read finds it by its natural key
 
     def update_permission(self, want: Resource, live: Resource, changed: tuple[str, ...]) -> None:
         self.http.request("PUT", PATHS["permission"].format(id=live.id), json=self._permission_body(want))
@@ -539,7 +557,11 @@ class AbloyProvider(Provider):
             user = client.get("userId")
             person = names.get(user) or (unknown_name(str(user)) if user else client.get("type", ""))
             granted = item.get("granted")
-            rows.append(Event(time=normalise_time(item.get("occurrenceDatetime")) or "", action=item.get("eventName", ""),
+            try:
+                when = normalise_time(item.get("occurrenceDatetime")) or ""
+            except ValueError as exc:
+                raise fault(self.name, "GET", PATHS["audit_log"], f"event {item['id']}: {exc}") from None
+            rows.append(Event(time=when, action=item.get("eventName") or "",
                               person=person, detail="" if granted is None else ("granted" if granted else "denied")))
         return rows
 
@@ -551,7 +573,7 @@ class AbloyProvider(Provider):
         return vid
 
     def _create(self, address: str, kind: str, find: Callable[[], str | None],
-                send: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+                send: Callable[[], httpx.Response | dict[str, Any]]) -> dict[str, Any]:
         """A create without a natural key: record the intent, then send; the id comes from the answer.
 
         Creates of one kind run concurrently. A lost answer is looked up alone (`CreateGate`): the lookup
@@ -561,7 +583,7 @@ class AbloyProvider(Provider):
         with gate.sending():
             self.intend(address, sorted(self.live_ids.get(kind, set())))
             try:
-                created = send()
+                answer = send()
             except VendorError as exc:
                 if not exc.ambiguous:
                     self.state.delete(address)    # refused outright: nothing to look for later
@@ -569,20 +591,29 @@ class AbloyProvider(Provider):
                 lost: VendorError | None = exc
             else:
                 # Claimed before the gate is left, so a lookup never mistakes it for a lost create's object.
-                self.ids[address] = created["id"]
-                return created
+                # A malformed answer raises here: uncertain, the intent stays for the next read to settle.
+                self.ids[address] = self._created(answer)["id"]
+                return {"id": self.ids[address]}
         with gate.recovering():
             def look() -> dict[str, Any] | None:
                 found = find()
                 return {"id": found} if found else None
             try:
-                created = self.create_checked(send, look, lost=lost)
+                answer = self.create_checked(send, look, lost=lost)
             except VendorError as exc:
                 if not exc.ambiguous:
                     self.state.delete(address)
                 raise
-            self.ids[address] = created["id"]
-            return created
+            self.ids[address] = self._created(answer)["id"]
+            return {"id": self.ids[address]}
+
+    def _created(self, answer: httpx.Response | dict[str, Any]) -> dict[str, Any]:
+        """The id a create's answer holds (`created`: a malformed answer leaves the create uncertain), or what
+        a lookup found."""
+        if isinstance(answer, httpx.Response):
+            body: dict[str, Any] = created(answer, CREATED, self.name)
+            return body
+        return answer
 
     def _find_new(self, key: str, kind: str, matches: Callable[[dict[str, Any]], bool], *,
                   provable: bool = True, name: str = "") -> str | None:

@@ -14,6 +14,7 @@ lost most of what the state recorded as existing is refused as suspicious (`chec
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -89,11 +90,44 @@ def parse(response: httpx.Response, adapter: TypeAdapter[T], system: str) -> T:
 
 def created(response: httpx.Response, adapter: TypeAdapter[T], system: str) -> T:
     """The answer to a create: a malformed one is a fault that leaves the create uncertain (the vendor said
-    2xx, so it may well exist): `ambiguous`, so that it is looked up before anything is sent again."""
+    2xx, so it may well exist): `ambiguous`, like a lost answer. Providers parse it after the send, outside
+    `create_checked`: nothing is sent again and nothing is recorded as created on a guess; the change is
+    reported uncertain (apply exits 1), its intent stays, and the next read settles it (by the natural key
+    or the intent), as it does for a lost answer no lookup could settle."""
     try:
         return parse(response, adapter, system)
     except VendorFault as exc:
-        raise VendorFault(f"{exc}; the create may have taken effect", temporary=True, ambiguous=True) from None
+        raise VendorFault(f"{exc}; the create may have taken effect: the next plan looks it up",
+                          temporary=True, ambiguous=True) from None
+
+
+def uncertain(system: str, method: str, path: str, what: str) -> VendorFault:
+    """A 2xx answer to a create that cannot be right (it names another object, say): a fault that leaves the
+    create uncertain, as `created` does."""
+    return VendorFault(f"{fault(system, method, path, what)}; the create may have taken effect: the next plan "
+                       "looks it up", temporary=True, ambiguous=True)
+
+
+def error_body(response: httpx.Response) -> Any:
+    """An error answer's JSON body, or None when it has none: for describing the error in one line only
+    (never relied on), so a malformed error body never hides the error it came with."""
+    try:
+        return json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def model(name: str, fields: Mapping[str, Any], *, optional: Iterable[str] = ()) -> Any:
+    """A lenient TypedDict `name` for an answer's object: `fields` (name → type) required, except those named
+    in `optional`; unknown keys are kept and ignored."""
+    kinds = {key: NotRequired[kind] if key in set(optional) else kind for key, kind in fields.items()}
+    shape = TypedDict(name, kinds)    # type: ignore[misc]
+    shape.__pydantic_config__ = LENIENT  # type: ignore[attr-defined]
+    return shape
+
+
+def adapter(shape: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(shape)
 
 
 def loads(response: httpx.Response, system: str) -> Any:
@@ -161,34 +195,32 @@ def recorded_ids(records: Iterable[tuple[str, Mapping[str, Any]]]) -> list[str]:
 
 
 LENIENT = ConfigDict(extra="allow")    # fields the tool does not use are kept and ignored
-_ADAPTERS: dict[tuple[str | None, str, tuple[str, ...]], TypeAdapter[Any]] = {}
+_ADAPTERS: dict[tuple[str | None, str, tuple[str, ...], int], TypeAdapter[Any]] = {}
 
 
-def page_of(field: str | None, key: str = "id", *, extra: Mapping[str, Any] | None = None) -> TypeAdapter[Any]:
+def page_of(field: str | None, key: str = "id", *, extra: Mapping[str, Any] | None = None,
+            item: Any = None) -> TypeAdapter[Any]:
     """The adapter of a page `{<field>: [{<key>: id, ...}, ...], ...}` (or a bare list when `field` is None):
-    the list required and a list, each item an object with a string `key`; `extra`: more fields of the page
-    with their types (a cursor, say), all optional."""
-    cache = (field, key, tuple(sorted(extra or {})))
+    the list required and a list, each item an object with a string `key` (or of the shape `item`, a
+    `model(...)` that has it); `extra`: more fields of the page with their types (a cursor, say), all optional."""
+    cache = (field, key, tuple(sorted(extra or {})), id(item))
     adapter = _ADAPTERS.get(cache)
     if adapter is None:
-        item = TypedDict("item", {key: Id})   # type: ignore[misc]
-        item.__pydantic_config__ = LENIENT    # type: ignore[attr-defined]
+        if item is None:
+            item = model("item", {key: Id})
         if field is None:
             adapter = TypeAdapter(list[item])   # type: ignore[valid-type]
         else:
-            fields: dict[str, Any] = {field: list[item]}   # type: ignore[valid-type]
-            fields.update({name: NotRequired[kind] for name, kind in (extra or {}).items()})
-            page = TypedDict("page", fields)    # type: ignore[misc]
-            page.__pydantic_config__ = LENIENT  # type: ignore[attr-defined]
-            adapter = TypeAdapter(page)
+            fields: dict[str, Any] = {field: list[item], **(extra or {})}   # type: ignore[valid-type]
+            adapter = TypeAdapter(model("page", fields, optional=extra or {}))
         _ADAPTERS[cache] = adapter
     return adapter
 
 
 def listing(response: httpx.Response, field: str | None, system: str, *, key: str = "id", fold: bool = False,
-            check: bool = True) -> list[Any]:
-    """A one-page listing, parsed and checked (`unique`): the items."""
-    body = parse(response, page_of(field, key), system)
+            check: bool = True, item: Any = None) -> list[Any]:
+    """A one-page listing, parsed and checked (`unique`): the items (of the shape `item` when given)."""
+    body = parse(response, page_of(field, key, item=item), system)
     items = body if field is None else body[field]
     if not check:
         return list(items)

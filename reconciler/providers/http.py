@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 
 from reconciler.errors import VendorError
-from reconciler.providers.answers import loads
+from reconciler.providers.answers import error_body, loads
 from reconciler.text import printable
 
 log = logging.getLogger(__name__)
@@ -503,10 +503,7 @@ def json_error(title: str, detail: str) -> Callable[[httpx.Response], str]:
     """A describer for a vendor whose error bodies are JSON `{<title>, <detail>}`:
     `403 Forbidden: detail` (the title falls back to the HTTP reason)."""
     def describe(response: httpx.Response) -> str:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
+        body = error_body(response)
         if isinstance(body, dict) and (body.get(title) or body.get(detail)):
             text = body.get(detail)
             return f"{response.status_code} {body.get(title) or response.reason_phrase}" + (f": {text}" if text else "")

@@ -23,15 +23,15 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, NotRequired
 
 import httpx
-from pydantic import ConfigDict, TypeAdapter
+from pydantic import ConfigDict, Field, TypeAdapter
 from typing_extensions import TypedDict
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Change
-from reconciler.providers.answers import Id, parse, unique
+from reconciler.providers.answers import Id, adapter, error_body, fault, model, parse, unique
 from reconciler.providers.base import Event, HandlerTable, Provider, ReadResult
 from reconciler.providers.http import HttpClient, token_lifetime
 from reconciler.resources import (
@@ -55,13 +55,29 @@ class _Lock(TypedDict):
     id: Id
 
 
+# Epoch seconds as the platform gives them: a number that is a date (not a string, not past year 9999).
+Epoch = Annotated[float, Field(ge=0, le=253402300799)]
+
+
 class _Member(TypedDict):
     __pydantic_config__ = ConfigDict(extra="allow")   # type: ignore[misc]
     userId: Id
+    start: NotRequired[Epoch | None]
+    end: NotRequired[Epoch | None]
+    role: NotRequired[str | None]
+    email: NotRequired[str | None]
 
 
 LOCKS: TypeAdapter[Any] = TypeAdapter(list[_Lock])
 MEMBERS: TypeAdapter[Any] = TypeAdapter(list[_Member])
+LOCK: TypeAdapter[Any] = TypeAdapter(_Lock)
+LOGIN = adapter(model("Login", {"authToken": str, "refreshToken": str | None}, optional=("refreshToken",)))
+CERTIFICATE = adapter(model("Certificate", {"certificateChain": list[str], "userId": Id}))
+PERSON = adapter(model("Person", {"id": Id, "publicKey": str | None}, optional=("publicKey",)))
+ENTRY = model("Entry", {"timestamp": Epoch | None, "type": str | None, "rejected": bool | None,
+                        "rejectionReason": str | None, "issuer": dict[str, Any] | None, "subject": dict[str, Any] | None},
+              optional=("timestamp", "type", "rejected", "rejectionReason", "issuer", "subject"))
+LOG = adapter(list[ENTRY])    # type: ignore[valid-type]
 
 MEDIA_V2 = "application/vnd.doordeck.api-v2+json"
 JWT_MEDIA = "application/jwt"
@@ -107,10 +123,7 @@ CAPABILITIES = Capabilities(
 
 def describe_error(response: httpx.Response) -> str:
     """`{code, message}` → `403: message`."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
+    body = error_body(response)
     if isinstance(body, dict) and body.get("message"):
         return f"{response.status_code}: {body['message']}"
     return f"HTTP {response.status_code} {response.reason_phrase}".strip()
@@ -172,8 +185,8 @@ class SentryProvider(Provider):
                 detail = str(exc).removeprefix(f"{self.name}: ")
                 raise VendorError(f"{self.name}: login failed: {detail}", status=exc.status,
                                   temporary=exc.temporary) from None
-            answer = response.json()
-            token = answer.get("authToken", "")
+            answer = parse(response, LOGIN, self.name)
+            token = answer["authToken"]
             self.redactor.add(token)
             self.redactor.add(answer.get("refreshToken"))
         import jwt
@@ -201,10 +214,10 @@ class SentryProvider(Provider):
                         f"{self.name}: POST {PATHS['certificate']}: {describe_error(response)}; the operator "
                         "account must complete secondary authentication (verification code) before it can "
                         "sign operations; nothing was changed"), status=423)
-                answer = response.json()
-                chain, user_id = answer.get("certificateChain"), answer.get("userId")
-                if not isinstance(chain, list) or not chain or not user_id:
-                    raise VendorError(f"{self.name}: {PATHS['certificate']} answered without a certificate chain")
+                answer = parse(response, CERTIFICATE, self.name)
+                chain, user_id = answer["certificateChain"], answer["userId"]
+                if not chain:
+                    raise fault(self.name, "POST", PATHS["certificate"], "certificateChain: an empty list")
                 self._certificate = (list(chain), str(user_id))
                 self._operator_ids.add(str(user_id).lower())
                 log.info("signing key registered system=%s user=%s", self.name, user_id)
@@ -317,7 +330,7 @@ class SentryProvider(Provider):
                                      expect=(404,))
         if response.status_code == 404:
             return None
-        return {**response.json(), "email": email}
+        return {**parse(response, PERSON, self.name), "email": email}
 
     def _lock_users(self, lock_id: str) -> list[dict[str, Any]]:
         path = PATHS["lock_users"].format(id=lock_id)
@@ -376,7 +389,7 @@ class SentryProvider(Provider):
             lock_id = str(live.id).lower()
 
             def landed() -> bool:
-                lock = self.http.request("GET", PATHS["lock"].format(id=lock_id)).json()
+                lock = parse(self.http.request("GET", PATHS["lock"].format(id=lock_id)), LOCK, self.name)
                 return _unlock_duration(lock) == seconds
             self._execute(lock_id, {"type": "MUTATE_SETTING", "unlockDuration": seconds}, landed)
 
@@ -489,8 +502,8 @@ class SentryProvider(Provider):
         # The v2 log needs both ends of the window [doc]; without --since, from the epoch: the whole trail.
         start = int(since.timestamp()) if since is not None else 0
         params = {"start": str(start), "end": str(math.ceil(self.clock().timestamp()))}
-        entries = self.http.request("GET", PATHS["lock_log"].format(id=lock_id.lower()), params=params,
-                                    headers={"Accept": MEDIA_V2}).json()
+        entries = parse(self.http.request("GET", PATHS["lock_log"].format(id=lock_id.lower()), params=params,
+                                          headers={"Accept": MEDIA_V2}), LOG, self.name)
         people = {str(e.get("id", "")).lower(): email for email, e in self.directory.items()}
         names = {email: r.name.split("/", 1)[0] for r in self.desired.values()
                  if r.kind == Kind.SHARE and (email := str(r.meta.get("email", "")).lower())}

@@ -33,7 +33,7 @@ import httpx
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Note
-from reconciler.providers.answers import listing
+from reconciler.providers.answers import Id, adapter, created, error_body, listing, model, parse, uncertain, where
 from reconciler.providers.base import HandlerTable, Provider, ReadResult
 from reconciler.resources import (
     Attribute,
@@ -82,6 +82,12 @@ CAPABILITIES = Capabilities(
     },
 )
 
+# The answers' shapes (the vendor's OpenAPI): strict on what the tool relies on, lenient on the rest.
+TEMP_KEY = model("TempKey", {"uuid": Id, "allowedUserIds": list[str] | None, "usedCount": int | None},
+                 optional=("allowedUserIds", "usedCount"))
+USER = adapter(model("User", {"uuid": Id}))
+CREATE_ANSWER = adapter(model("Created", {"success": bool, "tempKeyUuid": Id}))
+
 ACCESS_MODES = {"public": "public", "users": "user-whitelist"}
 ACCESS_OF_MODE = {mode: access for access, mode in ACCESS_MODES.items()}
 UPDATABLE = ("access", "users", "start", "end", "max_uses")   # what update-temp-key can change
@@ -96,10 +102,7 @@ def temp_key_uuid(system: str, lock_id: str, name: str) -> str:
 
 def describe_error(response: httpx.Response) -> str:
     """`{error, message}` (or basic-info's `{errors: [{message}]}`) → `404 Not Found: Lock not found`."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
+    body = error_body(response)
     if isinstance(body, dict):
         if isinstance(body.get("error"), str):
             message = body.get("message")
@@ -225,13 +228,13 @@ class SpkeyProvider(Provider):
             return "missing", []
         if response.status_code == 403:
             return "forbidden", []
-        return "ok", listing(response, "tempKeys", self.name, key="uuid", fold=True)
+        return "ok", listing(response, "tempKeys", self.name, key="uuid", fold=True, item=TEMP_KEY)
 
     def _find_user(self, email: str) -> str | None:
         # searchOnly=true: without it the vendor creates an account for an unknown email.
         response = self.http.request("GET", PATHS["user_by_email"], params={"email": email, "searchOnly": "true"},
                                      expect=(404,))
-        return None if response.status_code == 404 else str(response.json()["uuid"])
+        return None if response.status_code == 404 else parse(response, USER, self.name)["uuid"]
 
     def _device_of(self, key: Resource) -> str:
         device_prefix = f"{self.name}/{Kind.DEVICE}/"
@@ -295,9 +298,8 @@ class SpkeyProvider(Provider):
         key_uuid = temp_key_uuid(self.name, lock, want.name)
         body = {"tempKeyUuid": key_uuid, **self._fields(want.attributes, CREATED)}
 
-        def send() -> bool:
-            self.http.request("POST", PATHS["create"].format(id=lock), json=body, idempotent=False)
-            return True
+        def send() -> httpx.Response:
+            return self.http.request("POST", PATHS["create"].format(id=lock), json=body, idempotent=False)
 
         def find() -> bool | None:
             # The answer was lost: the lock's list says whether the key landed (by our uuid).
@@ -307,7 +309,15 @@ class SpkeyProvider(Provider):
                 return None
             self._settle_existing(want, lock, key_uuid, item)
             return True
-        self.create_checked(send, find)
+        answer = self.create_checked(send, find)
+        if isinstance(answer, httpx.Response):
+            # Parsed after the send, not inside it: a malformed answer leaves the create uncertain (the next
+            # read finds the key by its uuid), never looked up and sent again in the same breath.
+            key = created(answer, CREATE_ANSWER, self.name)
+            if key["tempKeyUuid"].lower() != key_uuid.lower() or key["success"] is not True:
+                method, path = where(answer)
+                raise uncertain(self.name, method, path, f"the answer to creating temp key {want.name} names "
+                                f"{key['tempKeyUuid'][:80]} (success: {key['success']}), not {key_uuid}")
         return {"id": key_uuid, "lock": lock, "description": want.attributes.get("description")}
 
     def _settle_existing(self, want: Resource, lock: str, key_uuid: str, item: dict[str, Any]) -> None:

@@ -33,7 +33,19 @@ from pydantic import field_validator
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Note
-from reconciler.providers.answers import MAX_PAGES, VendorFault, listing, page_of, parse, unique
+from reconciler.providers.answers import (
+    MAX_PAGES,
+    Id,
+    VendorFault,
+    adapter,
+    created,
+    fault,
+    listing,
+    model,
+    page_of,
+    parse,
+    unique,
+)
 from reconciler.providers.base import HandlerTable, Provider, ReadResult
 from reconciler.providers.http import HttpClient, json_error
 from reconciler.providers.settings import VendorSettings
@@ -103,6 +115,16 @@ CAPABILITIES = Capabilities(
 
 describe_error = json_error("error", "errorDescription")
 
+# The answers' shapes [doc]: strict on what the tool relies on, lenient on the rest.
+SPAN = model("Span", {"weekday": str, "startHour": int, "startMinute": int, "endHour": int, "endMinute": int},
+             optional=("startHour", "startMinute", "endHour", "endMinute"))
+RECURRENCE = model("Recurrence", {"timeSpans": list[SPAN] | None}, optional=("timeSpans",))   # type: ignore[valid-type]
+KEY = model("Key", {"id": Id, "lockId": str, "state": str, "start": str | None, "end": str | None,
+                    "recurrence": RECURRENCE | None, "toUser": dict[str, Any] | None},
+            optional=("lockId", "state", "start", "end", "recurrence", "toUser"))
+CREATED = adapter(model("Created", {"key": KEY}))
+TOKEN = adapter(model("Token", {"access_token": str, "expires_in": float | str | None}, optional=("expires_in",)))
+
 
 class UnlocSettings(VendorSettings):
     lock_holder_id: str                # the lock holder whose locks the keys open
@@ -153,8 +175,8 @@ class UnlocProvider(Provider):
             message = str(exc).removeprefix(f"{self.name}: ")
             raise VendorError(f"{self.name}: token request failed: {message}", status=exc.status,
                               temporary=exc.temporary) from None
-        answer = response.json()
-        token = answer.get("access_token") or ""
+        answer = parse(response, TOKEN, self.name)
+        token = answer["access_token"]
         self.redactor.add(token)
         if not token:
             raise VendorError(f"{self.name}: token request failed: the answer has no access_token")
@@ -178,11 +200,11 @@ class UnlocProvider(Provider):
         """Every key of the lock holder: `limit=500`, following `startAfterId` to the end."""
         keys: list[dict[str, Any]] = []
         params: dict[str, Any] = {"limit": PAGE_SIZE}
-        adapter = page_of("keys", extra={"startAfterId": str | None})
+        shape = page_of("keys", extra={"startAfterId": str | None}, item=KEY)
         cursors: set[str] = set()
         path = self._path("keys")
         while True:
-            body = parse(self.http.request("GET", path, params=params), adapter, self.name)
+            body = parse(self.http.request("GET", path, params=params), shape, self.name)
             page = body["keys"]
             keys.extend(page)
             cursor = body.get("startAfterId")
@@ -234,8 +256,8 @@ class UnlocProvider(Provider):
             elif state not in WORKING:
                 log.warning("unknown key state taken as in force system=%s key=%s state=%s", self.name,
                             key.get("id"), state)
-            live = Resource(self.name, Kind.KEY, f"{user}/{device}", key_attributes(key), id=str(key["id"]),
-                            status=status, meta=meta)
+            live = Resource(self.name, Kind.KEY, f"{user}/{device}", self._key_attributes(key, self._path("keys")),
+                            id=str(key["id"]), status=status, meta=meta)
             add(live)
 
         for key in failed:
@@ -280,21 +302,24 @@ class UnlocProvider(Provider):
         path = self._path("lock_keys", lock=lock_id)
         expected = {"start": attrs.get("start"), "end": attrs.get("end"), "schedule": attrs.get("schedule")}
 
-        def send() -> dict[str, Any]:
-            return self.http.request("POST", path, json=body, idempotent=False).json().get("key") or {}
+        def send() -> httpx.Response:
+            return self.http.request("POST", path, json=body, idempotent=False)
 
         def find() -> dict[str, Any] | None:
             # Keys have no idempotency key: a lost answer is looked up among the lock's keys by what makes
             # this key ours (phone, lock, window, schedule) and by being new since the plan's read.
             claimed = self._seen | set(self.ids.values())
-            for key in self.http.request("GET", path).json().get("keys") or []:
+            for key in listing(self.http.request("GET", path), "keys", self.name, fold=True, item=KEY):
                 if (str(key.get("id")) not in claimed and key.get("state") in WORKING
                         and phone_of(key) == phone and str(key.get("lockId", "")).lower() == lock_id
-                        and _same_window(key_attributes(key), expected)):
-                    return key
+                        and _same_window(self._key_attributes(key, path), expected)):
+                    return dict(key)
             return None
 
-        key = self.create_checked(send, find)
+        answer = self.create_checked(send, find)
+        # The answer is read after the send, not inside it: a malformed one leaves the key uncertain (the next
+        # read finds it by its phone, lock and window), never looked up and sent again in the same breath.
+        key = created(answer, CREATED, self.name)["key"] if isinstance(answer, httpx.Response) else answer
         self._seen.add(str(key.get("id")))
         log.info("key created system=%s address=%s key=%s state=%s", self.name, want.address, key.get("id"),
                  key.get("state"))
@@ -308,8 +333,16 @@ class UnlocProvider(Provider):
         if live.kind != Kind.KEY or not live.id:
             return None
         lock_id = live.meta.get("lock_id") or self._lock_id(grant_parts(live.name)[1])
-        keys = listing(self.http.request("GET", self._path("lock_keys", lock=lock_id)), "keys", self.name, fold=True)
+        keys = listing(self.http.request("GET", self._path("lock_keys", lock=lock_id)), "keys", self.name, fold=True,
+                       item=KEY)
         return any(str(k["id"]).lower() == str(live.id).lower() and k.get("state") not in HISTORY for k in keys)
+
+    def _key_attributes(self, key: Mapping[str, Any], path: str) -> dict[str, Any]:
+        """A listed key's attributes; a time that does not parse is the vendor's fault, in one line."""
+        try:
+            return key_attributes(key)
+        except ValueError as exc:
+            raise fault(self.name, "GET", path, f"key {key.get('id')}: {exc}") from None
 
     def _lock_id(self, device: str) -> str:
         lock_id = self.ids.get(address_of(self.name, Kind.DEVICE, device))
@@ -337,7 +370,7 @@ def key_attributes(key: Mapping[str, Any]) -> dict[str, Any]:
         attrs: dict[str, Any] = {"start": normalise_time(key.get("start") or None),
                                  "end": normalise_time(key.get("end") or None)}
     except ValueError as exc:
-        raise VendorError(f"unloc key {key.get('id')}: unreadable time ({exc})") from None
+        raise ValueError(f"unreadable time ({exc})") from None
     schedule = schedule_of(key.get("recurrence"))
     if schedule:
         attrs["schedule"] = schedule

@@ -47,7 +47,7 @@ from pydantic import field_validator
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Note
-from reconciler.providers.answers import listing
+from reconciler.providers.answers import Id, adapter, created, fault, listing, model, parse
 from reconciler.providers.base import Event, HandlerTable, Provider, ReadResult
 from reconciler.providers.http import json_error
 from reconciler.providers.settings import VendorSettings
@@ -113,6 +113,14 @@ CAPABILITIES = Capabilities(
 
 describe_error = json_error("error", "errorDescription")
 
+# The answers' shapes [doc]: strict on what the tool relies on, lenient on the rest.
+KEY = adapter(model("Key", {"id": Id, "lockId": str | None, "state": str | None, "start": str | None,
+                            "end": str | None}, optional=("lockId", "state", "start", "end")))
+EVENT = model("Event", {"keyId": str | None, "action": str | None, "name": str | None, "msn": str | None,
+                        "created": str | None}, optional=("keyId", "action", "name", "msn", "created"))
+EVENTS = adapter(model("Events", {"events": list[EVENT]}))    # type: ignore[valid-type]
+CREATED = adapter(model("Created", {"id": Id}))
+
 
 def _segment(value: str) -> str:
     return quote(value, safe=":@")
@@ -163,11 +171,25 @@ class UnlocPartnerProvider(Provider):
         return listing(self.http.request("GET", self._path("locks")), "locks", self.name, fold=True)
 
     def _lock_events(self, lock: str) -> list[dict[str, Any]]:
-        return list(self.http.request("GET", self._path("events", lock=lock)).json().get("events") or [])
+        response = self.http.request("GET", self._path("events", lock=lock))
+        events: list[dict[str, Any]] = parse(response, EVENTS, self.name)["events"]
+        try:
+            for event in events:
+                event["created"] = normalise_time(event.get("created"))
+        except ValueError as exc:
+            raise fault(self.name, "GET", self._path("events", lock=lock), f"event {event.get('id')}: {exc}") from None
+        return events
 
     def _get_key(self, key_id: str) -> dict[str, Any] | None:
         response = self.http.request("GET", self._path("key", key=key_id), expect=(404,))
-        return None if response.status_code == 404 else response.json()
+        if response.status_code == 404:
+            return None
+        key: dict[str, Any] = parse(response, KEY, self.name)
+        try:
+            key["start"], key["end"] = normalise_time(key.get("start")), normalise_time(key.get("end"))
+        except ValueError as exc:
+            raise fault(self.name, "GET", self._path("key", key=key_id), f"key {key['id']}: {exc}") from None
+        return key
 
     def read_live(self, desired: list[Resource]) -> ReadResult:
         self._settled.clear()
@@ -312,10 +334,10 @@ class UnlocPartnerProvider(Provider):
             since = (self.state.get(want.address) or {}).get("at")
             maybe_landed = False
 
-            def send() -> dict[str, Any]:
+            def send() -> httpx.Response:
                 nonlocal maybe_landed
                 try:
-                    return self.http.request("POST", self._path("keys"), json=body, idempotent=False).json()
+                    return self.http.request("POST", self._path("keys"), json=body, idempotent=False)
                 except VendorError as exc:
                     maybe_landed = maybe_landed or exc.ambiguous
                     raise
@@ -327,13 +349,15 @@ class UnlocPartnerProvider(Provider):
                                       "match; not sent again, the next plan settles it")
                 return {"id": candidates[0]} if candidates else None
             try:
-                answer = self.create_checked(send, find)
+                found = self.create_checked(send, find)
             except VendorError:
                 if not maybe_landed:
                     self.forget(want.address)    # refused outright: nothing to look for later
                 raise
-            if not answer.get("id"):
-                raise VendorError(f"{want.address}: the vendor accepted the key but sent no id")
+            # Read after the send, not inside it: a malformed answer (no id, not JSON) leaves the key uncertain,
+            # its intent in the state for the next read to settle from the lock's event log; never sent again
+            # here, never recorded on a guess.
+            answer = created(found, CREATED, self.name) if isinstance(found, httpx.Response) else found
             # Claimed before the lock is released, so the next create's lookup cannot mistake it for its own.
             self.ids[want.address] = answer["id"]
         log.info("key created address=%s id=%s", want.address, answer["id"])
