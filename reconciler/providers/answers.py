@@ -190,10 +190,6 @@ def check_not_emptied(system: str, kind: str, recorded: Iterable[str], listed: I
         f"{ACKNOWLEDGE_VARIABLE}={system}")
 
 
-def recorded_ids(records: Iterable[tuple[str, Mapping[str, Any]]]) -> list[str]:
-    return [str(record["id"]) for _, record in records if record.get("id")]
-
-
 LENIENT = ConfigDict(extra="allow")    # fields the tool does not use are kept and ignored
 _ADAPTERS: dict[tuple[str | None, str, tuple[str, ...], int], TypeAdapter[Any]] = {}
 

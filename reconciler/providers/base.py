@@ -39,10 +39,10 @@ import httpx
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Change, Note
-from reconciler.providers.answers import NotInEffect, check_not_emptied, recorded_ids
+from reconciler.providers.answers import NotInEffect, check_not_emptied
 from reconciler.providers.http import MAX_ANSWER_BYTES, Deadline, HttpClient, Redactor, describe_plain
 from reconciler.providers.settings import VendorSettings
-from reconciler.resources import Capabilities, Kind, Resource, digest
+from reconciler.resources import Capabilities, Kind, Resource, digest, format_time
 from reconciler.secret import Secret
 from reconciler.state import StateStore
 
@@ -298,16 +298,48 @@ class Provider:
         raise NotInEffect(self.redactor(f"{self.name}: {change.address}: the vendor acknowledged the revocation, "
                                         "but reading it back shows it still there: not in effect"))
 
-    CHECKED_KINDS: ClassVar[tuple[str, ...]] = (Kind.USER, Kind.DEVICE, Kind.GATEWAY, Kind.PERMISSION)
+    # The kinds `check_listing` checks; None: every kind the state records for this system.
+    CHECKED_KINDS: ClassVar[tuple[str, ...] | None] = None
 
     def check_listing(self, result: ReadResult) -> None:
-        """Refuse a read that lost most of what the state recorded as existing (`answers.check_not_emptied`):
-        per kind, the ids the state holds against the ids the vendor listed."""
-        for kind in self.CHECKED_KINDS:
-            recorded = recorded_ids(self.state.items(f"{self.name}/{kind}/"))
-            if recorded:
-                check_not_emptied(self.name, kind, recorded,
-                                  (r.id for r in result.resources if r.kind == kind and r.id))
+        """Refuse a read that lost most of what the state recorded as existing (`answers.check_not_emptied`),
+        kind by kind: users, devices, gateways, permissions, keys, shares, temp keys, and any kind a vendor
+        declares. What the state recorded as existing is every object it holds an id for and every object
+        the last apply made (its applied mark: Unloc keys and Sentry shares have no id of their own there),
+        less the grants whose declared end has passed (a vendor may drop those from its listings). It is
+        present when the read shows its address or its id."""
+        prefix = f"{self.name}/"
+        recorded: dict[str, dict[str, str | None]] = {}       # kind → address → recorded id
+        for address, record in self.state.items(prefix):
+            if record.get("id"):
+                recorded.setdefault(address.split("/", 2)[1], {})[address] = str(record["id"])
+        for address in self.state.applied():
+            if address.startswith(prefix):
+                recorded.setdefault(address.split("/", 2)[1], {}).setdefault(address, None)
+        if not recorded:
+            return
+        now = format_time(self.clock())
+        listed: dict[str, set[str]] = {}
+        for resource in result.resources:
+            seen = listed.setdefault(resource.kind, set())
+            seen.add(resource.address)
+            if resource.id:
+                seen.add(str(resource.id).lower())
+        for kind, addresses in sorted(recorded.items()):
+            if self.CHECKED_KINDS is not None and kind not in self.CHECKED_KINDS:
+                continue
+            expected = [a for a in addresses if not self._ended(a, now)]
+            seen = listed.get(kind, set())
+            present = [a for a in expected if a in seen or str(addresses[a] or "").lower() in seen]
+            check_not_emptied(self.name, kind, expected, present)
+
+    def _ended(self, address: str, now: str) -> bool:
+        """A declared grant whose end has passed: its absence from a listing is no loss."""
+        want = self.desired.get(address)
+        if want is None or not want.is_grant:
+            return False
+        end = want.attributes.get("end")
+        return isinstance(end, str) and end <= now
 
     def identity(self) -> dict[str, str]:
         """Which vendor system this is: vendor, endpoint and a digest of the account (the account's
