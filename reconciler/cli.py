@@ -125,6 +125,7 @@ def _run_command(func: Callable[[], int]) -> None:
         # Apply catches Ctrl-C itself once it starts sending (see `apply`): reaching here, nothing was sent.
         click.echo("interrupted; nothing was sent", err=True)
         code = ExitCode.ERROR
+        _leave_blocked_reads(int(code))
     except click.exceptions.ClickException:
         raise
     except Exception as exc:  # an internal error still gets one line, not a traceback
@@ -134,6 +135,20 @@ def _run_command(func: Callable[[], int]) -> None:
                              "RECONCILER_DEBUG=1 for a traceback)"), err=True)
         code = ExitCode.INTERNAL
     sys.exit(int(code))
+
+
+def _leave_blocked_reads(code: int) -> None:
+    """After Ctrl-C, once the command has unwound (state unlocked, clients closed): a read still blocked on a
+    silent vendor would hold the process until its request timeout, since Python joins every worker thread
+    at exit. Reads change nothing, so the process exits now and leaves them behind."""
+    if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        _hard_exit(code)
+
+
+_hard_exit: Callable[[int], Any] = os._exit
 
 
 # ------------------------------------------------------------------------------------------- shared options

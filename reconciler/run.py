@@ -219,15 +219,18 @@ def read_live(policy: Policy, providers: Mapping[str, Provider],
 
     if on_read:
         on_read(None, 0, len(providers))
-    with ThreadPoolExecutor(max(1, len(providers))) as pool:
-        try:
-            reads = dict(zip(providers, pool.map(read, providers), strict=False))
-        except BaseException:
-            # Ctrl-C (or a failed read): every other read stops at its next chunk or request, at once,
-            # instead of the pool waiting for slow answers to end.
-            for provider in providers.values():
-                provider.stop.set()
-            raise
+    pool = ThreadPoolExecutor(max(1, len(providers)), thread_name_prefix="read")
+    try:
+        reads = dict(zip(providers, pool.map(read, providers), strict=False))
+    except BaseException:
+        # Ctrl-C (or a failed read): every other read stops at its next chunk or request, and nobody waits
+        # for them: a read blocked on a silent vendor would hold the caller until its request timeout. The
+        # reads send nothing that changes anything; the CLI leaves whatever is still blocked behind.
+        for provider in providers.values():
+            provider.stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     problems = [e for result in reads.values() for e in result.errors]
     if problems:
         raise PlanError(problems)
