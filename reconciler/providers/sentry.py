@@ -31,7 +31,7 @@ from typing_extensions import TypedDict
 
 from reconciler.errors import VendorError
 from reconciler.plan import Action, Change
-from reconciler.providers.answers import Id, adapter, error_body, fault, model, parse, unique
+from reconciler.providers.answers import Id, NotInEffect, adapter, error_body, fault, model, parse, unique
 from reconciler.providers.base import Event, HandlerTable, Provider, ReadResult
 from reconciler.providers.http import HttpClient, token_lifetime
 from reconciler.resources import (
@@ -347,8 +347,10 @@ class SentryProvider(Provider):
         names: dict[str, str] = {}
         prefix = f"{self.name}/{Kind.SHARE}/"
         for address, record in self.state.items(prefix):
-            if record.get("user"):
-                names[str(record["user"]).lower()] = address[len(prefix):].split("/", 1)[0]
+            # `id`: a share whose revocation was not in effect is recorded by its user id (`confirm_revoked`).
+            user = record.get("user") or record.get("id")
+            if user:
+                names[str(user).lower()] = address[len(prefix):].split("/", 1)[0]
         for share in shares:
             entry = self.directory.get(str(share.meta.get("email", "")).lower())
             if entry:
@@ -430,8 +432,15 @@ class SentryProvider(Provider):
             for change in batch:
                 if change not in survivors:
                     self.forget(change.address)
+            # Every survivor is marked (the next plan says "not in effect" for each), then the unit fails.
+            refused: list[str] = []
             for change in survivors:
-                self.confirm_revoked(change, still=True)
+                try:
+                    self.confirm_revoked(change, still=True)
+                except NotInEffect as exc:
+                    refused.append(str(exc))
+            if refused:
+                raise NotInEffect("; ".join(refused))
             return
         self._grant(lock_id, [c.desired for c in batch if c.desired is not None])
 
