@@ -82,28 +82,60 @@ def test_a_drip_fed_listing_stops_the_plan_at_the_systems_deadline(harness):
 def test_an_answer_is_capped_after_decompression():
     # Finding 4: a 1 GB chunked listing took 3.1 GB of memory; a 1 MB gzip bomb 2.1 GB.
     bomb = gzip.compress(b" " * (8 << 20))
+    assert len(bomb) < (1 << 20)        # under the cap as sent: only the decompressed size is over it
     client = HttpClient("https://vendor.test", system="hq", max_answer_bytes=1 << 20, transport=httpx.MockTransport(
         lambda request: httpx.Response(200, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
                                        content=bomb)))
     with pytest.raises(AnswerTooLarge, match=r"hq: GET /items: the answer is larger than 1 MiB .*max_answer_mb"):
         client.request("GET", "/items")
 
-    def endless():
-        while True:
+    sent = []
+
+    def large():                        # 8 MiB in all, far past the cap: reading stops at the cap
+        for _ in range(128):
+            sent.append(65536)
             yield b" " * 65536
     client = HttpClient("https://vendor.test", system="hq", max_answer_bytes=2 << 20, transport=httpx.MockTransport(
-        lambda request: httpx.Response(200, headers={"Content-Type": "application/json"}, content=endless())))
+        lambda request: httpx.Response(200, headers={"Content-Type": "application/json"}, content=large())))
     with pytest.raises(AnswerTooLarge):
         client.request("GET", "/items")
+    assert sum(sent) <= (2 << 20) + 65536, sum(sent)     # not read to the end, nor held in memory
 
 
-def test_a_system_setting_raises_the_cap(harness):
+def test_an_answer_under_the_cap_is_read_whole():
+    body = b'{"items": []}' + b" " * ((1 << 20) - 64)
+    client = HttpClient("https://vendor.test", system="hq", max_answer_bytes=1 << 20, transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, headers={"Content-Type": "application/json"}, content=body)))
+    assert client.request("GET", "/items").content == body
+
+
+def test_a_system_setting_sets_the_cap(harness):
     harness.write(POLICY, system_extra="max_answer_mb: 200\n")
     from reconciler import run
     session = harness.session()
     policy = run.validate(session)
     providers = run.build_providers(session, policy, run.open_state(session))
     assert providers["hq"].max_answer_bytes == 200 << 20
+    assert providers["hq"].http.max_answer_bytes == 200 << 20
+
+
+@pytest.mark.parametrize("cap, refused", [(1, True), (4, False)])
+def test_the_systems_cap_applies_to_its_listings(harness, cap, refused):
+    # A 2 MiB user listing (padded): refused under `max_answer_mb: 1` naming the setting, read under 4.
+    harness.write(POLICY, system_extra=f"max_answer_mb: {cap}\n")
+
+    def pad(request, response):
+        if request.method == "GET" and request.url.path.endswith("/user"):
+            body = response.json()
+            body["padding"] = "x" * (2 << 20)
+            return httpx.Response(200, headers={"Content-Type": "application/json"}, content=json.dumps(body).encode())
+        return response
+    hostile(harness, pad)
+    if refused:
+        with pytest.raises(AnswerTooLarge, match=r"hq: GET \S*/user: the answer is larger than 1 MiB"):
+            harness.plan()
+    else:
+        assert harness.plan() is not None
 
 
 def test_a_page_token_sent_twice_stops_the_paging(harness):
@@ -255,3 +287,20 @@ def test_retry_after_as_an_http_date_is_read_against_the_session_clock():
     slept.clear()
     client.request("GET", "/items")
     assert slept == [60.0]
+
+
+def test_a_dated_retry_after_through_a_provider_is_read_against_the_session_clock(harness):
+    # The harness's clock is 2026-11-22 10:00 whatever the machine's says (the suite runs 1100 days ahead too):
+    # a date 42 s after it means a 42 s wait, never one measured from the wall clock.
+    harness.write(POLICY)
+    answered = []
+
+    def limited(request, response):
+        if request.method == "GET" and request.url.path.endswith("/user") and not answered:
+            answered.append(1)
+            return httpx.Response(503, headers={"Retry-After": format_datetime(harness.now + timedelta(seconds=42),
+                                                                               usegmt=True)})
+        return response
+    hostile(harness, limited)
+    harness.plan()
+    assert answered and 42.0 in harness.sleeps, harness.sleeps
