@@ -218,3 +218,32 @@ def test_a_malformed_create_answer_exits_1_naming_system_method_and_path(tmp_pat
     code, output = invoke("plan", "--detailed-exitcode")
     assert code == 0, output
     assert len(creates) == sent       # what the malformed answers hid was found, not created again
+
+
+@pytest.mark.parametrize("path, change, words", [
+    ("/device", lambda body: [{**lock, "settings": "on"} for lock in body], "settings"),
+    ("/device/{FRONT}/users", lambda body: [{**m, "start": "tomorrow"} for m in body], "start"),
+    ("/device/{FRONT}/users", lambda body: [{**m, "end": 1e300} for m in body], "end"),
+])
+def test_sentry_fields_the_plan_reads_are_checked_too(tmp_path, path, change, words):
+    # A lock's settings that are not an object, a share's window that is not epoch seconds (or past year 9999)
+    # were a Python error deep in the plan: now one line naming system, method and path.
+    from test_sentry import FRONT, STAFF, staff_policy
+
+    h = VendorHarness(tmp_path, SENTRY)
+    h.write(staff_policy("front", FRONT, STAFF[:2]))
+    h.converge()
+    target = path.format(FRONT=FRONT)
+    honest = h.sim.handle
+
+    def handle(request):
+        response = honest(request)
+        if request.method == "GET" and request.url.path == target:
+            response.read()
+            return httpx.Response(200, json=change(response.json()))
+        return response
+    h.sim.handle = handle
+    with pytest.raises(VendorFault) as caught:
+        h.plan()
+    assert str(caught.value).startswith(f"office: GET {target}: the vendor's answer is malformed"), str(caught.value)
+    assert words in str(caught.value)

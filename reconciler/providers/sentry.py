@@ -50,9 +50,16 @@ log = logging.getLogger(__name__)
 
 
 # The answers' shapes: strict on what the tool relies on, lenient on the rest.
+class _Settings(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="allow")   # type: ignore[misc]
+    capabilities: NotRequired[dict[str, Any] | None]
+
+
 class _Lock(TypedDict):
     __pydantic_config__ = ConfigDict(extra="allow")   # type: ignore[misc]
     id: Id
+    role: NotRequired[str | None]
+    settings: NotRequired[_Settings | None]
 
 
 # Epoch seconds as the platform gives them: a number that is a date (not a string, not past year 9999).
