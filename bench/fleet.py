@@ -5,6 +5,8 @@
     python bench/fleet.py --size 100k --plan-only
     python bench/fleet.py [--doors 1000] [--users 2000] [--grants 5] [--state postgresql://…?schema=bench]
     python bench/fleet.py --latency             # also bench/latency.py (apply over an injected latency)
+    python bench/fleet.py --state postgresql://root@127.0.0.1:5432/test --pg-latency 5ms
+                                                # the shared state over a link 5 ms slower (bench/pgproxy.py)
 
 Prints one table: CPU and wall seconds, vendor requests and peak RSS for each phase (plan, rendering the plan
 as text and JSON, streamed to /dev/null as the CLI streams it, apply, re-plan), then the floor: the CPU PyYAML's C loader alone takes to read the same
@@ -17,6 +19,7 @@ Figures, not assertions: the test suite never times anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import collections
 import importlib.util
@@ -32,6 +35,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import yaml
@@ -41,6 +45,8 @@ from reconciler.render import write_json, write_text
 from reconciler.sandbox.abloy import AbloySimulator
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from pgproxy import ProxyProcess, parse_latency  # noqa: E402
 SIZES = {"10k": 10_000, "50k": 50_000, "100k": 100_000}
 GRANTS_PER_PERSON = 5
 
@@ -51,6 +57,27 @@ def _generator() -> Callable[[Path, int, int, int], None]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.generate  # type: ignore[no-any-return]
+
+
+def fresh_schema(url: str, default: str) -> str:
+    """The state URL with its schema (default `default`) emptied: every run starts from nothing."""
+    import psycopg
+
+    parts = urlsplit(url)
+    options = dict(parse_qsl(parts.query))
+    options.setdefault("schema", default)
+    with psycopg.connect(urlunsplit(parts._replace(query="")), autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {options['schema']} CASCADE")
+    return urlunsplit(parts._replace(query=urlencode(options)))
+
+
+def delayed(url: str, round_trip: float, stack: contextlib.ExitStack) -> str:
+    """The state URL through a loopback proxy adding `round_trip` to every exchange (bench/pgproxy.py, in a
+    process of its own)."""
+    parts = urlsplit(url)
+    proxy = stack.enter_context(ProxyProcess(parts.hostname or "127.0.0.1", parts.port or 5432, round_trip=round_trip))
+    user = f"{parts.username}@" if parts.username else ""
+    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}"))
 
 
 def peak_rss_mib() -> float:
@@ -118,6 +145,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--grants", type=int, default=GRANTS_PER_PERSON, help="doors per person")
     parser.add_argument("--state", default=None, help="postgresql://… to measure the shared state (default: a file)")
+    parser.add_argument("--pg-latency", default=None, metavar="DURATION",
+                        help="reach the --state database through a loopback proxy adding this round trip (5ms)")
     parser.add_argument("--plan-only", action="store_true", help="plan and render only (no apply, no re-plan)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile (top 20, cumulative) of a plan")
     parser.add_argument("--latency", action="store_true", help="also run bench/latency.py and print its table")
@@ -126,8 +155,12 @@ def main() -> None:
         total = SIZES[args.size]
         args.grants = GRANTS_PER_PERSON
         args.users, args.doors = total // GRANTS_PER_PERSON, total // (2 * GRANTS_PER_PERSON)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
+        if args.state:
+            args.state = fresh_schema(args.state, "bench_fleet")
+            if args.pg_latency:
+                args.state = delayed(args.state, parse_latency(args.pg_latency), stack)
         _generator()(work / "policies", args.doors, args.users, args.grants)
         sim = AbloySimulator()
         session = run.Session(directory=work / "policies", state_path=work / "state.json", env={},
@@ -150,6 +183,11 @@ def main() -> None:
         plan_cpu = table.rows[0][1]
         render_cpu = table.rows[1][1]
         print(f"\n{changes} changes planned" + (f", {len(again.changes)} after apply" if again is not None else ""))
+        if again is not None:
+            apply_wall = table.rows[2][2]
+            where = "a local state file" if not args.state else \
+                f"PostgreSQL{f' at +{args.pg_latency} round trip' if args.pg_latency else ' on loopback'}"
+            print(f"apply: {changes / apply_wall:.0f} changes/s on {where}")
         print(f"C loader alone (yaml.load, CSafeLoader) on the same files: {floor:.2f} s CPU")
         print(f"plan CPU / C loader: {plan_cpu / floor:.1f}x (target <= 4x); "
               f"with rendering text and JSON: {(plan_cpu + render_cpu) / floor:.1f}x")

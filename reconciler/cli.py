@@ -811,14 +811,17 @@ def forget(address: str, directory: str, state: str | None) -> None:
 @state_group.command("push")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Replace a database state that already holds records.")
+@click.option("--target", "targets", multiple=True, metavar="SYSTEM",
+              help="Move only this system's records (repeatable), under its own lock; the others stay as they are.")
 @state_option
 @lock_timeout_option
-def state_push(file: str, force: bool, state: str | None, lock_timeout: str) -> None:
+def state_push(file: str, force: bool, targets: tuple[str, ...], state: str | None, lock_timeout: str) -> None:
     """Copy a local state file into the PostgreSQL state named by --state."""
     def body() -> int:
         session = _session(".", state, None, lock_timeout=lock_timeout)
-        count = run.push_state(session, Path(file), force=force)
-        click.echo(f"Pushed {count} records from {file} to the shared state.")
+        count = run.push_state(session, Path(file), force=force, targets=targets)
+        click.echo(f"Pushed {count} records from {file} to the shared state"
+                   + (f" (systems {', '.join(printable(t) for t in sorted(set(targets)))})." if targets else "."))
         return ExitCode.OK
     _run_command(body)
 
@@ -849,11 +852,14 @@ def state_unlock(lock_id: str, state: str | None) -> None:
 @state_group.command("pull")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write the state file here instead of standard output.")
+@click.option("--target", "targets", multiple=True, metavar="SYSTEM",
+              help="Only this system's records (repeatable).")
 @state_option
-def state_pull(out: str | None, state: str | None) -> None:
+def state_pull(out: str | None, targets: tuple[str, ...], state: str | None) -> None:
     """Print the state (in the local file's format) of the store named by --state."""
     def body() -> int:
-        return _emit(json.dumps(run.pull_state(_session(".", state, None)), indent=1, sort_keys=True) + "\n", out)
+        pulled = run.pull_state(_session(".", state, None), targets)
+        return _emit(json.dumps(pulled, indent=1, sort_keys=True) + "\n", out)
     _run_command(body)
 
 

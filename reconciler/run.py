@@ -42,6 +42,7 @@ from reconciler.providers.factory import build_provider, capabilities
 from reconciler.resources import KindSchema, format_time
 from reconciler.state import LocalState, StateStore
 from reconciler.state import open_state as open_store
+from reconciler.state.local import select_system
 from reconciler.state.trust import check_state
 from reconciler.text import printable
 
@@ -643,9 +644,10 @@ def events(session: Session, system: str, device: str) -> list[Event]:
         _close(providers)
 
 
-def push_state(session: Session, source: Path, *, force: bool = False) -> int:
+def push_state(session: Session, source: Path, *, force: bool = False, targets: tuple[str, ...] = ()) -> int:
     """Move a local state file into the shared PostgreSQL state, under both locks; returns how many records
-    moved. A database state that already holds records is replaced only with `force`."""
+    moved. A database state that already holds records is replaced only with `force`. `targets`: only these
+    systems' records move, under their own locks, and every other system's records stay as they are."""
     if not session.state_url:
         raise StateError("state push moves a local state file into PostgreSQL: give --state postgresql://… "
                          "(or set RECONCILER_STATE)")
@@ -657,15 +659,31 @@ def push_state(session: Session, source: Path, *, force: bool = False) -> int:
         data = local.snapshot()
         from reconciler.state.postgres import PostgresState  # psycopg is loaded only when asked for
 
-        with PostgresState(session.state_url, lock_timeout=session.lock_timeout) as target:
-            held = sum(1 for _ in target.items())
+        target = PostgresState(session.state_url, lock_timeout=session.lock_timeout)
+        target.lock(list(targets) if targets else None)
+        try:
+            systems = sorted(set(targets))
+            held = sum(1 for a, _ in target.items() if not systems or a.split("/", 1)[0] in systems)
+            what = f" for {', '.join(systems)}" if systems else ""
             if held and not force:
-                raise RefusedError(f"refused: the state {target.location} already holds {held} records; pull it "
-                                   "first (`reconciler state pull`) or pass --force to replace it")
-            target.replace(data)
+                raise RefusedError(f"refused: the state {target.location} already holds {held} records{what}; pull "
+                                   "it first (`reconciler state pull`) or pass --force to replace them")
+            if not systems:
+                target.replace(data)
+                return len(data["resources"])
+            moved = 0
+            for system in systems:
+                part = select_system(data, system)
+                if not part["resources"] and not part["applied"] and not part["systems"]:
+                    raise StateError(f"state {source} holds nothing of system {printable(system)!r}; "
+                                     "nothing was pushed")
+                target.replace(data, system=system)
+                moved += len(part["resources"])
+            return moved
+        finally:
+            target.unlock()
     finally:
         local.unlock()
-    return len(data["resources"])
 
 
 def unlock_state(session: Session, lock_id: str) -> str:
@@ -678,9 +696,21 @@ def unlock_state(session: Session, lock_id: str) -> str:
     return PostgresState(session.state_url).force_unlock(lock_id)
 
 
-def pull_state(session: Session) -> dict[str, Any]:
-    """The whole state in the local file's format, from whichever store the session names."""
-    return open_state(session).snapshot()
+def pull_state(session: Session, targets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The whole state in the local file's format, from whichever store the session names; `targets`: only
+    these systems' records (their addresses, identities, evidence and residual access)."""
+    whole = open_state(session).snapshot()
+    if not targets:
+        return whole
+    pulled: dict[str, Any] = {"version": whole["version"], "systems": {}, "resources": {}, "applied": {}}
+    for system in sorted(set(targets)):
+        part = select_system(whole, system)
+        for key in ("systems", "resources", "applied"):
+            pulled[key].update(part[key])
+        for key, value in (part.get("notes") or {}).items():
+            notes = pulled.setdefault("notes", {})
+            notes[key] = notes.get(key, []) + value if key == RESIDUAL else value
+    return pulled
 
 
 class SavedPlan:

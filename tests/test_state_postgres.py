@@ -79,7 +79,7 @@ def _raw(url: str, query: str, *params):
 
 # -- the store ---------------------------------------------------------------------------------------------
 
-def test_schema_created_on_first_use_and_every_write_committed_at_once(pg_url):
+def test_schema_created_on_first_use_and_every_write_committed_by_sync(pg_url):
     state = PostgresState(pg_url)
     assert _raw(pg_url, "SELECT value FROM {s}.meta WHERE key = 'schema_version'") == [(str(pg_state.SCHEMA_VERSION),)]
     with state:
@@ -88,7 +88,8 @@ def test_schema_created_on_first_use_and_every_write_committed_at_once(pg_url):
         state.delete("hq/user/bob")
         state.mark_applied("hq/user/alice", "sha256:aa")
         state.set_system("hq", {"vendor": "abloy-keyless", "endpoint": "https://abloy.test"})
-        # Still inside the apply, read by another session: already committed.
+        state.sync()        # what a provider calls before its next request to a vendor
+        # Still inside the apply, read by another session: committed.
         assert _raw(pg_url, "SELECT address, record FROM {s}.resources") == [("hq/user/alice", {"id": "u1"})]
         assert _raw(pg_url, "SELECT address, digest FROM {s}.applied") == [("hq/user/alice", "sha256:aa")]
     again = open_state(pg_url)
@@ -178,6 +179,7 @@ def test_the_lock_dies_with_its_holder(pg_url):
 def test_plans_never_wait_for_the_lock(pg_url):
     with PostgresState(pg_url) as holder:
         holder.put("hq/user/a", {"id": "1"})
+        holder.sync()
         started = time.monotonic()
         reader = open_state(pg_url)
         assert reader.get("hq/user/a") == {"id": "1"}

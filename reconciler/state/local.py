@@ -5,9 +5,17 @@ to `<state>.journal` and handed to the operating system at once, so an apply kil
 nothing; `sync()` makes what was appended durable on disk (group commit: one fsync covers every entry
 written before it, from any thread), and providers call it before each request that changes a vendor, so
 every change a vendor confirmed is on disk before the next one is sent; `save()` folds the journal into the snapshot with an atomic replace, keeping the snapshot it
-replaces as `<state>.prev` so that a damaged file can be rolled back. A second apply on the same state
-fails at once on the lock instead of waiting. The state also records which vendor system each policy
-system name was applied to (`systems()`); `reconciler.state.trust` refuses a state of another system.
+replaces as `<state>.prev` so that a damaged file can be rolled back. The state also records which vendor
+system each policy system name was applied to (`systems()`); `reconciler.state.trust` refuses a state of
+another system.
+
+Locks, as on PostgreSQL: an apply takes the state's lock file (`<state>.lock`) shared, then one lock file per
+system (`<state>.<system>.lock`) exclusively, in sorted order; `state forget` takes the state's lock
+exclusively. Two processes applying disjoint systems of one state run in parallel: each journal entry is one
+`O_APPEND` write, so their entries interleave whole, and the journal holds both. A second apply of a system
+is refused at once, naming the holder's process (or waits, `--lock-timeout`). The journal is folded into the
+snapshot only by a process alone on the state (it takes the state's lock exclusively, without waiting, after
+reading every process's entries from disk); otherwise the last one out folds it, or the next apply does.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -48,6 +57,32 @@ def default_state_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     spec = env.get("RECONCILER_STATE") or ""
     return Path(spec) if spec and not is_database_url(spec) else DATA_DIR / STATE_FILE
+
+
+RESIDUAL = "residual"     # the note of revocations not yet in force (run.py), entries by address
+
+
+def of_system(entry: Any, system: str) -> bool:
+    return isinstance(entry, dict) and str(entry.get("address", "")).startswith(system + "/")
+
+
+def select_system(snapshot: Mapping[str, Any], system: str) -> dict[str, Any]:
+    """One system's part of a state snapshot (the local file's format): its records and applied digests (by
+    address), its identity, its evidence note and its entries of the residual note."""
+    prefix = system + "/"
+    notes = snapshot.get("notes") or {}
+    part: dict[str, Any] = {
+        "version": snapshot.get("version", 1),
+        "systems": {n: i for n, i in (snapshot.get("systems") or {}).items() if n == system},
+        "resources": {a: r for a, r in (snapshot.get("resources") or {}).items() if str(a).startswith(prefix)},
+        "applied": {a: d for a, d in (snapshot.get("applied") or {}).items() if str(a).startswith(prefix)}}
+    kept = {k: v for k, v in notes.items() if k == f"evidence/{system}"}
+    residual = [r for r in notes.get(RESIDUAL) or [] if of_system(r, system)]
+    if residual:
+        kept[RESIDUAL] = residual
+    if kept:
+        part["notes"] = kept
+    return part
 
 
 class StateRecords:
@@ -157,7 +192,9 @@ class LocalState(StateRecords):
         self._applied: dict[str, str] = {}   # address → digest of the desired attributes last applied
         self._notes: dict[str, Any] = {}
         self._mutex = threading.Lock()
-        self._lock_fd: int | None = None
+        self._lock_fd: int | None = None     # the state's lock file: shared (per-system apply) or exclusive
+        self._shared = False
+        self._system_fds: list[tuple[str, int]] = []
         self._written = 0                # entries appended so far; `_synced` of them are on disk
         self._synced = 0
         self._sync_lock = threading.Lock()
@@ -229,32 +266,88 @@ class LocalState(StateRecords):
 
     # -- locking -------------------------------------------------------------------------------------
     def lock(self, systems: Iterable[str] | None = None) -> None:
-        """The state file's lock. A file has one writer at a time (its snapshot is folded whole), so `systems`
-        takes the same lock as the whole state: per-system parallelism is the PostgreSQL state's."""
+        """Take the apply lock, waiting up to `lock_timeout` seconds (0: refuse at once, naming the holder).
+        `systems`: the state's lock file shared, then one lock file per system, in sorted order (two applies
+        of disjoint systems run at once); None: the state's lock file exclusively (excludes every apply)."""
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + self.lock_timeout
+        shared = systems is not None
+        main = self._take(self.lock_path, f"state {self.path}", deadline, shared=shared)
+        self._lock_fd, self._shared = main, shared
+        try:
+            for name in sorted(set(systems or ())):
+                path = self.system_lock_path(name)
+                fd = self._take(path, f"system {name!r} of state {self.path}", deadline, shared=False)
+                self._system_fds.append((name, fd))
+        except BaseException:
+            self.unlock()
+            raise
+        self._load()  # what the previous holders wrote is now final
+
+    def system_lock_path(self, system: str) -> Path:
+        """The lock file of one system of this state (its name made safe for a file name)."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]", lambda m: f"%{ord(m.group()):02X}", system)[:100]
+        return self.path.with_name(f"{self.path.name}.{safe}.lock")
+
+    def _take(self, path: Path, what: str, deadline: float, *, shared: bool) -> int:
+        """One lock file, polled with short sleeps until `deadline`; an exclusive holder's pid is written in it."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() < deadline:
-                    pause(min(0.5, max(0.0, deadline - time.monotonic())))
+                    pause(min(0.2, max(0.0, deadline - time.monotonic())))
                     continue
+                try:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                except OSError:
+                    holder = ""
                 os.close(fd)
-                raise LockedError(f"state {self.path} is locked by another apply; wait for it to finish, or "
-                                  f"pass --lock-timeout to wait for it (lock file {self.lock_path})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
-        self._load()  # what the previous holder wrote is now final
+                held = f" (process {holder})" if holder.isdigit() else ""
+                if self.lock_timeout:
+                    waited, how = f" after waiting {self.lock_timeout:g}s", "wait longer with a larger --lock-timeout"
+                else:
+                    waited, how = "", "wait for it to finish, or pass --lock-timeout to wait for it"
+                raise LockedError(f"{what} is locked by another apply{held}{waited}; {how} "
+                                  f"(lock file {path})") from None
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
 
     def unlock(self) -> None:
+        for _, fd in reversed(self._system_fds):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        self._system_fds = []
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+        self._shared = False
+
+    def _alone(self) -> bool:
+        """Whether this process may fold the journal: it holds the state's lock exclusively, or (holding it
+        shared) can take it exclusively at once, having let go of its systems' locks; then every other
+        process's entries are read from disk first, so the fold keeps them."""
+        if self._lock_fd is None:
+            return True            # no lock at all: a plain save (tests, tools)
+        if not self._shared:
+            return True
+        for _, fd in reversed(self._system_fds):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        self._system_fds = []
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("state journal left for the last apply to fold path=%s", self.journal_path)
+            return False
+        self._shared = False
+        self._load()
+        return True
 
     def __enter__(self) -> Self:
         self.lock()
@@ -262,7 +355,9 @@ class LocalState(StateRecords):
 
     def __exit__(self, *exc: object) -> None:
         try:
-            self.save()
+            self.sync()
+            if self._alone():
+                self.save()
         finally:
             self.unlock()
 
@@ -328,10 +423,17 @@ class LocalState(StateRecords):
     def _append(self, entry: dict[str, Any]) -> None:
         """Called under `_mutex`: written and handed to the system, so it survives the process being
         killed; `sync()` puts it on disk."""
+        # One write of the whole line with O_APPEND: lines of processes applying other systems never mix.
+        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
         try:
             self.journal_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.journal_path, "a", encoding="utf-8") as journal:
-                journal.write(json.dumps(entry, sort_keys=True) + "\n")
+            fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                written = os.write(fd, line)
+            finally:
+                os.close(fd)
+            if written != len(line):
+                raise OSError(f"short write ({written} of {len(line)} bytes)")
         except OSError as exc:
             raise StateError(f"state journal {self.journal_path} could not be written: {exc}") from None
         self._written += 1

@@ -1,19 +1,31 @@
 """Shared state in PostgreSQL: many runners, one state, a lock that works across machines.
 
-Chosen by `--state postgresql://USER@HOST:PORT/DB[?schema=NAME]` (or `RECONCILER_STATE`) through
-`reconciler.state.open_state`; run.py and the providers use it exactly like `LocalState`.
+Chosen by `--state postgresql://USER@HOST:PORT/DB[?schema=NAME][&lease=SECONDS]` (or `RECONCILER_STATE`)
+through `reconciler.state.open_state`; run.py and the providers use it exactly like `LocalState`.
 
 The promises of the local journal, across machines:
-- Every `put`, `delete` and `mark_applied` is one committed statement before the call returns, so a change
-  the vendor confirmed is in the database before the worker that made it sends anything else.
+- Every change the vendor confirmed is committed before the worker that made it sends anything else: during
+  an apply, `put`, `delete` and `mark_applied` queue their statement, and `sync()` (which the providers call
+  before every request that may change a vendor) commits everything queued so far, from every worker, in one
+  pipelined transaction: one round trip covers the records of all the workers that waited for it (group
+  commit). A background tick also commits what is queued, so a record waits at most a tick for its commit even
+  when its worker sends nothing more; the lock is released only after the last commit. Outside an apply (no
+  lock) each write is one committed statement before the call returns.
 - One apply per system at a time: a session-level advisory lock per system, whose key derives from the schema
   and the system's name, taken in sorted order under the whole state's lock taken shared (`state push` and
   `state forget` take that one exclusively), all held on the very connection every write goes through. They
   are released when the holder's session ends, however it ends, and a write that succeeds proves they are
-  still held. Who holds each (host, process, since) is its `locks` row. Plans never take them: they read one
-  snapshot and close their connection. Runners applying different systems of one state run in parallel.
+  still held. Who holds each (host, process, since, last renewal) is its `locks` row. Plans never take them:
+  they read one snapshot and close their connection. Runners applying different systems run in parallel.
+- Waiters are served in order of arrival: each takes a ticket (a `waiters` row of its own session) and tries
+  the lock only when no live waiter holds an older ticket for it.
+- A lease: the holder renews its rows every quarter of its lease (default 60 s, `lease=` in the URL), on the
+  monotonic clock, from a background thread. A waiter finding a holder whose last renewal is older than the
+  holder's own lease (by the server's clock) takes the lock over: it ends the holder's database session and
+  moves the lock's epoch on, and says whose lock it took. A live holder renews long before its lease ends and
+  is never taken over.
 - A connection lost mid-apply is opened again and the lock taken again only if nobody took it in between
-  (the holder row's `epoch` is still ours); otherwise, or while the server stays unreachable, the write
+  (the holder row's `epoch` is still ours); otherwise, or while the server stays unreachable, the commit
   raises `StateUnavailableError` and the applier stops sending.
 The tables live in their own schema (default `reconciler`), created on first use; the schema version is
 recorded in `meta` and migrated forward under a transaction-level advisory lock, so runners starting at
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -32,7 +45,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC
 from pathlib import Path
 from typing import Any, Self
@@ -43,16 +56,21 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from reconciler.errors import LockedError, StateError
-from reconciler.state.local import StateRecords, pause
+from reconciler.state.local import RESIDUAL, StateRecords, of_system, pause, select_system
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 WHOLE = "*"                   # the name of the whole state's lock in `locks` (systems use their own name)
 DEFAULT_SCHEMA = "reconciler"
 NOTE = "note:"                # `meta` keys holding the state's notes (`StateRecords.note`)
 WAIT_NOTICE_SECONDS = 30.0    # a waiting runner says who holds the lock, then again this often
 RECONNECT_SECONDS = 30.0      # how long a lost connection is tried again before the apply stops
+LEASE_SECONDS = 60.0          # a holder that has not renewed its lease this long may be taken over
+TICK_SECONDS = 0.05           # the holder's background tick: commit what is queued, renew the lease when due
+COMMIT_CONNECTIONS = 2        # commits in flight at once during an apply, each on a connection of its own
+POLL_SECONDS = 0.2            # a waiter tries the lock this often
+WAITER_STALE_SECONDS = 10.0   # a waiter not seen this long (stopped) is passed over until it polls again
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 # One entry per schema version; each runs once, in order, in the transaction that records its number.
@@ -71,6 +89,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (   # 3: a lock per system: who holds each (a system's name, or '*' for the whole state), and its epoch
         "CREATE TABLE {s}.locks (name text PRIMARY KEY, host text NOT NULL, pid int NOT NULL,"
         " since timestamptz NOT NULL, backend_pid int NOT NULL, epoch bigint NOT NULL)",
+    ),
+    (   # 4: leases (the holder's session, last renewal, lease in seconds) and the waiters' queue, in order
+        "ALTER TABLE {s}.locks ADD COLUMN backend_start timestamptz, ADD COLUMN renewed_at timestamptz,"
+        " ADD COLUMN lease double precision",
+        "CREATE TABLE {s}.waiters (ticket bigserial PRIMARY KEY, name text NOT NULL, host text NOT NULL,"
+        " pid int NOT NULL, backend_pid int NOT NULL, backend_start timestamptz NOT NULL,"
+        " since timestamptz NOT NULL, seen_at timestamptz NOT NULL)",
+        "CREATE INDEX ON {s}.waiters (name, ticket)",
     ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -103,6 +129,7 @@ class StateLocation:
         if not _SCHEMA_NAME.match(self.schema):
             raise StateError(f"state URL: schema must be a lower-case SQL name (letters, digits, _), "
                              f"got {self.schema[:70]!r}")
+        self.lease = _lease(options.pop("lease", None))
         self.options = options          # libpq options (sslmode, ...), passed on as they are
         user = f"{self.user}@" if self.user else ""
         db = f"/{self.dbname}" if self.dbname else ""
@@ -148,6 +175,19 @@ class StateLocation:
         if self.password:
             text = text.replace(self.password, "***")
         return text[:300]
+
+
+def _lease(text: str | None) -> float:
+    """The `lease=` of a state URL: seconds (`90`, `90s`), at least 1 and at most a day."""
+    if text is None:
+        return LEASE_SECONDS
+    try:
+        seconds = float(text.strip().lower().removesuffix("s"))
+    except ValueError:
+        seconds = 0.0
+    if not 1.0 <= seconds <= 86400.0:
+        raise StateError(f"state URL: lease must be seconds between 1 and 86400 (e.g. lease=60), got {text[:30]!r}")
+    return seconds
 
 
 def _key(text: str) -> int:
@@ -208,7 +248,7 @@ class PostgresState(StateRecords):
         self._applied: dict[str, str] = {}
         self._systems: dict[str, dict[str, str]] = {}   # system name → identity it was applied to
         self._notes: dict[str, Any] = {}
-        self._mutex = threading.Lock()         # the in-memory copy
+        self._mutex = threading.Lock()         # the in-memory copy and the queue of writes
         self._conn_mutex = threading.RLock()   # the connection: one statement at a time, reconnects
         self._conn: psycopg.Connection[Any] | None = None
         self._epoch: int | None = None          # set while we hold the lock
@@ -216,6 +256,24 @@ class PostgresState(StateRecords):
         self._held: list[tuple[str, int, bool]] = []   # (name, advisory key, exclusive) in the order taken
         self._lost: str | None = None           # why the lock was lost mid-apply: no write goes through after
         self._who = f"{socket.gethostname()[:100]} pid {os.getpid()}"
+        # Writes queued during an apply, in the order made, for `sync()` to commit: (statement, parameters,
+        # the row it writes). Numbered from 0 in that order: `_sent` of them are in commits sent, the first
+        # `_synced` committed; `_done` the ranges committed beyond `_synced` (commits finish out of order).
+        self._pending: list[tuple[str, tuple[Any, ...], str]] = []
+        self._written = 0
+        self._sent = 0
+        self._synced = 0
+        self._done: dict[int, int] = {}
+        self._turn = threading.Condition(self._mutex)   # a commit finished, or the lock was lost
+        # Commits go through several connections, so that some are in flight while the next is sent: the
+        # lock's own (slot 0) and helpers (slots 1…), each commit fenced by the lock rows' epochs (`_commit`).
+        self._free = list(range(COMMIT_CONNECTIONS))
+        self._in_flight: dict[int, set[str]] = {}      # slot → rows its commit writes
+        self._helpers: dict[int, psycopg.Connection[Any]] = {}
+        self._helper_mutex = {slot: threading.Lock() for slot in range(1, COMMIT_CONNECTIONS)}
+        self._keeper: threading.Thread | None = None
+        self._keeping = threading.Event()       # set while the keeper should run (checked, never waited on)
+        self.commits = 0                        # transactions `sync()` committed (the bench reports it)
         with self._connection() as conn:
             ensure_schema(conn, self.server)
             self._load(conn)
@@ -228,57 +286,50 @@ class PostgresState(StateRecords):
     def __str__(self) -> str:
         return self.location
 
-    # -- writing: each call is committed before it returns ----------------------------------------------
+    # -- writing: queued under the lock and committed by `sync()`; outside it, committed at once ---------
     def put(self, address: str, record: Mapping[str, Any]) -> None:
         record = dict(record)
-        self._write("INSERT INTO {s}.resources (address, record, written_by, written_at) "
-                    "VALUES (%s, %s, %s, now()) ON CONFLICT (address) DO UPDATE SET record = EXCLUDED.record, "
-                    "written_by = EXCLUDED.written_by, written_at = EXCLUDED.written_at",
-                    (address, Jsonb(record), self._who))
-        with self._mutex:
-            self._records[address] = record
+        self._change("INSERT INTO {s}.resources (address, record, written_by, written_at) "
+                     "VALUES (%s, %s::jsonb, %s, now()) ON CONFLICT (address) DO UPDATE SET record = EXCLUDED.record, "
+                     "written_by = EXCLUDED.written_by, written_at = EXCLUDED.written_at",
+                     (address, json.dumps(record), self._who), lambda: self._records.__setitem__(address, record))
 
     def delete(self, address: str) -> None:
         with self._mutex:
             known = address in self._records
         if known:
-            self._write("DELETE FROM {s}.resources WHERE address = %s", (address,))
-            with self._mutex:
-                self._records.pop(address, None)
+            self._change("DELETE FROM {s}.resources WHERE address = %s", (address,),
+                         lambda: self._records.pop(address, None))
 
     def set_system(self, name: str, identity: Mapping[str, str]) -> None:
         identity = {str(k): str(v) for k, v in identity.items()}
         with self._mutex:
             if self._systems.get(name) == identity:
                 return
-        self._write("INSERT INTO {s}.systems (name, identity) VALUES (%s, %s) "
-                    "ON CONFLICT (name) DO UPDATE SET identity = EXCLUDED.identity", (name, Jsonb(identity)))
-        with self._mutex:
-            self._systems[name] = identity
+        self._change("INSERT INTO {s}.systems (name, identity) VALUES (%s, %s::jsonb) "
+                     "ON CONFLICT (name) DO UPDATE SET identity = EXCLUDED.identity", (name, json.dumps(identity)),
+                     lambda: self._systems.__setitem__(name, identity))
 
     def set_note(self, key: str, value: Any) -> None:
         """Kept in `meta` as `note:<key>` (JSON text): no new table, no schema migration."""
         with self._mutex:
             if self._notes.get(key) == value:
                 return
-        self._write("INSERT INTO {s}.meta (key, value) VALUES (%s, %s) "
-                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (NOTE + key, json.dumps(value)))
-        with self._mutex:
-            self._notes[key] = value
+        self._change("INSERT INTO {s}.meta (key, value) VALUES (%s, %s) "
+                     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (NOTE + key, json.dumps(value)),
+                     lambda: self._notes.__setitem__(key, value))
 
     def mark_applied(self, address: str, attributes_digest: str | None) -> None:
         with self._mutex:
             current = self._applied.get(address)
         if attributes_digest is None:
             if current is not None:
-                self._write("DELETE FROM {s}.applied WHERE address = %s", (address,))
-                with self._mutex:
-                    self._applied.pop(address, None)
+                self._change("DELETE FROM {s}.applied WHERE address = %s", (address,),
+                             lambda: self._applied.pop(address, None))
         elif current != attributes_digest:
-            self._write("INSERT INTO {s}.applied (address, digest) VALUES (%s, %s) "
-                        "ON CONFLICT (address) DO UPDATE SET digest = EXCLUDED.digest", (address, attributes_digest))
-            with self._mutex:
-                self._applied[address] = attributes_digest
+            self._change("INSERT INTO {s}.applied (address, digest) VALUES (%s, %s) "
+                         "ON CONFLICT (address) DO UPDATE SET digest = EXCLUDED.digest", (address, attributes_digest),
+                         lambda: self._applied.__setitem__(address, attributes_digest))
 
     @property
     def previous_path(self) -> Path | None:
@@ -286,27 +337,81 @@ class PostgresState(StateRecords):
         return None
 
     def sync(self) -> None:
-        """Nothing to make durable: every write is committed before it returns."""
+        """Commit every write queued so far, whichever worker queued it: each commit takes everything queued
+        when it starts, in one pipelined transaction, and two commits may be in flight at once (on two
+        connections) when they write different rows. Callers share commits: one sends, the others find
+        their writes in it. Raises `StateUnavailableError` when it cannot, or once the lock was lost: then
+        nothing may be sent."""
+        if self._lost:
+            raise StateUnavailableError(self._lost)
+        with self._turn:
+            wanted = self._written
+        while True:
+            with self._turn:
+                while True:
+                    if self._lost:
+                        raise StateUnavailableError(self._lost)
+                    if self._synced >= wanted:
+                        return
+                    rows = {row for _, _, row in self._pending}
+                    if self._pending and self._free and not any(rows & busy for busy in self._in_flight.values()):
+                        break
+                    self._turn.wait()   # a commit in flight covers ours, or must finish first
+                batch, self._pending = self._pending, []
+                start, self._sent = self._sent, self._written
+                upto = self._sent
+                slot = self._free.pop(0)
+                self._in_flight[slot] = rows
+            try:
+                self._commit([(statement, params) for statement, params, _ in batch], slot)
+            finally:
+                with self._turn:
+                    self._free.append(slot)
+                    self._free.sort()
+                    del self._in_flight[slot]
+                    if not self._lost:
+                        self._done[start] = upto
+                        while self._synced in self._done:
+                            self._synced = self._done.pop(self._synced)
+                    self._turn.notify_all()
 
     def save(self) -> None:
-        """Nothing to fold: every write is already committed."""
+        """Nothing to fold: commit what is queued."""
+        self.sync()
 
-    def replace(self, snapshot: Mapping[str, Any]) -> None:
+    def replace(self, snapshot: Mapping[str, Any], *, system: str | None = None) -> None:
         """Replace the whole state with `snapshot` (the local file's format) in one transaction; `state push`
-        calls it under the lock."""
-        resources = {str(a): dict(r) for a, r in (snapshot.get("resources") or {}).items()}
-        applied = {str(a): str(d) for a, d in (snapshot.get("applied") or {}).items()}
-        systems = {str(n): {str(k): str(v) for k, v in i.items()} for n, i in (snapshot.get("systems") or {}).items()}
-        notes = {str(k): v for k, v in (snapshot.get("notes") or {}).items()}
+        calls it under the lock. `system`: replace only that system's records (its addresses, its identity,
+        its evidence and residual notes), leaving every other system's as they are (`state push --target`)."""
+        part = select_system(snapshot, system) if system else snapshot
+        resources = {str(a): dict(r) for a, r in (part.get("resources") or {}).items()}
+        applied = {str(a): str(d) for a, d in (part.get("applied") or {}).items()}
+        systems = {str(n): {str(k): str(v) for k, v in i.items()} for n, i in (part.get("systems") or {}).items()}
+        notes = {str(k): v for k, v in (part.get("notes") or {}).items()}
         s = self.server.schema
+        clear: list[tuple[str, tuple[Any, ...]]]
+        if system:
+            prefix = system.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"
+            with self._mutex:
+                residual = [r for r in self._notes.get(RESIDUAL) or [] if not of_system(r, system)]
+            residual += notes.pop(RESIDUAL, None) or []
+            if residual:
+                notes[RESIDUAL] = sorted(residual, key=lambda r: (str(r.get("until")), str(r.get("address"))))
+            clear = [("DELETE FROM {s}.resources WHERE address LIKE %s", (prefix,)),
+                     ("DELETE FROM {s}.applied WHERE address LIKE %s", (prefix,)),
+                     ("DELETE FROM {s}.systems WHERE name = %s", (system,)),
+                     ("DELETE FROM {s}.meta WHERE key = ANY(%s)", ([NOTE + k for k in (f"evidence/{system}",
+                                                                                          RESIDUAL)],))]
+        else:
+            clear = [("DELETE FROM {s}.resources", ()), ("DELETE FROM {s}.applied", ()),
+                     ("DELETE FROM {s}.systems", ()), ("DELETE FROM {s}.meta WHERE key LIKE 'note:%%'", ())]
+        self.sync()
         with self._conn_mutex:
             conn = self._require_conn()
             try:
                 with conn.transaction():
-                    conn.execute(_q("DELETE FROM {s}.resources", s))
-                    conn.execute(_q("DELETE FROM {s}.applied", s))
-                    conn.execute(_q("DELETE FROM {s}.systems", s))
-                    conn.execute(_q("DELETE FROM {s}.meta WHERE key LIKE 'note:%%'", s))
+                    for statement, params in clear:
+                        conn.execute(_q(statement, s), params)
                     with conn.cursor() as cur:
                         cur.executemany(_q("INSERT INTO {s}.resources (address, record, written_by, written_at) "
                                            "VALUES (%s, %s, %s, now())", s),
@@ -320,12 +425,12 @@ class PostgresState(StateRecords):
             except psycopg.Error as exc:
                 raise StateUnavailableError(f"state {self.location}: the push was not written: "
                                             f"{self.server.reason(exc)}") from None
-        with self._mutex:
-            self._records, self._applied, self._systems, self._notes = resources, applied, systems, notes
+            self._load(conn)
 
     # -- locking -------------------------------------------------------------------------------------
     def lock(self, systems: Iterable[str] | None = None) -> None:
-        """Take the apply lock, waiting up to `lock_timeout` seconds (0: refuse at once, naming the holder).
+        """Take the apply lock, waiting up to `lock_timeout` seconds (0: refuse at once, naming the holder),
+        in line behind the waiters that came first; a holder whose lease ran out is taken over.
 
         `systems`: one lock per system, taken in sorted order (so two runners never wait on each other in a
         circle), under the whole state's lock taken shared; None takes the whole state's lock exclusively
@@ -340,7 +445,7 @@ class PostgresState(StateRecords):
             taken: list[tuple[str, int, bool]] = []
             try:
                 for name, key, exclusive in wanted:
-                    self._wait_for(conn, name, key, exclusive, deadline, taken)
+                    self._wait_for(conn, name, key, exclusive, deadline)
                     taken.append((name, key, exclusive))
                 epochs: dict[str, int] = {}
                 with conn.transaction():
@@ -348,11 +453,14 @@ class PostgresState(StateRecords):
                         if not exclusive:
                             continue
                         row = conn.execute(_q(
-                            "INSERT INTO {s}.locks AS h (name, host, pid, since, backend_pid, epoch) "
-                            "VALUES (%s, %s, %s, now(), pg_backend_pid(), 1) ON CONFLICT (name) DO UPDATE SET "
-                            "host = EXCLUDED.host, pid = EXCLUDED.pid, since = now(), "
-                            "backend_pid = pg_backend_pid(), epoch = h.epoch + 1 RETURNING epoch",
-                            self.server.schema), (name, socket.gethostname()[:255], os.getpid()))
+                            "INSERT INTO {s}.locks AS h (name, host, pid, since, backend_pid, epoch, backend_start, "
+                            "renewed_at, lease) VALUES (%s, %s, %s, now(), pg_backend_pid(), 1, "
+                            "(SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()), now(), %s) "
+                            "ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, since = now(), "
+                            "backend_pid = pg_backend_pid(), epoch = h.epoch + 1, "
+                            "backend_start = EXCLUDED.backend_start, renewed_at = now(), lease = EXCLUDED.lease "
+                            "RETURNING epoch", self.server.schema),
+                            (name, socket.gethostname()[:255], os.getpid(), self.server.lease))
                         epochs[name] = int(_scalar(row))
                 self._held = taken
                 self._epochs = epochs
@@ -362,38 +470,115 @@ class PostgresState(StateRecords):
                 self._close()
                 raise StateUnavailableError(f"state {self.location}: cannot take the lock: "
                                             f"{self.server.reason(exc)}") from None
-        log.info("state locked state=%s locks=%s", self.location, ",".join(sorted(self._epochs)))
+        self._start_keeper()
+        log.info("state locked state=%s locks=%s lease=%gs", self.location, ",".join(sorted(self._epochs)),
+                 self.server.lease)
 
-    def _wait_for(self, conn: psycopg.Connection[Any], name: str, key: int, exclusive: bool, deadline: float,
-                  taken: list[tuple[str, int, bool]]) -> None:
-        """Take one advisory lock, polling with short sleeps until `deadline`; on timeout release what
-        `taken` holds and refuse, naming the holder."""
-        take = "pg_try_advisory_lock(%s)" if exclusive else "pg_try_advisory_lock_shared(%s)"
+    def _wait_for(self, conn: psycopg.Connection[Any], name: str, key: int, exclusive: bool,
+                  deadline: float) -> None:
+        """Take one advisory lock in turn: at once when nobody waits for it; else with a ticket, trying it
+        (every POLL_SECONDS, with short sleeps) only when no live waiter holds an older ticket, until
+        `deadline`. A holder whose lease ran out is taken over. On timeout the session ends (releasing what
+        this store took so far) and the refusal names the holder."""
+        take = "pg_try_advisory_lock(%(k)s)" if exclusive else "pg_try_advisory_lock_shared(%(k)s)"
         what = f"system {name!r} of state {self.location}" if name and name != WHOLE else f"state {self.location}"
         lock_id = name or WHOLE
+        live = ("SELECT 1 FROM {s}.waiters w JOIN pg_stat_activity a ON a.pid = w.backend_pid "
+                "AND a.backend_start = w.backend_start WHERE w.name = %(q)s "
+                "AND w.seen_at > now() - make_interval(secs => %(stale)s)")
+        first = _q(f"SELECT CASE WHEN EXISTS ({live}) THEN false ELSE {take} END", self.server.schema)
+        again = _q(f"WITH seen AS (UPDATE {{s}}.waiters SET seen_at = now() WHERE ticket = %(t)s RETURNING ticket) "
+                   f"SELECT CASE WHEN EXISTS ({live} AND w.ticket < %(t)s) THEN false ELSE {take} END FROM seen",
+                   self.server.schema)
+        params: dict[str, Any] = {"q": lock_id, "k": key, "stale": WAITER_STALE_SECONDS, "t": None}
         said: float | None = None
-        while not _scalar(conn.execute(f"SELECT {take}", (key,))):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                holder = self._holder(conn, key)
-                self._close()       # the session ends, and every lock taken so far with it
-                if self.lock_timeout:
-                    waited = f" after waiting {self.lock_timeout:g}s"
-                    how = "wait longer with a larger --lock-timeout"
-                else:
-                    waited, how = "", "wait for it to finish, or pass --lock-timeout to wait for it"
-                raise LockedError(f"{what} is locked by another apply{waited}: {holder}; {how}; if its holder is "
-                                  f"stuck, `reconciler state unlock {lock_id}` breaks the lock")
-            if said is None or time.monotonic() - said >= WAIT_NOTICE_SECONDS:
-                said = time.monotonic()
-                log.warning("waiting for the lock of %s (lock id %s), held by %s; up to %ds more", what, lock_id,
-                            self._holder(conn, key), int(remaining))
-            self.sleep(min(0.2, remaining))
+        try:
+            while True:
+                row = conn.execute(first if params["t"] is None else again, params).fetchone()
+                if row is not None and row[0]:
+                    return
+                if row is None or params["t"] is None:
+                    params["t"] = self._ticket(conn, lock_id)     # in line (again, if our ticket was cleared)
+                    continue
+                if self._take_over(conn, what, key):
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    holder = self._holder(conn, key)
+                    if self.lock_timeout:
+                        waited = f" after waiting {self.lock_timeout:g}s"
+                        how = "wait longer with a larger --lock-timeout"
+                    else:
+                        waited, how = "", "wait for it to finish, or pass --lock-timeout to wait for it"
+                    self._close()       # the session ends, and every lock taken so far with it
+                    raise LockedError(f"{what} is locked by another apply{waited}: {holder}; {how}; if its holder "
+                                      f"is stuck, `reconciler state unlock {lock_id}` breaks the lock")
+                if said is None or time.monotonic() - said >= WAIT_NOTICE_SECONDS:
+                    said = time.monotonic()
+                    ahead = _scalar(conn.execute(_q(f"SELECT count(*) FROM ({live} AND w.ticket < %(t)s) x",
+                                                    self.server.schema), params))
+                    log.warning("waiting for the lock of %s (lock id %s), held by %s; %d waiting before us; "
+                                "up to %ds more", what, lock_id, self._holder(conn, key), ahead, int(remaining))
+                self.sleep(min(POLL_SECONDS, max(0.0, remaining)))
+        finally:
+            if params["t"] is not None and not conn.closed:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(_q("DELETE FROM {s}.waiters WHERE ticket = %s", self.server.schema), (params["t"],))
+
+    def _ticket(self, conn: psycopg.Connection[Any], lock_id: str) -> int:
+        """A place in the line for `lock_id`, after everyone already there; the tickets of ended sessions go."""
+        s = self.server.schema
+        conn.execute(_q("DELETE FROM {s}.waiters w WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a "
+                        "WHERE a.pid = w.backend_pid AND a.backend_start = w.backend_start)", s))
+        return int(_scalar(conn.execute(_q(
+            "INSERT INTO {s}.waiters (name, host, pid, backend_pid, backend_start, since, seen_at) "
+            "SELECT %s, %s, %s, pg_backend_pid(), backend_start, now(), now() FROM pg_stat_activity "
+            "WHERE pid = pg_backend_pid() RETURNING ticket", s), (lock_id, socket.gethostname()[:255], os.getpid()))))
+
+    def _take_over(self, conn: psycopg.Connection[Any], what: str, key: int) -> bool:
+        """End the session of a holder of `key` that stopped renewing its lease (its last renewal is older
+        than its lease, by the server's clock), and move its locks' epochs on so that it cannot take them
+        back should it wake. Returns whether a holder was taken over (the lock is then free, or about to be)."""
+        mask = key & 0xFFFFFFFFFFFFFFFF
+        rows = conn.execute(_q(
+            "SELECT l.pid, a.backend_start, h.host, h.pid, min(h.since), "
+            "min(extract(epoch FROM now() - h.renewed_at))::float8, max(h.lease) "
+            "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "JOIN {s}.locks h ON h.backend_pid = l.pid AND h.backend_start = a.backend_start "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+            "AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND h.renewed_at IS NOT NULL AND h.lease IS NOT NULL AND l.pid <> pg_backend_pid() "
+            "GROUP BY l.pid, a.backend_start, h.host, h.pid", self.server.schema),
+            (mask >> 32, mask & 0xFFFFFFFF)).fetchall()
+        taken = False
+        for backend, started, host, pid, since, silent, lease in rows:
+            if silent is None or lease is None or silent <= lease:
+                continue
+            conn.execute(_q("UPDATE {s}.locks SET epoch = epoch + 1, renewed_at = NULL "
+                            "WHERE backend_pid = %s AND backend_start = %s", self.server.schema), (backend, started))
+            conn.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            log.warning("took over the lock of %s from host %s, process %s (holding it since %s): it had not "
+                        "renewed its lease for %ds (lease %gs); that apply stops when it wakes", what,
+                        _printable(host), pid, _iso(since), int(silent), lease)
+            taken = True
+        return taken
 
     def unlock(self) -> None:
+        """Commit what is queued, then release every lock (even when the commit fails: it raises after)."""
+        self._stop_keeper()
+        failed: StateError | None = None
+        try:
+            if self._epoch is not None and not self._lost:
+                self.sync()
+        except StateError as exc:
+            failed = exc
         with self._conn_mutex:
             if self._conn is not None and self._epoch is not None and not self._conn.broken:
                 try:
+                    self._conn.execute(_q("UPDATE {s}.locks SET renewed_at = NULL WHERE name = ANY(%s) "
+                                          "AND backend_pid = pg_backend_pid()", self.server.schema),
+                                       (list(self._epochs),))
                     for _, key, exclusive in reversed(self._held):
                         self._conn.execute("SELECT pg_advisory_unlock(%s)" if exclusive else
                                            "SELECT pg_advisory_unlock_shared(%s)", (key,))
@@ -403,7 +588,13 @@ class PostgresState(StateRecords):
             self._epochs = {}
             self._held = []
             self._lost = None
+            with self._turn:
+                self._pending = []
+                self._sent = self._synced = self._written
+                self._done = {}
             self._close()
+        if failed is not None:
+            raise failed
 
     def force_unlock(self, lock_id: str) -> str:
         """Terraform's force-unlock: end the database session holding lock `lock_id` (a system's name, or
@@ -419,8 +610,8 @@ class PostgresState(StateRecords):
                     "AND l.granted AND l.objsubid = 1 AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid "
                     "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
                     "AND l.pid <> pg_backend_pid()", (mask >> 32, mask & 0xFFFFFFFF)).fetchall()
-                conn.execute(_q("UPDATE {s}.locks SET epoch = epoch + 1 WHERE name = %s", self.server.schema),
-                             (lock_id or WHOLE,))
+                conn.execute(_q("UPDATE {s}.locks SET epoch = epoch + 1, renewed_at = NULL WHERE name = %s",
+                                self.server.schema), (lock_id or WHOLE,))
             except psycopg.Error as exc:
                 raise StateUnavailableError(f"state {self.location}: cannot break lock {lock_id!r}: "
                                             f"{self.server.reason(exc)}") from None
@@ -436,13 +627,60 @@ class PostgresState(StateRecords):
     def __exit__(self, *exc: object) -> None:
         self.unlock()
 
+    # -- the keeper: commits what is queued, renews the lease ------------------------------------------
+    def _start_keeper(self) -> None:
+        self._keeping.set()
+        self._keeper = threading.Thread(target=self._keep, name="state-keeper", daemon=True)
+        self._keeper.start()
+
+    def _stop_keeper(self) -> None:
+        self._keeping.clear()
+        if self._keeper is not None:
+            self._keeper.join()
+            self._keeper = None
+
+    def _keep(self) -> None:
+        """While the lock is held: every tick, commit what the workers queued (so a record waits at most a
+        tick even when its worker sends nothing more); every quarter of the lease, renew it. Monotonic time,
+        short sleeps."""
+        renewed = time.monotonic()
+        while self._keeping.is_set():
+            pause(TICK_SECONDS)
+            if not self._keeping.is_set():
+                return
+            try:
+                self.sync()
+            except StateError as exc:
+                log.debug("state keeper: commit failed error=%s", exc)   # sync() said so to the workers too
+            if time.monotonic() - renewed >= self.server.lease / 4:
+                renewed = time.monotonic()
+                self._renew()
+
+    def _renew(self) -> None:
+        """Move our locks' `renewed_at` to the server's now. A broken connection is left to the next commit,
+        which reconnects (or stops the apply)."""
+        with self._conn_mutex:
+            conn = self._conn
+            if self._epoch is None or self._lost or conn is None or conn.broken or conn.closed:
+                return
+            try:
+                done = conn.execute(_q("UPDATE {s}.locks SET renewed_at = now() WHERE name = ANY(%s) "
+                                       "AND backend_pid = pg_backend_pid() AND epoch = ANY(%s)", self.server.schema),
+                                    (list(self._epochs), list(self._epochs.values()))).rowcount
+            except psycopg.Error as exc:
+                log.warning("lease not renewed state=%s error=%s", self.location, self.server.reason(exc))
+                return
+        if done != len(self._epochs):
+            log.warning("lease renewal found %d of %d locks ours state=%s", done, len(self._epochs), self.location)
+
     # -- internals -----------------------------------------------------------------------------------
     def _holder(self, conn: psycopg.Connection[Any], key: int | None = None) -> str:
         """Who holds the lock `key` (default: the whole state's): the holder row when it belongs to the session
         holding the lock, else what the server knows of that session."""
         key = (self.server.lock_key if key is None else key) & 0xFFFFFFFFFFFFFFFF
         row = conn.execute(_q(
-            "SELECT l.pid, h.host, h.pid, h.since, a.client_addr::text, a.backend_start "
+            "SELECT l.pid, h.host, h.pid, h.since, a.client_addr::text, a.backend_start, "
+            "extract(epoch FROM now() - h.renewed_at)::float8, h.lease "
             "FROM pg_locks l LEFT JOIN {s}.locks h ON h.backend_pid = l.pid "
             "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
             "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
@@ -452,9 +690,10 @@ class PostgresState(StateRecords):
             self.server.schema), (key >> 32, key & 0xFFFFFFFF)).fetchone()
         if row is None:
             return "the holder has just released it; try again"
-        backend, host, pid, since, client, started = row
+        backend, host, pid, since, client, started, silent, lease = row
         if host is not None:
-            return f"host {_printable(host)}, process {pid}, since {_iso(since)}"
+            renewed = f", lease renewed {int(silent)}s ago (lease {lease:g}s)" if silent is not None and lease else ""
+            return f"host {_printable(host)}, process {pid}, since {_iso(since)}{renewed}"
         where = f" from {client}" if client else ""
         when = f", connected since {_iso(started)}" if started else ""
         return f"database session {backend}{where}{when}"
@@ -467,34 +706,80 @@ class PostgresState(StateRecords):
             self._conn = self.server.connect()
         return self._conn
 
+    def _change(self, statement: str, params: tuple[Any, ...], effect: Callable[[], Any]) -> None:
+        """One write: queued (and its effect on the in-memory copy made) while the lock is held, for
+        `sync()` to commit; outside an apply, committed at once, then made in memory."""
+        if self._epoch is None:
+            self._write(statement, params)
+            with self._mutex:
+                effect()
+            return
+        row = statement.split("{s}.", 1)[1].split(" ", 1)[0] + "\0" + str(params[0])
+        with self._mutex:
+            effect()
+            self._pending.append((statement, params, row))
+            self._written += 1
+
     def _write(self, statement: str, params: tuple[Any, ...]) -> None:
-        query = _q(statement, self.server.schema)
-        with self._conn_mutex:
+        """Outside an apply (no lock): one short connection per write."""
+        if self._lost:
+            raise StateUnavailableError(self._lost)
+        with self._conn_mutex, self._connection() as short:
+            self._execute(short, _q(statement, self.server.schema), params)
+
+    def _commit(self, batch: list[tuple[str, tuple[Any, ...]]], slot: int) -> None:
+        """Commit `batch` (in order) in one transaction, pipelined: one round trip whatever its size. The
+        transaction first takes our lock rows FOR SHARE at the epochs we hold them at (the fence): a runner
+        taking the lock over moves them on, so a commit lands before it does, or fails. The statements are
+        idempotent (upserts, deletes), so a batch whose commit was cut off with the connection is sent again
+        whole on a new one (on the lock's own, once the lock is held again). On failure the apply stops."""
+        if not batch:
+            return
+        s = self.server.schema
+        mutex = self._conn_mutex if slot == 0 else self._helper_mutex[slot]
+        with mutex:
             if self._lost:
                 raise StateUnavailableError(self._lost)
-            if self._epoch is None:
-                # Outside an apply (no lock): one short connection per write.
-                with self._connection() as short:
-                    self._execute(short, query, params)
-                return
             for attempt in (1, 2):
-                conn = self._conn
-                if conn is None or conn.broken or conn.closed:
-                    self._reconnect()
-                    conn = self._conn
-                assert conn is not None
+                conn = self._conn if slot == 0 else self._helpers.get(slot)
                 try:
-                    conn.execute(query, params)     # autocommit: committed when it returns
+                    if conn is None or conn.broken or conn.closed:
+                        if slot == 0:
+                            self._reconnect()
+                            conn = self._conn
+                        else:
+                            conn = self._helpers[slot] = self.server.connect(
+                                application=f"reconciler apply {self._who}")
+                    assert conn is not None
+                    names, epochs = list(self._epochs), list(self._epochs.values())
+                    # BEGIN and COMMIT sent as statements: psycopg's `transaction()` would wait for each.
+                    with conn.pipeline(), conn.cursor() as cur:
+                        cur.execute("BEGIN")
+                        cur.execute(_q("SELECT CASE WHEN count(*) = %s THEN 1 ELSE 1 / (0 * count(*)) END FROM (SELECT 1 "
+                                       "FROM {s}.locks WHERE (name, epoch) IN (SELECT * FROM unnest(%s::text[], "
+                                       "%s::bigint[])) FOR SHARE) AS ours", s), (len(names), names, epochs))
+                        for statement, rows in _runs(batch):
+                            cur.executemany(_q(statement, s), rows)
+                        cur.execute("COMMIT")
+                    self.commits += 1
                     return
+                except psycopg.errors.DivisionByZero:
+                    self._lost = (f"state {self.location}: another apply took the lock over (its epoch moved on); "
+                                  "this apply stops")
                 except psycopg.OperationalError as exc:
-                    if not conn.broken or attempt == 2:
-                        raise StateUnavailableError(f"state {self.location}: write failed: "
-                                                    f"{self.server.reason(exc)}") from None
-                    log.warning("state connection lost; reconnecting state=%s error=%s", self.location,
-                                self.server.reason(exc))
+                    if conn is not None and conn.broken and attempt == 1:
+                        log.warning("state connection lost; reconnecting state=%s error=%s", self.location,
+                                    self.server.reason(exc))
+                        continue
+                    self._lost = f"state {self.location}: write failed: {self.server.reason(exc)}"
                 except psycopg.Error as exc:
-                    raise StateUnavailableError(f"state {self.location}: write failed: "
-                                                f"{self.server.reason(exc)}") from None
+                    self._lost = f"state {self.location}: write failed: {self.server.reason(exc)}"
+                except StateUnavailableError as exc:
+                    self._lost = self._lost or str(exc)
+                with contextlib.suppress(psycopg.Error):
+                    if conn is not None and not conn.broken and not conn.closed:
+                        conn.execute("ROLLBACK")
+                raise StateUnavailableError(self._lost or "state write failed")
 
     def _execute(self, conn: psycopg.Connection[Any], query: sql.Composed, params: tuple[Any, ...]) -> None:
         try:
@@ -514,7 +799,10 @@ class PostgresState(StateRecords):
             raise
 
     def _take_back(self) -> None:
-        self._close()
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
         deadline = time.monotonic() + RECONNECT_SECONDS
         while True:
             try:
@@ -536,8 +824,9 @@ class PostgresState(StateRecords):
                     conn.close()
                     raise StateUnavailableError(f"state {self.location}: lost the lock with the connection "
                                                 f"({holder}); this apply stops")
-            conn.execute(_q("UPDATE {s}.locks SET backend_pid = pg_backend_pid() WHERE name = ANY(%s)",
-                            self.server.schema), (list(self._epochs),))
+            conn.execute(_q("UPDATE {s}.locks SET backend_pid = pg_backend_pid(), renewed_at = now(), "
+                            "backend_start = (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()) "
+                            "WHERE name = ANY(%s)", self.server.schema), (list(self._epochs),))
         except psycopg.Error as exc:
             conn.close()
             raise StateUnavailableError(f"state {self.location}: cannot take the lock back: "
@@ -546,6 +835,12 @@ class PostgresState(StateRecords):
         log.warning("state connection restored; lock held again state=%s epoch=%s", self.location, self._epoch)
 
     def _close(self) -> None:
+        for slot, mutex in self._helper_mutex.items():
+            with mutex:
+                helper = self._helpers.pop(slot, None)
+                if helper is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        helper.close()
         if self._conn is not None:
             with contextlib.suppress(psycopg.Error):
                 self._conn.close()
@@ -586,6 +881,12 @@ class _Borrowed:
     def __exit__(self, *exc: object) -> None:
         if self.own is not None:
             self.own.close()
+
+
+def _runs(batch: list[tuple[str, tuple[Any, ...]]]) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
+    """The batch as runs of one statement (each run one `executemany`), in order."""
+    for statement, group in itertools.groupby(batch, key=lambda item: item[0]):
+        yield statement, [params for _, params in group]
 
 
 def _iso(moment: Any) -> str:
