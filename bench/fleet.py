@@ -7,6 +7,9 @@
     python bench/fleet.py --latency             # also bench/latency.py (apply over an injected latency)
     python bench/fleet.py --state postgresql://root@127.0.0.1:5432/test --pg-latency 5ms
                                                 # the shared state over a link 5 ms slower (bench/pgproxy.py)
+    python bench/fleet.py --systems 4 --state postgresql://… [--pg-latency 5ms]
+                                                # 4 systems: wall time of 1 runner for all vs 2 runners with
+                                                # --target, 2 systems each, at once (separate processes)
 
 Prints one table: CPU and wall seconds, vendor requests and peak RSS for each phase (plan, rendering the plan
 as text and JSON, streamed to /dev/null as the CLI streams it, apply, re-plan), then the floor: the CPU PyYAML's C loader alone takes to read the same
@@ -19,9 +22,9 @@ Figures, not assertions: the test suite never times anything.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import cProfile
-import collections
 import importlib.util
 import io
 import os
@@ -47,6 +50,7 @@ from reconciler.sandbox.abloy import AbloySimulator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from pgproxy import ProxyProcess, parse_latency  # noqa: E402
+
 SIZES = {"10k": 10_000, "50k": 50_000, "100k": 100_000}
 GRANTS_PER_PERSON = 5
 
@@ -78,6 +82,68 @@ def delayed(url: str, round_trip: float, stack: contextlib.ExitStack) -> str:
     proxy = stack.enter_context(ProxyProcess(parts.hostname or "127.0.0.1", parts.port or 5432, round_trip=round_trip))
     user = f"{parts.username}@" if parts.username else ""
     return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}"))
+
+
+def generate_sites(out: Path, systems: int, doors: int, users: int, grants: int) -> None:
+    """One policy of `systems` sandbox Abloy systems (site-0, site-1, …), each with `doors` doors and `users`
+    people of its own, `grants` doors per person."""
+    out.mkdir(parents=True, exist_ok=True)
+    sites = [f"site-{n}" for n in range(systems)]
+    (out / "systems.yaml").write_text("systems:\n" + "".join(f"  {s}: {{vendor: abloy-keyless, url: sandbox}}\n"
+                                                             for s in sites))
+    (out / "devices.yaml").write_text("devices:\n" + "".join(
+        f"  {s}-door-{d:05d}: {{system: {s}, name: Door {d:05d}}}\n" for s in sites for d in range(doors)))
+    (out / "users.yaml").write_text("users:\n" + "".join(
+        f"  {s}-person-{u:05d}: {{systems: [{s}]}}\n" for s in sites for u in range(users)))
+    lines = ["permissions:\n"]
+    for s in sites:
+        for u in range(users):
+            granted = ", ".join(f"{s}-door-{(u * 7 + g * 13) % doors:05d}" for g in range(grants))
+            lines.append(f"  - users: [{s}-person-{u:05d}]\n    devices: [{granted}]\n"
+                         "    start: 2026-01-01T00:00:00Z\n    end: 2027-12-31T23:59:59Z\n")
+    (out / "access.yaml").write_text("".join(lines))
+
+
+def runner(directory: Path, state: str | None, targets: list[str]) -> None:
+    """One runner (a process of its own): apply `targets` of the policy in `directory`, each system on an
+    in-process simulator of its own; prints how many changes it applied."""
+    sims = {t: AbloySimulator() for t in targets}
+    session = run.Session(directory=directory, state_path=directory.parent / f"state-{'-'.join(targets)}.json",
+                          env={}, state_url=state, now=datetime(2026, 11, 22, 10, tzinfo=UTC),
+                          targets=tuple(targets), transports={t: httpx.MockTransport(s.handle) for t, s in sims.items()})
+    _, report = run.apply(session, saved=None, approve=lambda plan: True)
+    assert report is not None and report.ok, report.summary()
+    print(len(report.done), flush=True)
+
+
+def parallel(args: argparse.Namespace, work: Path) -> None:
+    """Wall time of all systems applied by 1 runner, then by 2 runners at once (each half the systems)."""
+    sites = [f"site-{n}" for n in range(args.systems)]
+    doors, users = max(1, args.doors // args.systems), max(1, args.users // args.systems)
+    print(f"{args.systems} systems of {doors} doors, {users} people, {users * args.grants} grants each; "
+          f"state {'a local file per run' if not args.state else urlsplit(args.state).path + ' (a fresh schema per run)'}")
+    rows = []
+    for count in (1, 2):
+        policies = work / f"runners-{count}" / "policies"
+        generate_sites(policies, args.systems, doors, users, args.grants)
+        state = fresh_schema(args.state, f"bench_sites_{count}") if args.state else None
+        state = state.replace(f"127.0.0.1:{urlsplit(args.state).port}", f"127.0.0.1:{args.proxy_port}") \
+            if state and args.proxy_port else state
+        halves = [sites[i::count] for i in range(count)]
+        started = time.perf_counter()
+        processes = [subprocess.Popen([sys.executable, __file__, "--runner", str(policies), *(["--state", state] if state
+                                      else []), *[a for t in half for a in ("--target", t)]],
+                                      stdout=subprocess.PIPE, text=True) for half in halves]
+        done = [int(p.communicate()[0].strip() or 0) for p in processes]
+        wall = time.perf_counter() - started
+        if any(p.returncode for p in processes):
+            raise SystemExit(f"a runner failed: exit codes {[p.returncode for p in processes]}")
+        rows.append((count, " | ".join(",".join(h) for h in halves), sum(done), wall))
+    print("| runners | systems per runner | changes | wall s | changes/s |")
+    print("|---|---|---|---|---|")
+    for count, halves, changes, wall in rows:
+        print(f"| {count} | {halves} | {changes} | {wall:.2f} | {changes / wall:.0f} |")
+    print(f"2 runners / 1 runner wall time: {rows[1][3] / rows[0][3]:.2f}")
 
 
 def peak_rss_mib() -> float:
@@ -147,6 +213,10 @@ def main() -> None:
     parser.add_argument("--state", default=None, help="postgresql://… to measure the shared state (default: a file)")
     parser.add_argument("--pg-latency", default=None, metavar="DURATION",
                         help="reach the --state database through a loopback proxy adding this round trip (5ms)")
+    parser.add_argument("--systems", type=int, default=None,
+                        help="that many systems (--doors/--users split between them): 1 runner vs 2 runners")
+    parser.add_argument("--runner", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--target", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--plan-only", action="store_true", help="plan and render only (no apply, no re-plan)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile (top 20, cumulative) of a plan")
     parser.add_argument("--latency", action="store_true", help="also run bench/latency.py and print its table")
@@ -155,8 +225,17 @@ def main() -> None:
         total = SIZES[args.size]
         args.grants = GRANTS_PER_PERSON
         args.users, args.doors = total // GRANTS_PER_PERSON, total // (2 * GRANTS_PER_PERSON)
+    if args.runner:
+        runner(args.runner, args.state, args.target)
+        return
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
+        if args.systems:
+            args.proxy_port = None
+            if args.state and args.pg_latency:
+                args.proxy_port = urlsplit(delayed(args.state, parse_latency(args.pg_latency), stack)).port
+            parallel(args, work)
+            return
         if args.state:
             args.state = fresh_schema(args.state, "bench_fleet")
             if args.pg_latency:

@@ -117,7 +117,7 @@ def test_waiters_get_the_lock_in_the_order_they_came(pg_url):
             order.append(index)
             time.sleep(0.3)
             state.unlock()
-        except BaseException as exc:      # noqa: BLE001 - reported by the test below
+        except BaseException as exc:      # reported by the test below
             errors.append(exc)
 
     threads = []

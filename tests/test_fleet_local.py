@@ -37,7 +37,7 @@ def test_two_processes_apply_disjoint_systems_of_one_local_state_at_once(tmp_pat
     ctx = multiprocessing.get_context("fork")
     events = [(ctx.Event(), ctx.Event()) for _ in range(2)]
     workers = [ctx.Process(target=_apply_system, args=(path, system, ready, release, 200))
-               for system, (ready, release) in zip(("cabins", "hq"), events)]
+               for system, (ready, release) in zip(("cabins", "hq"), events, strict=True)]
     for worker in workers:
         worker.start()
     try:
@@ -46,7 +46,7 @@ def test_two_processes_apply_disjoint_systems_of_one_local_state_at_once(tmp_pat
             LocalState(path).lock(["hq"])
         assert "system 'hq' of state" in str(refused.value) and f"process {workers[1].pid}" in str(refused.value)
         assert "pass --lock-timeout" in str(refused.value)
-        with pytest.raises(LockedError, match="after waiting 0.3s; wait longer with a larger --lock-timeout"):
+        with pytest.raises(LockedError, match=r"after waiting 0\.3s; wait longer with a larger --lock-timeout"):
             LocalState(path, lock_timeout=0.3).lock(["hq"])
         with pytest.raises(LockedError, match=r"^state .* is locked by another apply"):
             LocalState(path).lock()                              # the whole state: excluded by both
