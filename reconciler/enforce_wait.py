@@ -22,7 +22,7 @@ from reconciler import planner
 from reconciler.errors import ReconcilerError
 from reconciler.plan import Action, Change, Note, Plan, in_force
 from reconciler.providers.base import ReadResult
-from reconciler.resources import Enforcement, Resource, address_of, grant_slot
+from reconciler.resources import Enforcement, Resource, Status, address_of, grant_slot
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def wait_until_in_force(result: WaitResult, read: Callable[[str], ReadResult], d
         while True:
             systems = sorted({w.system for w in result.watched if not w.settled})
             for system in systems:
-                _observe(result.watched, system, read, desired, clock(), monotonic() - began)
+                _observe(result.watched, system, read, desired, clock(), lambda: monotonic() - began)
             result.waited = monotonic() - began
             if on_poll is not None:
                 on_poll(sum(1 for w in result.watched if w.settled), len(result.watched))
@@ -176,7 +176,7 @@ def wait_until_in_force(result: WaitResult, read: Callable[[str], ReadResult], d
 
 
 def _observe(watched: list[Watched], system: str, read: Callable[[str], ReadResult], desired: list[Resource],
-             now: datetime, elapsed: float) -> None:
+             now: datetime, since: Callable[[], float]) -> None:
     """One read of `system`, matched to the policy by the planner (a grant's window to the live key that is
     it): a watched change still pending shows in the plan's pending list with its state; one the vendor gave
     up on shows as a warning with a failed state (`error`, `denied`); one absent would be created again; any
@@ -189,13 +189,21 @@ def _observe(watched: list[Watched], system: str, read: Callable[[str], ReadResu
             w.read_error = _short(str(exc))
         log.info("enforcement wait read failed system=%s error=%s", system, exc)
         return
+    elapsed = since()      # when this read was answered: an upper bound of when it showed what it shows
     if answer.errors:
         for w in mine:
             w.read_error = _short("; ".join(answer.errors))
         return
     judged = planner.plan([r for r in desired if r.system == system], answer.resources, now=now)
-    pending = {n.address: dict(n.details).get("state") for n in judged.pending}
+    pending: dict[str, Any] = {n.address: dict(n.details).get("state") for n in judged.pending}
     absent = {c.address for c in judged.changes if c.action is Action.CREATE}
+    for change in judged.changes:
+        # A live object the plan would still change (a start the vendor set a second later than ours): what
+        # counts here is its vendor state, not whether it matches the policy.
+        live = change.live
+        if live is not None and change.action is not Action.CREATE and change.address not in pending and (
+                live.status is Status.PENDING or live.meta.get("state") in _pending_states(watched, change.address)):
+            pending[change.address] = live.meta.get("state")
     failures: dict[str, Note] = {}
     for note in answer.warnings:
         details = dict(note.details)
@@ -222,6 +230,10 @@ def _observe(watched: list[Watched], system: str, read: Callable[[str], ReadResu
             w.missing = False
             w.seconds = elapsed
             log.info("in force address=%s seconds=%.1f", w.address, elapsed)
+
+
+def _pending_states(watched: list[Watched], address: str) -> frozenset[str]:
+    return next((w.declared.pending for w in watched if w.address == address), frozenset())
 
 
 def _short(text: str) -> str:
