@@ -49,6 +49,7 @@ from reconciler.state import StateStore
 log = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE = 120.0   # seconds: reads of one system, and apply without any answer from it
+KNOWN_NOTE = "known"       # the state's notes `known/<system>/<kind>`: known-id sets the intents share
 
 HandlerTable = Mapping[tuple[Action, str], Callable[..., Any]]
 VERBS = {Action.CREATE: ("create", 1), Action.UPDATE: ("update", 3), Action.DELETE: ("delete", 1)}   # arity
@@ -192,6 +193,8 @@ class Provider:
         self._resolved: dict[str, dict[str, Any] | None] = {}   # intents settled by the last read
         self.uncertain: dict[str, str] = {}        # address → why its lost create cannot be settled
         self.candidates: dict[str, list[str]] = {}  # address → the ids it might be
+        self._known_lock = threading.Lock()        # one writer of the shared known-id sets at a time
+        self._shared_known: set[str] = set()       # notes of known-id sets this run wrote (`intend`)
         self.redactor = Redactor(self.secrets())
         self._http: HttpClient | None = None
         self._http_lock = threading.Lock()
@@ -368,6 +371,7 @@ class Provider:
             else:
                 self.state.put(address, record)
         self._resolved.clear()
+        self.drop_unused_known()
 
     def record_applied(self, change: Change) -> None:
         """Remember what apply made this address look like, so later plans can tell drift (a change made
@@ -407,6 +411,13 @@ class Provider:
         raise VendorError(f"{self.name}: {self.vendor} has no event log that reconciler can read")
 
     def close(self) -> None:
+        if self._shared_known:
+            # This run recorded known-id sets: those no intent references any more (every create was
+            # answered) are dropped now, under the apply's lock, rather than at the next apply.
+            try:
+                self.drop_unused_known()
+            except Exception as exc:    # the apply's own report says what failed; this is housekeeping
+                log.warning("known-id sets not dropped system=%s error=%s", self.name, exc)
         with self._http_lock:
             if self._http is not None:
                 self._http.close()
@@ -436,9 +447,67 @@ class Provider:
 
     def intend(self, address: str, known_ids: list[str], **extra: Any) -> None:
         """Record, before a create that has no natural key, which ids existed, so that a later read
-        can tell the object a lost answer created from anybody else's."""
-        self.state.put(address, {"intent": "create", "known": sorted(known_ids),
-                                 "at": self.clock().strftime("%Y-%m-%dT%H:%M:%SZ"), **extra})
+        can tell the object a lost answer created from anybody else's.
+
+        The intent stays the same size however large the system: the set of known ids is stored once per
+        system and kind for every intent that shares it (the note `known/<system>/<kind>`, one entry per
+        distinct set, named by its digest) and the intent names its digest (`known_ref`). The set is written
+        before the intent, so a crash between the two leaves an unreferenced set (dropped later), never an
+        intent without its set; sets no intent references are dropped when the apply ends and when the next
+        one starts (`drop_unused_known`). State written by earlier versions keeps the set inline (`known`)."""
+        record: dict[str, Any] = {"intent": "create"}
+        if known_ids:
+            record["known_ref"] = self._share_known(address.split("/")[1], known_ids)
+        else:
+            record["known"] = []
+        record["at"] = self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.state.put(address, {**record, **extra})
+
+    def _known_note(self, kind: str) -> str:
+        return f"{KNOWN_NOTE}/{self.name}/{kind}"
+
+    def _share_known(self, kind: str, known_ids: Iterable[str]) -> str:
+        """Store the set `known_ids` once (if it is not stored yet) and return its digest."""
+        ids = sorted(set(known_ids))
+        ref = digest(ids)
+        key = self._known_note(kind)
+        with self._known_lock:
+            current = self.state.note(key)
+            sets = dict(current) if isinstance(current, dict) else {}
+            if sets.get(ref) != ids:
+                sets[ref] = ids
+                self.state.set_note(key, sets)
+                self._shared_known.add(key)
+        return ref
+
+    def _known_of(self, kind: str, record: Mapping[str, Any]) -> set[str] | None:
+        """The ids that existed before an intent's create was sent: inline (earlier versions) or the shared
+        set it names. None when the shared set is missing from the state: nothing new can be told apart."""
+        if "known_ref" not in record:
+            return set(record.get("known") or [])
+        sets = self.state.note(self._known_note(kind))
+        ids = sets.get(str(record["known_ref"])) if isinstance(sets, dict) else None
+        return {str(i) for i in ids} if isinstance(ids, list) else None
+
+    def drop_unused_known(self) -> None:
+        """Drop the shared known-id sets of this system that no intent references any more."""
+        referenced: dict[str, set[str]] = {}
+        for address, record in self.state.items(f"{self.name}/"):
+            if record.get("intent") == "create" and record.get("known_ref"):
+                referenced.setdefault(address.split("/")[1], set()).add(str(record["known_ref"]))
+        kinds = {*Kind, *self.capabilities.attributes, *referenced}
+        kinds |= {key.rsplit("/", 1)[1] for key in self._shared_known}
+        with self._known_lock:
+            for kind in sorted(kinds):
+                key = self._known_note(kind)
+                current = self.state.note(key)
+                if not current:
+                    continue
+                kept = {ref: ids for ref, ids in current.items() if ref in referenced.get(kind, set())} \
+                    if isinstance(current, dict) else {}
+                if kept != current:
+                    self.state.set_note(key, kept or None)
+            self._shared_known.clear()
 
     def create_checked(self, send: Callable[[], Any], find: Callable[[], Any], *, attempts: int = 4,
                        lost: VendorError | None = None) -> Any:
@@ -493,12 +562,15 @@ class Provider:
             if want is not None and want.id:
                 self._resolved[address] = None     # adopted in the policy (`ids:`): the intent is settled
                 continue
-            known = set(record.get("known", []))
+            known = self._known_of(kind, record)
+            # Without the set of ids that existed when it was sent (`known` None), no object can be told to be
+            # new: any unclaimed match may be it, and none is adopted (only "none at all" still proves it
+            # never landed).
             candidates = sorted(i for i, item in live_ids.items()
-                                if i not in known and i not in claimed and matches(want, item))
+                                if (known is None or i not in known) and i not in claimed and matches(want, item))
             if not candidates:
                 self._resolved[address] = None    # it never landed: plan creates it again
-            elif provable and len(candidates) == 1:
+            elif provable and known is not None and len(candidates) == 1:
                 self._resolved[address] = {"id": candidates[0]}
                 self.ids[address] = candidates[0]
                 claimed.add(candidates[0])
@@ -511,7 +583,10 @@ class Provider:
                 self.candidates[address] = candidates
                 self.uncertain[address] = (
                     f"the answer to creating {kind} {name} (at {record.get('at', '?')}) was lost, and "
-                    f"{len(candidates)} new {kind}(s) appeared since: {shown}. None can be proven to be the one "
+                    + (f"{len(candidates)} new {kind}(s) appeared since: {shown}. " if known is not None else
+                       f"the state no longer holds which {kind}s existed before it was sent, so any of "
+                       f"{len(candidates)} unclaimed {kind}(s) may be it: {shown}. ")
+                    + f"None can be proven to be the one "
                     f"reconciler created, so none is adopted or given access, and {name} is not created again. "
                     f"Resolve it: if one is {name}'s, adopt it with {adopt} in the policy; if none is, run "
                     f"`reconciler state forget {address}` and {name} is created again")
