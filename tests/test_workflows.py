@@ -119,9 +119,11 @@ def test_plan_on_pull_requests_runs_a_release_with_plan_credentials_and_no_forks
     assert set(triggers) == {"pull_request"}
     assert not any(".github" in path for path in triggers["pull_request"].get("paths", []))
     assert re.fullmatch(r"reconciler==\d+(\.\d+)*", workflow["env"]["RECONCILER_PIP_SPEC"])
+    # Forks get no job: the first job (every other needs it) does not run for them.
+    assert workflow["jobs"]["sites"]["if"] == "github.event.pull_request.head.repo.full_name == github.repository"
     plan = workflow["jobs"]["plan"]
+    assert plan["needs"] == "sites"
     assert plan["environment"] == "reconciler-plan"
-    assert plan["if"] == "github.event.pull_request.head.repo.full_name == github.repository"
     assert plan["permissions"] == {"contents": "read"}
     comment = workflow["jobs"]["comment"]
     assert "secrets." not in json.dumps(comment) and "environment" not in comment
@@ -134,9 +136,9 @@ def test_apply_runs_only_on_main_in_production_and_never_applies_a_stale_plan():
     assert triggers["push"]["branches"] == ["main"]
     assert workflow["env"]["RECONCILER_PIP_SPEC"] != "."
     for job in workflow["jobs"].values():
-        assert job["if"] == "github.ref == 'refs/heads/main'"
+        assert "github.ref == 'refs/heads/main'" in job["if"]
     apply = workflow["jobs"]["apply"]
-    assert apply["environment"] == "production" and apply["needs"] == "plan"
+    assert apply["environment"] == "production" and "plan" in apply["needs"]
     runs = [step["run"] for step in apply["steps"] if "run" in step]
     assert runs[-1] == "reconciler apply --plan approved/plan.json --auto-approve --lock-timeout 10m"
     text = json.dumps(workflow)
@@ -157,3 +159,76 @@ def test_codeowners_example_requires_the_security_team():
     owners = (ROOT / ".github" / "CODEOWNERS").read_text()
     rules = dict(line.split(None, 1) for line in owners.splitlines() if line.strip() and not line.startswith("#"))
     assert "@" in rules["/policies/"] and rules["/policies/"] == rules["/.github/"]
+
+
+# -- a fleet: one job per site, one shared state ----------------------------------------------------------------
+
+FLEET = {"reconciler-plan.yml": ("plan", "reconciler-plan-"), "reconciler-apply.yml": ("plan", "reconciler-apply-plan-"),
+         "reconciler-drift.yml": ("drift", "reconciler-drift-")}
+
+
+def _site_jobs(workflow: dict) -> dict[str, dict]:
+    return {name: job for name, job in workflow["jobs"].items() if "matrix" in job.get("strategy", {})}
+
+
+@pytest.mark.parametrize("name", sorted(FLEET))
+def test_each_site_is_its_own_job_with_its_own_concurrency_group_and_artifact(name):
+    workflow = _load(name)
+    sites = workflow["jobs"]["sites"]
+    assert sites["outputs"]["sites"] == "${{ steps.list.outputs.sites }}"
+    assert "secrets." not in json.dumps(sites) and "environment" not in sites   # listing needs no credential
+    jobs = _site_jobs(workflow)
+    assert FLEET[name][0] in jobs
+    for job_name, job in jobs.items():
+        assert job["strategy"]["matrix"] == {"site": "${{ fromJSON(needs.sites.outputs.sites) }}"}, job_name
+        assert job["strategy"]["fail-fast"] is False                    # one site's failure stops no other
+        assert isinstance(job["strategy"]["max-parallel"], int)        # PostgreSQL connections are bounded
+        assert "sites" in ([job["needs"]] if isinstance(job["needs"], str) else job["needs"])
+        assert "${{ matrix.site }}" in job["concurrency"]["group"], job_name
+        # One shared state for every site.
+        assert job["env"]["RECONCILER_STATE"] == "${{ secrets.RECONCILER_STATE }}"
+        runs = [step["run"] for step in job["steps"] if "run" in step]
+        # Site names come from the policy: they reach the shell as a variable, never as expanded text.
+        assert not any("${{" in run and "matrix" in run for run in runs), job_name
+        if job_name != "apply":
+            assert job["env"]["SITE"] == "${{ matrix.site }}"
+            assert any('reconciler plan --target "$SITE"' in run for run in runs), job_name
+    plan_job = jobs[FLEET[name][0]]
+    [upload] = [s for s in plan_job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@")]
+    assert upload["with"]["name"] == FLEET[name][1] + "${{ matrix.site }}"
+
+
+def test_plans_keep_their_checksum_per_site_and_apply_compares_each_sites_own():
+    plan = _site_jobs(_load("reconciler-plan.yml"))["plan"]
+    assert any("sha256sum out/plan.json" in step.get("run", "") for step in plan["steps"])
+    apply = _load("reconciler-apply.yml")
+    jobs = _site_jobs(apply)
+    fetch = next(s for s in jobs["plan"]["steps"] if s.get("name", "").startswith("Fetch the plan"))
+    assert '--name "reconciler-plan-${SITE}"' in fetch["run"]
+    stale = next(s for s in jobs["plan"]["steps"] if s.get("name") == "The reviewed plan must still be the plan")
+    assert "jq -r .checksum reviewed/plan.json" in stale["run"] and "exit 1" in stale["run"]
+    [download] = [s for s in jobs["apply"]["steps"] if s.get("uses", "").startswith("actions/download-artifact@")]
+    assert download["with"]["name"] == "reconciler-apply-plan-${{ matrix.site }}"
+    assert jobs["apply"]["concurrency"] == {"group": "reconciler-apply-${{ matrix.site }}", "cancel-in-progress": False}
+    assert jobs["apply"]["environment"] == "production"
+
+
+def _listing(name: str) -> str:
+    run = next(s["run"] for s in _load(name)["jobs"]["sites"]["steps"] if s.get("id") == "list")
+    return run.split("<<'EOF' >> \"$GITHUB_OUTPUT\"\n", 1)[1].rsplit("EOF", 1)[0]
+
+
+def test_the_sites_are_the_systems_of_the_policy(tmp_path):
+    scripts = {_listing(name) for name in FLEET}
+    assert len(scripts) == 1, "the three workflows list sites the same way"
+    (tmp_path / "policies" / "north").mkdir(parents=True)
+    (tmp_path / "policies" / "systems.yaml").write_text("systems:\n  site-002: {vendor: unloc}\n  site-001: {vendor: spkey}\n")
+    (tmp_path / "policies" / "north" / "more.yml").write_text("systems:\n  site-017: {vendor: sentry}\nusers: {}\n")
+    (tmp_path / "policies" / "people.yaml").write_text("users:\n  alice: {}\n")
+    result = subprocess.run([sys.executable, "-c", scripts.pop()], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == 'sites=["site-001", "site-002", "site-017"]'
+    (tmp_path / "policies" / "bad.yaml").write_text("systems:\n  \"x\\\" && curl evil\": {vendor: unloc}\n")
+    refused = subprocess.run([sys.executable, "-c", _listing("reconciler-plan.yml")], capture_output=True, text=True,
+                             cwd=tmp_path)
+    assert refused.returncode == 1 and "::error::" in refused.stderr and "sites=" not in refused.stdout
