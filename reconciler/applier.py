@@ -7,6 +7,11 @@ report says what succeeded and what remains. A change whose outcome is unknown (
 have done it, and a lookup could not tell) is *uncertain*: it is never reported as done, and its
 dependants wait like those of a failed change.
 
+Workers and requests in flight: a system's `concurrency:` bounds the requests in flight to its vendor (its
+provider's HTTP client holds a slot only while a request is sent and answered); its pool has more workers than
+that (`workers`), because a worker also waits for the state to make what it recorded durable before it sends
+anything that may change the vendor, and a worker waiting on the state holds no slot.
+
 Interrupting: when `stop` is set (the CLI sets it on Ctrl-C), no new change starts; the ones in flight
 finish (their requests are bounded by the request timeout) and are journaled as usual, and the report
 lists what was applied, what is uncertain and what was not attempted.
@@ -33,6 +38,8 @@ from reconciler.plan import Action, Change, Plan, exposure_line, in_force
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 8
+WORKERS_PER_SLOT = 4      # workers per request in flight: the others wait on the state meanwhile
+MAX_WORKERS = 64          # per system: threads, not requests; never fewer than its `concurrency`
 
 _PAST = {Action.CREATE: "created", Action.UPDATE: "updated", Action.DELETE: "deleted", Action.REPLACE: "replaced"}
 
@@ -42,6 +49,7 @@ class Applies(Protocol):
     def batches(self, changes: list[Change]) -> list[list[Change]]: ...
     def apply_batch(self, batch: list[Change]) -> None: ...
     def record_applied(self, change: Change) -> None: ...
+    def halt_sending(self, why: str) -> None: ...
 
 
 INTERRUPTED = "interrupted before it started"
@@ -106,6 +114,11 @@ def check_mass_revoke(plan: Plan, allow: bool) -> None:
     raise RefusedError("refused: " + "; ".join(g.message() for g in plan.refused_by))
 
 
+def workers(concurrency: int) -> int:
+    """The pool of a system whose `concurrency:` is `concurrency`: a few workers per request in flight."""
+    return max(concurrency, min(WORKERS_PER_SLOT * concurrency, MAX_WORKERS))
+
+
 def is_uncertain(exc: BaseException) -> bool:
     """The vendor may have done it: an answer lost after sending, that no lookup could settle."""
     return isinstance(exc, VendorError) and exc.ambiguous
@@ -147,7 +160,7 @@ class ApplyRun:
     def execute(self) -> ApplyReport:
         for provider in self.providers.values():
             provider.commit_reads()
-        pools = {system: ThreadPoolExecutor(self.concurrency.get(system, DEFAULT_CONCURRENCY),
+        pools = {system: ThreadPoolExecutor(workers(self.concurrency.get(system, DEFAULT_CONCURRENCY)),
                                             thread_name_prefix=f"apply-{system}") for system in self.providers}
         try:
             for changes in self.phases():
@@ -171,10 +184,14 @@ class ApplyRun:
         return self.stop.is_set() or self.halted is not None
 
     def halt(self, why: str) -> None:
-        """Send nothing new from now on; the first reason is the one reported."""
+        """Send nothing new from now on, not even from a batch already started (its providers refuse every
+        further request that may change a vendor); the first reason is the one reported."""
         with self._halt_lock:
-            if self.halted is None:
-                self.halted = why
+            if self.halted is not None:
+                return
+            self.halted = why
+        for provider in self.providers.values():
+            provider.halt_sending(why)
 
     def not_started_reason(self) -> str:
         return INTERRUPTED if self.stop.is_set() or self.halted is None else f"not attempted: {self.halted}"

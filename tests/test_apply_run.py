@@ -57,6 +57,9 @@ class Fake:
             raise self.record_error
         self.recorded.append(change.address)
 
+    def halt_sending(self, why: str) -> None:
+        self.halted = why
+
 
 def run_of(changes: list[Change], provider: Fake | None = None, **kwargs) -> ApplyRun:
     return ApplyRun(Plan(now=NOW, changes=tuple(changes)), {"hq": provider or Fake()}, **kwargs)

@@ -66,6 +66,9 @@ class Scripted:
     def record_applied(self, change: Change) -> None:
         pass
 
+    def halt_sending(self, why: str) -> None:
+        pass
+
 
 def _plan(changes: list[Change]) -> Plan:
     return Plan(now=NOW, changes=tuple(changes))

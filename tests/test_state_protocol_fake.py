@@ -86,6 +86,9 @@ class MemoryState:
     def sync(self) -> None:
         self.calls.append("sync")
 
+    def check_writable(self) -> None:
+        pass
+
     def save(self) -> None:
         self.calls.append("save")
 

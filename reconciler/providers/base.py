@@ -165,11 +165,12 @@ class Provider:
                  clock: Callable[[], datetime], transport: httpx.BaseTransport | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  monotonic: Callable[[], float] = time.monotonic, deadline: float | None = None,
-                 trust_env: bool = False):
+                 trust_env: bool = False, concurrency: int | None = None):
         """`settings` is the system's settings as the vendor's `settings_model` validated them (the factory
         passes the instance `validate` checked; a mapping, from a test or a direct caller, is validated with
         the model here). `clock` is the session's (what time it is, for decisions); `sleep` and `monotonic`
-        measure waits and token lifetimes."""
+        measure waits and token lifetimes. `concurrency`: the system's `concurrency:`, the requests in flight to
+        the vendor at once (None: as many as there are threads sending)."""
         self.name = name
         self.url = url or self.default_url
         self.credentials = dict(credentials)
@@ -188,6 +189,8 @@ class Provider:
         self.clock = clock
         self.deadline_seconds = float(deadline or DEFAULT_DEADLINE)
         self.stop = threading.Event()          # set on Ctrl-C: nothing new is sent
+        self.concurrency = concurrency
+        self.halted: str | None = None         # why the apply stopped itself (`halt_sending`): no write is sent
         self.desired: dict[str, Resource] = {}
         self.ids: dict[str, str] = {}              # address → vendor id, from policy, state and reads
         self._resolved: dict[str, dict[str, Any] | None] = {}   # intents settled by the last read
@@ -213,7 +216,8 @@ class Provider:
                                             authenticate=self._login if logs_in else None,
                                             describe=self.describe_error, sleep=self.sleep,
                                             monotonic=self.monotonic, clock=self.clock,
-                                            trust_env=self.trust_env, max_answer_bytes=self.max_answer_bytes)
+                                            trust_env=self.trust_env, max_answer_bytes=self.max_answer_bytes,
+                                            max_in_flight=self.concurrency)
         return self._http
 
     def secrets(self) -> Iterable[str]:
@@ -240,11 +244,27 @@ class Provider:
         # Real waiting, on the real monotonic clock (a test's stepped clock for token lifetimes is not it).
         self.http.start_phase(Deadline(self.deadline_seconds, renewing=phase == "apply"), self.stop)
         self.http.before_write = self._make_durable
+        self.http.may_write = self._may_write
 
     def _make_durable(self) -> None:
         """Before a request that may change the vendor: what the state recorded so far (the changes the
-        vendor confirmed, the intent of the create about to go) is put on disk, in one go for all workers."""
+        vendor confirmed, the intent of the create about to go) is put on disk, in one go for all workers.
+        Called before the request waits for one of the system's `concurrency` slots, so that a worker waiting
+        on the state holds none."""
+        self._may_write()
         self.state.sync()
+
+    def _may_write(self) -> None:
+        """Just before a request that may change the vendor is sent (its slot taken): refuse it once the apply
+        stopped itself, or the state can no longer record what it does."""
+        if self.halted is not None:
+            raise VendorError(self.redactor(f"{self.name}: not sent: {self.halted}"), temporary=True)
+        self.state.check_writable()
+
+    def halt_sending(self, why: str) -> None:
+        """The applier stopped the apply (`why`): no request that may change the vendor is sent from now on,
+        including those of batches already started and waiting for a slot."""
+        self.halted = why
 
     def read(self, desired: list[Resource]) -> ReadResult:
         self.start_phase("read")

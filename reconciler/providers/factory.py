@@ -53,6 +53,7 @@ def build_provider(system: Any, state: StateStore, *, sandbox_dir: Path, clock: 
         credentials = {k: Secret(v) for k, v in simulator.credentials.items()}
         url = SANDBOX_BASE
     options.setdefault("deadline", system.deadline)
+    options.setdefault("concurrency", system.concurrency)
     return cls(system.name, url=url, credentials=credentials, settings=settings_of(cls, system.settings), state=state,
                clock=clock, transport=transport, **options)
 

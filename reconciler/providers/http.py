@@ -4,6 +4,9 @@ Providers call `HttpClient.request()`; it adds the vendor's headers and token, a
 what it says about the request:
 - 429 and 503 mean *not processed*: retried for any method, with capped exponential backoff and jitter,
   honouring `Retry-After`; so are connection errors before anything was sent.
+- At most `max_in_flight` requests (the system's `concurrency:`) are in flight at once, whatever the number of
+  worker threads: a slot is held only while a request is sent and its answer read, never while its worker
+  waits for the state to make a record durable (`before_write` runs before the slot is taken).
 - A rate limit is honoured by all workers together, without a storm of 429s: while one worker waits out
   a 429's `Retry-After`, the others send nothing; and each 429 halves how many requests may be in flight
   at once, or cuts it to what the answers of the last second show the limit sustains (their count times
@@ -153,7 +156,7 @@ class HttpClient:
                  sleep: Callable[[float], None] = time.sleep,
                  monotonic: Callable[[], float] = time.monotonic,
                  clock: Callable[[], datetime] | None = None, trust_env: bool = False,
-                 max_answer_bytes: int = MAX_ANSWER_BYTES):
+                 max_answer_bytes: int = MAX_ANSWER_BYTES, max_in_flight: int | None = None):
         self.system = system
         self.clock = clock           # the session's clock: a Retry-After date is read against it
         self.max_answer_bytes = max_answer_bytes
@@ -180,6 +183,7 @@ class HttpClient:
         # whoever holds the gate or a slot lets go within a request timeout or a Retry-After.
         self._flow = threading.Condition()
         self._in_flight = 0
+        self.max_in_flight = max(1, max_in_flight) if max_in_flight else UNLIMITED   # the system's `concurrency:`
         self._allowed = UNLIMITED
         self._answered = 0           # answers without a 429 since `_allowed` last changed
         self._ceiling: int | None = None     # how many were in flight when the last 429 came
@@ -189,8 +193,11 @@ class HttpClient:
         self._holds = 0              # workers waiting out a 429's Retry-After: nobody else sends meanwhile
         self.limited = 0             # 429s seen
         # Called before every request that may change something at the vendor: the state makes what it
-        # recorded durable first (`Provider.start_phase` sets it).
+        # recorded durable first (`Provider.start_phase` sets it). It runs before the request waits for a slot.
         self.before_write: Callable[[], None] | None = None
+        # Called once such a request has its slot, just before it is sent: raises when nothing more may be
+        # changed (the apply stopped itself, the state lost its lock while the request waited for the slot).
+        self.may_write: Callable[[], None] | None = None
         self.deadline: Deadline | None = None
         self.stop: threading.Event | None = None
 
@@ -241,13 +248,20 @@ class HttpClient:
             attempt += 1
             self._check_go(method, path)
             auth = self._auth() if authenticated else {}
+            writes = method not in READ_METHODS
+            if writes and self.before_write is not None:
+                self.before_write()      # durable first, without holding a slot while the state commits
             sent_in = self._enter()
+            try:
+                self._check_go(method, path)
+                if writes and self.may_write is not None:
+                    self.may_write()
+            except BaseException:
+                self._release()
+                raise
             sent_at = self.monotonic()
             limited = False
             try:
-                self._check_go(method, path)
-                if self.before_write is not None and method not in READ_METHODS:
-                    self.before_write()
                 response = self.send_raw(method, path, json=json, params=params, content=content,
                                          headers={**(headers or {}), **auth})
                 limited = response.status_code == 429
@@ -388,10 +402,16 @@ class HttpClient:
         """Wait until no worker is waiting out a Retry-After and a slot is free; take the slot. Returns
         the round it was taken in."""
         with self._flow:
-            while self._holds or self._in_flight >= self._allowed:
+            while self._holds or self._in_flight >= min(self._allowed, self.max_in_flight):
                 self._flow.wait()
             self._in_flight += 1
             return self._round
+
+    def _release(self) -> None:
+        """Give back a slot whose request was not sent."""
+        with self._flow:
+            self._in_flight -= 1
+            self._flow.notify_all()
 
     def _leave(self, limited: bool, sent_in: int, sent_at: float) -> None:
         now = self.monotonic()

@@ -420,6 +420,9 @@ class LocalState(StateRecords):
                 os.close(fd)
             self._synced = upto
 
+    def check_writable(self) -> None:
+        """Nothing to check: a write fails, and says so, when it is made."""
+
     def _append(self, entry: dict[str, Any]) -> None:
         """Called under `_mutex`: written and handed to the system, so it survives the process being
         killed; `sync()` puts it on disk."""

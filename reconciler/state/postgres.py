@@ -375,6 +375,11 @@ class PostgresState(StateRecords):
                             self._synced = self._done.pop(self._synced)
                     self._turn.notify_all()
 
+    def check_writable(self) -> None:
+        """Once the lock was lost (or the database could not be written), nothing may be sent."""
+        if self._lost:
+            raise StateUnavailableError(self._lost)
+
     def save(self) -> None:
         """Nothing to fold: commit what is queued."""
         self.sync()

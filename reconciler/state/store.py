@@ -51,6 +51,11 @@ class StateStore(Protocol):
         """Make every write so far durable (before a request that may change a vendor)."""
         ...
 
+    def check_writable(self) -> None:
+        """Raise `StateError` when a write could no longer be recorded (the lock was lost): nothing may be
+        sent. Cheap: called just before each request that may change a vendor."""
+        ...
+
     def save(self) -> None: ...
 
     # -- the apply lock ------------------------------------------------------------------------------
