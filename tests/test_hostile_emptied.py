@@ -145,3 +145,22 @@ def test_a_new_system_and_ended_grants_are_no_loss(tmp_path, monkeypatch, name):
     h.now = h.now.replace(month=11, day=22)
     switch["on"] = True
     h.plan()
+
+
+def test_unloc_partner_keys_the_owner_revoked_are_listed_not_lost(tmp_path):
+    """The lock owner revokes 10 of 12 keys (the vendor still answers each, `state: revoked`): no loss, the
+    plan creates them again. Keys the vendor no longer knows at all (404) are the loss the check is for."""
+    case = CASES["unloc-partner keys"]
+    h = VendorHarness(tmp_path, case.vendor)
+    h.write(case.policy(WINDOW))
+    seeded = set(h.sim.key_ids(APARTMENT))
+    h.converge()
+    keys = [k for k in h.sim.key_ids(APARTMENT) if k not in seeded]
+    assert len(keys) == 12
+    for key in keys[:10]:
+        h.sim.revoke_by_owner(key)
+    plan = h.plan()
+    assert len([c for c in plan.changes if c.kind == "key" and c.action is Action.CREATE]) == 10
+    hostile_listing(h, case)          # now every key read back is unknown: lost
+    with pytest.raises(RefusedError, match="refused as suspicious"):
+        h.plan()

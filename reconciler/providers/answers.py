@@ -166,7 +166,8 @@ def unique(items: Iterable[T], *, system: str, what: str, key: str = "id",
 
 
 def check_not_emptied(system: str, kind: str, recorded: Iterable[str], listed: Iterable[str]) -> None:
-    """Refuse a listing that has lost most of what the state recorded as existing.
+    """Refuse a listing that has lost most of what the state recorded as existing. `listed`: what the vendor
+    still lists, whatever its status (a key the owner revoked is listed, not lost); only absent ones count.
 
     A new system (the state records nothing of this kind yet) is never refused. A system that really was
     emptied is told apart only by the operator: name it in `RECONCILER_ACCEPT_EMPTIED` (comma-separated

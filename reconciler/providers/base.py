@@ -63,6 +63,9 @@ class ReadResult:
     resources: list[Resource] = field(default_factory=list)
     warnings: list[Note] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)   # problems that make the plan impossible, one line each
+    # Addresses the vendor still lists that are no live object (a key the lock owner revoked): not lost, for
+    # `check_listing`, though the plan sees no grant there.
+    listed: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -330,7 +333,8 @@ class Provider:
         declares. What the state recorded as existing is every object it holds an id for and every object
         the last apply made (its applied mark: Unloc keys and Sentry shares have no id of their own there),
         less the grants whose declared end has passed (a vendor may drop those from its listings). It is
-        present when the read shows its address or its id."""
+        present when the read shows its address or its id, whatever its status: an object the vendor still
+        lists as revoked, expired or denied (`ReadResult.listed`) is not lost; only an absent one is."""
         prefix = f"{self.name}/"
         recorded: dict[str, dict[str, str | None]] = {}       # kind → address → recorded id
         for address, record in self.state.items(prefix):
@@ -348,6 +352,8 @@ class Provider:
             seen.add(resource.address)
             if resource.id:
                 seen.add(str(resource.id).lower())
+        for address in result.listed:
+            listed.setdefault(address.split("/", 2)[1] if address.count("/") >= 2 else "", set()).add(address)
         for kind, addresses in sorted(recorded.items()):
             if self.CHECKED_KINDS is not None and kind not in self.CHECKED_KINDS:
                 continue

@@ -276,6 +276,8 @@ class UnlocPartnerProvider(Provider):
         if key is None or state in GONE_STATES:
             # Not a live grant any more: forget it when apply commits; a declared grant is created again.
             self._settled[address] = None
+            if key is not None:
+                result.listed.add(address)      # still there (revoked, expired, denied): not lost
             if state == "denied" and address in self.desired:
                 result.warnings.append(Note(address, f"the lock owner denied key {record['id']}; apply asks "
                                             "for a new one", self.name, Kind.KEY,
