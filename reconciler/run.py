@@ -12,7 +12,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -42,7 +42,7 @@ from reconciler.providers.factory import build_provider, capabilities
 from reconciler.resources import KindSchema, format_time
 from reconciler.state import LocalState, StateStore
 from reconciler.state import open_state as open_store
-from reconciler.state.local import select_system
+from reconciler.state.local import REVISION, residual_of, revision_of, select_system, system_note
 from reconciler.state.trust import check_state
 from reconciler.text import printable
 
@@ -344,7 +344,8 @@ def apply(session: Session, *, saved: Mapping[str, Any] | None, approve: Callabl
     with _locked(state, sorted(policy.systems)):
         if session.now is None:
             session.clock = SessionClock(wall_clock(), running=True)   # the plan is as of when the lock was taken
-        check_revision(state, current, session.directory, allow_older=allow_older_revision)
+        check_revision(state, current, session.directory, allow_older=allow_older_revision,
+                       systems=sorted(policy.systems))
         renamed = _renamed(state, policy, persist=True)
         providers = build_providers(session, policy, state)
         if stop is not None:
@@ -439,32 +440,39 @@ def wait_in_force(session: Session, plan: Plan, report: ApplyReport | None, seco
 
 
 def remember_residual(state: StateStore, report: ApplyReport, at: str) -> None:
-    kept = [r for r in (state.note(RESIDUAL) or []) if isinstance(r, dict) and str(r.get("until", "")) > at]
+    """Each system with done changes keeps its own note (`residual/SYSTEM`, written under that system's lock),
+    so that runners applying other systems at once never overwrite its entries; expired entries are dropped."""
+    done: dict[str, list[Change]] = {}
     for change in report.done:
-        line = exposure_line(change, report.enforcement[change.address], at)
-        if line is None:
-            continue
-        parts = change.address.split("/", 2)[2].split("/")
-        kept = [r for r in kept if r.get("address") != change.address]
-        kept.append({"address": change.address, "system": change.system, "kind": change.kind,
-                     "user": parts[0], "device": parts[1].split("@", 1)[0].split("#", 1)[0],
-                     "operations": parts[2:3], "applied_at": at,
-                     "until": report.enforcement[change.address]["by"],
-                     "basis": report.enforcement[change.address]["basis"]})
-    if kept or state.note(RESIDUAL):
-        state.set_note(RESIDUAL, sorted(kept, key=lambda r: (r["until"], r["address"])))
+        done.setdefault(change.system, []).append(change)
+    for system, changes in sorted(done.items()):
+        before = residual_of(state.note, system)
+        kept = [r for r in before if str(r.get("until", "")) > at]
+        for change in changes:
+            line = exposure_line(change, report.enforcement[change.address], at)
+            if line is None:
+                continue
+            parts = change.address.split("/", 2)[2].split("/")
+            kept = [r for r in kept if r.get("address") != change.address]
+            kept.append({"address": change.address, "system": change.system, "kind": change.kind,
+                         "user": parts[0], "device": parts[1].split("@", 1)[0].split("#", 1)[0],
+                         "operations": parts[2:3], "applied_at": at,
+                         "until": report.enforcement[change.address]["by"],
+                         "basis": report.enforcement[change.address]["basis"]})
+        if kept or before:
+            state.set_note(system_note(RESIDUAL, system), sorted(kept, key=lambda r: (r["until"], r["address"])))
 
 
-def residual_rows(state: StateStore, at: datetime) -> list[AccessRow]:
-    """The revocations the state remembers whose door may still open at `at` (offline, until a key the phone
-    downloaded expires): rows of their own, `via: offline key, until …`."""
+def residual_rows(state: StateStore, at: datetime, systems: Iterable[str]) -> list[AccessRow]:
+    """The revocations the state remembers for `systems` whose door may still open at `at` (offline, until a
+    key the phone downloaded expires): rows of their own, `via: offline key, until …`."""
     moment = format_time(at)
     return [AccessRow(user=str(r["user"]), system=str(r["system"]), device=str(r["device"]),
                       start=str(r["applied_at"]), end=str(r["until"]), via=f"offline key, until {r['until']}",
                       source=None, operations=tuple(r.get("operations") or ()), kind=str(r.get("kind", "permission")),
                       residual=True)
-            for r in state.note(RESIDUAL) or [] if isinstance(r, dict)
-            and str(r.get("applied_at", "")) <= moment < str(r.get("until", ""))]
+            for system in sorted(set(systems)) for r in residual_of(state.note, system)
+            if str(r.get("applied_at", "")) <= moment < str(r.get("until", ""))]
 
 
 def _record(state: StateStore, policy: Policy, current: Revision | None) -> None:
@@ -475,7 +483,10 @@ def _record(state: StateStore, policy: Policy, current: Revision | None) -> None
         prefix = system + "/"
         state.set_note(f"evidence/{system}", {a: e for a, e in policy.evidence.items() if a.startswith(prefix)})
     if current is not None:
-        state.set_note("revision", {"commit": current.commit, "time": current.time})
+        # Per system (the guard reads it), and whole as earlier versions read it.
+        for system in sorted(policy.systems):
+            state.set_note(system_note(REVISION, system), {"commit": current.commit, "time": current.time})
+        state.set_note(REVISION, {"commit": current.commit, "time": current.time})
 
 
 # ------------------------------------------------------------------------------------------ revision guard
@@ -545,21 +556,39 @@ def revision_notice(session: Session) -> str | None:
                 "(which refuses to apply an older revision over a newer one) is off")
     try:
         state = open_state(session)
-        older = _older(state.note("revision"), current, session.directory)
+        systems = [s for s in state.systems() if not session.targets or s in session.targets]
+        older = _older_of(state, systems, current, session.directory)
     except ReconcilerError:
         return None
     return older
 
 
-def check_revision(state: StateStore, current: Revision | None, directory: Path, *, allow_older: bool) -> None:
-    """Refuse to apply a revision older than the one the state says was applied last (by ancestry when both
-    commits are in this repository, else by commit time), unless `allow_older`."""
+def check_revision(state: StateStore, current: Revision | None, directory: Path, *, allow_older: bool,
+                   systems: Iterable[str] = ()) -> None:
+    """Refuse to apply a revision older than the one the state says was applied last to any of `systems` (by
+    ancestry when both commits are in this repository, else by commit time), unless `allow_older`."""
     if current is None or allow_older:
         return
-    older = _older(state.note("revision"), current, directory)
+    older = _older_of(state, systems, current, directory)
     if older:
         raise RefusedError(f"refused: {older}. Nothing was sent; update the checkout (git pull) and plan again, "
                            "or pass --allow-older-revision if reverting is intended")
+
+
+def _older_of(state: StateStore, systems: Iterable[str], current: Revision, directory: Path) -> str | None:
+    """`_older` against the revision last applied to each system (its own note, or the whole note of earlier
+    versions; the whole note alone when no system is named)."""
+    lasts = [revision_of(state.note, system) for system in sorted(set(systems))] or [state.note(REVISION)]
+    seen: set[str] = set()
+    for last in lasts:
+        key = json.dumps(last, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        older = _older(last, current, directory)
+        if older:
+            return older
+    return None
 
 
 def _older(last: Any, current: Revision, directory: Path) -> str | None:
@@ -611,7 +640,7 @@ def access(session: Session, *, user: str | None = None, device: str | None = No
             _close(providers)
         found = [r for result in reads.values() for r in result.resources]
         rows, admins = rows_from_live(found, policy.resources, policy.emails)
-        rows += residual_rows(state, at or session.clock())
+        rows += residual_rows(state, at or session.clock(), policy.systems)
     else:
         rows, admins = rows_from_policy(policy.resources, policy.emails)
     admins = [a for a in admins if (user is None or a.user == user) and device is None]

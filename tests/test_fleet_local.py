@@ -14,7 +14,13 @@ import time
 
 import pytest
 
+from datetime import UTC, datetime
+
 from reconciler import run
+from reconciler.applier import ApplyReport
+from reconciler.plan import Action, Change
+from reconciler.resources import Resource
+from reconciler.state.postgres import PostgresState
 from reconciler.errors import LockedError, RefusedError
 from reconciler.state import LocalState
 
@@ -124,7 +130,7 @@ def test_state_push_and_pull_target_one_system_and_leave_the_others(pg_url, tmp_
     assert pulled == {"version": 1, "systems": {"cabins": {"vendor": "v", "account": "cabins"}},
                       "resources": {"cabins/user/alice": {"id": "cabins-1"}},
                       "applied": {"cabins/user/alice": "sha256:cabins"},
-                      "notes": {"residual": [{"address": "cabins/key/y", "until": "2030-01-01T00:00:00Z"}]}}
+                      "notes": {"residual/cabins": [{"address": "cabins/key/y", "until": "2030-01-01T00:00:00Z"}]}}
     with pytest.raises(Exception, match="holds nothing of system 'nowhere'"):
         run.push_state(session, tmp_path / "hq.json", targets=("nowhere",))
 
@@ -135,5 +141,53 @@ def test_pull_target_from_a_local_state(tmp_path):
     pulled = run.pull_state(session, ("hq",))
     assert set(pulled["resources"]) == {"hq/user/alice"} and set(pulled["systems"]) == {"hq"}
     assert pulled["notes"] == {"evidence/hq": {"hq/user/alice": {"name": "Alice"}},
-                               "residual": [{"address": "hq/permission/x", "until": "2030-01-01T00:00:00Z"}]}
+                               "residual/hq": [{"address": "hq/permission/x", "until": "2030-01-01T00:00:00Z"}]}
     assert os.path.exists(tmp_path / "state.json.journal")
+
+
+def _revoked(system: str, name: str) -> tuple[Change, dict[str, str]]:
+    change = Change(Action.DELETE, None, Resource(system, "permission", f"{name}/door/OPEN", {}, id=name))
+    return change, {"by": "2026-11-30T10:00:00Z", "basis": "operating keys last P8D"}
+
+
+@pytest.mark.parametrize("backend", ["local", "postgresql"])
+def test_two_runners_remember_the_residual_access_of_their_own_systems_at_once(backend, tmp_path, request):
+    """Two runners, each holding one system's lock, both loaded the state before either wrote: each keeps its
+    own system's residual entries, and neither overwrites the other's (one note per system). Entries an
+    earlier version kept in the whole note still count for a system until it writes its own."""
+    def open_state():
+        return LocalState(tmp_path / "state.json") if backend == "local" else \
+            PostgresState(request.getfixturevalue("pg_url"))
+
+    first = open_state()
+    first.set_note("residual", [{"address": "cabins/permission/old/door/OPEN", "system": "cabins",
+                                 "user": "old", "device": "door", "applied_at": "2026-11-22T09:00:00Z",
+                                 "until": "2026-12-01T00:00:00Z"}])
+    hq, cabins = open_state(), open_state()
+    hq.lock(["hq"])
+    cabins.lock(["cabins"])
+    try:
+        for state, system, name in ((hq, "hq", "bob"), (cabins, "cabins", "eve")):
+            change, enforcement = _revoked(system, name)
+            run.remember_residual(state, ApplyReport(done=[change], enforcement={change.address: enforcement}),
+                                  "2026-11-22T10:00:00Z")
+    finally:
+        hq.__exit__(None, None, None)
+        cabins.__exit__(None, None, None)
+    rows = run.residual_rows(open_state(), datetime(2026, 11, 23, tzinfo=UTC), ["hq", "cabins"])
+    assert sorted((r.system, r.user) for r in rows) == [("cabins", "eve"), ("cabins", "old"), ("hq", "bob")]
+
+
+def test_the_revision_guard_reads_each_systems_own_revision(tmp_path):
+    """hq was applied from a newer commit, then cabins from an older one (by another runner, at once): the
+    whole note (what earlier versions read) says the older; hq's own note still refuses the older commit."""
+    state = LocalState(tmp_path / "state.json")
+    newer, older = {"commit": "b" * 40, "time": 1763719200}, {"commit": "a" * 40, "time": 1763632800}
+    state.set_note("revision/hq", newer)
+    state.set_note("revision/cabins", older)
+    state.set_note("revision", older)
+    current = run.Revision("a" * 40, 1763632800)
+    with pytest.raises(RefusedError, match="older: refusing to revert it"):
+        run.check_revision(state, current, tmp_path, allow_older=False, systems=["hq"])
+    run.check_revision(state, current, tmp_path, allow_older=False, systems=["cabins"])
+    run.check_revision(state, current, tmp_path, allow_older=False, systems=["gate"])   # the whole note: older

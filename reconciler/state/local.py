@@ -59,16 +59,37 @@ def default_state_path(env: Mapping[str, str] | None = None) -> Path:
     return Path(spec) if spec and not is_database_url(spec) else DATA_DIR / STATE_FILE
 
 
-RESIDUAL = "residual"     # the note of revocations not yet in force (run.py), entries by address
+RESIDUAL = "residual"     # the notes of revocations not yet in force (run.py): `residual/SYSTEM`, entries by address
+REVISION = "revision"     # the notes of the revision last applied (run.py): `revision/SYSTEM`
 
 
 def of_system(entry: Any, system: str) -> bool:
     return isinstance(entry, dict) and str(entry.get("address", "")).startswith(system + "/")
 
 
+def system_note(key: str, system: str) -> str:
+    """A note kept per system (`residual/hq`), so that runners applying other systems at once never write it."""
+    return f"{key}/{system}"
+
+
+def residual_of(note: Callable[[str], Any], system: str) -> list[dict[str, Any]]:
+    """A system's residual-access entries (`note`: a state's, or a snapshot's `notes.get`): its own note, or,
+    until it has one, its entries of the whole note earlier versions kept."""
+    own = note(system_note(RESIDUAL, system))
+    entries = own if own is not None else [r for r in note(RESIDUAL) or [] if of_system(r, system)]
+    return [r for r in entries if isinstance(r, dict)]
+
+
+def revision_of(note: Callable[[str], Any], system: str) -> Any:
+    """The revision last applied to a system: its own note, or the whole note of earlier versions."""
+    own = note(system_note(REVISION, system))
+    return own if own is not None else note(REVISION)
+
+
 def select_system(snapshot: Mapping[str, Any], system: str) -> dict[str, Any]:
     """One system's part of a state snapshot (the local file's format): its records and applied digests (by
-    address), its identity, its evidence note and its entries of the residual note."""
+    address), its identity, its evidence and revision notes and its residual entries (as its own notes, read
+    from the whole notes of earlier versions when it has none)."""
     prefix = system + "/"
     notes = snapshot.get("notes") or {}
     part: dict[str, Any] = {
@@ -77,9 +98,11 @@ def select_system(snapshot: Mapping[str, Any], system: str) -> dict[str, Any]:
         "resources": {a: r for a, r in (snapshot.get("resources") or {}).items() if str(a).startswith(prefix)},
         "applied": {a: d for a, d in (snapshot.get("applied") or {}).items() if str(a).startswith(prefix)}}
     kept = {k: v for k, v in notes.items() if k == f"evidence/{system}"}
-    residual = [r for r in notes.get(RESIDUAL) or [] if of_system(r, system)]
-    if residual:
-        kept[RESIDUAL] = residual
+    residual = residual_of(notes.get, system)
+    if residual or system_note(RESIDUAL, system) in notes:
+        kept[system_note(RESIDUAL, system)] = residual
+    if system_note(REVISION, system) in notes:
+        kept[system_note(REVISION, system)] = notes[system_note(REVISION, system)]
     if kept:
         part["notes"] = kept
     return part

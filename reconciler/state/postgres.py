@@ -56,7 +56,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from reconciler.errors import LockedError, StateError
-from reconciler.state.local import RESIDUAL, StateRecords, of_system, pause, select_system
+from reconciler.state.local import RESIDUAL, REVISION, StateRecords, of_system, pause, select_system, system_note
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,8 @@ class PostgresState(StateRecords):
     def replace(self, snapshot: Mapping[str, Any], *, system: str | None = None) -> None:
         """Replace the whole state with `snapshot` (the local file's format) in one transaction; `state push`
         calls it under the lock. `system`: replace only that system's records (its addresses, its identity,
-        its evidence and residual notes), leaving every other system's as they are (`state push --target`)."""
+        its evidence, revision and residual notes), leaving every other system's as they are (`state push
+        --target`)."""
         part = select_system(snapshot, system) if system else snapshot
         resources = {str(a): dict(r) for a, r in (part.get("resources") or {}).items()}
         applied = {str(a): str(d) for a, d in (part.get("applied") or {}).items()}
@@ -397,16 +398,19 @@ class PostgresState(StateRecords):
         clear: list[tuple[str, tuple[Any, ...]]]
         if system:
             prefix = system.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"
+            keys = [f"evidence/{system}", system_note(RESIDUAL, system), system_note(REVISION, system)]
             with self._mutex:
-                residual = [r for r in self._notes.get(RESIDUAL) or [] if not of_system(r, system)]
-            residual += notes.pop(RESIDUAL, None) or []
-            if residual:
-                notes[RESIDUAL] = sorted(residual, key=lambda r: (str(r.get("until")), str(r.get("address"))))
+                whole = self._notes.get(RESIDUAL)
+            others = [r for r in whole or [] if not of_system(r, system)]
+            if isinstance(whole, list) and len(others) != len(whole):
+                # The whole note of earlier versions held entries of this system: they go with it.
+                keys.append(RESIDUAL)
+                if others:
+                    notes[RESIDUAL] = others
             clear = [("DELETE FROM {s}.resources WHERE address LIKE %s", (prefix,)),
                      ("DELETE FROM {s}.applied WHERE address LIKE %s", (prefix,)),
                      ("DELETE FROM {s}.systems WHERE name = %s", (system,)),
-                     ("DELETE FROM {s}.meta WHERE key = ANY(%s)", ([NOTE + k for k in (f"evidence/{system}",
-                                                                                          RESIDUAL)],))]
+                     ("DELETE FROM {s}.meta WHERE key = ANY(%s)", ([NOTE + k for k in keys],))]
         else:
             clear = [("DELETE FROM {s}.resources", ()), ("DELETE FROM {s}.applied", ()),
                      ("DELETE FROM {s}.systems", ()), ("DELETE FROM {s}.meta WHERE key LIKE 'note:%%'", ())]
