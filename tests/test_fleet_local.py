@@ -11,20 +11,18 @@ import multiprocessing
 import os
 import threading
 import time
+from datetime import UTC, datetime
 
 import pytest
-
-from datetime import UTC, datetime
+from test_state_postgres import pg_server, pg_url  # noqa: F401
 
 from reconciler import run
 from reconciler.applier import ApplyReport
+from reconciler.errors import LockedError, RefusedError
 from reconciler.plan import Action, Change
 from reconciler.resources import Resource
-from reconciler.state.postgres import PostgresState
-from reconciler.errors import LockedError, RefusedError
 from reconciler.state import LocalState
-
-from test_state_postgres import pg_server, pg_url  # noqa: F401
+from reconciler.state.postgres import PostgresState
 
 
 def _apply_system(path: str, system: str, ready, release, count: int) -> None:

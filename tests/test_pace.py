@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from test_apply_run import NOW, Fake, create
 
 from reconciler import run
 from reconciler.applier import MAX_WORKERS, ApplyRun, workers
@@ -23,8 +24,6 @@ from reconciler.plan import Plan
 from reconciler.providers.http import HttpClient
 from reconciler.sandbox.abloy import AbloySimulator
 from reconciler.state import LocalState
-
-from test_apply_run import NOW, Fake, create
 
 WRITERS = 8
 
