@@ -181,7 +181,8 @@ class HttpClient:
         self.calls = 0
         # Flow control across the worker threads (see the module doc). Plain untimed waits on `_flow`:
         # whoever holds the gate or a slot lets go within a request timeout or a Retry-After.
-        self._flow = threading.Condition()
+        self._flow_lock = threading.Lock()
+        self._flow = threading.Condition(self._flow_lock)
         self._in_flight = 0
         self.max_in_flight = max(1, max_in_flight) if max_in_flight else UNLIMITED   # the system's `concurrency:`
         self._allowed = UNLIMITED
@@ -191,6 +192,7 @@ class HttpClient:
         self._answers: deque[float] = deque()    # when the answers of the last second came (monotonic)
         self._latency: float | None = None       # a moving average of how long an answer takes
         self._holds = 0              # workers waiting out a 429's Retry-After: nobody else sends meanwhile
+        self._line_up: deque[threading.Condition] = deque()     # workers waiting for a slot, first come first
         self.limited = 0             # 429s seen
         # Called before every request that may change something at the vendor: the state makes what it
         # recorded durable first (`Provider.start_phase` sets it). It runs before the request waits for a slot.
@@ -402,16 +404,31 @@ class HttpClient:
         """Wait until no worker is waiting out a Retry-After and a slot is free; take the slot. Returns
         the round it was taken in."""
         with self._flow:
-            while self._holds or self._in_flight >= min(self._allowed, self.max_in_flight):
-                self._flow.wait()
+            if self._line_up or not self._may_enter():
+                # In line, in order of arrival: with more workers than slots, none waits for ever (a token it
+                # holds would expire meanwhile), and a freed slot wakes one waiter, not all of them.
+                me = threading.Condition(self._flow_lock)
+                self._line_up.append(me)
+                while self._line_up[0] is not me or not self._may_enter():
+                    me.wait()
+                self._line_up.popleft()
             self._in_flight += 1
+            self._wake()
             return self._round
+
+    def _may_enter(self) -> bool:
+        return not self._holds and self._in_flight < min(self._allowed, self.max_in_flight)
+
+    def _wake(self) -> None:
+        """Under `_flow`: let the first in line go, when it may."""
+        if self._line_up and self._may_enter():
+            self._line_up[0].notify()
 
     def _release(self) -> None:
         """Give back a slot whose request was not sent."""
         with self._flow:
             self._in_flight -= 1
-            self._flow.notify_all()
+            self._wake()
 
     def _leave(self, limited: bool, sent_in: int, sent_at: float) -> None:
         now = self.monotonic()
@@ -445,7 +462,7 @@ class HttpClient:
                     if not below:
                         self._ceiling = None    # the limit may have been raised: find it again
                     self._allowed = self._allowed + 1 if self._allowed < 64 else UNLIMITED
-            self._flow.notify_all()
+            self._wake()
 
     def _backoff(self, attempt: int, retry_after: str | None, method: str, path: str, why: str, *,
                  hold: bool = False) -> None:
@@ -460,7 +477,7 @@ class HttpClient:
         finally:
             with self._flow:
                 self._holds -= 1
-                self._flow.notify_all()
+                self._wake()
 
     def _wait_before_retry(self, attempt: int, retry_after: str | None, method: str, path: str, why: str) -> None:
         delay = min(self.max_backoff, 0.25 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
