@@ -164,3 +164,24 @@ def test_unloc_partner_keys_the_owner_revoked_are_listed_not_lost(tmp_path):
     hostile_listing(h, case)          # now every key read back is unknown: lost
     with pytest.raises(RefusedError, match="refused as suspicious"):
         h.plan()
+
+
+def test_unloc_keys_the_vendor_lists_as_revoked_or_expired_are_listed_not_lost(tmp_path):
+    """Unloc keeps a revoked or expired key in its listing in that state: 10 of 12 keys revoked outside git
+    are no loss (the plan creates them again); keys gone from the listing are the loss the check is for."""
+    case = CASES["unloc keys"]
+    h = VendorHarness(tmp_path, case.vendor)
+    h.write(case.policy(WINDOW))
+    h.converge()
+
+    def revoke_all_but_two(request: httpx.Request, response: httpx.Response) -> httpx.Response:
+        body = json.loads(response.content)
+        ours = [k for k in body["keys"] if str(k.get("lockId", "")).lower() == CABIN.lower()]
+        for n, key in enumerate(ours[2:]):
+            key["state"] = "revoked" if n % 2 else "expired"
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-encoding")}
+        return httpx.Response(response.status_code, headers=headers, content=json.dumps(body).encode())
+
+    hostile_listing(h, Case(case.vendor, case.policy, case.kind, case.listing, revoke_all_but_two))
+    plan = h.plan()
+    assert len([c for c in plan.changes if c.kind == "key" and c.action is Action.CREATE]) == 10

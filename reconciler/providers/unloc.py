@@ -240,9 +240,12 @@ class UnlocProvider(Provider):
             lock_id = str(key.get("lockId", "")).lower()
             device = devices.get(lock_id)
             state = key.get("state")
-            if device is None or state in HISTORY:
-                continue    # not a lock this policy manages, or no longer access
+            if device is None:
+                continue    # not a lock this policy manages
             phone = phone_of(key)
+            if state in HISTORY:     # no longer access, but still listed: not lost (`check_listing`)
+                result.listed.add(address_of(self.name, Kind.KEY, f"{people.get(phone) or unknown_name(phone)}/{device}"))
+                continue
             if state == ERROR:
                 failed.append(key)
                 continue
