@@ -42,7 +42,15 @@ from reconciler.providers.factory import build_provider, capabilities
 from reconciler.resources import KindSchema, format_time
 from reconciler.state import LocalState, StateStore
 from reconciler.state import open_state as open_store
-from reconciler.state.local import REVISION, residual_of, revision_of, select_system, system_note
+from reconciler.state.local import (
+    REVISION,
+    evidence_note,
+    evidence_notes,
+    residual_of,
+    revision_of,
+    select_system,
+    system_note,
+)
 from reconciler.state.trust import check_state
 from reconciler.text import printable
 
@@ -300,7 +308,8 @@ def _evidence(state: StateStore | None, policy: Policy, live: list[Any]) -> dict
     if state is not None:
         recorded.update(state.note("evidence") or {})       # written whole by earlier versions
         for system in policy.systems:
-            recorded.update(state.note(f"evidence/{system}") or {})
+            for name in evidence_notes(system):        # the one note of earlier versions, then the buckets
+                recorded.update(state.note(name) or {})
     for address, clues in recorded.items():
         if isinstance(clues, dict):
             known[str(address)] = {str(k): str(v) for k, v in clues.items()}
@@ -479,9 +488,18 @@ def _record(state: StateStore, policy: Policy, current: Revision | None) -> None
     """What this apply came from: its revision (the revision guard of the next one) and what identified the
     policy's users, devices and gateways (the next plan's clue to a rename)."""
     # One note per system, so runners applying different systems at once never overwrite each other's.
+    # Spread over buckets (`evidence_note`): adding a user rewrites one bucket, not the whole system's evidence.
     for system in sorted(policy.systems):
         prefix = system + "/"
-        state.set_note(f"evidence/{system}", {a: e for a, e in policy.evidence.items() if a.startswith(prefix)})
+        buckets: dict[str, dict[str, Any]] = {}
+        for address, clues in policy.evidence.items():
+            if address.startswith(prefix):
+                buckets.setdefault(evidence_note(system, address), {})[address] = clues
+        for name in evidence_notes(system)[1:]:
+            if name in buckets or state.note(name):
+                state.set_note(name, buckets.get(name, {}))
+        if state.note(f"evidence/{system}") is not None:
+            state.set_note(f"evidence/{system}", None)      # the one note of earlier versions: now in buckets
     if current is not None:
         # Per system (the guard reads it), and whole as earlier versions read it.
         for system in sorted(policy.systems):

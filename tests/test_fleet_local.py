@@ -100,6 +100,9 @@ def _local_with_two_systems(path) -> LocalState:
         local.mark_applied(f"{system}/user/alice", f"sha256:{system}")
         local.set_system(system, {"vendor": "v", "account": system})
     local.set_note("evidence/hq", {"hq/user/alice": {"name": "Alice"}})
+    for system in ("hq", "cabins"):      # evidence buckets and known-id sets go with their system
+        local.set_note(f"evidence/{system}/07", {f"{system}/user/alice": {"name": "Alice"}})
+        local.set_note(f"known/{system}/user", {"sha256:x": [f"{system}-0"]})
     local.set_note("residual", [{"address": "hq/permission/x", "until": "2030-01-01T00:00:00Z"},
                                 {"address": "cabins/key/y", "until": "2030-01-01T00:00:00Z"}])
     return local
@@ -124,11 +127,15 @@ def test_state_push_and_pull_target_one_system_and_leave_the_others(pg_url, tmp_
     assert whole["systems"]["cabins"] == {"vendor": "v", "account": "cabins"}
     assert whole["notes"]["residual"] == [{"address": "cabins/key/y", "until": "2030-01-01T00:00:00Z"}]
     assert "evidence/hq" not in whole["notes"]
+    assert "evidence/hq/07" not in whole["notes"] and "known/hq/user" not in whole["notes"]
+    assert whole["notes"]["evidence/cabins/07"] and whole["notes"]["known/cabins/user"]
     pulled = run.pull_state(session, ("cabins",))
     assert pulled == {"version": 1, "systems": {"cabins": {"vendor": "v", "account": "cabins"}},
                       "resources": {"cabins/user/alice": {"id": "cabins-1"}},
                       "applied": {"cabins/user/alice": "sha256:cabins"},
-                      "notes": {"residual/cabins": [{"address": "cabins/key/y", "until": "2030-01-01T00:00:00Z"}]}}
+                      "notes": {"residual/cabins": [{"address": "cabins/key/y", "until": "2030-01-01T00:00:00Z"}],
+                                "evidence/cabins/07": {"cabins/user/alice": {"name": "Alice"}},
+                                "known/cabins/user": {"sha256:x": ["cabins-0"]}}}
     with pytest.raises(Exception, match="holds nothing of system 'nowhere'"):
         run.push_state(session, tmp_path / "hq.json", targets=("nowhere",))
 
@@ -139,6 +146,8 @@ def test_pull_target_from_a_local_state(tmp_path):
     pulled = run.pull_state(session, ("hq",))
     assert set(pulled["resources"]) == {"hq/user/alice"} and set(pulled["systems"]) == {"hq"}
     assert pulled["notes"] == {"evidence/hq": {"hq/user/alice": {"name": "Alice"}},
+                               "evidence/hq/07": {"hq/user/alice": {"name": "Alice"}},
+                               "known/hq/user": {"sha256:x": ["hq-0"]},
                                "residual/hq": [{"address": "hq/permission/x", "until": "2030-01-01T00:00:00Z"}]}
     assert os.path.exists(tmp_path / "state.json.journal")
 

@@ -21,6 +21,7 @@ reading every process's entries from disk); otherwise the last one out folds it,
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -63,6 +64,30 @@ RESIDUAL = "residual"     # the notes of revocations not yet in force (run.py): 
 REVISION = "revision"     # the notes of the revision last applied (run.py): `revision/SYSTEM`
 
 
+EVIDENCE = "evidence"     # what identified each user, device and gateway (run.py): `evidence/SYSTEM/BUCKET`
+EVIDENCE_BUCKETS = 64     # a system's evidence spread over this many notes: adding a user rewrites one of them
+KNOWN = "known"           # the known-id sets intents share (providers/base.py): `known/SYSTEM/KIND`
+
+
+def evidence_note(system: str, address: str) -> str:
+    """The note that holds `address`'s evidence: one of the system's EVIDENCE_BUCKETS, by a digest of the
+    address, so that an apply adding one user rewrites a 64th of the system's evidence, not all of it."""
+    bucket = int.from_bytes(hashlib.sha256(address.encode()).digest()[:4], "big") % EVIDENCE_BUCKETS
+    return f"{EVIDENCE}/{system}/{bucket:02x}"
+
+
+def evidence_notes(system: str) -> list[str]:
+    """Every note a system's evidence may be in: the one note of earlier versions, then the buckets."""
+    return [f"{EVIDENCE}/{system}"] + [f"{EVIDENCE}/{system}/{b:02x}" for b in range(EVIDENCE_BUCKETS)]
+
+
+def is_system_note(key: str, system: str) -> bool:
+    """Whether a note belongs to one system (moved by `state push/pull --target`): its evidence, known-id
+    sets, residual access and revision."""
+    return key in (f"{EVIDENCE}/{system}", system_note(RESIDUAL, system), system_note(REVISION, system)) or \
+        key.startswith((f"{EVIDENCE}/{system}/", f"{KNOWN}/{system}/"))
+
+
 def of_system(entry: Any, system: str) -> bool:
     return isinstance(entry, dict) and str(entry.get("address", "")).startswith(system + "/")
 
@@ -97,7 +122,7 @@ def select_system(snapshot: Mapping[str, Any], system: str) -> dict[str, Any]:
         "systems": {n: i for n, i in (snapshot.get("systems") or {}).items() if n == system},
         "resources": {a: r for a, r in (snapshot.get("resources") or {}).items() if str(a).startswith(prefix)},
         "applied": {a: d for a, d in (snapshot.get("applied") or {}).items() if str(a).startswith(prefix)}}
-    kept = {k: v for k, v in notes.items() if k == f"evidence/{system}"}
+    kept = {k: v for k, v in notes.items() if is_system_note(str(k), system) and k != system_note(RESIDUAL, system)}
     residual = residual_of(notes.get, system)
     if residual or system_note(RESIDUAL, system) in notes:
         kept[system_note(RESIDUAL, system)] = residual

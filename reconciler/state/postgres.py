@@ -56,7 +56,17 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from reconciler.errors import LockedError, StateError
-from reconciler.state.local import RESIDUAL, REVISION, StateRecords, of_system, pause, select_system, system_note
+from reconciler.state.local import (
+    EVIDENCE,
+    KNOWN,
+    RESIDUAL,
+    REVISION,
+    StateRecords,
+    of_system,
+    pause,
+    select_system,
+    system_note,
+)
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +420,10 @@ class PostgresState(StateRecords):
             clear = [("DELETE FROM {s}.resources WHERE address LIKE %s", (prefix,)),
                      ("DELETE FROM {s}.applied WHERE address LIKE %s", (prefix,)),
                      ("DELETE FROM {s}.systems WHERE name = %s", (system,)),
-                     ("DELETE FROM {s}.meta WHERE key = ANY(%s)", ([NOTE + k for k in keys],))]
+                     ("DELETE FROM {s}.meta WHERE key = ANY(%s)", ([NOTE + k for k in keys],)),
+                     # its evidence buckets and known-id sets (`is_system_note`)
+                     ("DELETE FROM {s}.meta WHERE key LIKE %s OR key LIKE %s",
+                      (f"{NOTE}{EVIDENCE}/{prefix}", f"{NOTE}{KNOWN}/{prefix}"))]
         else:
             clear = [("DELETE FROM {s}.resources", ()), ("DELETE FROM {s}.applied", ()),
                      ("DELETE FROM {s}.systems", ()), ("DELETE FROM {s}.meta WHERE key LIKE 'note:%%'", ())]
