@@ -1,3 +1,3 @@
 """reconciler: Terraform for door access. The version lives here, and only here (pyproject reads it)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

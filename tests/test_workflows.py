@@ -232,3 +232,13 @@ def test_the_sites_are_the_systems_of_the_policy(tmp_path):
     refused = subprocess.run([sys.executable, "-c", _listing("reconciler-plan.yml")], capture_output=True, text=True,
                              cwd=tmp_path)
     assert refused.returncode == 1 and "::error::" in refused.stderr and "sites=" not in refused.stdout
+
+
+def test_every_workflow_installs_the_release_of_this_version():
+    """The workflows use `--target`, `reconciler test` and `apply --wait`: they install the release of the
+    version they ship with (CHANGELOG), not an earlier one that lacks a command they run."""
+    from reconciler import __version__
+
+    for name in ("reconciler-plan.yml", "reconciler-apply.yml", "reconciler-drift.yml"):
+        assert _load(name)["env"]["RECONCILER_PIP_SPEC"] == f"reconciler=={__version__}", name
+    assert f"## [{__version__}]" in (ROOT / "CHANGELOG.md").read_text()
