@@ -7,7 +7,8 @@ The promises of the local journal, across machines:
 - Every change the vendor confirmed is committed before the worker that made it sends anything else: during
   an apply, `put`, `delete` and `mark_applied` queue their statement, and `sync()` (which the providers call
   before every request that may change a vendor) commits everything queued so far, from every worker, in one
-  pipelined transaction: one round trip covers the records of all the workers that waited for it (group
+  transaction sent as one query (`_set_based`: a few set-based statements, each row's last write): one round
+  trip covers the records of all the workers that waited for it (group
   commit). A background tick also commits what is queued, so a record waits at most a tick for its commit even
   when its worker sends nothing more; the lock is released only after the last commit. Outside an apply (no
   lock) each write is one committed statement before the call returns.
@@ -348,7 +349,7 @@ class PostgresState(StateRecords):
 
     def sync(self) -> None:
         """Commit every write queued so far, whichever worker queued it: each commit takes everything queued
-        when it starts, in one pipelined transaction, and two commits may be in flight at once (on two
+        when it starts, in one transaction sent as one query, and two commits may be in flight at once (on two
         connections) when they write different rows. Callers share commits: one sends, the others find
         their writes in it. Raises `StateUnavailableError` when it cannot, or once the lock was lost: then
         nothing may be sent."""
@@ -750,7 +751,7 @@ class PostgresState(StateRecords):
             self._execute(short, _q(statement, self.server.schema), params)
 
     def _commit(self, batch: list[tuple[str, tuple[Any, ...]]], slot: int) -> None:
-        """Commit `batch` (in order) in one transaction, pipelined: one round trip whatever its size. The
+        """Commit `batch` (in order) in one transaction, one query: one round trip whatever its size. The
         transaction first takes our lock rows FOR SHARE at the epochs we hold them at (the fence): a runner
         taking the lock over moves them on, so a commit lands before it does, or fails. The statements are
         idempotent (upserts, deletes), so a batch whose commit was cut off with the connection is sent again
@@ -774,15 +775,18 @@ class PostgresState(StateRecords):
                                 application=f"reconciler apply {self._who}")
                     assert conn is not None
                     names, epochs = list(self._epochs), list(self._epochs.values())
-                    # BEGIN and COMMIT sent as statements: psycopg's `transaction()` would wait for each.
-                    with conn.pipeline(), conn.cursor() as cur:
-                        cur.execute("BEGIN")
-                        cur.execute(_q("SELECT CASE WHEN count(*) = %s THEN 1 ELSE 1 / (0 * count(*)) END FROM (SELECT 1 "
-                                       "FROM {s}.locks WHERE (name, epoch) IN (SELECT * FROM unnest(%s::text[], "
-                                       "%s::bigint[])) FOR SHARE) AS ours", s), (len(names), names, epochs))
-                        for statement, rows in _runs(batch):
-                            cur.executemany(_q(statement, s), rows)
-                        cur.execute("COMMIT")
+                    # One round trip, one implicit transaction: the statements of one simple query run as a
+                    # single transaction (an error in any rolls back all). Bound on the client to send them
+                    # together; the fence comes first, so no row is written once the lock has moved on.
+                    statements = [_q("SELECT CASE WHEN count(*) = %s THEN 1 ELSE 1 / (0 * count(*)) END FROM (SELECT 1 "
+                                     "FROM {s}.locks WHERE (name, epoch) IN (SELECT * FROM unnest(%s::text[], "
+                                     "%s::bigint[])) FOR SHARE) AS ours", s)]
+                    params: list[Any] = [len(names), names, epochs]
+                    for statement, values in _set_based(batch):
+                        statements.append(_q(statement, s))
+                        params.extend(values)
+                    with psycopg.ClientCursor(conn) as cur:
+                        cur.execute(sql.SQL("; ").join(statements), params)
                     self.commits += 1
                     return
                 except psycopg.errors.DivisionByZero:
@@ -905,10 +909,59 @@ class _Borrowed:
             self.own.close()
 
 
-def _runs(batch: list[tuple[str, tuple[Any, ...]]]) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
-    """The batch as runs of one statement (each run one `executemany`), in order."""
-    for statement, group in itertools.groupby(batch, key=lambda item: item[0]):
-        yield statement, [params for _, params in group]
+def _set_based(batch: list[tuple[str, tuple[Any, ...]]]) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """The batch as a few set-based statements, one per kind of write, each carrying all its rows as one
+    JSON parameter: a commit costs a handful of statements however many workers' writes it holds.
+
+    Every write is an upsert or a delete of one row, named by its table and key (the first parameter), so
+    the batch in order comes to the last write of each row; rows are independent, so those last writes may
+    go in any order, and none of them touches a row twice (which one `ON CONFLICT` statement may not)."""
+    last: dict[tuple[str, Any], tuple[str, tuple[Any, ...]]] = {}
+    for statement, params in batch:
+        key = (_table(statement), params[0])
+        last.pop(key, None)                 # keep the order of each row's last write
+        last[key] = (statement, params)
+    for statement, group in itertools.groupby(sorted(last.values(), key=lambda item: item[0]), key=lambda i: i[0]):
+        rows = [params for _, params in group]
+        if statement.startswith("DELETE"):
+            yield _as_set(statement), ([str(r[0]) for r in rows],)
+        else:
+            yield _as_set(statement), (json.dumps(rows),)
+
+
+def _table(statement: str) -> str:
+    return statement.split("{s}.", 1)[1].split(" ", 1)[0]
+
+
+_SET_FORMS: dict[str, str] = {}
+
+
+def _as_set(statement: str) -> str:
+    """One row's upsert or delete rewritten for many rows: `VALUES (%s, %s::jsonb, now())` becomes a
+    SELECT over the JSON array's elements (`r->>0`, `(r->>1)::jsonb`, `now()`), `WHERE key = %s`
+    becomes `WHERE key = ANY(%s::text[])`."""
+    form = _SET_FORMS.get(statement)
+    if form is None:
+        if statement.startswith("DELETE"):
+            head, _, tail = statement.rpartition("= %s")
+            if tail.strip() or not head:
+                raise ValueError(f"not a one-row delete: {statement}")
+            form = head + "= ANY(%s::text[])"
+        else:
+            match = re.fullmatch(r"(INSERT INTO \S+ \([^)]*\)) VALUES \((.*?)\)( ON CONFLICT .*)", statement)
+            if match is None:
+                raise ValueError(f"not a one-row upsert: {statement}")
+            values, n = [], 0
+            for item in (v.strip() for v in match.group(2).split(",")):
+                if item.startswith("%s"):
+                    cast = item[2:]
+                    values.append(f"(r->>{n}){cast}" if cast else f"r->>{n}")
+                    n += 1
+                else:
+                    values.append(item)
+            form = f"{match.group(1)} SELECT {', '.join(values)} FROM jsonb_array_elements(%s::jsonb) AS r{match.group(3)}"
+        _SET_FORMS[statement] = form
+    return form
 
 
 def _iso(moment: Any) -> str:
