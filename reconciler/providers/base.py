@@ -45,11 +45,11 @@ from reconciler.providers.settings import VendorSettings
 from reconciler.resources import Capabilities, Kind, Resource, digest, format_time
 from reconciler.secret import Secret
 from reconciler.state import StateStore
+from reconciler.state.local import KNOWN
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE = 120.0   # seconds: reads of one system, and apply without any answer from it
-KNOWN_NOTE = "known"       # the state's notes `known/<system>/<kind>`: known-id sets the intents share
 
 HandlerTable = Mapping[tuple[Action, str], Callable[..., Any]]
 VERBS = {Action.CREATE: ("create", 1), Action.UPDATE: ("update", 3), Action.DELETE: ("delete", 1)}   # arity
@@ -490,7 +490,7 @@ class Provider:
         self.state.put(address, {**record, **extra})
 
     def _known_note(self, kind: str) -> str:
-        return f"{KNOWN_NOTE}/{self.name}/{kind}"
+        return f"{KNOWN}/{self.name}/{kind}"
 
     def _share_known(self, kind: str, known_ids: Iterable[str]) -> str:
         """Store the set `known_ids` once (if it is not stored yet) and return its digest."""

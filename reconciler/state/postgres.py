@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -737,7 +736,7 @@ class PostgresState(StateRecords):
             with self._mutex:
                 effect()
             return
-        row = statement.split("{s}.", 1)[1].split(" ", 1)[0] + "\0" + str(params[0])
+        row = _table(statement) + "\0" + str(params[0])
         with self._mutex:
             effect()
             self._pending.append((statement, params, row))
@@ -918,15 +917,15 @@ def _set_based(batch: list[tuple[str, tuple[Any, ...]]]) -> Iterator[tuple[str, 
     go in any order, and none of them touches a row twice (which one `ON CONFLICT` statement may not)."""
     last: dict[tuple[str, Any], tuple[str, tuple[Any, ...]]] = {}
     for statement, params in batch:
-        key = (_table(statement), params[0])
-        last.pop(key, None)                 # keep the order of each row's last write
-        last[key] = (statement, params)
-    for statement, group in itertools.groupby(sorted(last.values(), key=lambda item: item[0]), key=lambda i: i[0]):
-        rows = [params for _, params in group]
+        last[(_table(statement), params[0])] = (statement, params)
+    rows: dict[str, list[tuple[Any, ...]]] = {}
+    for statement, params in last.values():
+        rows.setdefault(statement, []).append(params)
+    for statement, group in rows.items():
         if statement.startswith("DELETE"):
-            yield _as_set(statement), ([str(r[0]) for r in rows],)
+            yield _as_set(statement), ([str(r[0]) for r in group],)
         else:
-            yield _as_set(statement), (json.dumps(rows),)
+            yield _as_set(statement), (json.dumps(group),)
 
 
 def _table(statement: str) -> str:
